@@ -1,0 +1,1 @@
+"""shardserve's serving side: router/scheduler, Ray Serve HTTP app, controller, client, CLI."""

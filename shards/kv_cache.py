@@ -1,0 +1,114 @@
+"""Paged per-sequence KV cache for the layers one stage owns.
+
+Block bookkeeping (`BlockTable`) is pure Python; `PagedKV` holds the tensors. Every layer of a
+stage shares one block table per sequence, so a sequence costs the same blocks on every layer,
+and the router can count capacity in blocks without asking the shard.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from shards.errors import KVCacheFull
+
+
+class BlockTable:
+    """Which pool blocks each live sequence owns. Pure bookkeeping, no tensors."""
+
+    def __init__(self, n_blocks: int, block_size: int):
+        self.n_blocks, self.block_size = n_blocks, block_size
+        self._free = list(range(n_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self.blocks: dict[int, list[int]] = {}
+        self.lengths: dict[int, int] = {}  # tokens whose K/V are stored, per sequence
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return math.ceil(n_tokens / self.block_size)
+
+    def reserve(self, seq_id: int, new_len: int) -> None:
+        """Grow seq_id's blocks to hold new_len tokens, or raise KVCacheFull (nothing changes)."""
+        owned = self.blocks.setdefault(seq_id, [])
+        need = self.blocks_for(new_len) - len(owned)
+        if need > len(self._free):
+            if not owned:
+                del self.blocks[seq_id]
+            raise KVCacheFull(
+                f"KV pool full: sequence {seq_id} needs {need} more blocks of {self.block_size} "
+                f"tokens for {new_len} tokens, {len(self._free)} of {self.n_blocks} free")
+        owned.extend(self._free.pop() for _ in range(max(need, 0)))
+        self.lengths[seq_id] = new_len
+
+    def slots(self, seq_id: int, start: int, count: int) -> list[int]:
+        """Flat pool slot of each token position start..start+count-1 of seq_id."""
+        owned, bs = self.blocks[seq_id], self.block_size
+        return [owned[p // bs] * bs + p % bs for p in range(start, start + count)]
+
+    def free(self, seq_id: int) -> None:
+        self._free.extend(reversed(self.blocks.pop(seq_id, [])))
+        self.lengths.pop(seq_id, None)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.n_blocks - len(self._free)
+
+
+class PagedKV:
+    """K and V pools per layer: [n_blocks + 1, block_size, n_kv_heads, head_dim].
+
+    The extra last block is scratch: padded query positions write there, never into a
+    sequence's blocks.
+    """
+
+    def __init__(self, layers, n_blocks: int, block_size: int, n_kv: int, head_dim: int,
+                 dtype=torch.float32, device="cpu"):
+        self.table = BlockTable(n_blocks, block_size)
+        self.shape = (n_blocks + 1, block_size, n_kv, head_dim)
+        self.dtype, self.device = dtype, device
+        self.pools: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in layers:
+            self.add_layer(layer)
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.table.n_blocks * self.table.block_size
+
+    def add_layer(self, layer: int) -> None:
+        self.pools[layer] = (torch.zeros(self.shape, dtype=self.dtype, device=self.device),
+                             torch.zeros(self.shape, dtype=self.dtype, device=self.device))
+
+    def drop_layer(self, layer: int) -> None:
+        del self.pools[layer]
+
+    def bytes_reserved(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.pools.values())
+
+    def bytes_used(self) -> int:
+        per_block = self.bytes_reserved() // max(self.shape[0], 1)
+        return self.table.used_blocks * per_block
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """slots: [T] flat slot ids; k, v: [T, n_kv, head_dim]."""
+        kp, vp = self.pools[layer]
+        kp.view(-1, *self.shape[2:]).index_copy_(0, slots, k.to(self.dtype))
+        vp.view(-1, *self.shape[2:]).index_copy_(0, slots, v.to(self.dtype))
+
+    def gather(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """block_ids: [B, nb] -> K, V as [B, n_kv, nb * block_size, head_dim]."""
+        kp, vp = self.pools[layer]
+        b, nb = block_ids.shape
+        k = kp[block_ids].reshape(b, nb * self.shape[1], *self.shape[2:]).transpose(1, 2)
+        v = vp[block_ids].reshape(b, nb * self.shape[1], *self.shape[2:]).transpose(1, 2)
+        return k, v
+
+    def export(self, seq_id: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence's stored K/V of one layer: [length, n_kv, head_dim] each (for moves)."""
+        n = self.table.lengths[seq_id]
+        slots = torch.tensor(self.table.slots(seq_id, 0, n), dtype=torch.long)
+        kp, vp = self.pools[layer]
+        flat = (-1, *self.shape[2:])
+        return kp.view(flat)[slots].clone(), vp.view(flat)[slots].clone()
+
+    def import_(self, seq_id: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store exported K/V for seq_id, whose block table must already hold len(k) tokens."""
+        slots = torch.tensor(self.table.slots(seq_id, 0, k.shape[0]), dtype=torch.long)
+        self.write(layer, slots, k, v)

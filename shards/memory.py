@@ -1,0 +1,74 @@
+"""Memory model: measured bytes per layer and KV bytes per token (DESIGN.md section 5).
+
+`ModelCosts` is a plain dataclass the planner reads. `measure_costs` builds each layer as a
+stage would and counts the bytes of its real tensors, once per model + compression, cached on
+disk beside the source's metadata.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    model: str
+    n_layers: int
+    layer_bytes: tuple[int, ...]      # resident bytes of each decoder layer, measured
+    embed_bytes: int                  # token embedding (first shard)
+    norm_bytes: int                   # final RMSNorm (last shard)
+    head_bytes: int                   # lm_head (last shard); the embedding's size when tied
+    tied: bool                        # lm_head shares the embedding's tensor
+    kv_bytes_per_token_layer: int     # 2 * n_kv_heads * head_dim * KV dtype bytes
+    head_compute: float               # lm_head multiply-adds per token, in units of one layer's
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.kv_bytes_per_token_layer * self.n_layers
+
+
+def kv_bytes_per_token_layer(config, dtype_bytes: int = 4) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_key_value_heads * head_dim * dtype_bytes
+
+
+def _tensor_bytes(module) -> int:
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.nbytes
+    return total
+
+
+def measure_costs(source, compression: str = "fp32", use_cache: bool = True) -> ModelCosts:
+    """Build every layer (one at a time, then dropped) and count its bytes."""
+    import torch
+
+    from shards.source import has_qkv_bias, layer_tensor_names
+    from shards.stage import Block
+    cfg = source.config
+    key = f"costs-{compression}.json"
+    cache = getattr(source, "cache", None)
+    if use_cache and cache is not None and (cache / key).is_file():
+        d = json.loads((cache / key).read_text())
+        return ModelCosts(**{**d, "model": source.label, "layer_bytes": tuple(d["layer_bytes"])})
+    dtype = torch.bfloat16 if compression == "bf16" else torch.float32
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        t = {n: source.tensor(n).to(dtype) for n in layer_tensor_names(i, has_qkv_bias(cfg))}
+        layers.append(_tensor_bytes(Block(t, cfg, i)))
+    embed = source.tensor("model.embed_tokens.weight").to(dtype)
+    norm = source.tensor("model.norm.weight").to(dtype)
+    mlp = 3 * cfg.hidden_size * cfg.intermediate_size
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attn = cfg.hidden_size * head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    costs = ModelCosts(
+        model=source.label, n_layers=cfg.num_hidden_layers, layer_bytes=tuple(layers),
+        embed_bytes=embed.nbytes, norm_bytes=norm.nbytes,
+        head_bytes=cfg.vocab_size * cfg.hidden_size * embed.element_size(),
+        tied=bool(cfg.tie_word_embeddings), kv_bytes_per_token_layer=kv_bytes_per_token_layer(cfg),
+        head_compute=cfg.vocab_size * cfg.hidden_size / (mlp + attn))
+    if use_cache and cache is not None:
+        (cache / key).write_text(json.dumps(asdict(costs)))
+    return costs

@@ -1,0 +1,167 @@
+"""A stage: decoder layers [start, end) of a Llama-family model, built from only their tensors.
+
+The block is written over the loaded weights (as gpt-fast and vLLM do) because continuous
+batching needs the paged per-sequence KV cache in kv_cache.py. It matches transformers'
+LlamaForCausalLM (tests/test_split_equals_whole.py states the tolerance).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shards.kv_cache import PagedKV
+from shards.layer_range import LayerRange
+from shards.source import ModelSource, has_qkv_bias, layer_tensor_names
+from shards.step import StepBatch
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(weight, requires_grad=False), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in fp32 like transformers' LlamaRMSNorm, then back to the compute dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    out_f, in_f = weight.shape
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=False)
+    return lin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Block(nn.Module):
+    """RMSNorm -> GQA attention with RoPE -> RMSNorm -> SwiGLU, both with residuals."""
+
+    def __init__(self, t: dict[str, torch.Tensor], cfg, layer: int):
+        super().__init__()
+        p = f"model.layers.{layer}."
+        get = lambda n: t.get(p + n)  # noqa: E731
+        self.layer = layer
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.attn_norm = RMSNorm(get("input_layernorm.weight"), cfg.rms_norm_eps)
+        self.mlp_norm = RMSNorm(get("post_attention_layernorm.weight"), cfg.rms_norm_eps)
+        for x in "qkv":
+            setattr(self, f"{x}_proj", linear(get(f"self_attn.{x}_proj.weight"), get(f"self_attn.{x}_proj.bias")))
+        self.o_proj = linear(get("self_attn.o_proj.weight"))
+        self.gate_proj = linear(get("mlp.gate_proj.weight"))
+        self.up_proj = linear(get("mlp.up_proj.weight"))
+        self.down_proj = linear(get("mlp.down_proj.weight"))
+
+    def forward(self, x, rope, kv: PagedKV, ctx) -> torch.Tensor:
+        """x: [B, Q, hidden]; rope: (cos, sin) [B, Q, head_dim]; ctx: StepContext."""
+        b, q, _ = x.shape
+        h = self.attn_norm(x)
+        # q: [B, heads, Q, head_dim]; k, v: [B, kv_heads, Q, head_dim]
+        qh = self.q_proj(h).view(b, q, -1, self.head_dim).transpose(1, 2)
+        kh = self.k_proj(h).view(b, q, -1, self.head_dim).transpose(1, 2)
+        vh = self.v_proj(h).view(b, q, -1, self.head_dim)
+        cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)
+        qh = qh * cos + rotate_half(qh) * sin
+        kh = kh * cos + rotate_half(kh) * sin
+        kv.write(self.layer, ctx.slots, kh.transpose(1, 2).reshape(b * q, self.n_kv, -1),
+                 vh.reshape(b * q, self.n_kv, -1))
+        keys, values = kv.gather(self.layer, ctx.block_ids)  # [B, kv_heads, T, head_dim]
+        a = F.scaled_dot_product_attention(qh, keys, values, attn_mask=ctx.mask, enable_gqa=True)
+        x = x + self.o_proj(a.transpose(1, 2).reshape(b, q, -1))
+        h = self.mlp_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class StepContext:
+    """Per-step tensors every layer shares: slot ids, block ids, attention mask, RoPE."""
+
+    def __init__(self, batch: StepBatch, kv: PagedKV, inv_freq: torch.Tensor, rope_scale: float):
+        table, width = kv.table, batch.width
+        slots, blocks = [], []
+        for sid, start, n in zip(batch.seq_ids, batch.starts, batch.q_lens):
+            table.reserve(sid, start + n)
+            slots += table.slots(sid, start, n) + [kv.scratch_slot] * (width - n)
+            blocks.append(table.blocks[sid])
+        nb = max(len(b) for b in blocks)
+        self.slots = torch.tensor(slots, dtype=torch.long)
+        self.block_ids = torch.tensor([b + [table.n_blocks] * (nb - len(b)) for b in blocks])
+        starts = torch.tensor(batch.starts).unsqueeze(1)
+        pos = starts + torch.arange(width).unsqueeze(0)               # [B, Q] absolute positions
+        key_pos = torch.arange(nb * table.block_size)                 # [T]
+        valid_q = torch.arange(width).unsqueeze(0) < torch.tensor(batch.q_lens).unsqueeze(1)
+        # a query sees keys up to its own position; padded queries see key 0 (never NaN)
+        mask = (key_pos.view(1, 1, -1) <= pos.unsqueeze(-1)) & valid_q.unsqueeze(-1)
+        mask[..., 0] |= ~valid_q
+        self.mask = mask.unsqueeze(1)                                  # [B, 1, Q, T]
+        freqs = pos.unsqueeze(-1).float() * inv_freq                   # [B, Q, head_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.rope = (emb.cos() * rope_scale, emb.sin() * rope_scale)
+        self.last = torch.tensor(batch.q_lens) - 1                     # [B] last real position
+
+
+class Stage(nn.Module):
+    """Layers `layers` of the model plus embedding (first stage) / final norm + lm_head (last)."""
+
+    def __init__(self, source: ModelSource, layers: LayerRange, kv_blocks: int = 256,
+                 block_size: int = 16, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        cfg = self.config = source.config
+        self.layers = layers.check_within(cfg.num_hidden_layers)
+        self.is_first, self.is_last = layers.is_first(), layers.is_last(cfg.num_hidden_layers)
+        self.dtype = dtype
+        self.blocks = nn.ModuleDict()
+        if self.is_first:
+            self.embed = nn.Embedding.from_pretrained(source.tensor("model.embed_tokens.weight").to(dtype))
+        if self.is_last:
+            self.norm = RMSNorm(source.tensor("model.norm.weight").to(dtype), cfg.rms_norm_eps)
+            tied = self.is_first and cfg.tie_word_embeddings
+            self.lm_head = linear(self.embed.weight if tied else source.tensor("lm_head.weight").to(dtype))
+        for layer in layers:
+            self.add_layer(source, layer)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv = PagedKV(layers, kv_blocks, block_size, cfg.num_key_value_heads, head_dim, dtype)
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+        rot = LlamaRotaryEmbedding(cfg)
+        # a plain tensor, not a registered buffer: [head_dim / 2] fp32
+        self.inv_freq = torch.tensor(rot.inv_freq.tolist(), dtype=torch.float32)
+        self.rope_scale = float(rot.attention_scaling)
+
+    def add_layer(self, source: ModelSource, layer: int) -> None:
+        names = layer_tensor_names(layer, has_qkv_bias(self.config))
+        tensors = {n: source.tensor(n).to(self.dtype) for n in names}
+        self.blocks[str(layer)] = Block(tensors, self.config, layer)
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch, all_logits: bool = False) -> torch.Tensor:
+        """First/middle stages return hidden [B, Q, hidden]; the last returns logits
+        [B, vocab] at each sequence's last new token ([B, Q, vocab] with all_logits)."""
+        ctx = StepContext(batch, self.kv, self.inv_freq, self.rope_scale)
+        x = self.embed(batch.tokens) if self.is_first else batch.hidden.to(self.dtype)
+        for layer in sorted(int(k) for k in self.blocks):
+            x = self.blocks[str(layer)](x, ctx.rope, self.kv, ctx)
+        if not self.is_last:
+            return x                                                   # all_logits: last stage only
+        if not all_logits:
+            x = x[torch.arange(x.shape[0]), ctx.last]                  # [B, hidden]
+        return self.lm_head(self.norm(x)).float()
+
+    def free(self, seq_id: int) -> None:
+        self.kv.table.free(seq_id)
+
+    def weight_bytes(self) -> int:
+        """Resident bytes of this stage's parameters and buffers (tied weights counted once)."""
+        seen, total = set(), 0
+        for t in list(self.parameters()) + list(self.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.nbytes
+        return total

@@ -1,0 +1,47 @@
+"""What one forward call through the pipeline carries (DESIGN.md section 2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling. temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0          # 0: no top-k cut
+    seed: int | None = None
+    max_tokens: int = 64
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_tokens < 1:
+            raise ValueError(
+                f"bad sampling params: temperature {self.temperature} (>= 0), top_p {self.top_p} "
+                f"(0, 1], top_k {self.top_k} (>= 0), max_tokens {self.max_tokens} (>= 1)")
+
+
+@dataclass
+class StepBatch:
+    """One micro-batch group's step through every stage.
+
+    Sequence b contributes q_lens[b] new tokens at positions starts[b] .. starts[b] + q_lens[b] - 1
+    (starts[b] = tokens already in its KV cache). Inputs are right-padded to Q = max(q_lens).
+    """
+
+    seq_ids: list[int]
+    starts: list[int]
+    q_lens: list[int]
+    tokens: object = None            # first stage: int64 [B, Q] token ids
+    hidden: object = None            # later stages: float [B, Q, hidden_size]
+    sampling: list[SamplingParams] = field(default_factory=list)  # last stage samples with these
+    steps: list[int] = field(default_factory=list)  # tokens generated so far per sequence (seeding)
+
+    @property
+    def width(self) -> int:
+        return max(self.q_lens)
+
+    def with_hidden(self, hidden) -> "StepBatch":
+        """The same step for the next stage, carrying hidden states instead of tokens."""
+        return StepBatch(self.seq_ids, self.starts, self.q_lens, None, hidden, self.sampling, self.steps)

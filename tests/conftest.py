@@ -1,0 +1,56 @@
+"""Shared fixtures. Heavy ones (the real model, transformers' reference) are session-scoped."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def prompts(n: int, start: int = 0) -> list[str]:
+    lines = (DATA / "prompts-500.jsonl").read_text().splitlines()
+    return [json.loads(x)["prompt"] for x in lines[start:start + n]]
+
+
+def chat_ids(tok, text: str) -> list[int]:
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@pytest.fixture(scope="session")
+def source():
+    from shards.source import open_source
+    return open_source("default")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(source):
+    return source.tokenizer()
+
+
+@pytest.fixture(scope="session")
+def hf_model(source):
+    """transformers' own LlamaForCausalLM, loaded by its own GGUF loader (the reference)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    m = AutoModelForCausalLM.from_pretrained(source.path.parent, gguf_file=source.path.name,
+                                             dtype=torch.float32)
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A random-weight 4-layer Llama saved as a HF folder (config.json + safetensors)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    return path

@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from shards.sampling import filtered_probs, sample
+from shards.step import SamplingParams
+
+
+def test_greedy_and_top_k_1_pick_argmax():
+    logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 1.0, 0.0]])
+    assert sample(logits, [SamplingParams()] * 2, [0, 0]).tolist() == [1, 0]
+    p = SamplingParams(temperature=1.5, top_k=1)
+    assert sample(logits, [p, p], [0, 0]).tolist() == [1, 0]
+
+
+def test_seed_reproducible_and_step_dependent():
+    logits = torch.zeros(1, 1000)
+    p = SamplingParams(temperature=1.0, seed=7)
+    a = [sample(logits, [p], [s]).item() for s in range(5)]
+    assert a == [sample(logits, [p], [s]).item() for s in range(5)]
+    assert len(set(a)) > 1
+
+
+def test_top_p_keeps_smallest_set():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    probs = filtered_probs(logits, SamplingParams(temperature=1.0, top_p=0.7))
+    assert probs[2] == 0 and probs[3] == 0
+    assert probs[:2].sum().item() == pytest.approx(1.0)
+
+
+def test_bad_params_refused():
+    with pytest.raises(ValueError, match="temperature -1"):
+        SamplingParams(temperature=-1)
