@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shards.errors import RangeError
 from shards.kv_cache import PagedKV
 from shards.layer_range import LayerRange
 from shards.source import ModelSource, has_qkv_bias, layer_tensor_names
@@ -134,6 +135,38 @@ class Stage(nn.Module):
         # a plain tensor, not a registered buffer: [head_dim / 2] fp32
         self.inv_freq = torch.tensor(rot.inv_freq.tolist(), dtype=torch.float32)
         self.rope_scale = float(rot.attention_scaling)
+
+    def grow(self, source: ModelSource, layers: LayerRange, kv: dict | None = None) -> None:
+        """Take on neighbouring layers (loading only their tensors) and, for live sequences,
+        their K/V: kv[seq_id][layer] = (k, v), each [length, n_kv, head_dim]."""
+        if layers.end == self.layers.start:
+            self.layers = LayerRange(layers.start, self.layers.end)
+        elif layers.start == self.layers.end:
+            self.layers = LayerRange(self.layers.start, layers.end)
+        else:
+            raise RangeError(f"layers {layers} do not border this stage's {self.layers}")
+        for layer in layers:
+            self.add_layer(source, layer)
+            self.kv.add_layer(layer)
+        for sid, per_layer in (kv or {}).items():
+            for layer, (k, v) in per_layer.items():
+                self.kv.import_(sid, layer, k, v)
+
+    def shrink(self, layers: LayerRange) -> dict:
+        """Give up layers at either end; returns their K/V for every live sequence."""
+        if layers.start == self.layers.start and layers.end < self.layers.end and not self.is_first:
+            self.layers = LayerRange(layers.end, self.layers.end)
+        elif layers.end == self.layers.end and layers.start > self.layers.start and not self.is_last:
+            self.layers = LayerRange(self.layers.start, layers.start)
+        else:
+            raise RangeError(f"cannot give up layers {layers} of this stage's {self.layers}: "
+                             "only an end of the range that borders another stage, and not all of it")
+        out = {sid: {layer: self.kv.export(sid, layer) for layer in layers}
+               for sid in self.kv.table.lengths}
+        for layer in layers:
+            del self.blocks[str(layer)]
+            self.kv.drop_layer(layer)
+        return out
 
     def add_layer(self, source: ModelSource, layer: int) -> None:
         names = layer_tensor_names(layer, has_qkv_bias(self.config))

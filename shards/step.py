@@ -37,6 +37,10 @@ class StepBatch:
     hidden: object = None            # later stages: float [B, Q, hidden_size]
     sampling: list[SamplingParams] = field(default_factory=list)  # last stage samples with these
     steps: list[int] = field(default_factory=list)  # tokens generated so far per sequence (seeding)
+    # sequences whose KV each shard drops before this step. Riding on the step keeps the free
+    # ordered before the step on every shard (a preempted sequence is re-prefilled later under
+    # the same id, so a free that overtook or trailed a step would corrupt it)
+    free: list[int] = field(default_factory=list)
 
     @property
     def width(self) -> int:
@@ -44,4 +48,5 @@ class StepBatch:
 
     def with_hidden(self, hidden) -> "StepBatch":
         """The same step for the next stage, carrying hidden states instead of tokens."""
-        return StepBatch(self.seq_ids, self.starts, self.q_lens, None, hidden, self.sampling, self.steps)
+        return StepBatch(self.seq_ids, self.starts, self.q_lens, None, hidden, self.sampling, self.steps,
+                         self.free)

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+import os
+
+# ../shared/data beside the repository (SHARDSERVE_DATA overrides)
+DATA = Path(os.environ.get("SHARDSERVE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def prompts(n: int, start: int = 0) -> list[str]:

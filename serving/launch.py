@@ -1,0 +1,54 @@
+"""Wiring: plan the shards, start their actors, wait until loaded, hand back an Engine."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shards.plan import Plan
+
+
+@dataclass
+class EngineConfig:
+    model: str = "default"
+    shards: int = 2
+    budgets: list[int] | None = None     # bytes per shard; None: reserve kv_tokens each
+    kv_tokens: int = 8192                # KV per shard when no budgets are given
+    block_size: int = 16
+    max_batch: int = 32
+    prefill_tokens: int = 256
+    device: str = "auto"                 # auto: cuda when the node has a GPU, else cpu
+    prefix: str = ""                     # actor names are <prefix>shard-<k>
+
+
+def make_plan(cfg: EngineConfig) -> Plan:
+    from shards.memory import measure_costs
+    from shards.planner import plan
+    from shards.source import open_source
+    device = cfg.device
+    if device == "auto":
+        import ray
+        device = "cuda" if ray.cluster_resources().get("GPU", 0) >= cfg.shards else "cpu"
+    return plan(measure_costs(open_source(cfg.model)), cfg.shards, cfg.budgets, cfg.kv_tokens,
+                device=device)
+
+
+async def build_engine(cfg: EngineConfig, on_ready=None):
+    """Start the shard actors for cfg and return a running Engine. on_ready(k, stats) is called
+    as each shard finishes loading (progress bars)."""
+    import asyncio
+
+    from serving.engine import Engine
+    from shards.actor import start_shards
+    from shards.source import open_source
+    p = make_plan(cfg)
+    kv_blocks = min(s.kv_tokens for s in p.shards) // cfg.block_size
+    handles = start_shards(cfg.model, list(p.shards), kv_blocks, cfg.block_size, cfg.prefix)
+
+    async def wait(k, h):
+        st = await h.ready.remote()
+        if on_ready:
+            on_ready(k, st)
+    await asyncio.gather(*(wait(k, h) for k, h in enumerate(handles)))
+    source = open_source(cfg.model)
+    eos = source.config.eos_token_id
+    return Engine(p, handles, source.tokenizer(), set(eos if isinstance(eos, list) else [eos]),
+                  kv_blocks, cfg.block_size, cfg.max_batch, cfg.prefill_tokens)

@@ -1,0 +1,190 @@
+"""Continuous-batching scheduler core: admission, grouping, preemption. Pure: no Ray, no torch.
+
+The router asks `next_group()` whenever a micro-batch slot frees up and reports each group's
+sampled tokens with `complete()`. KV is counted in blocks, the same on every shard, so the
+scheduler admits and preempts without asking the shards; sequences it evicts are recomputed
+later from their token history (prompt + generated so far).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from shards.step import SamplingParams
+
+
+@dataclass
+class SchedulerConfig:
+    kv_blocks: int                 # blocks every shard's pool holds (the smallest pool)
+    block_size: int = 16           # tokens per block
+    max_batch: int = 32            # sequences in one group
+    prefill_tokens: int = 256      # new tokens in one prefill group (chunked prefill)
+    n_groups: int = 2              # micro-batch groups in flight (>= number of shards)
+
+
+@dataclass
+class Sequence:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    eos: frozenset[int] = frozenset()
+    generated: list[int] = field(default_factory=list)
+    cached: int = 0                # tokens whose K/V every shard holds
+    in_flight: int = 0             # tokens of this sequence in a group now in the pipeline
+    finished: str | None = None    # "stop" | "length" | "abort"
+    preemptions: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.generated
+
+    @property
+    def pending(self) -> int:
+        return len(self.prompt) + len(self.generated) - self.cached
+
+
+@dataclass(frozen=True)
+class Group:
+    """One step for some sequences: feed inputs[b] at positions starts[b].. (decode: 1 token)."""
+
+    seq_ids: tuple[int, ...]
+    starts: tuple[int, ...]
+    inputs: tuple[tuple[int, ...], ...]
+    sampling: tuple[SamplingParams, ...]
+    steps: tuple[int, ...]             # tokens generated so far (seeds the sampler)
+    samples: tuple[bool, ...]          # this step ends at the sequence's last token: keep its sample
+    prefill: bool
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig):
+        self.cfg = cfg
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}
+        self._last_prefill = False
+
+    def blocks(self, n_tokens: int) -> int:
+        return math.ceil(n_tokens / self.cfg.block_size)
+
+    @property
+    def used_blocks(self) -> int:
+        return sum(self.blocks(s.cached + s.in_flight) for s in self.running.values())
+
+    def add(self, seq: Sequence) -> None:
+        need = self.blocks(len(seq.prompt) + seq.params.max_tokens)
+        if self.blocks(len(seq.prompt) + 1) > self.cfg.kv_blocks:
+            raise ValueError(f"prompt of {len(seq.prompt)} tokens needs {self.blocks(len(seq.prompt) + 1)} "
+                             f"KV blocks, the pipeline holds {self.cfg.kv_blocks} ({need} with max_tokens)")
+        self.waiting.append(seq)
+
+    def abort(self, seq_id: int) -> list[int]:
+        """Mark seq_id aborted; returns ids whose KV the shards should free now."""
+        for s in list(self.waiting):
+            if s.id == seq_id:
+                self.waiting.remove(s)
+                return []
+        s = self.running.get(seq_id)
+        if s is None:
+            return []
+        s.finished = "abort"
+        if s.in_flight:
+            return []  # freed when its group comes back
+        del self.running[seq_id]
+        return [seq_id]
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(not s.in_flight for s in self.running.values())
+
+    def next_group(self) -> tuple[Group | None, list[int]]:
+        """The next group to launch (or None) and ids the shards must free first (preempted)."""
+        freed: list[int] = []
+        self._admit()
+        idle = [s for s in self.running.values() if not s.in_flight and not s.finished]
+        prefills = [s for s in idle if s.pending > 1]
+        decodes = [s for s in idle if s.pending == 1]
+        use_prefill = bool(prefills) and (not decodes or not self._last_prefill)
+        chosen = self._take_prefill(prefills) if use_prefill else self._take_decode(decodes)
+        picked = []
+        for s, n in chosen:
+            # a later member of `chosen` may have been evicted to make room for an earlier one
+            if s.id in self.running and self._fit(s, n, freed, keep=[x for x, _ in picked]):
+                s.in_flight = n              # counted in used_blocks from now on
+                picked.append((s, n))
+        if not picked:
+            return None, freed
+        self._last_prefill = use_prefill
+        toks = [s.tokens for s, _ in picked]
+        return Group(tuple(s.id for s, _ in picked), tuple(s.cached for s, _ in picked),
+                     tuple(tuple(t[s.cached:s.cached + n]) for (s, n), t in zip(picked, toks)),
+                     tuple(s.params for s, _ in picked), tuple(len(s.generated) for s, _ in picked),
+                     tuple(s.cached + n == len(t) for (s, n), t in zip(picked, toks)), use_prefill), freed
+
+    def _admit(self) -> None:
+        while self.waiting:
+            s = self.waiting[0]
+            free = self.cfg.kv_blocks - self.used_blocks
+            if self.blocks(len(s.tokens) + 1) > free or len(self.running) >= 4 * self.cfg.max_batch:
+                return
+            self.running[s.id] = self.waiting.popleft()
+
+    def _take_prefill(self, prefills: list[Sequence]) -> list[tuple[Sequence, int]]:
+        budget, out = self.cfg.prefill_tokens, []
+        for s in prefills:
+            if budget <= 0 or len(out) >= self.cfg.max_batch:
+                break
+            n = min(s.pending, budget)
+            out.append((s, n))
+            budget -= n
+        return out
+
+    def _take_decode(self, decodes: list[Sequence]) -> list[tuple[Sequence, int]]:
+        # split the active decodes evenly across the groups in flight, so every shard stays busy
+        active = sum(1 for s in self.running.values() if not s.finished)
+        size = min(self.cfg.max_batch, max(1, math.ceil(active / self.cfg.n_groups)))
+        return [(s, 1) for s in decodes[:size]]
+
+    def _fit(self, s: Sequence, n: int, freed: list[int], keep: list[Sequence]) -> bool:
+        """Reserve blocks for n more tokens of s, preempting the newest idle sequences if needed."""
+        extra = self.blocks(s.cached + n) - self.blocks(s.cached)
+        while self.cfg.kv_blocks - self.used_blocks < extra:
+            victims = [v for v in self.running.values()
+                       if not v.in_flight and v is not s and v not in keep and v.cached > 0]
+            if not victims:
+                return False
+            v = victims[-1]                      # newest first: the oldest keep their progress
+            del self.running[v.id]
+            v.cached, v.preemptions = 0, v.preemptions + 1
+            self.waiting.appendleft(v)
+            freed.append(v.id)
+        return True
+
+    def complete(self, group: Group, tokens: list[int]) -> tuple[list[Sequence], list[int]]:
+        """Record a group's sampled tokens. Returns (sequences that gained a token or finished,
+        ids whose KV the shards should free)."""
+        changed, freed = [], []
+        for sid, n, keep, tok in zip(group.seq_ids, map(len, group.inputs), group.samples, tokens):
+            s = self.running.get(sid)
+            if s is None:
+                continue
+            s.cached += n
+            s.in_flight = 0
+            if keep and not s.finished:
+                s.generated.append(tok)
+                if tok in s.eos:
+                    s.finished = "stop"
+                elif len(s.generated) >= s.params.max_tokens:
+                    s.finished = "length"
+                changed.append(s)
+            if s.finished:
+                del self.running[sid]
+                freed.append(sid)
+        return changed, freed
+
+    def finish(self, seq_id: int, reason: str) -> list[int]:
+        """The router saw a stop string: end seq_id now (it is not in flight after complete())."""
+        s = self.running.pop(seq_id, None)
+        if s is None:
+            return []
+        s.finished = reason
+        return [seq_id]

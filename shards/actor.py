@@ -1,0 +1,103 @@
+"""ShardActor: one stage hosted by a Ray actor (DESIGN.md section 3).
+
+`ShardWorker` is a plain class (testable without Ray); `start_shards` wraps it with
+`ray.remote` and names the actors `shard-<k>` in the `shardserve` namespace.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+
+import psutil
+import torch
+
+from shards.layer_range import LayerRange
+from shards.plan import ShardSpec
+from shards.sampling import sample
+from shards.source import open_source
+from shards.stage import Stage
+from shards.step import StepBatch
+
+NAMESPACE = "shardserve"
+
+
+class ShardWorker:
+    def __init__(self, model: str, spec: ShardSpec, kv_blocks: int, block_size: int = 16,
+                 threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)  # pipelined actors must not fight over the same cores
+        self.model, self.spec = model, spec
+        self.device = spec.device
+        self.source = open_source(model)
+        self.stage = Stage(self.source, spec.layers, kv_blocks, block_size).to(self.device)
+        self.busy: deque[tuple[float, float]] = deque(maxlen=512)  # (start, end) wall clock, s
+        self.steps = 0
+
+    def ready(self) -> dict:
+        return self.stats()
+
+    def forward(self, batch: StepBatch):
+        """Hidden states on to the next shard, or (last shard) sampled token ids."""
+        t0 = time.time()
+        self.free(batch.free)
+        out = self.stage(batch)
+        if self.stage.is_last:
+            out = sample(out, batch.sampling, batch.steps).tolist()
+        else:
+            out = batch.with_hidden(out)
+        self.busy.append((t0, time.time()))
+        self.steps += 1
+        return out
+
+    def free(self, seq_ids: list[int]) -> None:
+        for sid in seq_ids:
+            self.stage.free(sid)
+
+    def grow(self, layers: LayerRange, kv: dict) -> dict:
+        self.stage.grow(self.source, layers, kv)
+        return self.stats()
+
+    def shrink(self, layers: LayerRange) -> dict:
+        return self.stage.shrink(layers)
+
+    def stats(self) -> dict:
+        """Measured numbers: RSS, weight and KV bytes, step timings."""
+        times = [e - s for s, e in self.busy]
+        return {
+            "start": self.stage.layers.start, "end": self.stage.layers.end,
+            "device": self.device, "compression": self.spec.compression, "pid": os.getpid(),
+            "node": _node_ip(), "rss_bytes": psutil.Process().memory_info().rss,
+            "weight_bytes": self.stage.weight_bytes(), "kv_bytes_used": self.stage.kv.bytes_used(),
+            "kv_bytes_reserved": self.stage.kv.bytes_reserved(),
+            "kv_blocks_used": self.stage.kv.table.used_blocks, "live_sequences": len(self.stage.kv.table.lengths),
+            "budget_bytes": self.spec.budget_bytes, "steps": self.steps,
+            "step_ms_mean": 1000 * sum(times) / len(times) if times else 0.0,
+            "busy": list(self.busy),
+        }
+
+
+def _node_ip() -> str | None:
+    try:
+        import ray
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return None
+
+
+def start_shards(model: str, specs: list[ShardSpec], kv_blocks: int, block_size: int = 16,
+                 prefix: str = "", max_restarts: int = 0) -> list:
+    """One named Ray actor per spec; each gets its share of this node's cores or one GPU."""
+    import ray
+    threads = max(1, (os.cpu_count() or 1) // len(specs))
+    handles = []
+    for spec in specs:
+        gpu = spec.device.startswith("cuda")
+        cls = ray.remote(ShardWorker).options(
+            name=f"{prefix}shard-{spec.index}", namespace=NAMESPACE, num_gpus=1 if gpu else 0,
+            # threads, not Ray's CPU slots, share the cores: 0 logical CPUs keeps small machines
+            # from deadlocking Serve's own actors
+            num_cpus=0, max_restarts=max_restarts,
+            max_concurrency=1)
+        handles.append(cls.remote(model, spec, kv_blocks, block_size, threads))
+    return handles

@@ -1,0 +1,87 @@
+"""Scheduler core, pure: admission, grouping, chunked prefill, preemption, finishing."""
+from serving.scheduler import Scheduler, SchedulerConfig, Sequence
+from shards.step import SamplingParams
+
+
+def seq(i, n_prompt, max_tokens=4):
+    return Sequence(i, list(range(10, 10 + n_prompt)), SamplingParams(max_tokens=max_tokens), frozenset({2}))
+
+
+def run_group(s, tokens_for=lambda sid: 7):
+    g, freed = s.next_group()
+    assert g is not None
+    changed, f2 = s.complete(g, [tokens_for(i) for i in g.seq_ids])
+    return g, freed + f2
+
+
+def test_chunked_prefill_then_decode_groups_split_across_slots():
+    s = Scheduler(SchedulerConfig(kv_blocks=64, block_size=4, prefill_tokens=8, n_groups=2))
+    s.add(seq(1, 12))
+    s.add(seq(2, 3))
+    g, _ = s.next_group()
+    assert g.prefill and g.seq_ids == (1,) and g.inputs[0] == tuple(range(10, 18)) and g.samples == (False,)
+    g2, _ = s.next_group()  # seq 1 is in flight; the rest of the budget is not used twice
+    assert g2.seq_ids == (2,) and g2.samples == (True,)
+    s.complete(g, [99])
+    assert s.running[1].generated == [] and s.running[1].cached == 8
+    s.complete(g2, [5])
+    assert s.running[2].generated == [5]
+    g3, _ = s.next_group()  # prefill and decode alternate: seq 2 decodes, then seq 1's last chunk
+    assert not g3.prefill and g3.seq_ids == (2,) and g3.inputs == ((5,),)
+    g4, _ = s.next_group()
+    assert g4.prefill and g4.seq_ids == (1,) and g4.starts == (8,) and len(g4.inputs[0]) == 4
+
+
+def test_finish_on_eos_and_length_frees():
+    s = Scheduler(SchedulerConfig(kv_blocks=64, block_size=4))
+    s.add(seq(1, 3, max_tokens=2))
+    s.add(seq(2, 3, max_tokens=9))
+    g, _ = s.next_group()
+    _, freed = s.complete(g, [7, 2])       # seq 2 samples eos
+    assert freed == [2] and s.running[1].generated == [7]
+    g, _ = s.next_group()
+    _, freed = s.complete(g, [8])
+    assert freed == [1] and not s.running and s.used_blocks == 0
+
+
+def test_preempts_newest_under_kv_pressure_and_recomputes():
+    s = Scheduler(SchedulerConfig(kv_blocks=4, block_size=4, max_batch=8, n_groups=1))
+    s.add(seq(1, 4, max_tokens=20))
+    s.add(seq(2, 4, max_tokens=20))
+    g, _ = s.next_group()
+    s.complete(g, [7, 7])  # both prefilled: 4 tokens + 1 generated each, 1 block each used so far
+    assert s.used_blocks == 2
+    for _ in range(4):
+        run_group(s)
+    g, freed = s.next_group()
+    # each needs a 3rd block for its 9th token; 4 blocks in all: the newest (2) is evicted
+    assert freed == [2] and g.seq_ids == (1,) and s.waiting[0].id == 2 and s.waiting[0].cached == 0
+    assert s.waiting[0].preemptions == 1 and len(s.waiting[0].generated) == 5
+
+
+def test_abort_idle_and_in_flight():
+    s = Scheduler(SchedulerConfig(kv_blocks=16, block_size=4))
+    s.add(seq(1, 3))
+    s.add(seq(2, 3))
+    g, _ = s.next_group()
+    assert s.abort(1) == []          # in flight: freed when the group returns
+    _, freed = s.complete(g, [7, 7])
+    assert freed == [1] and 1 not in s.running
+    assert s.abort(2) == [2] and not s.running
+
+
+def test_oversized_prompt_refused():
+    import pytest
+    s = Scheduler(SchedulerConfig(kv_blocks=2, block_size=4))
+    with pytest.raises(ValueError, match="prompt of 9 tokens needs 3 KV blocks, the pipeline holds 2"):
+        s.add(seq(1, 9))
+
+
+def test_one_group_never_overcommits_blocks():
+    """Two prefills in one group: the second must see the first's new blocks as used."""
+    s = Scheduler(SchedulerConfig(kv_blocks=5, block_size=4, prefill_tokens=64))
+    s.add(seq(1, 12))
+    s.add(seq(2, 12))
+    g, _ = s.next_group()
+    assert g.seq_ids == (1,) and s.used_blocks == 3
+    assert sum(-(-(st + len(x)) // 4) for st, x in zip(g.starts, g.inputs)) <= 5
