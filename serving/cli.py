@@ -35,13 +35,11 @@ def cmd_plan(args) -> int:
 def cmd_generate(args) -> int:
     """Generate in one process through the chained stages (no Ray)."""
     from shards.generator import Generator
-    from shards.source import open_source
+    from shards.source import chat_prompt_ids, open_source
     from shards.step import SamplingParams
     source = open_source(args.model)
     tok = source.tokenizer()
-    ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                  add_generation_prompt=True, tokenize=True)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    ids = chat_prompt_ids(tok, [{"role": "user", "content": args.prompt}])
     gen = Generator(source, args.shards)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     out = gen.generate([ids], params)[0]

@@ -59,7 +59,9 @@ class ShardWorker:
         return self.stats()
 
     def shrink(self, layers: LayerRange) -> dict:
-        return self.stage.shrink(layers)
+        kv = self.stage.shrink(layers)
+        _release_freed_memory()
+        return kv
 
     def stats(self) -> dict:
         """Measured numbers: RSS, weight and KV bytes, step timings."""
@@ -75,6 +77,18 @@ class ShardWorker:
             "step_ms_mean": 1000 * sum(times) / len(times) if times else 0.0,
             "busy": list(self.busy),
         }
+
+
+def _release_freed_memory() -> None:
+    """glibc keeps freed heap pages (its mmap threshold rises past 14 MiB weight tensors once
+    one is freed), so dropped layers would not lower RSS; malloc_trim hands them back."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _node_ip() -> str | None:

@@ -246,3 +246,9 @@ def open_source(spec: str) -> ModelSource:
     if not path.exists():
         raise ModelSourceError(f"model {spec!r} not found: expected 'default', a .gguf file or a model folder")
     raise ModelSourceError(f"model {spec!r} is neither a .gguf file nor a model folder")
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a chat through the model's template, ending where the assistant answers."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

@@ -18,8 +18,8 @@ def prompts(n: int, start: int = 0) -> list[str]:
 
 
 def chat_ids(tok, text: str) -> list[int]:
-    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    from shards.source import chat_prompt_ids
+    return chat_prompt_ids(tok, [{"role": "user", "content": text}])
 
 
 @pytest.fixture(scope="session")

@@ -102,18 +102,17 @@ def test_move_layers_mid_generation_token_identical(loop, tokenizer, source):
     want = Generator(source, 1).generate(inputs, params)
     engine = make_engine(loop, 2, "mv-")
     try:
-        rss0 = loop.run_until_complete(engine.stats())[0]["rss_bytes"]
-
         async def scenario():
             tasks = [asyncio.ensure_future(engine.complete(ids, params)) for ids in inputs]
             while max((len(s.generated) for s in engine.sched.running.values()), default=0) < 10:
                 await asyncio.sleep(0.01)
             live = len(engine.sched.running)
+            rss0 = (await engine.stats())[0]["rss_bytes"]
             b = engine.plan.shards[0].layers.end
             await engine.move_layers(0, 1, LayerRange(b - 5, b))
-            return live, await asyncio.gather(*tasks)
+            return live, rss0, await asyncio.gather(*tasks)
 
-        live, outs = loop.run_until_complete(scenario())
+        live, rss0, outs = loop.run_until_complete(scenario())
         assert live >= 4
         assert [d.token_ids for d in outs] == want
         after = loop.run_until_complete(engine.stats())
