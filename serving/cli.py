@@ -47,6 +47,59 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Start (or join) Ray, load the shards with progress bars, deploy the Serve app."""
+    import time
+
+    import ray
+    from ray import serve
+    from tqdm import tqdm
+
+    from serving.app import ShardServe
+    from serving.client import Client
+    from serving.launch import EngineConfig, start
+    import os
+    args.api_key = args.api_key or os.environ.get("SHARDSERVE_API_KEY")
+    ray.init(address=args.address, namespace="shardserve", log_to_driver=False)
+    config = {"model": args.model, "shards": args.shards, "kv_tokens": args.kv_tokens}
+    if args.api_key:
+        config["api_key"] = args.api_key
+    plan, handles, _ = start(EngineConfig(model=args.model, shards=args.shards, kv_tokens=args.kv_tokens))
+    pending = {h.ready.remote(): s for h, s in zip(handles, plan.shards)}
+    with tqdm(total=len(pending), desc="loading shards", unit="shard") as bar:
+        while pending:
+            done, _ = ray.wait(list(pending), timeout=1.0)
+            for ref in done:
+                st, spec = ray.get(ref), pending.pop(ref)
+                bar.write(f"  shard {spec.index}: layers {spec.layers}, {st['weight_bytes'] / 2**20:.0f} MiB "
+                          f"weights, RSS {st['rss_bytes'] / 2**20:.0f} MiB, {st['device']}")
+                bar.update()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(ShardServe.bind(config), name="shardserve", route_prefix="/", blocking=False)
+    url = f"http://{args.host}:{args.port}"
+    client = Client(url, api_key=args.api_key)
+    deadline = time.time() + 300
+    while not client.healthy():
+        if time.time() > deadline:
+            raise ShardServeError(f"{url}/healthz not ready after 300 s")
+        time.sleep(0.5)
+    print(f"shardserve: {args.model} in {args.shards} shards, OpenAI API at {url}/v1 (Ctrl-C stops)", flush=True)
+    try:
+        if args.ask:
+            print(client.chat([{"role": "user", "content": args.ask}], max_tokens=args.max_tokens, temperature=0))
+            return 0
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shardserve: shutting down", flush=True)
+    finally:
+        from shards.actor import stop_shards
+        serve.shutdown()
+        stop_shards(handles)   # detached actors: they outlive us unless killed
+        ray.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="shardserve", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -62,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible endpoint over Ray Serve")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--kv-tokens", type=int, default=8192, help="KV tokens each shard reserves")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or SHARDSERVE_API_KEY)")
+    p.add_argument("--ask", default=None, help="ask this once over HTTP, print the reply, shut down")
+    p.add_argument("--max-tokens", type=int, default=64, help="for --ask")
+    p.set_defaults(func=cmd_serve)
     return ap
 
 

@@ -31,17 +31,23 @@ def make_plan(cfg: EngineConfig) -> Plan:
                 device=device)
 
 
+def start(cfg: EngineConfig) -> tuple[Plan, list, int]:
+    """Plan, then start (or attach to, by name) one actor per shard. Returns (plan, handles,
+    KV blocks per shard). Deterministic, so the CLI and a Serve replica get the same actors."""
+    from shards.actor import start_shards
+    p = make_plan(cfg)
+    kv_blocks = min(s.kv_tokens for s in p.shards) // cfg.block_size
+    return p, start_shards(cfg.model, list(p.shards), kv_blocks, cfg.block_size, cfg.prefix), kv_blocks
+
+
 async def build_engine(cfg: EngineConfig, on_ready=None):
     """Start the shard actors for cfg and return a running Engine. on_ready(k, stats) is called
     as each shard finishes loading (progress bars)."""
     import asyncio
 
     from serving.engine import Engine
-    from shards.actor import start_shards
     from shards.source import open_source
-    p = make_plan(cfg)
-    kv_blocks = min(s.kv_tokens for s in p.shards) // cfg.block_size
-    handles = start_shards(cfg.model, list(p.shards), kv_blocks, cfg.block_size, cfg.prefix)
+    p, handles, kv_blocks = start(cfg)
 
     async def wait(k, h):
         st = await h.ready.remote()

@@ -71,11 +71,16 @@ class Scheduler:
     def used_blocks(self) -> int:
         return sum(self.blocks(s.cached + s.in_flight) for s in self.running.values())
 
+    def check(self, n_prompt: int) -> None:
+        """Refuse a prompt that could never fit the KV pool, with the numbers."""
+        if not n_prompt:
+            raise ValueError("empty prompt")
+        if self.blocks(n_prompt + 1) > self.cfg.kv_blocks:
+            raise ValueError(f"prompt of {n_prompt} tokens needs {self.blocks(n_prompt + 1)} KV blocks "
+                             f"of {self.cfg.block_size} tokens, the pipeline holds {self.cfg.kv_blocks}")
+
     def add(self, seq: Sequence) -> None:
-        need = self.blocks(len(seq.prompt) + seq.params.max_tokens)
-        if self.blocks(len(seq.prompt) + 1) > self.cfg.kv_blocks:
-            raise ValueError(f"prompt of {len(seq.prompt)} tokens needs {self.blocks(len(seq.prompt) + 1)} "
-                             f"KV blocks, the pipeline holds {self.cfg.kv_blocks} ({need} with max_tokens)")
+        self.check(len(seq.prompt))
         self.waiting.append(seq)
 
     def abort(self, seq_id: int) -> list[int]:

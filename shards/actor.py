@@ -79,6 +79,12 @@ class ShardWorker:
         }
 
 
+def stop_shards(handles: list) -> None:
+    import ray
+    for h in handles:
+        ray.kill(h)
+
+
 def _release_freed_memory() -> None:
     """glibc keeps freed heap pages (its mmap threshold rises past 14 MiB weight tensors once
     one is freed), so dropped layers would not lower RSS; malloc_trim hands them back."""
@@ -112,6 +118,9 @@ def start_shards(model: str, specs: list[ShardSpec], kv_blocks: int, block_size:
             # threads, not Ray's CPU slots, share the cores: 0 logical CPUs keeps small machines
             # from deadlocking Serve's own actors
             num_cpus=0, max_restarts=max_restarts,
-            max_concurrency=1)
+            max_concurrency=1, get_if_exists=True,   # the CLI starts them; Serve attaches
+            # detached: a Serve replica that restarts (or a request cancelled mid-build) must not
+            # take the loaded shards with it; whoever ends the service kills them (stop_shards)
+            lifetime="detached")
         handles.append(cls.remote(model, spec, kv_blocks, block_size, threads))
     return handles

@@ -8,7 +8,7 @@ from shards.memory import measure_costs
 from shards.planner import shard_weight_bytes
 from shards.stage import Stage
 
-PROBE = """
+PROBE = r"""
 import gc, json, re, sys
 from shards.source import open_source
 from shards.layer_range import LayerRange

@@ -73,7 +73,7 @@ def test_abort_idle_and_in_flight():
 def test_oversized_prompt_refused():
     import pytest
     s = Scheduler(SchedulerConfig(kv_blocks=2, block_size=4))
-    with pytest.raises(ValueError, match="prompt of 9 tokens needs 3 KV blocks, the pipeline holds 2"):
+    with pytest.raises(ValueError, match="prompt of 9 tokens needs 3 KV blocks of 4 tokens, the pipeline holds 2"):
         s.add(seq(1, 9))
 
 

@@ -1,0 +1,173 @@
+"""Ray Serve application: an OpenAI-compatible FastAPI ingress over the shard pipeline.
+
+    serve run serving.app:build_app model=default shards=2
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (stream or not), GET /v1/models,
+GET /v1/shards, GET /healthz (200 only when every shard is loaded and answers).
+"""
+# No `from __future__ import annotations` here: Serve pickles this class by value, and string
+# annotations would be resolved against globals that cloudpickle only fills with names the code
+# uses, so FastAPI would lose the `Request` type of route parameters.
+import asyncio
+import json
+import os
+import time
+import uuid
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from serving.launch import EngineConfig
+from serving.schemas import ChatCompletionRequest, CompletionRequest
+
+api = FastAPI(title="shardserve")
+
+
+def _error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
+                        status_code=status)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException):
+    kind = {401: "authentication_error", 404: "not_found_error"}.get(exc.status_code, "invalid_request_error")
+    return _error(exc.status_code, str(exc.detail), kind)
+
+
+async def _parse(request: Request, model):
+    """The JSON body as `model`, or a 400 in OpenAI's error shape."""
+    try:
+        return model.model_validate(await request.json())
+    except ValueError as e:  # JSONDecodeError and pydantic's ValidationError are ValueErrors
+        errors = getattr(e, "errors", None)
+        msg = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errors()) if errors else str(e)
+        raise HTTPException(400, f"invalid request body: {msg}") from e
+
+
+def _check_key(request: Request) -> None:
+    key = request.app.state.api_key
+    if key and request.headers.get("authorization", "") != f"Bearer {key}":
+        raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+@serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class ShardServe:
+    def __init__(self, config: dict | None = None):
+        config = dict(config or {})
+        api.state.api_key = config.pop("api_key", None) or os.environ.get("SHARDSERVE_API_KEY")
+        self.model_name = config.pop("model_name", None) or "shardserve-" + config.get("model", "default")
+        self.cfg = EngineConfig(**config)
+        self._build = None  # asyncio.Future of the Engine
+        self.created = int(time.time())
+
+    async def engine(self):
+        """The engine, built once on first use (attaching to shard actors the CLI started).
+
+        The build runs as its own task, shielded: a request that times out or disconnects must
+        not cancel it half-way (its actor handles would be dropped and the shards die)."""
+        if self._build is None or (self._build.done() and self._build.exception() is not None):
+            from serving.launch import build_engine
+            self._build = asyncio.ensure_future(build_engine(self.cfg))
+        return await asyncio.shield(self._build)
+
+    @api.get("/healthz")
+    async def healthz(self):
+        try:
+            engine = await asyncio.wait_for(self.engine(), timeout=600)
+            stats = await asyncio.wait_for(engine.stats(), timeout=10)
+        except Exception as e:  # any shard missing, dead or slow: not healthy
+            return _error(503, f"not ready: {type(e).__name__}: {e}", "service_unavailable")
+        return {"status": "ok", "shards": len(stats)}
+
+    @api.get("/v1/models", dependencies=[Depends(_check_key)])
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                            "created": self.created, "owned_by": "shardserve"}]}
+
+    @api.get("/v1/shards", dependencies=[Depends(_check_key)])
+    async def shards(self):
+        engine = await self.engine()
+        stats = await engine.stats()
+        out = []
+        for spec, st in zip(engine.plan.shards, stats):
+            st = {k: v for k, v in st.items() if k != "busy"}
+            out.append({"index": spec.index, "kv_tokens": spec.kv_tokens, **st})
+        return {"model": self.model_name, "n_layers": engine.plan.n_layers, "shards": out}
+
+    @api.post("/v1/chat/completions", dependencies=[Depends(_check_key)])
+    async def chat(self, request: Request):
+        return await self._chat(await _parse(request, ChatCompletionRequest))
+
+    async def _chat(self, body: ChatCompletionRequest):
+        engine = await self.engine()
+        from shards.source import chat_prompt_ids
+        ids = chat_prompt_ids(engine.tokenizer, [m.model_dump() for m in body.messages])
+        return await self._respond(engine, ids, body, chat=True)
+
+    @api.post("/v1/completions", dependencies=[Depends(_check_key)])
+    async def completions(self, request: Request):
+        body = await _parse(request, CompletionRequest)
+        engine = await self.engine()
+        ids = engine.tokenizer.encode(body.prompt)
+        return await self._respond(engine, ids, body, chat=False)
+
+    async def chat_handle(self, body: dict) -> dict:
+        """In-cluster entry for DeploymentHandle callers: an OpenAI chat body in, response out."""
+        req = ChatCompletionRequest(**{**body, "stream": False})
+        resp = await self._chat(req)
+        return json.loads(resp.body)
+
+    async def _respond(self, engine, ids, body, chat: bool):
+        try:
+            params = body.sampling()
+            engine.sched.check(len(ids))
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from e
+        gen = engine.generate(ids, params)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        if body.stream:
+            return StreamingResponse(self._sse(gen, rid, chat), media_type="text/event-stream")
+        text, last = [], None
+        async for d in gen:
+            text.append(d.text)
+            last = d
+        return JSONResponse(self._body(rid, chat, "".join(text), last))
+
+    def _body(self, rid, chat, text, last) -> dict:
+        usage = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
+                 "total_tokens": last.prompt_tokens + last.completion_tokens}
+        choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": self.model_name, "choices": [choice], "usage": usage}
+
+    async def _sse(self, gen, rid, chat):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        first = True
+        try:
+            async for d in gen:
+                piece = {"role": "assistant", "content": d.text} if first else {"content": d.text}
+                choice = {"index": 0, "finish_reason": d.finish_reason, "logprobs": None}
+                choice.update({"delta": piece} if chat else {"text": d.text})
+                chunk = {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name,
+                         "choices": [choice]}
+                if d.finish_reason:
+                    chunk["usage"] = {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
+                                      "total_tokens": d.prompt_tokens + d.completion_tokens}
+                first = False
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            await gen.aclose()  # client gone mid-stream: the engine aborts and frees its KV
+
+
+def build_app(args: dict) -> serve.Application:
+    """`serve run serving.app:build_app model=default shards=2 api_key=...` entry point."""
+    conv = {"shards": int, "kv_tokens": int, "max_batch": int, "block_size": int, "prefill_tokens": int}
+    config = {k: conv.get(k, str)(v) for k, v in args.items()}
+    return ShardServe.bind(config)
