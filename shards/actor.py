@@ -30,7 +30,7 @@ class ShardWorker:
         self.model, self.spec = model, spec
         self.device = spec.device
         self.source = open_source(model)
-        self.stage = Stage(self.source, spec.layers, kv_blocks, block_size).to(self.device)
+        self.stage = Stage(self.source, spec.layers, kv_blocks, block_size, device=self.device)
         self.busy: deque[tuple[float, float]] = deque(maxlen=512)  # (start, end) wall clock, s
         self.steps = 0
 
@@ -42,10 +42,11 @@ class ShardWorker:
         t0 = time.time()
         self.free(batch.free)
         out = self.stage(batch)
+        # hidden states and logits leave the device: the next hop may be another node or GPU
         if self.stage.is_last:
-            out = sample(out, batch.sampling, batch.steps).tolist()
+            out = sample(out.cpu(), batch.sampling, batch.steps).tolist()
         else:
-            out = batch.with_hidden(out)
+            out = batch.with_hidden(out.cpu())
         self.busy.append((t0, time.time()))
         self.steps += 1
         return out

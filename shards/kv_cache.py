@@ -103,12 +103,12 @@ class PagedKV:
     def export(self, seq_id: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One sequence's stored K/V of one layer: [length, n_kv, head_dim] each (for moves)."""
         n = self.table.lengths[seq_id]
-        slots = torch.tensor(self.table.slots(seq_id, 0, n), dtype=torch.long)
+        slots = torch.tensor(self.table.slots(seq_id, 0, n), dtype=torch.long, device=self.device)
         kp, vp = self.pools[layer]
         flat = (-1, *self.shape[2:])
-        return kp.view(flat)[slots].clone(), vp.view(flat)[slots].clone()
+        return kp.view(flat)[slots].cpu(), vp.view(flat)[slots].cpu()  # index gives a copy
 
     def import_(self, seq_id: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store exported K/V for seq_id, whose block table must already hold len(k) tokens."""
-        slots = torch.tensor(self.table.slots(seq_id, 0, k.shape[0]), dtype=torch.long)
-        self.write(layer, slots, k, v)
+        slots = torch.tensor(self.table.slots(seq_id, 0, k.shape[0]), dtype=torch.long, device=self.device)
+        self.write(layer, slots, k.to(self.device), v.to(self.device))

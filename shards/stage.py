@@ -86,19 +86,20 @@ class StepContext:
     """Per-step tensors every layer shares: slot ids, block ids, attention mask, RoPE."""
 
     def __init__(self, batch: StepBatch, kv: PagedKV, inv_freq: torch.Tensor, rope_scale: float):
-        table, width = kv.table, batch.width
+        table, width, dev = kv.table, batch.width, kv.device
         slots, blocks = [], []
         for sid, start, n in zip(batch.seq_ids, batch.starts, batch.q_lens):
             table.reserve(sid, start + n)
             slots += table.slots(sid, start, n) + [kv.scratch_slot] * (width - n)
             blocks.append(table.blocks[sid])
         nb = max(len(b) for b in blocks)
-        self.slots = torch.tensor(slots, dtype=torch.long)
-        self.block_ids = torch.tensor([b + [table.n_blocks] * (nb - len(b)) for b in blocks])
-        starts = torch.tensor(batch.starts).unsqueeze(1)
-        pos = starts + torch.arange(width).unsqueeze(0)               # [B, Q] absolute positions
-        key_pos = torch.arange(nb * table.block_size)                 # [T]
-        valid_q = torch.arange(width).unsqueeze(0) < torch.tensor(batch.q_lens).unsqueeze(1)
+        self.slots = torch.tensor(slots, dtype=torch.long, device=dev)
+        self.block_ids = torch.tensor([b + [table.n_blocks] * (nb - len(b)) for b in blocks], device=dev)
+        starts = torch.tensor(batch.starts, device=dev).unsqueeze(1)
+        pos = starts + torch.arange(width, device=dev).unsqueeze(0)   # [B, Q] absolute positions
+        key_pos = torch.arange(nb * table.block_size, device=dev)     # [T]
+        q_lens = torch.tensor(batch.q_lens, device=dev)
+        valid_q = torch.arange(width, device=dev).unsqueeze(0) < q_lens.unsqueeze(1)
         # a query sees keys up to its own position; padded queries see key 0 (never NaN)
         mask = (key_pos.view(1, 1, -1) <= pos.unsqueeze(-1)) & valid_q.unsqueeze(-1)
         mask[..., 0] |= ~valid_q
@@ -106,34 +107,35 @@ class StepContext:
         freqs = pos.unsqueeze(-1).float() * inv_freq                   # [B, Q, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.rope = (emb.cos() * rope_scale, emb.sin() * rope_scale)
-        self.last = torch.tensor(batch.q_lens) - 1                     # [B] last real position
+        self.last = q_lens - 1                                         # [B] last real position
 
 
 class Stage(nn.Module):
     """Layers `layers` of the model plus embedding (first stage) / final norm + lm_head (last)."""
 
     def __init__(self, source: ModelSource, layers: LayerRange, kv_blocks: int = 256,
-                 block_size: int = 16, dtype: torch.dtype = torch.float32):
+                 block_size: int = 16, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         super().__init__()
         cfg = self.config = source.config
+        self.device = torch.device(device)
         self.layers = layers.check_within(cfg.num_hidden_layers)
         self.is_first, self.is_last = layers.is_first(), layers.is_last(cfg.num_hidden_layers)
         self.dtype = dtype
         self.blocks = nn.ModuleDict()
         if self.is_first:
-            self.embed = nn.Embedding.from_pretrained(source.tensor("model.embed_tokens.weight").to(dtype))
+            self.embed = nn.Embedding.from_pretrained(self._load(source, "model.embed_tokens.weight"))
         if self.is_last:
-            self.norm = RMSNorm(source.tensor("model.norm.weight").to(dtype), cfg.rms_norm_eps)
+            self.norm = RMSNorm(self._load(source, "model.norm.weight"), cfg.rms_norm_eps)
             tied = self.is_first and cfg.tie_word_embeddings
-            self.lm_head = linear(self.embed.weight if tied else source.tensor("lm_head.weight").to(dtype))
+            self.lm_head = linear(self.embed.weight if tied else self._load(source, "lm_head.weight"))
         for layer in layers:
             self.add_layer(source, layer)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.kv = PagedKV(layers, kv_blocks, block_size, cfg.num_key_value_heads, head_dim, dtype)
+        self.kv = PagedKV(layers, kv_blocks, block_size, cfg.num_key_value_heads, head_dim, dtype, self.device)
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
         rot = LlamaRotaryEmbedding(cfg)
         # a plain tensor, not a registered buffer: [head_dim / 2] fp32
-        self.inv_freq = torch.tensor(rot.inv_freq.tolist(), dtype=torch.float32)
+        self.inv_freq = torch.tensor(rot.inv_freq.tolist(), dtype=torch.float32, device=self.device)
         self.rope_scale = float(rot.attention_scaling)
 
     def grow(self, source: ModelSource, layers: LayerRange, kv: dict | None = None) -> None:
@@ -170,15 +172,22 @@ class Stage(nn.Module):
 
     def add_layer(self, source: ModelSource, layer: int) -> None:
         names = layer_tensor_names(layer, has_qkv_bias(self.config))
-        tensors = {n: source.tensor(n).to(self.dtype) for n in names}
+        tensors = {n: self._load(source, n) for n in names}
         self.blocks[str(layer)] = Block(tensors, self.config, layer)
+
+    def _load(self, source: ModelSource, name: str) -> torch.Tensor:
+        """One tensor, straight to this stage's device and dtype (CPU peak: one tensor)."""
+        return source.tensor(name).to(device=self.device, dtype=self.dtype)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, all_logits: bool = False) -> torch.Tensor:
         """First/middle stages return hidden [B, Q, hidden]; the last returns logits
         [B, vocab] at each sequence's last new token ([B, Q, vocab] with all_logits)."""
         ctx = StepContext(batch, self.kv, self.inv_freq, self.rope_scale)
-        x = self.embed(batch.tokens) if self.is_first else batch.hidden.to(self.dtype)
+        if self.is_first:
+            x = self.embed(batch.tokens.to(self.device))
+        else:
+            x = batch.hidden.to(device=self.device, dtype=self.dtype)
         for layer in sorted(int(k) for k in self.blocks):
             x = self.blocks[str(layer)](x, ctx.rope, self.kv, ctx)
         if not self.is_last:
