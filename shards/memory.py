@@ -32,7 +32,8 @@ def kv_bytes_per_token_layer(config, dtype_bytes: int = 4) -> int:
     return 2 * config.num_key_value_heads * head_dim * dtype_bytes
 
 
-def _tensor_bytes(module) -> int:
+def module_bytes(module) -> int:
+    """Resident bytes of a module's parameters and buffers, shared (tied) tensors once."""
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
         if t.data_ptr() not in seen:
@@ -57,7 +58,7 @@ def measure_costs(source, compression: str = "fp32", use_cache: bool = True) -> 
     layers = []
     for i in range(cfg.num_hidden_layers):
         t = {n: source.tensor(n).to(dtype) for n in layer_tensor_names(i, has_qkv_bias(cfg))}
-        layers.append(_tensor_bytes(Block(t, cfg, i)))
+        layers.append(module_bytes(Block(t, cfg, i)))
     embed = source.tensor("model.embed_tokens.weight").to(dtype)
     norm = source.tensor("model.norm.weight").to(dtype)
     mlp = 3 * cfg.hidden_size * cfg.intermediate_size

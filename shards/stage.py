@@ -13,6 +13,7 @@ from torch import nn
 from shards.errors import RangeError
 from shards.kv_cache import PagedKV
 from shards.layer_range import LayerRange
+from shards.memory import module_bytes
 from shards.source import ModelSource, has_qkv_bias, layer_tensor_names
 from shards.step import StepBatch
 
@@ -201,9 +202,4 @@ class Stage(nn.Module):
 
     def weight_bytes(self) -> int:
         """Resident bytes of this stage's parameters and buffers (tied weights counted once)."""
-        seen, total = set(), 0
-        for t in list(self.parameters()) + list(self.buffers()):
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.nbytes
-        return total
+        return module_bytes(self)
