@@ -100,6 +100,20 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """WikiText-2 perplexity of the model under one compression."""
+    from shards.perplexity import DEFAULT_TEXT, perplexity
+    from shards.source import open_source
+    r = perplexity(open_source(args.model), args.compression, args.seqlen, args.windows,
+                   args.text or DEFAULT_TEXT, progress=not args.json)
+    if args.json:
+        print(json.dumps(r.to_dict()))
+    else:
+        print(f"{r.compression}: ppl {r.ppl:.3f} over {r.windows} windows of {r.seqlen} tokens "
+              f"({r.tokens} predictions), weights {r.weight_bytes / 2**20:.1f} MiB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="shardserve", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -115,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("eval", help="WikiText-2 perplexity under a compression spec")
+    p.add_argument("--model", default="default")
+    p.add_argument("--compression", default="fp32", help="e.g. fp32, bf16, int8, nf4, int8-cpu, nf4+2:4, balanced")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=None, help="first W windows (default: all)")
+    p.add_argument("--text", default=None, help="path of wikitext-2-raw-test.txt (default ../shared/data/)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("serve", help="serve an OpenAI-compatible endpoint over Ray Serve")
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")

@@ -32,35 +32,48 @@ def kv_bytes_per_token_layer(config, dtype_bytes: int = 4) -> int:
     return 2 * config.num_key_value_heads * head_dim * dtype_bytes
 
 
+def _side_tensors(t) -> list:
+    """bitsandbytes keeps scales beside the weight: Int8Params.SCB, Params4bit.quant_state
+    (absmax, code, and a nested state for double quantization)."""
+    out = [getattr(t, "SCB", None)]
+    qs = getattr(t, "quant_state", None)
+    while qs is not None:
+        out += [getattr(qs, a, None) for a in ("absmax", "code", "offset")]
+        qs = getattr(qs, "state2", None)
+    return [x for x in out if hasattr(x, "data_ptr") and hasattr(x, "nbytes")]
+
+
 def module_bytes(module) -> int:
-    """Resident bytes of a module's parameters and buffers, shared (tied) tensors once."""
+    """Resident bytes of a module's parameters, buffers and quantization side tensors,
+    shared (tied) tensors once."""
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.nbytes
+        for x in [t] + _side_tensors(t):
+            if x.data_ptr() not in seen:
+                seen.add(x.data_ptr())
+                total += x.nbytes
     return total
 
 
 def measure_costs(source, compression: str = "fp32", use_cache: bool = True) -> ModelCosts:
     """Build every layer (one at a time, then dropped) and count its bytes."""
-    import torch
-
+    from shards.compression import parse
     from shards.source import has_qkv_bias, layer_tensor_names
-    from shards.stage import Block
+    from shards.stage import Block, compress_block
     cfg = source.config
-    key = f"costs-{compression}.json"
+    comp = parse(compression)
+    key = f"costs-{comp.spec}.json"
     cache = getattr(source, "cache", None)
     if use_cache and cache is not None and (cache / key).is_file():
         d = json.loads((cache / key).read_text())
         return ModelCosts(**{**d, "model": source.label, "layer_bytes": tuple(d["layer_bytes"])})
-    dtype = torch.bfloat16 if compression == "bf16" else torch.float32
     layers = []
     for i in range(cfg.num_hidden_layers):
-        t = {n: source.tensor(n).to(dtype) for n in layer_tensor_names(i, has_qkv_bias(cfg))}
-        layers.append(module_bytes(Block(t, cfg, i)))
-    embed = source.tensor("model.embed_tokens.weight").to(dtype)
-    norm = source.tensor("model.norm.weight").to(dtype)
+        t = {n: source.tensor(n) for n in layer_tensor_names(i, has_qkv_bias(cfg))}
+        layers.append(module_bytes(compress_block(Block(t, cfg, i), comp)))
+    # embedding, final norm and lm_head stay fp32 at every compression (the lm_head is tied)
+    embed = source.tensor("model.embed_tokens.weight")
+    norm = source.tensor("model.norm.weight")
     mlp = 3 * cfg.hidden_size * cfg.intermediate_size
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     attn = cfg.hidden_size * head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shards.compression import Compression, CompressionError
+from shards.compression import parse as parse_compression
 from shards.errors import RangeError
 from shards.kv_cache import PagedKV
 from shards.layer_range import LayerRange
@@ -83,6 +85,20 @@ class Block(nn.Module):
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
+def compress_block(block: Block, comp: Compression) -> Block:
+    """Prune (on fp32 weights), then quantize the block's projections, per `comp`."""
+    if comp.cut_mlp or comp.cut_heads or comp.drop_layers or comp.prune == "wanda":
+        raise CompressionError(f"{comp.spec}: Wanda and structured cuts need calibration; "
+                               "this build serves quantization, magnitude and 2:4 pruning only")
+    if comp.prune:
+        from shards.prune import prune_block
+        prune_block(block, comp.prune, comp.sparsity)
+    if comp.quant != "fp32":
+        from shards.quantize import quantize_block
+        quantize_block(block, comp.quant)
+    return block
+
+
 class StepContext:
     """Per-step tensors every layer shares: slot ids, block ids, attention mask, RoPE."""
 
@@ -115,9 +131,11 @@ class Stage(nn.Module):
     """Layers `layers` of the model plus embedding (first stage) / final norm + lm_head (last)."""
 
     def __init__(self, source: ModelSource, layers: LayerRange, kv_blocks: int = 256,
-                 block_size: int = 16, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+                 block_size: int = 16, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 compression: str = "fp32"):
         super().__init__()
         cfg = self.config = source.config
+        self.compression = parse_compression(compression)
         self.device = torch.device(device)
         self.layers = layers.check_within(cfg.num_hidden_layers)
         self.is_first, self.is_last = layers.is_first(), layers.is_last(cfg.num_hidden_layers)
@@ -174,7 +192,7 @@ class Stage(nn.Module):
     def add_layer(self, source: ModelSource, layer: int) -> None:
         names = layer_tensor_names(layer, has_qkv_bias(self.config))
         tensors = {n: self._load(source, n) for n in names}
-        self.blocks[str(layer)] = Block(tensors, self.config, layer)
+        self.blocks[str(layer)] = compress_block(Block(tensors, self.config, layer), self.compression)
 
     def _load(self, source: ModelSource, name: str) -> torch.Tensor:
         """One tensor, straight to this stage's device and dtype (CPU peak: one tensor)."""

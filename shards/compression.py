@@ -1,0 +1,92 @@
+"""Compression specs: one grammar everywhere (CLI, config, API). Pure: no torch import.
+
+    fp32 | bf16 | int8 | nf4 | fp4 | int8-cpu          quantization (int8/nf4/fp4: bitsandbytes)
+    magnitude:S | wanda:S | 2:4                          pruning, S = sparsity in (0, 1)
+    cut-mlp:F | cut-heads:F | drop-layers:N              structured cuts
+    combined with '+', e.g. nf4+wanda:0.5; or a preset name (fast, balanced, smallest)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shards.errors import ShardServeError
+
+QUANTS = ("fp32", "bf16", "int8", "nf4", "fp4", "int8-cpu")
+PRUNES = ("magnitude", "wanda", "2:4")
+CUTS = ("cut-mlp", "cut-heads", "drop-layers")
+PRESETS = {"fast": "int8-cpu", "balanced": "nf4", "smallest": "nf4+wanda:0.5"}
+VALID = ("fp32, bf16, int8, nf4, fp4, int8-cpu, magnitude:S, wanda:S, 2:4, cut-mlp:F, "
+         "cut-heads:F, drop-layers:N (S, F in (0, 1)), joined with '+'; presets: " + ", ".join(PRESETS))
+
+
+class CompressionError(ShardServeError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Compression:
+    quant: str = "fp32"
+    prune: str | None = None        # magnitude | wanda | 2:4
+    sparsity: float = 0.0
+    cut_mlp: float = 0.0            # fraction of MLP neurons removed
+    cut_heads: float = 0.0          # fraction of KV-head groups removed
+    drop_layers: int = 0            # whole layers removed
+
+    @property
+    def spec(self) -> str:
+        parts = [self.quant] if self.quant != "fp32" or not self._extras() else []
+        return "+".join(parts + self._extras())
+
+    def _extras(self) -> list[str]:
+        out = []
+        if self.prune == "2:4":
+            out.append("2:4")
+        elif self.prune:
+            out.append(f"{self.prune}:{self.sparsity:g}")
+        out += [f"cut-mlp:{self.cut_mlp:g}"] if self.cut_mlp else []
+        out += [f"cut-heads:{self.cut_heads:g}"] if self.cut_heads else []
+        out += [f"drop-layers:{self.drop_layers}"] if self.drop_layers else []
+        return out
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def _fraction(name: str, text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise CompressionError(f"{name}:{text}: {text!r} is not a number; valid: {VALID}") from None
+    if not 0 < v < 1:
+        raise CompressionError(f"{name}:{text}: needs a fraction in (0, 1); valid: {VALID}")
+    return v
+
+
+def parse(spec: str | Compression) -> Compression:
+    """'nf4+wanda:0.5' -> Compression(quant='nf4', prune='wanda', sparsity=0.5). Refuses bad specs
+    with the list of valid ones."""
+    if isinstance(spec, Compression):
+        return spec
+    spec = PRESETS.get(spec.strip(), spec.strip())
+    kw: dict = {}
+    for part in filter(None, spec.split("+")):
+        name, _, arg = part.partition(":")
+        if part in QUANTS:
+            key, val = "quant", part
+        elif part == "2:4":
+            key, val = "prune", "2:4"
+        elif name in ("magnitude", "wanda") and arg:
+            key, val = "prune", name
+            kw["sparsity"] = _fraction(name, arg)
+        elif name in ("cut-mlp", "cut-heads") and arg:
+            key, val = name.replace("-", "_"), _fraction(name, arg)
+        elif name == "drop-layers" and arg.isdigit() and int(arg) > 0:
+            key, val = "drop_layers", int(arg)
+        else:
+            raise CompressionError(f"unknown compression {part!r} in {spec!r}; valid: {VALID}")
+        if key in kw:
+            raise CompressionError(f"{spec!r} sets {key.replace('_', '-')} twice")
+        kw[key] = val
+    if not kw:
+        raise CompressionError(f"empty compression spec; valid: {VALID}")
+    return Compression(**kw)

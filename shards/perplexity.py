@@ -1,0 +1,51 @@
+"""WikiText-2 perplexity by DESIGN.md section 8: one row per line (whitespace-only lines become
+""), rows joined with "\\n\\n", tokenized once, non-overlapping windows of `seqlen` tokens, no
+BOS per window, ppl = exp(mean NLL over every predicted token)."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEFAULT_TEXT = Path(os.environ.get("SHARDSERVE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) \
+    / "wikitext-2-raw-test.txt"
+
+
+@dataclass
+class EvalResult:
+    ppl: float
+    seqlen: int
+    windows: int
+    tokens: int                 # predicted tokens the mean is over
+    weight_bytes: int           # measured resident bytes of the compressed model
+    compression: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def wikitext_ids(tokenizer, path: str | os.PathLike = DEFAULT_TEXT) -> list[int]:
+    rows = [line if line.strip() else "" for line in Path(path).read_text(encoding="utf-8").split("\n")]
+    return tokenizer("\n\n".join(rows), add_special_tokens=False)["input_ids"]
+
+
+def perplexity(source, compression: str = "fp32", seqlen: int = 2048, windows: int | None = None,
+               path: str | os.PathLike = DEFAULT_TEXT, progress: bool = False) -> EvalResult:
+    import torch
+    from tqdm import tqdm
+
+    from shards.generator import Generator
+    ids = wikitext_ids(source.tokenizer(), path)
+    total = len(ids) // seqlen
+    windows = min(windows or total, total)
+    gen = Generator(source, 1, kv_blocks=-(-seqlen // 16), compression=compression)
+    nll, count = 0.0, 0
+    for w in tqdm(range(windows), desc=f"ppl {compression}", disable=not progress):
+        chunk = ids[w * seqlen:(w + 1) * seqlen]
+        logits = gen.logits(chunk)                        # [seqlen, vocab] fp32
+        target = torch.tensor(chunk[1:])
+        nll += torch.nn.functional.cross_entropy(logits[:-1], target, reduction="sum").item()
+        count += len(chunk) - 1
+    return EvalResult(math.exp(nll / count), seqlen, windows, count,
+                      gen.stages[0].weight_bytes(), gen.stages[0].compression.spec)

@@ -1,0 +1,75 @@
+"""Compression: spec grammar (pure), quantizer error bounds and pruning masks on small
+matrices, byte accounting, and real-model perplexity on short windows."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shards.compression import Compression, CompressionError, parse
+from shards.prune import magnitude_mask, two_four_mask
+from shards.quantize import quantize_linear
+
+
+def test_spec_grammar_and_presets():
+    assert parse("nf4+wanda:0.5") == Compression("nf4", "wanda", 0.5)
+    assert parse("int8-cpu+2:4").prune == "2:4"
+    assert parse("cut-mlp:0.2+drop-layers:2") == Compression(cut_mlp=0.2, drop_layers=2)
+    assert parse("balanced") == parse("nf4") and parse("fast").quant == "int8-cpu"
+    assert parse("magnitude:0.5").spec == "magnitude:0.5" and parse("fp32").spec == "fp32"
+    for bad, msg in [("int3", "unknown compression 'int3'"), ("wanda:1.5", "fraction in"),
+                     ("nf4+int8", "sets quant twice"), ("", "empty")]:
+        with pytest.raises(CompressionError, match=msg) as e:
+            parse(bad)
+        assert "valid:" in str(e.value) or msg == "sets quant twice"
+
+
+@pytest.mark.parametrize("quant,bound", [("bf16", 0.01), ("int8-cpu", 0.03), ("int8", 0.03),
+                                         ("nf4", 0.12), ("fp4", 0.15)])
+def test_quantizer_relative_error(quant, bound):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 384, bias=False)
+    x = torch.randn(8, 256)
+    ref = lin(x)
+    q = quantize_linear(lin, quant)
+    rel = ((q(x) - ref).norm() / ref.norm()).item()
+    assert rel < bound, f"{quant}: relative error {rel:.4f}"
+    assert q(x).dtype == torch.float32
+
+
+def test_pruning_masks():
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    m = magnitude_mask(w, 0.5)
+    assert m.sum(1).eq(32).all()
+    for r in range(16):
+        assert w[r][~m[r]].abs().max() <= w[r][m[r]].abs().min()
+    m24 = two_four_mask(w)
+    assert m24.reshape(16, 16, 4).sum(-1).eq(2).all()
+
+
+def test_import_shards_stays_light():
+    code = "import sys, shards, shards.compression, shards.plan, shards.planner; " \
+           "print(any(m in sys.modules for m in ('bitsandbytes', 'ray', 'torch')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_real_model_perplexity_short_windows(source):
+    """2 windows of 256 tokens: int8/nf4 stay near fp32, magnitude 90% collapses."""
+    from shards.perplexity import perplexity
+    res = {c: perplexity(source, c, seqlen=256, windows=2) for c in ("fp32", "int8-cpu", "nf4", "magnitude:0.9")}
+    base = res["fp32"].ppl
+    print({c: round(r.ppl, 2) for c, r in res.items()})
+    assert 5 < base < 100
+    assert res["int8-cpu"].ppl < 1.02 * base
+    assert res["nf4"].ppl < 1.5 * base
+    assert res["magnitude:0.9"].ppl > 20 * base
+    assert res["nf4"].weight_bytes < 0.35 * res["fp32"].weight_bytes
+
+
+def test_stage_refuses_calibrated_methods(source):
+    from shards import LayerRange
+    from shards.stage import Stage
+    with pytest.raises(CompressionError, match="wanda:0.5: Wanda and structured cuts need calibration"):
+        Stage(source, LayerRange(0, 1), kv_blocks=1, compression="wanda:0.5")
