@@ -11,6 +11,7 @@ from shards.errors import ShardServeError
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or a HF folder")
     p.add_argument("--shards", type=int, default=2, help="number of shards (layer ranges)")
+    p.add_argument("--compression", default="fp32", help="e.g. fp32, bf16, int8, nf4, int8-cpu, nf4+2:4, balanced")
 
 
 def cmd_plan(args) -> int:
@@ -19,7 +20,8 @@ def cmd_plan(args) -> int:
     from shards.planner import plan
     from shards.source import open_source
     source = open_source(args.model)
-    p = plan(measure_costs(source), args.shards, parse_budgets(args.budget))
+    p = plan(measure_costs(source, args.compression), args.shards, parse_budgets(args.budget),
+             compression=args.compression)
     if args.json:
         print(json.dumps(p.to_dict(), indent=2))
         return 0
@@ -40,7 +42,7 @@ def cmd_generate(args) -> int:
     source = open_source(args.model)
     tok = source.tokenizer()
     ids = chat_prompt_ids(tok, [{"role": "user", "content": args.prompt}])
-    gen = Generator(source, args.shards)
+    gen = Generator(source, args.shards, compression=args.compression)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     out = gen.generate([ids], params)[0]
     print(tok.decode(out, skip_special_tokens=True))
@@ -61,10 +63,12 @@ def cmd_serve(args) -> int:
     import os
     args.api_key = args.api_key or os.environ.get("SHARDSERVE_API_KEY")
     ray.init(address=args.address, namespace="shardserve", log_to_driver=False)
-    config = {"model": args.model, "shards": args.shards, "kv_tokens": args.kv_tokens}
+    config = {"model": args.model, "shards": args.shards, "kv_tokens": args.kv_tokens,
+              "compression": args.compression}
     if args.api_key:
         config["api_key"] = args.api_key
-    plan, handles, _ = start(EngineConfig(model=args.model, shards=args.shards, kv_tokens=args.kv_tokens))
+    plan, handles, _ = start(EngineConfig(model=args.model, shards=args.shards, kv_tokens=args.kv_tokens,
+                                          compression=args.compression))
     pending = {h.ready.remote(): s for h, s in zip(handles, plan.shards)}
     with tqdm(total=len(pending), desc="loading shards", unit="shard") as bar:
         while pending:
@@ -131,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("eval", help="WikiText-2 perplexity under a compression spec")
     p.add_argument("--model", default="default")
-    p.add_argument("--compression", default="fp32", help="e.g. fp32, bf16, int8, nf4, int8-cpu, nf4+2:4, balanced")
+    p.add_argument("--compression", default="fp32")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--windows", type=int, default=None, help="first W windows (default: all)")
     p.add_argument("--text", default=None, help="path of wikitext-2-raw-test.txt (default ../shared/data/)")

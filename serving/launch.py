@@ -15,6 +15,7 @@ class EngineConfig:
     block_size: int = 16
     max_batch: int = 32
     prefill_tokens: int = 256
+    compression: str = "fp32"            # spec for every shard (shards/compression.py)
     device: str = "auto"                 # auto: cuda when the node has a GPU, else cpu
     prefix: str = ""                     # actor names are <prefix>shard-<k>
 
@@ -27,8 +28,8 @@ def make_plan(cfg: EngineConfig) -> Plan:
     if device == "auto":
         import ray
         device = "cuda" if ray.cluster_resources().get("GPU", 0) >= cfg.shards else "cpu"
-    return plan(measure_costs(open_source(cfg.model)), cfg.shards, cfg.budgets, cfg.kv_tokens,
-                device=device)
+    return plan(measure_costs(open_source(cfg.model), cfg.compression), cfg.shards, cfg.budgets,
+                cfg.kv_tokens, compression=cfg.compression, device=device)
 
 
 def start(cfg: EngineConfig) -> tuple[Plan, list, int]:

@@ -30,7 +30,8 @@ class ShardWorker:
         self.model, self.spec = model, spec
         self.device = spec.device
         self.source = open_source(model)
-        self.stage = Stage(self.source, spec.layers, kv_blocks, block_size, device=self.device)
+        self.stage = Stage(self.source, spec.layers, kv_blocks, block_size, device=self.device,
+                           compression=spec.compression)
         self.busy: deque[tuple[float, float]] = deque(maxlen=512)  # (start, end) wall clock, s
         self.steps = 0
 

@@ -128,3 +128,21 @@ def test_move_layers_mid_generation_token_identical(loop, tokenizer, source):
         assert after[0]["rss_bytes"] < rss0 - 3 * 14 * 2**20   # 5 layers of 13.5 MiB weights left
     finally:
         kill(engine)
+
+
+def test_compressed_shards(loop, tokenizer, source):
+    """Shards quantized at load (int8-cpu): stats report it, bytes match the plan, answer holds."""
+    from shards.memory import measure_costs
+    from shards.planner import shard_weight_bytes
+    engine = make_engine(loop, 2, "q8-", compression="int8-cpu")
+    try:
+        ids = chat_ids(tokenizer, "What is the capital of France?")
+        d = loop.run_until_complete(engine.complete(ids, SamplingParams(max_tokens=16)))
+        assert d.text.strip() == "The capital of France is Paris."
+        stats = loop.run_until_complete(engine.stats())
+        costs = measure_costs(source, "int8-cpu")
+        for s, spec in zip(stats, engine.plan.shards):
+            assert s["compression"] == "int8-cpu"
+            assert s["weight_bytes"] == shard_weight_bytes(costs, spec.layers) == spec.weight_bytes
+    finally:
+        kill(engine)
