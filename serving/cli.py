@@ -61,6 +61,8 @@ def cmd_serve(args) -> int:
     from serving.client import Client
     from serving.launch import EngineConfig, start
     import os
+    import signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C even when started with & (SIG_IGN)
     args.api_key = args.api_key or os.environ.get("SHARDSERVE_API_KEY")
     ray.init(address=args.address, namespace="shardserve", log_to_driver=False)
     config = {"model": args.model, "shards": args.shards, "kv_tokens": args.kv_tokens,
