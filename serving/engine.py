@@ -35,7 +35,10 @@ class Delta:
 class _Request:
     seq: Sequence
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    text: str = ""
+    text: str = ""        # text sent so far
+    sent: int = 0         # generated tokens sent so far
+    prefix_at: int = 0    # detokenization window: decode from here ...
+    read_at: int = 0      # ... text up to here was already sent
 
 
 class Engine:
@@ -133,20 +136,30 @@ class Engine:
         self._free(freed)
 
     def _emit(self, seq: Sequence) -> list[int]:
-        """Push the newest token's text to its stream; apply stop strings. Returns ids to free."""
+        """Push new text and token ids to the request's stream; apply stop strings.
+        Returns ids to free. Detokenizes incrementally (a window from the last emitted point,
+        as vLLM does), never the whole reply per token."""
         req = self.requests.get(seq.id)
         if req is None:
             return self.sched.finish(seq.id, "abort")
-        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-        freed = []
-        stop_at = min((i for i in (text.find(s) for s in seq.params.stop) if i >= 0), default=-1)
-        if stop_at >= 0 and not seq.finished:
-            text = text[:stop_at]
-            freed = self.sched.finish(seq.id, "stop")
-        if text.endswith("\ufffd") and not seq.finished:
-            return freed  # half a multi-byte character: wait for the rest
-        new, req.text = text[len(req.text):], text
-        req.queue.put_nowait(Delta(new, [seq.generated[-1]], seq.finished, len(seq.prompt), len(seq.generated)))
+        gen = seq.generated
+        before = self.tokenizer.decode(gen[req.prefix_at:req.read_at], skip_special_tokens=True)
+        window = self.tokenizer.decode(gen[req.prefix_at:], skip_special_tokens=True)
+        if window.endswith("\ufffd") and not seq.finished:
+            return []  # half a multi-byte character: wait for the rest
+        new, freed = window[len(before):], []
+        if seq.params.stop and not seq.finished:
+            # search only where a stop string could newly appear: the tail of the old text + new
+            tail = max(0, len(req.text) - max(map(len, seq.params.stop)) + 1)
+            text = req.text + new
+            hits = [i for i in (text.find(x, tail) for x in seq.params.stop) if i >= 0]
+            if hits:
+                new = text[len(req.text):min(hits)] if min(hits) >= len(req.text) else ""
+                freed = self.sched.finish(seq.id, "stop")
+        req.prefix_at, req.read_at = req.read_at, len(gen)
+        req.text += new
+        ids, req.sent = gen[req.sent:], len(gen)
+        req.queue.put_nowait(Delta(new, ids, seq.finished, len(seq.prompt), len(gen)))
         return freed
 
     def _free(self, seq_ids: list[int]) -> None:
