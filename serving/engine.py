@@ -11,7 +11,6 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-import ray
 import torch
 
 from serving.scheduler import Group, Scheduler, SchedulerConfig, Sequence
