@@ -10,16 +10,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import time
 from pathlib import Path
 
-DATA = Path(os.environ.get("SHARDSERVE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
 
 def load_prompts(tok, n: int) -> list[list[int]]:
-    rows = [json.loads(x)["prompt"] for x in (DATA / "prompts-500.jsonl").read_text().splitlines()[:n]]
+    from shards.data import read_prompts
     from shards.source import chat_prompt_ids
+    rows = read_prompts(n)
     return [chat_prompt_ids(tok, [{"role": "user", "content": r}]) for r in rows]
 
 

@@ -8,9 +8,10 @@ import sys
 from shards.errors import ShardServeError
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, shards: bool = True) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or a HF folder")
-    p.add_argument("--shards", type=int, default=2, help="number of shards (layer ranges)")
+    if shards:
+        p.add_argument("--shards", type=int, default=2, help="number of shards (layer ranges)")
     p.add_argument("--compression", default="fp32", help="e.g. fp32, bf16, int8, nf4, int8-cpu, nf4+2:4, balanced")
 
 
@@ -136,8 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("eval", help="WikiText-2 perplexity under a compression spec")
-    p.add_argument("--model", default="default")
-    p.add_argument("--compression", default="fp32")
+    _add_model_args(p, shards=False)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--windows", type=int, default=None, help="first W windows (default: all)")
     p.add_argument("--text", default=None, help="path of wikitext-2-raw-test.txt (default ../shared/data/)")

@@ -8,8 +8,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DEFAULT_TEXT = Path(os.environ.get("SHARDSERVE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) \
-    / "wikitext-2-raw-test.txt"
+from shards.data import WIKITEXT as DEFAULT_TEXT
 
 
 @dataclass

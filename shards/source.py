@@ -129,6 +129,9 @@ class GGUFSource(ModelSource):
         meta = json.loads((self.cache / "tensors.json").read_text())
         self.arch, self._tensors = meta["arch"], meta["tensors"]
         self._names = self._name_map()
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+        # undoes llama.cpp's Q/K permutation (transformers' own code, made once, not per tensor)
+        self._processor = TENSOR_PROCESSORS.get(self.arch, TensorProcessor)(config=self.config.to_dict())
 
     def _build_cache(self) -> None:
         from gguf import GGUFReader
@@ -180,7 +183,6 @@ class GGUFSource(ModelSource):
         import numpy as np
         import torch
         from gguf import GGMLQuantizationType, dequantize
-        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
         if name not in self._names:
             raise ModelSourceError(f"{self.path}: tensor {name} is not in this GGUF file")
         gname = self._names[name]
@@ -191,8 +193,7 @@ class GGUFSource(ModelSource):
             w = dequantize(raw, GGMLQuantizationType(t["type"]))
         except Exception as e:
             raise ModelSourceError(f"{self.path}: tensor {gname} is corrupt ({e})") from e
-        proc = TENSOR_PROCESSORS.get(self.arch, TensorProcessor)(config=self.config.to_dict())
-        w = proc.process(weights=w, name=gname).weights
+        w = self._processor.process(weights=w, name=gname).weights
         return torch.from_numpy(np.array(w, dtype=np.float32))  # a private, writable copy
 
     def tokenizer(self):

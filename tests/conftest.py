@@ -1,20 +1,9 @@
 """Shared fixtures. Heavy ones (the real model, transformers' reference) are session-scoped."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
-import os
-
-# ../shared/data beside the repository (SHARDSERVE_DATA overrides)
-DATA = Path(os.environ.get("SHARDSERVE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def prompts(n: int, start: int = 0) -> list[str]:
-    lines = (DATA / "prompts-500.jsonl").read_text().splitlines()
-    return [json.loads(x)["prompt"] for x in lines[start:start + n]]
+from shards.data import read_prompts as prompts  # noqa: F401  (tests import it from here)
 
 
 def chat_ids(tok, text: str) -> list[int]:

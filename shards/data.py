@@ -1,0 +1,16 @@
+"""The shared data folder (../shared/data beside the repository; SHARDSERVE_DATA overrides):
+WikiText-2 raw test for quality, prompts-500.jsonl for serving load. Read there, never copied."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+DATA_DIR = Path(os.environ.get("SHARDSERVE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+WIKITEXT = DATA_DIR / "wikitext-2-raw-test.txt"
+PROMPTS = DATA_DIR / "prompts-500.jsonl"
+
+
+def read_prompts(n: int, start: int = 0) -> list[str]:
+    lines = PROMPTS.read_text().splitlines()
+    return [json.loads(x)["prompt"] for x in lines[start:start + n]]
