@@ -12,7 +12,9 @@ def _add_model_args(p: argparse.ArgumentParser, shards: bool = True) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or a HF folder")
     if shards:
         p.add_argument("--shards", type=int, default=2, help="number of shards (layer ranges)")
-    p.add_argument("--compression", default="fp32", help="e.g. fp32, bf16, int8, nf4, int8-cpu, nf4+2:4, balanced")
+    p.add_argument("--compression", default=None,
+                   help="e.g. fp32, bf16, int8, nf4, int8-cpu, nf4+wanda:0.5, cut-mlp:0.2, balanced "
+                        "(default: fp32, or what a prepared artifact was made with)")
 
 
 def cmd_plan(args) -> int:
@@ -50,8 +52,10 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    """Start (or join) Ray, load the shards with progress bars, deploy the Serve app."""
+def start_service(args):
+    """Start (or join) Ray, load the shards with progress bars, deploy the Serve app, wait for
+    /healthz. Returns (client, url, shard handles)."""
+    import os
     import time
 
     import ray
@@ -61,17 +65,11 @@ def cmd_serve(args) -> int:
     from serving.app import ShardServe
     from serving.client import Client
     from serving.launch import EngineConfig, start
-    import os
-    import signal
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C even when started with & (SIG_IGN)
     args.api_key = args.api_key or os.environ.get("SHARDSERVE_API_KEY")
     ray.init(address=args.address, namespace="shardserve", log_to_driver=False)
     config = {"model": args.model, "shards": args.shards, "kv_tokens": args.kv_tokens,
               "compression": args.compression}
-    if args.api_key:
-        config["api_key"] = args.api_key
-    plan, handles, _ = start(EngineConfig(model=args.model, shards=args.shards, kv_tokens=args.kv_tokens,
-                                          compression=args.compression))
+    plan, handles, _ = start(EngineConfig(**config))
     pending = {h.ready.remote(): s for h, s in zip(handles, plan.shards)}
     with tqdm(total=len(pending), desc="loading shards", unit="shard") as bar:
         while pending:
@@ -82,7 +80,8 @@ def cmd_serve(args) -> int:
                           f"weights, RSS {st['rss_bytes'] / 2**20:.0f} MiB, {st['device']}")
                 bar.update()
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(ShardServe.bind(config), name="shardserve", route_prefix="/", blocking=False)
+    serve.run(ShardServe.bind({**config, "api_key": args.api_key}), name="shardserve", route_prefix="/",
+              blocking=False)
     url = f"http://{args.host}:{args.port}"
     client = Client(url, api_key=args.api_key)
     deadline = time.time() + 300
@@ -90,8 +89,28 @@ def cmd_serve(args) -> int:
         if time.time() > deadline:
             raise ShardServeError(f"{url}/healthz not ready after 300 s")
         time.sleep(0.5)
-    print(f"shardserve: {args.model} in {args.shards} shards, OpenAI API at {url}/v1 (Ctrl-C stops)", flush=True)
+    return client, url, handles
+
+
+def stop_service(handles) -> None:
+    import ray
+    from ray import serve
+
+    from shards.actor import stop_shards
+    serve.shutdown()
+    stop_shards(handles)   # detached actors: they outlive us unless killed
+    ray.shutdown()
+
+
+def cmd_serve(args) -> int:
+    """Serve until Ctrl-C (or answer --ask once and stop)."""
+    import signal
+    import time
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C even when started with & (SIG_IGN)
+    handles = []
     try:
+        client, url, handles = start_service(args)
+        print(f"shardserve: {args.model} in {args.shards} shards, OpenAI API at {url}/v1 (Ctrl-C stops)", flush=True)
         if args.ask:
             print(client.chat([{"role": "user", "content": args.ask}], max_tokens=args.max_tokens, temperature=0))
             return 0
@@ -100,10 +119,74 @@ def cmd_serve(args) -> int:
     except KeyboardInterrupt:
         print("shardserve: shutting down", flush=True)
     finally:
-        from shards.actor import stop_shards
-        serve.shutdown()
-        stop_shards(handles)   # detached actors: they outlive us unless killed
-        ray.shutdown()
+        stop_service(handles)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Benchmark a live endpoint (--url) or one started here, with baselines in the same run."""
+    import asyncio
+    from pathlib import Path
+
+    from serving import bench
+    from shards.data import read_prompts
+    from shards.source import open_source
+    result = {"model": args.model, "shards": args.shards, "compression": args.compression,
+              "max_tokens": args.max_tokens, "shardserve": [], "hf_generate": [], "llama_server": None}
+    n = lambda c: args.requests or max(8, 2 * c)  # noqa: E731
+    handles, url = [], args.url
+    try:
+        if url is None:
+            _, url, handles = start_service(args)
+        for c in args.concurrency:
+            result["shardserve"].append(asyncio.run(bench.http_level(url, read_prompts(n(c)), c, args.max_tokens,
+                                                                     args.api_key)))
+            print("shardserve", json.dumps(result["shardserve"][-1]), flush=True)
+        result["shard_memory"] = bench.shard_memory(url, args.api_key)
+    finally:
+        if handles:
+            stop_service(handles)
+    source = open_source(args.model)
+    if "llama-server" in args.baselines and hasattr(source, "path"):
+        started = bench.llama_server(str(source.path))
+        if started is None:
+            result["llama_server_note"] = "skipped: no llama-server binary on PATH"
+        else:
+            proc, lurl = started
+            try:
+                result["llama_server"] = [asyncio.run(bench.http_level(lurl, read_prompts(n(c)), c, args.max_tokens))
+                                          for c in args.concurrency]
+            finally:
+                proc.kill()
+    if "hf" in args.baselines:
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(source.path.parent, gguf_file=source.path.name,
+                                                     dtype=torch.float32).eval()
+        for c in args.concurrency:
+            result["hf_generate"].append(bench.hf_level(model, source.tokenizer(), read_prompts(n(c)), c,
+                                                        args.max_tokens))
+            print("hf_generate", json.dumps(result["hf_generate"][-1]), flush=True)
+    print(bench.table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.plot:
+        bench.plot(result, args.plot)
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    """Compress and calibrate once, measure, write an artifact folder with a manifest."""
+    from shards.artifact import prepare
+    from shards.source import open_source
+    m = prepare(open_source(args.model), args.compression, args.out, args.seqlen, args.windows,
+                progress=not args.json)
+    if args.json:
+        print(json.dumps(m))
+    else:
+        print(f"{args.out}: {m['compression']}, weights {m['weight_bytes'] / 2**20:.1f} MiB, ppl "
+              f"{m['ppl']['ppl']:.3f} ({m['ppl']['windows']} x {m['ppl']['seqlen']} tokens), dropped layers "
+              f"{m['dropped_layers'] or 'none'}, {m['prepare_seconds']:.0f} s; serve it: shardserve serve --model {args.out}")
     return 0
 
 
@@ -119,6 +202,15 @@ def cmd_eval(args) -> int:
         print(f"{r.compression}: ppl {r.ppl:.3f} over {r.windows} windows of {r.seqlen} tokens "
               f"({r.tokens} predictions), weights {r.weight_bytes / 2**20:.1f} MiB")
     return 0
+
+
+def _add_service_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--kv-tokens", type=int, default=8192, help="KV tokens each shard reserves")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or SHARDSERVE_API_KEY)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,22 +235,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default=None, help="path of wikitext-2-raw-test.txt (default ../shared/data/)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("prepare", help="compress + calibrate once, measure, write an artifact folder")
+    _add_model_args(p, shards=False)
+    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument("--seqlen", type=int, default=512, help="perplexity window for the manifest")
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("serve", help="serve an OpenAI-compatible endpoint over Ray Serve")
-    _add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
-    p.add_argument("--kv-tokens", type=int, default=8192, help="KV tokens each shard reserves")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or SHARDSERVE_API_KEY)")
+    _add_service_args(p)
     p.add_argument("--ask", default=None, help="ask this once over HTTP, print the reply, shut down")
     p.add_argument("--max-tokens", type=int, default=64, help="for --ask")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("bench", help="tokens/s, latency, TTFT, ITL and shard memory over HTTP, with baselines")
+    _add_service_args(p)
+    p.add_argument("--url", default=None, help="bench this running endpoint instead of starting one")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests", type=int, default=0, help="per level (default max(8, 2 x concurrency))")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--baselines", nargs="*", default=["hf", "llama-server"], help="hf, llama-server")
+    p.add_argument("--json", default=None, help="write the result here")
+    p.add_argument("--plot", default=None, help="PNG of tokens/s vs concurrency per system")
+    p.set_defaults(func=cmd_bench)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "compression", "") is None:
+            from shards.source import open_source
+            args.compression = open_source(args.model).default_compression
         return args.func(args)
     except ShardServeError as e:
         print(f"shardserve: error: {e}", file=sys.stderr)

@@ -15,7 +15,8 @@ class EngineConfig:
     block_size: int = 16
     max_batch: int = 32
     prefill_tokens: int = 256
-    compression: str = "fp32"            # spec for every shard (shards/compression.py)
+    compression: str | None = None       # spec for every shard (shards/compression.py);
+                                         # None: fp32, or a prepared artifact's own
     device: str = "auto"                 # auto: cuda when the node has a GPU, else cpu
     prefix: str = ""                     # actor names are <prefix>shard-<k>
 
@@ -28,8 +29,10 @@ def make_plan(cfg: EngineConfig) -> Plan:
     if device == "auto":
         import ray
         device = "cuda" if ray.cluster_resources().get("GPU", 0) >= cfg.shards else "cpu"
-    return plan(measure_costs(open_source(cfg.model), cfg.compression), cfg.shards, cfg.budgets,
-                cfg.kv_tokens, compression=cfg.compression, device=device)
+    source = open_source(cfg.model)
+    comp = cfg.compression or source.default_compression
+    return plan(measure_costs(source, comp), cfg.shards, cfg.budgets, cfg.kv_tokens, compression=comp,
+                device=device)
 
 
 def start(cfg: EngineConfig) -> tuple[Plan, list, int]:

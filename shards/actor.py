@@ -27,6 +27,7 @@ class ShardWorker:
                  threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)  # pipelined actors must not fight over the same cores
+        self.base_rss = psutil.Process().memory_info().rss   # runtime before any weight loads
         self.model, self.spec = model, spec
         self.device = spec.device
         self.source = open_source(model)
@@ -56,8 +57,9 @@ class ShardWorker:
         for sid in seq_ids:
             self.stage.free(sid)
 
-    def grow(self, layers: LayerRange, kv: dict) -> dict:
-        self.stage.grow(self.source, layers, kv)
+    def grow(self, layers: LayerRange, handoff: dict) -> dict:
+        """handoff: the giving shard's shrink() result (K/V of live sequences, dropped layers)."""
+        self.stage.grow(self.source, layers, handoff["kv"], handoff["dropped"])
         return self.stats()
 
     def shrink(self, layers: LayerRange) -> dict:
@@ -72,6 +74,7 @@ class ShardWorker:
             "start": self.stage.layers.start, "end": self.stage.layers.end,
             "device": self.device, "compression": self.spec.compression, "pid": os.getpid(),
             "node": _node_ip(), "rss_bytes": psutil.Process().memory_info().rss,
+            "peak_rss_bytes": peak_rss(), "base_rss_bytes": self.base_rss,
             "weight_bytes": self.stage.weight_bytes(), "kv_bytes_used": self.stage.kv.bytes_used(),
             "kv_bytes_reserved": self.stage.kv.bytes_reserved(),
             "kv_blocks_used": self.stage.kv.table.used_blocks, "live_sequences": len(self.stage.kv.table.lengths),
@@ -79,6 +82,15 @@ class ShardWorker:
             "step_ms_mean": 1000 * sum(times) / len(times) if times else 0.0,
             "busy": list(self.busy),
         }
+
+
+def peak_rss() -> int:
+    """This process's peak resident bytes (VmHWM; falls back to current RSS off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return psutil.Process().memory_info().rss
 
 
 def stop_shards(handles: list) -> None:

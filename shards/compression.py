@@ -48,6 +48,17 @@ class Compression:
         out += [f"drop-layers:{self.drop_layers}"] if self.drop_layers else []
         return out
 
+    @property
+    def structure(self) -> "Compression":
+        """Everything but the quantization: what changes the fp32 weights and shapes."""
+        return Compression(prune=self.prune, sparsity=self.sparsity, cut_mlp=self.cut_mlp,
+                           cut_heads=self.cut_heads, drop_layers=self.drop_layers)
+
+    @property
+    def calibrated(self) -> bool:
+        """Needs calibration activations (Wanda, structured cuts, layer drops)."""
+        return self.prune == "wanda" or bool(self.cut_mlp or self.cut_heads or self.drop_layers)
+
     def __str__(self) -> str:
         return self.spec
 

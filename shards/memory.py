@@ -55,22 +55,21 @@ def module_bytes(module) -> int:
     return total
 
 
-def measure_costs(source, compression: str = "fp32", use_cache: bool = True) -> ModelCosts:
+def measure_costs(source, compression: str | None = None, use_cache: bool = True) -> ModelCosts:
     """Build every layer (one at a time, then dropped) and count its bytes."""
-    from shards.compression import parse
-    from shards.source import has_qkv_bias, layer_tensor_names
-    from shards.stage import Block, compress_block
+    from shards.stage import compress_block, fp32_block, remaining
     cfg = source.config
-    comp = parse(compression)
+    comp, todo = remaining(source, compression)
     key = f"costs-{comp.spec}.json"
     cache = getattr(source, "cache", None)
     if use_cache and cache is not None and (cache / key).is_file():
         d = json.loads((cache / key).read_text())
         return ModelCosts(**{**d, "model": source.label, "layer_bytes": tuple(d["layer_bytes"])})
-    layers = []
-    for i in range(cfg.num_hidden_layers):
-        t = {n: source.tensor(n) for n in layer_tensor_names(i, has_qkv_bias(cfg))}
-        layers.append(module_bytes(compress_block(Block(t, cfg, i), comp)))
+    # Wanda and cuts ranked by weights alone give the calibrated shapes and bytes; layers a raw
+    # source would drop are unknown before calibration, so counted (an upper bound)
+    dropped = set(getattr(source, "dropped_layers", ()))
+    layers = [0 if i in dropped else module_bytes(compress_block(fp32_block(source, i), todo))
+              for i in range(cfg.num_hidden_layers)]
     # embedding, final norm and lm_head stay fp32 at every compression (the lm_head is tied)
     embed = source.tensor("model.embed_tokens.weight")
     norm = source.tensor("model.norm.weight")

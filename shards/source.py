@@ -21,6 +21,11 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def optional_tensor_names(layer: int) -> list[str]:
+    """Biases a structured cut adds (shards/cut.py folds removed units' mean output into them)."""
+    return [f"model.layers.{layer}.self_attn.o_proj.bias", f"model.layers.{layer}.mlp.down_proj.bias"]
+
+
 def layer_tensor_names(layer: int, attention_bias: bool) -> list[str]:
     """HF names of every tensor one decoder layer owns."""
     p = f"model.layers.{layer}."
@@ -33,10 +38,23 @@ def layer_tensor_names(layer: int, attention_bias: bool) -> list[str]:
 
 
 class ModelSource:
-    """Base: subclasses set `config` and implement `_read` and `tokenizer`."""
+    """Base: subclasses set `config` and implement `_read` and `tokenizer`.
+
+    A prepared artifact (shards/artifact.py) is an HF folder whose weights already carry cuts
+    and pruning: `applied` says which, `dropped_layers` which layers it no longer has, and
+    `default_compression` what it serves when no compression is asked for.
+    """
+
+    applied = None                       # Compression baked into the weights, or None
+    dropped_layers: tuple[int, ...] = ()
+    default_compression = "fp32"
 
     def __init__(self, label: str):
         self.label = label
+
+    def has(self, name: str) -> bool:
+        """Whether an optional tensor (a bias a cut added) is stored."""
+        return False
 
     def check_supported(self) -> None:
         arch = getattr(self.config, "model_type", None)
@@ -76,6 +94,16 @@ class HFFolderSource(ModelSource):
             raise ModelSourceError(f"{cfg}: unreadable config ({e})") from e
         self.check_supported()
         self._where = self._index()
+        manifest = self.folder / "manifest.json"
+        if manifest.is_file():
+            from shards.compression import parse
+            self.manifest = json.loads(manifest.read_text())
+            self.applied = parse(self.manifest["compression"]).structure
+            self.default_compression = self.manifest["compression"]
+            self.dropped_layers = tuple(self.manifest["dropped_layers"])
+
+    def has(self, name: str) -> bool:
+        return name in self._where
 
     def _index(self) -> dict[str, Path]:
         from safetensors import safe_open

@@ -16,7 +16,7 @@ from shards.errors import RangeError
 from shards.kv_cache import PagedKV
 from shards.layer_range import LayerRange
 from shards.memory import module_bytes
-from shards.source import ModelSource, has_qkv_bias, layer_tensor_names
+from shards.source import ModelSource, has_qkv_bias, layer_tensor_names, optional_tensor_names
 from shards.step import StepBatch
 
 
@@ -54,16 +54,18 @@ class Block(nn.Module):
         p = f"model.layers.{layer}."
         get = lambda n: t.get(p + n)  # noqa: E731
         self.layer = layer
-        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # head counts from the weights: a cut block (shards/cut.py) has fewer query heads
+        self.n_heads = get("self_attn.q_proj.weight").shape[0] // self.head_dim
+        self.n_kv = get("self_attn.k_proj.weight").shape[0] // self.head_dim
         self.attn_norm = RMSNorm(get("input_layernorm.weight"), cfg.rms_norm_eps)
         self.mlp_norm = RMSNorm(get("post_attention_layernorm.weight"), cfg.rms_norm_eps)
         for x in "qkv":
             setattr(self, f"{x}_proj", linear(get(f"self_attn.{x}_proj.weight"), get(f"self_attn.{x}_proj.bias")))
-        self.o_proj = linear(get("self_attn.o_proj.weight"))
+        self.o_proj = linear(get("self_attn.o_proj.weight"), get("self_attn.o_proj.bias"))
         self.gate_proj = linear(get("mlp.gate_proj.weight"))
         self.up_proj = linear(get("mlp.up_proj.weight"))
-        self.down_proj = linear(get("mlp.down_proj.weight"))
+        self.down_proj = linear(get("mlp.down_proj.weight"), get("mlp.down_proj.bias"))
 
     def forward(self, x, rope, kv: PagedKV, ctx) -> torch.Tensor:
         """x: [B, Q, hidden]; rope: (cos, sin) [B, Q, head_dim]; ctx: StepContext."""
@@ -85,18 +87,36 @@ class Block(nn.Module):
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
-def compress_block(block: Block, comp: Compression) -> Block:
-    """Prune (on fp32 weights), then quantize the block's projections, per `comp`."""
-    if comp.cut_mlp or comp.cut_heads or comp.drop_layers or comp.prune == "wanda":
-        raise CompressionError(f"{comp.spec}: Wanda and structured cuts need calibration; "
-                               "this build serves quantization, magnitude and 2:4 pruning only")
-    if comp.prune:
-        from shards.prune import prune_block
-        prune_block(block, comp.prune, comp.sparsity)
+def compress_block(block: Block, comp: Compression, stats=None) -> Block:
+    """Cut and prune (fp32 weights, by calibration `stats`; see shards/calibration.py), then
+    quantize the block's projections, per `comp`."""
+    from shards.calibration import compress_structure
+    compress_structure(block, comp, stats)
     if comp.quant != "fp32":
         from shards.quantize import quantize_block
         quantize_block(block, comp.quant)
     return block
+
+
+def rope_params(cfg, device) -> tuple[torch.Tensor, float]:
+    """(inv_freq [head_dim / 2] fp32, attention scaling) as transformers computes them."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    rot = LlamaRotaryEmbedding(cfg)
+    # a plain tensor, not a registered buffer
+    return torch.tensor(rot.inv_freq.tolist(), dtype=torch.float32, device=device), float(rot.attention_scaling)
+
+
+def remaining(source: ModelSource, comp: Compression | None) -> tuple[Compression, Compression]:
+    """(the compression this stage serves, the part still to apply at load). A prepared
+    artifact (shards/artifact.py) already holds its cuts and pruning; only quantization is left."""
+    applied = getattr(source, "applied", None)
+    comp = parse_compression(comp or getattr(source, "default_compression", "fp32"))
+    if applied is None:
+        return comp, comp
+    if comp.structure not in (Compression(), applied.structure):
+        raise CompressionError(f"{source.label} was prepared with {applied.spec}; serve it with its "
+                               f"quantization only (e.g. {applied.quant}), not {comp.spec}")
+    return Compression(**{**vars(applied.structure), "quant": comp.quant}), Compression(quant=comp.quant)
 
 
 class StepContext:
@@ -132,10 +152,10 @@ class Stage(nn.Module):
 
     def __init__(self, source: ModelSource, layers: LayerRange, kv_blocks: int = 256,
                  block_size: int = 16, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 compression: str = "fp32"):
+                 compression: str | None = None):
         super().__init__()
         cfg = self.config = source.config
-        self.compression = parse_compression(compression)
+        self.compression, todo = remaining(source, compression)
         self.device = torch.device(device)
         self.layers = layers.check_within(cfg.num_hidden_layers)
         self.is_first, self.is_last = layers.is_first(), layers.is_last(cfg.num_hidden_layers)
@@ -147,34 +167,49 @@ class Stage(nn.Module):
             self.norm = RMSNorm(self._load(source, "model.norm.weight"), cfg.rms_norm_eps)
             tied = self.is_first and cfg.tie_word_embeddings
             self.lm_head = linear(self.embed.weight if tied else self._load(source, "lm_head.weight"))
-        for layer in layers:
-            self.add_layer(source, layer)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.kv = PagedKV(layers, kv_blocks, block_size, cfg.num_key_value_heads, head_dim, dtype, self.device)
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-        rot = LlamaRotaryEmbedding(cfg)
-        # a plain tensor, not a registered buffer: [head_dim / 2] fp32
-        self.inv_freq = torch.tensor(rot.inv_freq.tolist(), dtype=torch.float32, device=self.device)
-        self.rope_scale = float(rot.attention_scaling)
+        self.kv = PagedKV([], kv_blocks, block_size, cfg.num_key_value_heads, head_dim, dtype, self.device)
+        self.todo = todo
+        self.dropped = {i for i in getattr(source, "dropped_layers", ()) if i in layers}
+        self._add_layers(source, layers, todo)
+        self.inv_freq, self.rope_scale = rope_params(cfg, self.device)
 
-    def grow(self, source: ModelSource, layers: LayerRange, kv: dict | None = None) -> None:
+    def _add_layers(self, source: ModelSource, layers: LayerRange, todo: Compression) -> None:
+        """Build, compress and place `layers` (calibrating first when `todo` needs it)."""
+        calibrated = {}
+        if todo.calibrated:
+            from shards.calibration import calibrated_blocks
+            calibrated, dropped = calibrated_blocks(source, layers, todo, lambda i: fp32_block(source, i))
+            self.dropped |= set(dropped)
+        for layer in layers:
+            if layer in self.dropped:
+                continue
+            block = calibrated[layer] if layer in calibrated else fp32_block(source, layer, self.device, self.dtype)
+            block = block.to(device=self.device, dtype=self.dtype)
+            self.blocks[str(layer)] = compress_block(block, Compression(quant=todo.quant) if calibrated else todo)
+            self.kv.add_layer(layer)
+
+    def grow(self, source: ModelSource, layers: LayerRange, kv: dict | None = None,
+             dropped: list[int] = ()) -> None:
         """Take on neighbouring layers (loading only their tensors) and, for live sequences,
-        their K/V: kv[seq_id][layer] = (k, v), each [length, n_kv, head_dim]."""
+        their K/V: kv[seq_id][layer] = (k, v), each [length, n_kv, head_dim]. `dropped`: layers
+        of the range the giving stage had dropped (they stay dropped)."""
         if layers.end == self.layers.start:
             self.layers = LayerRange(layers.start, self.layers.end)
         elif layers.start == self.layers.end:
             self.layers = LayerRange(self.layers.start, layers.end)
         else:
             raise RangeError(f"layers {layers} do not border this stage's {self.layers}")
-        for layer in layers:
-            self.add_layer(source, layer)
-            self.kv.add_layer(layer)
+        self.dropped |= set(dropped)
+        # moved layers are calibrated on their own; no new layers are dropped on a move
+        self._add_layers(source, layers, Compression(**{**vars(self.todo), "drop_layers": 0}))
         for sid, per_layer in (kv or {}).items():
             for layer, (k, v) in per_layer.items():
                 self.kv.import_(sid, layer, k, v)
 
     def shrink(self, layers: LayerRange) -> dict:
-        """Give up layers at either end; returns their K/V for every live sequence."""
+        """Give up layers at either end; returns {"kv": their K/V for every live sequence,
+        "dropped": the given-up layers this stage had dropped} (grow's arguments)."""
         if layers.start == self.layers.start and layers.end < self.layers.end and not self.is_first:
             self.layers = LayerRange(layers.end, self.layers.end)
         elif layers.end == self.layers.end and layers.start > self.layers.start and not self.is_last:
@@ -182,17 +217,14 @@ class Stage(nn.Module):
         else:
             raise RangeError(f"cannot give up layers {layers} of this stage's {self.layers}: "
                              "only an end of the range that borders another stage, and not all of it")
-        out = {sid: {layer: self.kv.export(sid, layer) for layer in layers}
-               for sid in self.kv.table.lengths}
-        for layer in layers:
+        kept = [i for i in layers if i not in self.dropped]
+        out = {sid: {layer: self.kv.export(sid, layer) for layer in kept} for sid in self.kv.table.lengths}
+        for layer in kept:
             del self.blocks[str(layer)]
             self.kv.drop_layer(layer)
-        return out
-
-    def add_layer(self, source: ModelSource, layer: int) -> None:
-        names = layer_tensor_names(layer, has_qkv_bias(self.config))
-        tensors = {n: self._load(source, n) for n in names}
-        self.blocks[str(layer)] = compress_block(Block(tensors, self.config, layer), self.compression)
+        gone = sorted(self.dropped & set(layers))
+        self.dropped -= set(gone)
+        return {"kv": out, "dropped": gone}
 
     def _load(self, source: ModelSource, name: str) -> torch.Tensor:
         """One tensor, straight to this stage's device and dtype (CPU peak: one tensor)."""
@@ -221,3 +253,10 @@ class Stage(nn.Module):
     def weight_bytes(self) -> int:
         """Resident bytes of this stage's parameters and buffers (tied weights counted once)."""
         return module_bytes(self)
+
+
+def fp32_block(source: ModelSource, layer: int, device="cpu", dtype=torch.float32) -> Block:
+    """One decoder layer built from only its tensors."""
+    names = layer_tensor_names(layer, has_qkv_bias(source.config))
+    names += [n for n in optional_tensor_names(layer) if source.has(n)]
+    return Block({n: source.tensor(n).to(device=device, dtype=dtype) for n in names}, source.config, layer)

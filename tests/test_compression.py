@@ -68,8 +68,29 @@ def test_real_model_perplexity_short_windows(source):
     assert res["nf4"].weight_bytes < 0.35 * res["fp32"].weight_bytes
 
 
-def test_stage_refuses_calibrated_methods(source):
-    from shards import LayerRange
-    from shards.stage import Stage
-    with pytest.raises(CompressionError, match="wanda:0.5: Wanda and structured cuts need calibration"):
-        Stage(source, LayerRange(0, 1), kv_blocks=1, compression="wanda:0.5")
+def test_wanda_mask_keeps_small_weights_on_loud_inputs():
+    torch.manual_seed(0)
+    w = torch.randn(8, 16)
+    w[:, 3] = 1e-3                                # tiny weights on input 3 ...
+    norms = torch.ones(16)
+    norms[3] = 1e6                                # ... which sees huge activations
+    assert not magnitude_mask(w, 0.5)[:, 3].any()
+    assert magnitude_mask(w, 0.5, norms)[:, 3].all()
+
+
+def test_calibrated_methods_on_real_model(source):
+    """2 windows of 256 tokens, calibration on the prompts: Wanda far better than magnitude at
+    50%; cut-mlp and drop-layers shrink bytes and stay usable."""
+    from shards.perplexity import perplexity
+    specs = ("fp32", "magnitude:0.5", "wanda:0.5", "cut-mlp:0.2", "drop-layers:2")
+    res = {c: perplexity(source, c, seqlen=256, windows=2) for c in specs}
+    print({c: (round(r.ppl, 2), r.weight_bytes) for c, r in res.items()})
+    base = res["fp32"]
+    assert res["wanda:0.5"].ppl < res["magnitude:0.5"].ppl / 3
+    assert res["wanda:0.5"].ppl < 3 * base.ppl
+    assert res["cut-mlp:0.2"].ppl < 2.5 * base.ppl
+    assert res["cut-mlp:0.2"].weight_bytes < 0.89 * base.weight_bytes
+    assert res["drop-layers:2"].ppl < 2 * base.ppl
+    from shards.memory import measure_costs
+    layer = measure_costs(source).layer_bytes[0]          # every fp32 layer has the same shapes
+    assert base.weight_bytes - res["drop-layers:2"].weight_bytes == 2 * layer

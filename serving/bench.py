@@ -1,0 +1,152 @@
+"""`shardserve bench`: drive a live OpenAI-compatible endpoint the way users do (DESIGN.md
+section 8) and put the baselines beside it in the same run.
+
+Prompts from prompts-500.jsonl through the chat template, streaming, max_tokens 64,
+temperature 0, at each concurrency level. Per level: aggregate completion tokens/s, p50/p99
+latency, time to first token, inter-token latency; per shard actor: peak RSS (VmHWM). Baselines:
+transformers `generate` in this process (batch = concurrency, same prompts) and llama.cpp's
+`llama-server` with the same GGUF when the binary is on PATH.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import statistics
+import subprocess
+import time
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+async def _one(client, url: str, prompt: str, max_tokens: int, headers: dict) -> dict:
+    body = {"model": "any", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    t0, stamps, usage = time.perf_counter(), [], None
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            if any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
+                stamps.append(time.perf_counter())
+    n = (usage or {}).get("completion_tokens") or len(stamps)
+    end = time.perf_counter()
+    return {"latency": end - t0, "ttft": (stamps[0] if stamps else end) - t0, "tokens": n,
+            "itl": (stamps[-1] - stamps[0]) / (n - 1) if len(stamps) > 1 and n > 1 else None}
+
+
+async def http_level(url: str, prompts: list[str], concurrency: int, max_tokens: int = 64,
+                     api_key: str | None = None) -> dict:
+    """All prompts through `url` with at most `concurrency` in flight."""
+    import httpx
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=600) as client:
+        async def run(p):
+            async with sem:
+                return await _one(client, url, p, max_tokens, headers)
+        t = time.perf_counter()
+        rs = await asyncio.gather(*(run(p) for p in prompts))
+        wall = time.perf_counter() - t
+    lat, ttft = [r["latency"] for r in rs], [r["ttft"] for r in rs]
+    itl = [r["itl"] for r in rs if r["itl"] is not None]
+    toks = sum(r["tokens"] for r in rs)
+    return {"concurrency": concurrency, "requests": len(rs), "completion_tokens": toks, "wall_s": wall,
+            "tokens_per_s": toks / wall, "p50_s": _pct(lat, 0.5), "p99_s": _pct(lat, 0.99),
+            "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
+            "itl_p50_ms": 1000 * _pct(itl, 0.5), "itl_mean_ms": 1000 * statistics.fmean(itl) if itl else None}
+
+
+def hf_level(model, tok, prompts: list[str], batch: int, max_tokens: int = 64) -> dict:
+    """transformers generate, greedy, left-padded batches of `batch` prompts, in this process."""
+    import torch
+
+    from shards.source import chat_prompt_ids
+    ids = [chat_prompt_ids(tok, [{"role": "user", "content": p}]) for p in prompts]
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    toks, t = 0, time.perf_counter()
+    for i in range(0, len(ids), batch):
+        chunk = ids[i:i + batch]
+        width = max(map(len, chunk))
+        inp = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        with torch.no_grad():
+            out = model.generate(input_ids=inp, attention_mask=mask, max_new_tokens=max_tokens,
+                                 do_sample=False, pad_token_id=0)
+        for row in out[:, width:].tolist():   # count up to and including the first eos
+            toks += next((k + 1 for k, x in enumerate(row) if x in eos), len(row))
+    wall = time.perf_counter() - t
+    return {"concurrency": batch, "requests": len(ids), "completion_tokens": toks, "wall_s": wall,
+            "tokens_per_s": toks / wall}
+
+
+def llama_server(gguf: str, port: int = 8090, threads: int | None = None):
+    """Start llama.cpp's server on the GGUF if the binary is on PATH; (process, url) or None."""
+    binary = shutil.which("llama-server")
+    if binary is None:
+        return None
+    import os
+
+    import httpx
+    cmd = [binary, "-m", gguf, "--port", str(port), "-np", "32", "-c", str(32 * 1024), "-cb",
+           "-t", str(threads or os.cpu_count())]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"llama-server on {gguf} did not become healthy in 120 s")
+
+
+def shard_memory(url: str, api_key: str | None = None) -> list[dict]:
+    import httpx
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    shards = httpx.get(f"{url}/v1/shards", headers=headers, timeout=30).json()["shards"]
+    keys = ("index", "start", "end", "compression", "peak_rss_bytes", "rss_bytes", "base_rss_bytes",
+            "weight_bytes", "kv_bytes_reserved")
+    return [{k: s.get(k) for k in keys} for s in shards]
+
+
+def table(result: dict) -> str:
+    rows = ["| system | c | tok/s | p50 s | p99 s | TTFT p50 s | ITL p50 ms | vs HF |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    hf = {r["concurrency"]: r["tokens_per_s"] for r in result.get("hf_generate", [])}
+    for system in ("shardserve", "llama_server", "hf_generate"):
+        for r in result.get(system) or []:
+            ratio = r["tokens_per_s"] / hf[r["concurrency"]] if r["concurrency"] in hf else float("nan")
+            rows.append(f"| {system} | {r['concurrency']} | {r['tokens_per_s']:.1f} | {r.get('p50_s', float('nan')):.2f} | "
+                        f"{r.get('p99_s', float('nan')):.2f} | {r.get('ttft_p50_s', float('nan')):.2f} | "
+                        f"{r.get('itl_p50_ms') or float('nan'):.1f} | {ratio:.2f} |")
+    return "\n".join(rows)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for system in ("shardserve", "hf_generate", "llama_server"):
+        rows = result.get(system) or []
+        if rows:
+            ax.plot([r["concurrency"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=system)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent requests (HF: batch size)")
+    ax.set_ylabel("completion tokens/s")
+    ax.set_title(f"{result['model']}, {result['shards']} shards, {result['compression']}, 64 new tokens")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,73 @@
+"""`prepare`: compress and calibrate once, measure, write an artifact folder (DESIGN.md section 7).
+
+The folder is a Hugging Face model folder, so every loader reads it: config.json, tokenizer
+files, model.safetensors holding the cut and pruned weights in fp32 (cut layers have their own
+smaller shapes; dropped layers are absent), and manifest.json: the compression, which layers were
+dropped, per-layer shapes and resident bytes at the target quantization, the calibration source,
+and the perplexity measured on the artifact. Quantization is not stored: it is deterministic and
+takes seconds, so stages apply it at load (and a shard can change it at run time).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from shards.calibration import N_SEQS, SEQLEN
+from shards.compression import parse
+from shards.data import PROMPTS
+from shards.layer_range import LayerRange
+
+# Block attribute -> HF tensor name suffix
+NAMES = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+         **{f"{x}_proj": f"self_attn.{x}_proj" for x in "qkvo"},
+         **{f"{x}_proj": f"mlp.{x}_proj" for x in ("gate", "up", "down")}}
+
+
+def stage_tensors(stage) -> dict:
+    """The fp32 stage's tensors under their HF names (the lm_head only when untied)."""
+    out = {"model.embed_tokens.weight": stage.embed.weight, "model.norm.weight": stage.norm.weight}
+    if not stage.config.tie_word_embeddings:
+        out["lm_head.weight"] = stage.lm_head.weight
+    for key, block in stage.blocks.items():
+        for attr, name in NAMES.items():
+            for kind, t in getattr(block, attr).named_parameters():
+                out[f"model.layers.{key}.{name}.{kind}"] = t
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def layer_shapes(stage) -> dict:
+    return {key: {"heads": b.n_heads, "kv_heads": b.n_kv, "mlp": b.up_proj.weight.shape[0]}
+            for key, b in stage.blocks.items()}
+
+
+def prepare(source, compression: str, out: str | Path, seqlen: int = 512, windows: int | None = 4,
+            progress: bool = False) -> dict:
+    """Write the artifact for `compression` to `out`; returns its manifest."""
+    from safetensors.torch import save_file
+
+    from shards.memory import measure_costs
+    from shards.perplexity import perplexity
+    from shards.source import HFFolderSource
+    from shards.stage import Stage
+    comp, out, t0 = parse(compression), Path(out), time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Stage(source, LayerRange(0, source.n_layers), kv_blocks=1, compression=comp.structure)
+    save_file(stage_tensors(stage), out / "model.safetensors")
+    source.config.save_pretrained(out)
+    source.tokenizer().save_pretrained(out)
+    manifest = {
+        "source": source.label, "compression": comp.spec, "dropped_layers": sorted(stage.dropped),
+        "calibration": ({"data": PROMPTS.name, "sequences": N_SEQS, "seqlen": SEQLEN}
+                        if comp.calibrated else None),
+        "layer_shapes": layer_shapes(stage), "prepare_seconds": None}
+    del stage
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    prepared = HFFolderSource(out)
+    costs = measure_costs(prepared, comp.spec, use_cache=False)
+    r = perplexity(prepared, comp.spec, seqlen, windows, progress=progress)
+    manifest.update(layer_bytes=list(costs.layer_bytes), weight_bytes=r.weight_bytes,
+                    ppl={"ppl": r.ppl, "seqlen": r.seqlen, "windows": r.windows, "text": "wikitext-2-raw-test"},
+                    prepare_seconds=round(time.time() - t0, 1))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest

@@ -1,0 +1,134 @@
+"""Calibration for Wanda and structured cuts (DESIGN.md section 7).
+
+Calibration text is the serving prompts (prompts-500.jsonl), never the evaluation text: the
+prompts are joined and packed into `n_seqs` sequences of `seqlen` tokens. A stage that starts at
+layer s gets its inputs by streaming layers [0, s) one at a time (unchanged weights; peak memory
+one layer), then walks its own layers in order: collect input statistics with the layer's
+original weights, cut and prune, and feed the next layer the compressed layer's output (Wanda's
+sequential scheme), so errors of earlier layers are seen by later ones.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from shards.compression import Compression
+from shards.cut import cut_heads, cut_mlp, layer_similarity, layers_to_drop
+from shards.data import read_prompts
+from shards.kv_cache import PagedKV
+from shards.layer_range import LayerRange
+from shards.prune import prune_block
+from shards.quantize import LINEARS
+from shards.step import StepBatch
+
+N_SEQS, SEQLEN = 32, 128   # 4,096 calibration tokens
+
+
+def calibration_ids(tokenizer, n_seqs: int = N_SEQS, seqlen: int = SEQLEN) -> torch.Tensor:
+    """[n_seqs, seqlen] token ids packed from the serving prompts."""
+    need, ids, start = n_seqs * seqlen, [], 0
+    while len(ids) < need:
+        prompts = read_prompts(50, start)
+        if not prompts:
+            raise ValueError(f"the prompts file holds {len(ids)} tokens; calibration needs {need}")
+        ids += tokenizer("\n\n".join(prompts) + "\n\n", add_special_tokens=False)["input_ids"]
+        start += 50
+    return torch.tensor(ids[:need]).view(n_seqs, seqlen)
+
+
+@dataclass
+class Stats:
+    """Per projection: input-column L2 norms and means over the calibration tokens, [in] each;
+    X^T X [in, in] of o_proj's input (the cut-heads refit)."""
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    means: dict[str, torch.Tensor] = field(default_factory=dict)
+    gram: torch.Tensor | None = None
+
+
+def compress_structure(block, comp: Compression, stats: Stats | None = None) -> None:
+    """Cuts, then pruning, in place on fp32 weights. stats=None ranks by weights alone (right
+    shapes and bytes, for the memory model; not for serving Wanda or cuts)."""
+    norms = dict(stats.norms) if stats else {}
+    extra = {"down_proj": stats.means.get("down_proj"), "o_proj": stats.gram} if stats else {}
+    for frac, cut, name in ((comp.cut_mlp, cut_mlp, "down_proj"), (comp.cut_heads, cut_heads, "o_proj")):
+        if frac:
+            keep = cut(block, frac, norms.get(name), extra.get(name))
+            if name in norms:
+                norms[name] = norms[name][keep]
+    if comp.prune:
+        prune_block(block, comp.prune, comp.sparsity, norms or None)
+
+
+class Calibrator:
+    """Runs the packed calibration tokens through blocks as one prefill, one layer at a time."""
+
+    def __init__(self, source, n_seqs: int = N_SEQS, seqlen: int = SEQLEN):
+        from shards.stage import StepContext, rope_params
+        cfg = source.config
+        self.ids = calibration_ids(source.tokenizer(), n_seqs, seqlen)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv = PagedKV([], n_seqs * math.ceil(seqlen / 16), 16, cfg.num_key_value_heads, head_dim)
+        batch = StepBatch(list(range(n_seqs)), [0] * n_seqs, [seqlen] * n_seqs)
+        self.ctx = StepContext(batch, self.kv, *rope_params(cfg, "cpu"))
+
+    @torch.inference_mode()
+    def run(self, block, x: torch.Tensor) -> torch.Tensor:
+        """x: [n_seqs, seqlen, hidden] -> the block's output, same shape."""
+        self.kv.add_layer(block.layer)
+        try:
+            return block(x, self.ctx.rope, self.kv, self.ctx)
+        finally:
+            self.kv.drop_layer(block.layer)
+
+    def stats(self, block, x: torch.Tensor, with_gram: bool = False) -> tuple[Stats, torch.Tensor]:
+        """Run the block with hooks on its projections; returns (stats, output)."""
+        sq, sums, hooks, gram = {}, {}, [], []
+
+        def hook(name):
+            def f(_mod, args):
+                a = args[0].reshape(-1, args[0].shape[-1]).float()   # [tokens, in]
+                sq[name] = sq.get(name, 0) + a.pow(2).sum(0)
+                sums[name] = sums.get(name, 0) + a.sum(0)
+                if name == "o_proj" and with_gram:
+                    gram.append(a.T @ a)
+            return f
+        for name in LINEARS:
+            hooks.append(getattr(block, name).register_forward_pre_hook(hook(name)))
+        try:
+            out = self.run(block, x)
+        finally:
+            for h in hooks:
+                h.remove()
+        tokens = x.shape[0] * x.shape[1]
+        return Stats({k: v.sqrt() for k, v in sq.items()}, {k: v / tokens for k, v in sums.items()},
+                     sum(gram) if gram else None), out
+
+
+def calibrated_blocks(source, layers: LayerRange, comp: Compression, load,
+                      n_seqs: int = N_SEQS, seqlen: int = SEQLEN) -> tuple[dict, list[int]]:
+    """{layer: fp32 Block cut and pruned by comp} for `layers`, and the layers dropped.
+    load(layer) builds one fp32 Block on the CPU."""
+    cal = Calibrator(source, n_seqs, seqlen)
+    with torch.inference_mode():
+        x = torch.nn.functional.embedding(cal.ids, source.tensor("model.embed_tokens.weight").float())
+    for layer in range(layers.start):
+        x = cal.run(load(layer), x)
+    dropped = []
+    if comp.drop_layers:
+        sims, y = {}, x
+        for layer in layers:
+            out = cal.run(load(layer), y)
+            sims[layer], y = layer_similarity(y, out), out
+        dropped = layers_to_drop(sims, comp.drop_layers)
+    blocks = {}
+    for layer in layers:
+        if layer in dropped:
+            continue
+        block = load(layer)
+        stats, _ = cal.stats(block, x, with_gram=bool(comp.cut_heads))
+        compress_structure(block, comp, stats)
+        x = cal.run(block, x)
+        blocks[layer] = block
+    return blocks, dropped

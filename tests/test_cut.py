@@ -1,0 +1,139 @@
+"""Structured cuts on small random blocks (shapes shrink, the right units go, GQA kept), layer
+drops across a live layer move, and a prepared artifact round trip on the real model."""
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from shards.compression import CompressionError
+from shards.cut import cut_heads, cut_mlp, keep_count, layers_to_drop
+from shards.layer_range import LayerRange
+from shards.stage import Block
+
+CFG = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=1, vocab_size=32)
+
+
+def block(seed: int = 0) -> Block:
+    torch.manual_seed(seed)
+    p = "model.layers.0."
+    t = {p + "input_layernorm.weight": torch.ones(64), p + "post_attention_layernorm.weight": torch.ones(64)}
+    shapes = {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64), "self_attn.v_proj": (32, 64),
+              "self_attn.o_proj": (64, 64), "mlp.gate_proj": (128, 64), "mlp.up_proj": (128, 64),
+              "mlp.down_proj": (64, 128)}
+    t.update({p + k + ".weight": torch.randn(*s) / 8 for k, s in shapes.items()})
+    return Block(t, CFG, 0)
+
+
+def mlp(b: Block, h: torch.Tensor) -> torch.Tensor:
+    return b.down_proj(torch.nn.functional.silu(b.gate_proj(h)) * b.up_proj(h))
+
+
+def test_cut_mlp_drops_the_quiet_neurons_and_shrinks():
+    b = block()
+    norms = torch.ones(128)
+    quiet = torch.arange(0, 128, 4)                 # 32 neurons that never fire
+    norms[quiet] = 0
+    keep = cut_mlp(b, 0.25, norms, means=torch.zeros(128))
+    assert len(keep) == 96 and not set(quiet.tolist()) & set(keep.tolist())
+    assert b.gate_proj.weight.shape == (96, 64) and b.up_proj.weight.shape == (96, 64)
+    assert b.down_proj.weight.shape == (64, 96) and b.down_proj.bias.abs().max() == 0
+
+
+def test_cut_mlp_mean_compensation_restores_a_constant_neuron():
+    b, ref = block(), block()
+    h = torch.randn(5, 64)
+    # neuron 7 outputs a constant (its gate saturates): cutting it loses only its mean, which
+    # the bias restores
+    for m in (b, ref):
+        m.gate_proj.weight.data[7] = 0
+        m.gate_proj.weight.data[7, 0] = 1e-9
+    act = torch.nn.functional.silu(ref.gate_proj(h)) * ref.up_proj(h)
+    norms = torch.ones(128)
+    norms[7] = 0
+    cut_mlp(b, 1 / 128 + 1e-6, norms, means=act.mean(0))
+    err = (mlp(b, h) - mlp(ref, h)).abs().max()
+    assert b.up_proj.weight.shape[0] == 120 and err < (mlp(ref, h).abs().max())
+
+
+def test_cut_heads_respects_kv_groups():
+    b = block()
+    norms = torch.ones(64)
+    norms[0:16] = 0                                 # head 0 (group 0) silent
+    norms[48:64] = 0                                # head 3 (group 1) silent
+    keep = cut_heads(b, 0.5, norms)
+    assert keep.view(2, 16)[:, 0].tolist() == [16, 32]  # heads 1 and 2: one per group
+    assert b.q_proj.weight.shape == (32, 64) and b.o_proj.weight.shape == (64, 32)
+    assert b.k_proj.weight.shape == (32, 64) and (b.n_heads, b.n_kv) == (2, 2)
+    from shards.kv_cache import PagedKV
+    from shards.stage import StepContext, rope_params
+    from shards.step import StepBatch
+    kv = PagedKV([0], 4, 16, 2, 16)
+    ctx = StepContext(StepBatch([0], [0], [5]), kv, *rope_params(CFG, "cpu"))
+    assert b(torch.randn(1, 5, 64), ctx.rope, kv, ctx).shape == (1, 5, 64)
+    with pytest.raises(CompressionError, match="per KV group"):
+        cut_heads(block(), 0.1)
+
+
+def test_layer_drop_ranking_and_bounds():
+    assert layers_to_drop({3: 0.9, 4: 0.99, 5: 0.5, 6: 0.95}, 2) == [4, 6]
+    with pytest.raises(CompressionError, match="must leave at least one"):
+        layers_to_drop({0: 0.5}, 1)
+    assert keep_count(1536, 0.2, 8) == 1224
+    with pytest.raises(CompressionError):
+        keep_count(16, 0.6, 8)             # would keep 6 -> 0 after rounding to 8s
+
+
+def test_dropped_layer_stays_dropped_across_a_move(tiny_folder, tmp_path):
+    """Prepared tiny model with layer 1 dropped: move [1, 2) from shard 0 to 1 mid-generation;
+    the receiving shard does not load it, and greedy output matches the unmoved pipeline."""
+    from shards.generator import Generator
+    from shards.source import HFFolderSource
+    from shards.step import StepBatch
+    folder = tmp_path / "tiny-drop"
+    shutil.copytree(tiny_folder, folder)
+    (folder / "manifest.json").write_text(json.dumps({"compression": "drop-layers:1", "dropped_layers": [1]}))
+    src = HFFolderSource(folder)
+    gen = Generator(src, [LayerRange(0, 2), LayerRange(2, 4)], kv_blocks=8)
+    ref = Generator(src, 1, kv_blocks=8)
+    assert sorted(gen.stages[0].blocks) == ["0"] and gen.stages[0].dropped == {1}
+    prompt = torch.tensor([[5, 9, 2, 7, 1]])
+
+    def run(g, moved):
+        g.step(StepBatch([0], [0], [5], tokens=prompt))
+        if moved:
+            handoff = g.stages[0].shrink(LayerRange(1, 2))
+            assert handoff["dropped"] == [1]
+            g.stages[1].grow(src, LayerRange(1, 2), handoff["kv"], handoff["dropped"])
+        out = g.step(StepBatch([0], [5], [1], tokens=torch.tensor([[3]])))
+        g.free(0)
+        return out
+    assert torch.allclose(run(ref, False), run(gen, True), atol=1e-5)
+    assert gen.stages[1].layers == LayerRange(1, 4) and "1" not in gen.stages[1].blocks
+
+
+def test_prepared_artifact_round_trip(source, tmp_path):
+    """prepare writes weights + manifest; the artifact serves the same logits as compressing at
+    load, takes a quantization on top, and refuses a different structure."""
+    from shards.artifact import prepare
+    from shards.source import open_source
+    from shards.stage import Stage
+    out = tmp_path / "art"
+    m = prepare(source, "cut-mlp:0.2+drop-layers:1", out, seqlen=128, windows=1)
+    saved = json.loads((out / "manifest.json").read_text())
+    assert saved == m and len(m["dropped_layers"]) == 1 and m["calibration"]["data"] == "prompts-500.jsonl"
+    assert m["layer_shapes"]["0"]["mlp"] == 1224 and len(m["layer_bytes"]) == 30 and 1 < m["ppl"]["ppl"] < 200
+    art = open_source(str(out))
+    whole = LayerRange(0, 30)
+    a = Stage(art, whole, kv_blocks=2)
+    b = Stage(source, whole, kv_blocks=2, compression="cut-mlp:0.2+drop-layers:1")
+    from shards.step import StepBatch
+    batch = StepBatch([0], [0], [20], tokens=torch.arange(100, 120).unsqueeze(0))
+    assert a.dropped == b.dropped and (a(batch) - b(batch)).abs().max() < 1e-4
+    assert a.weight_bytes() == m["weight_bytes"]
+    q = Stage(art, whole, kv_blocks=2, compression="int8-cpu")
+    assert q.compression.spec == "int8-cpu+cut-mlp:0.2+drop-layers:1" and q.weight_bytes() < 0.5 * a.weight_bytes()
+    with pytest.raises(CompressionError, match="prepared with cut-mlp:0.2"):
+        Stage(art, whole, kv_blocks=2, compression="wanda:0.5")
