@@ -18,10 +18,20 @@ from shards.compression import parse
 from shards.data import PROMPTS
 from shards.layer_range import LayerRange
 
-# Block attribute -> HF tensor name suffix
+# Block attribute -> HF tensor name suffix (fused projections are split back below)
 NAMES = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-         **{f"{x}_proj": f"self_attn.{x}_proj" for x in "qkvo"},
-         **{f"{x}_proj": f"mlp.{x}_proj" for x in ("gate", "up", "down")}}
+         "o_proj": "self_attn.o_proj", "down_proj": "mlp.down_proj"}
+
+
+def _split(block) -> dict:
+    """HF tensors of the block's fused qkv_proj and gate_up_proj."""
+    hd, out = block.head_dim, {}
+    sizes = [block.n_heads * hd, block.n_kv * hd, block.n_kv * hd]
+    for kind, t in block.qkv_proj.named_parameters():
+        for x, part in zip("qkv", t.split(sizes)):
+            out[f"self_attn.{x}_proj.{kind}"] = part
+    gate, up = block.gate_up_proj.weight.chunk(2)
+    return {**out, "mlp.gate_proj.weight": gate, "mlp.up_proj.weight": up}
 
 
 def stage_tensors(stage) -> dict:
@@ -33,11 +43,12 @@ def stage_tensors(stage) -> dict:
         for attr, name in NAMES.items():
             for kind, t in getattr(block, attr).named_parameters():
                 out[f"model.layers.{key}.{name}.{kind}"] = t
+        out.update({f"model.layers.{key}.{k}": t for k, t in _split(block).items()})
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
 def layer_shapes(stage) -> dict:
-    return {key: {"heads": b.n_heads, "kv_heads": b.n_kv, "mlp": b.up_proj.weight.shape[0]}
+    return {key: {"heads": b.n_heads, "kv_heads": b.n_kv, "mlp": b.down_proj.weight.shape[1]}
             for key, b in stage.blocks.items()}
 
 

@@ -2,7 +2,7 @@
 
 Importance scores follow Wanda's |W| x ||X|| idea, per unit instead of per weight:
 - MLP neuron j: ||X_down[:, j]|| * ||W_down[:, j]||, X_down = silu(gate(h)) * up(h), the
-  neuron's activation; removing it drops row j of gate/up and column j of down.
+  neuron's activation; removing it drops its gate and up rows and column j of down.
 - query head h: sum over its head_dim columns of ||X_o[:, c]|| * ||W_o[:, c]||. Heads are cut
   in equal numbers from every KV group, so grouped-query attention keeps its shape and the
   K/V cache is untouched.
@@ -67,12 +67,13 @@ def cut_mlp(block, fraction: float, norms: torch.Tensor | None = None,
             means: torch.Tensor | None = None) -> torch.Tensor:
     """Drop the least important `fraction` of MLP neurons; returns the kept indices."""
     w_down = block.down_proj.weight.data                           # [hidden, inter]
-    score = w_down.norm(dim=0) * (norms if norms is not None else block.up_proj.weight.data.norm(dim=1))
-    keep = score.topk(keep_count(len(score), fraction, MULTIPLE)).indices.sort().values
+    inter = w_down.shape[1]
+    up_rows = block.gate_up_proj.weight.data[inter:]               # rows [gate | up]
+    score = w_down.norm(dim=0) * (norms if norms is not None else up_rows.norm(dim=1))
+    keep = score.topk(keep_count(inter, fraction, MULTIPLE)).indices.sort().values
     if means is not None:
-        compensate(block.down_proj, _others(keep, len(score)), means)
-    _rows(block.gate_proj, keep)
-    _rows(block.up_proj, keep)
+        compensate(block.down_proj, _others(keep, inter), means)
+    _rows(block.gate_up_proj, torch.cat([keep, keep + inter]))
     _cols(block.down_proj, keep)
     return keep
 
@@ -87,7 +88,7 @@ def cut_heads(block, fraction: float, norms: torch.Tensor | None = None,
               gram: torch.Tensor | None = None) -> torch.Tensor:
     """Drop the same number of query heads from every KV group; returns kept o_proj columns."""
     hd, n_kv = block.head_dim, block.n_kv
-    n_heads = block.q_proj.weight.shape[0] // hd
+    n_heads = block.n_heads
     per_group = n_heads // n_kv
     keep_per = per_group - round(per_group * fraction)
     if not 0 < keep_per < per_group:
@@ -99,7 +100,8 @@ def cut_heads(block, fraction: float, norms: torch.Tensor | None = None,
     heads = score.topk(keep_per, dim=1).indices.sort(dim=1).values + \
         torch.arange(n_kv).unsqueeze(1) * per_group                # [groups, kept] global head ids
     keep = (heads.reshape(-1, 1) * hd + torch.arange(hd)).reshape(-1)
-    _rows(block.q_proj, keep)
+    kv_rows = torch.arange(n_heads * hd, block.qkv_proj.weight.shape[0])
+    _rows(block.qkv_proj, torch.cat([keep, kv_rows]))               # rows [q | k | v]: cut q only
     _cols(block.o_proj, keep)
     if gram is not None:
         block.o_proj.weight = nn.Parameter(refit(w_o, gram, keep), requires_grad=False)

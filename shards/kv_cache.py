@@ -53,16 +53,17 @@ class BlockTable:
 
 
 class PagedKV:
-    """K and V pools per layer: [n_blocks + 1, block_size, n_kv_heads, head_dim].
+    """K and V pools per layer: [n_kv_heads, n_blocks + 1, block_size, head_dim].
 
-    The extra last block is scratch: padded query positions write there, never into a
-    sequence's blocks.
+    Head-major, so a gather hands decode attention [n_kv, B, T, head_dim] contiguous per head
+    and its batched matmuls need no copy. The extra last block is scratch: padded query
+    positions write there, never into a sequence's blocks.
     """
 
     def __init__(self, layers, n_blocks: int, block_size: int, n_kv: int, head_dim: int,
                  dtype=torch.float32, device="cpu"):
         self.table = BlockTable(n_blocks, block_size)
-        self.shape = (n_blocks + 1, block_size, n_kv, head_dim)
+        self.shape = (n_kv, n_blocks + 1, block_size, head_dim)
         self.dtype, self.device = dtype, device
         self.pools: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in layers:
@@ -83,30 +84,31 @@ class PagedKV:
         return sum(k.nbytes + v.nbytes for k, v in self.pools.values())
 
     def bytes_used(self) -> int:
-        per_block = self.bytes_reserved() // max(self.shape[0], 1)
+        per_block = self.bytes_reserved() // self.shape[1]
         return self.table.used_blocks * per_block
+
+    def _flat(self, pool: torch.Tensor) -> torch.Tensor:
+        return pool.view(self.shape[0], -1, self.shape[3])            # [n_kv, slots, head_dim]
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """slots: [T] flat slot ids; k, v: [T, n_kv, head_dim]."""
         kp, vp = self.pools[layer]
-        kp.view(-1, *self.shape[2:]).index_copy_(0, slots, k.to(self.dtype))
-        vp.view(-1, *self.shape[2:]).index_copy_(0, slots, v.to(self.dtype))
+        self._flat(kp).index_copy_(1, slots, k.transpose(0, 1).to(self.dtype))
+        self._flat(vp).index_copy_(1, slots, v.transpose(0, 1).to(self.dtype))
 
     def gather(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """block_ids: [B, nb] -> K, V as [B, n_kv, nb * block_size, head_dim]."""
+        """block_ids: [B, nb] -> K, V as [n_kv, B, nb * block_size, head_dim] (contiguous)."""
         kp, vp = self.pools[layer]
         b, nb = block_ids.shape
-        k = kp[block_ids].reshape(b, nb * self.shape[1], *self.shape[2:]).transpose(1, 2)
-        v = vp[block_ids].reshape(b, nb * self.shape[1], *self.shape[2:]).transpose(1, 2)
-        return k, v
+        shape = (self.shape[0], b, nb * self.shape[2], self.shape[3])
+        return kp[:, block_ids].view(shape), vp[:, block_ids].view(shape)
 
     def export(self, seq_id: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One sequence's stored K/V of one layer: [length, n_kv, head_dim] each (for moves)."""
         n = self.table.lengths[seq_id]
         slots = torch.tensor(self.table.slots(seq_id, 0, n), dtype=torch.long, device=self.device)
         kp, vp = self.pools[layer]
-        flat = (-1, *self.shape[2:])
-        return kp.view(flat)[slots].cpu(), vp.view(flat)[slots].cpu()  # index gives a copy
+        return tuple(self._flat(p)[:, slots].transpose(0, 1).contiguous().cpu() for p in (kp, vp))
 
     def import_(self, seq_id: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store exported K/V for seq_id, whose block table must already hold len(k) tokens."""

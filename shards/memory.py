@@ -60,7 +60,7 @@ def measure_costs(source, compression: str | None = None, use_cache: bool = True
     from shards.stage import compress_block, fp32_block, remaining
     cfg = source.config
     comp, todo = remaining(source, compression)
-    key = f"costs-{comp.spec}.json"
+    key = f"costs-v2-{comp.spec}.json"   # v2: embedding / lm_head follow quantize.head_quant
     cache = getattr(source, "cache", None)
     if use_cache and cache is not None and (cache / key).is_file():
         d = json.loads((cache / key).read_text())
@@ -70,16 +70,17 @@ def measure_costs(source, compression: str | None = None, use_cache: bool = True
     dropped = set(getattr(source, "dropped_layers", ()))
     layers = [0 if i in dropped else module_bytes(compress_block(fp32_block(source, i), todo))
               for i in range(cfg.num_hidden_layers)]
-    # embedding, final norm and lm_head stay fp32 at every compression (the lm_head is tied)
+    # embedding and lm_head at the policy of quantize.head_quant (the norm stays fp32)
+    from shards.quantize import head_quant, linear, quantize_linear
     embed = source.tensor("model.embed_tokens.weight")
     norm = source.tensor("model.norm.weight")
+    table = module_bytes(quantize_linear(linear(embed), head_quant(comp.quant)))
     mlp = 3 * cfg.hidden_size * cfg.intermediate_size
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     attn = cfg.hidden_size * head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
     costs = ModelCosts(
         model=source.label, n_layers=cfg.num_hidden_layers, layer_bytes=tuple(layers),
-        embed_bytes=embed.nbytes, norm_bytes=norm.nbytes,
-        head_bytes=cfg.vocab_size * cfg.hidden_size * embed.element_size(),
+        embed_bytes=table, norm_bytes=norm.nbytes, head_bytes=table,
         tied=bool(cfg.tie_word_embeddings), kv_bytes_per_token_layer=kv_bytes_per_token_layer(cfg),
         head_compute=cfg.vocab_size * cfg.hidden_size / (mlp + attn))
     if use_cache and cache is not None:

@@ -16,6 +16,7 @@ from shards.errors import RangeError
 from shards.kv_cache import PagedKV
 from shards.layer_range import LayerRange
 from shards.memory import module_bytes
+from shards.quantize import linear
 from shards.source import ModelSource, has_qkv_bias, layer_tensor_names, optional_tensor_names
 from shards.step import StepBatch
 
@@ -26,19 +27,8 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(weight, requires_grad=False), eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in fp32 like transformers' LlamaRMSNorm, then back to the compute dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
-    out_f, in_f = weight.shape
-    lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
-    lin.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        lin.bias = nn.Parameter(bias, requires_grad=False)
-    return lin
+        # in fp32 like transformers' LlamaRMSNorm (one fused op), then back to the compute dtype
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -46,8 +36,31 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     bias: torch.Tensor) -> torch.Tensor:
+    """One query token per sequence. q: [B, heads, hd]; keys, values: [kv_heads, B, T, hd]
+    (PagedKV.gather); bias: [B, 1, T] (0 or -inf). Two batched matmuls per KV head group: CPU
+    SDPA's flash kernel is slow for a single query (DESIGN.md section 8), and GQA needs no
+    K/V repeat. Returns [B, heads, hd]."""
+    b, nh, hd = q.shape
+    nkv = keys.shape[0]
+    qg = q.view(b, nkv, nh // nkv, hd).transpose(0, 1)                   # [kv, B, group, hd]
+    scores = torch.matmul(qg, keys.transpose(-1, -2)) * hd ** -0.5 + bias  # [kv, B, group, T]
+    out = torch.matmul(scores.softmax(-1), values)                        # [kv, B, group, hd]
+    return out.transpose(0, 1).reshape(b, nh, hd)
+
+
+def _cat(*ts):
+    return None if ts[0] is None else torch.cat(ts)
+
+
 class Block(nn.Module):
-    """RMSNorm -> GQA attention with RoPE -> RMSNorm -> SwiGLU, both with residuals."""
+    """RMSNorm -> GQA attention with RoPE -> RMSNorm -> SwiGLU, both with residuals.
+
+    Projections are fused as vLLM fuses them: qkv_proj rows are [q | k | v], gate_up_proj rows
+    [gate | up] (one matmul each; fewer Python ops per layer). Pruning is per output row, so it
+    is the same on the fused matrices; cuts slice their sections (shards/cut.py).
+    """
 
     def __init__(self, t: dict[str, torch.Tensor], cfg, layer: int):
         super().__init__()
@@ -60,31 +73,31 @@ class Block(nn.Module):
         self.n_kv = get("self_attn.k_proj.weight").shape[0] // self.head_dim
         self.attn_norm = RMSNorm(get("input_layernorm.weight"), cfg.rms_norm_eps)
         self.mlp_norm = RMSNorm(get("post_attention_layernorm.weight"), cfg.rms_norm_eps)
-        for x in "qkv":
-            setattr(self, f"{x}_proj", linear(get(f"self_attn.{x}_proj.weight"), get(f"self_attn.{x}_proj.bias")))
+        qkv = [f"self_attn.{x}_proj." for x in "qkv"]
+        self.qkv_proj = linear(torch.cat([get(n + "weight") for n in qkv]), _cat(*[get(n + "bias") for n in qkv]))
         self.o_proj = linear(get("self_attn.o_proj.weight"), get("self_attn.o_proj.bias"))
-        self.gate_proj = linear(get("mlp.gate_proj.weight"))
-        self.up_proj = linear(get("mlp.up_proj.weight"))
+        self.gate_up_proj = linear(torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]))
         self.down_proj = linear(get("mlp.down_proj.weight"), get("mlp.down_proj.bias"))
 
     def forward(self, x, rope, kv: PagedKV, ctx) -> torch.Tensor:
-        """x: [B, Q, hidden]; rope: (cos, sin) [B, Q, head_dim]; ctx: StepContext."""
+        """x: [B, Q, hidden]; rope: (cos, sin) [B, Q, 1, head_dim]; ctx: StepContext."""
         b, q, _ = x.shape
-        h = self.attn_norm(x)
-        # q: [B, heads, Q, head_dim]; k, v: [B, kv_heads, Q, head_dim]
-        qh = self.q_proj(h).view(b, q, -1, self.head_dim).transpose(1, 2)
-        kh = self.k_proj(h).view(b, q, -1, self.head_dim).transpose(1, 2)
-        vh = self.v_proj(h).view(b, q, -1, self.head_dim)
-        cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)
-        qh = qh * cos + rotate_half(qh) * sin
-        kh = kh * cos + rotate_half(kh) * sin
-        kv.write(self.layer, ctx.slots, kh.transpose(1, 2).reshape(b * q, self.n_kv, -1),
-                 vh.reshape(b * q, self.n_kv, -1))
-        keys, values = kv.gather(self.layer, ctx.block_ids)  # [B, kv_heads, T, head_dim]
-        a = F.scaled_dot_product_attention(qh, keys, values, attn_mask=ctx.mask, enable_gqa=True)
-        x = x + self.o_proj(a.transpose(1, 2).reshape(b, q, -1))
-        h = self.mlp_norm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        qkv = self.qkv_proj(self.attn_norm(x)).view(b, q, nh + 2 * nkv, hd)
+        qk = qkv[:, :, :nh + nkv]                                      # RoPE on q and k at once
+        qk = qk * rope[0] + rotate_half(qk) * rope[1]                  # [B, Q, heads + kv, hd]
+        kv.write(self.layer, ctx.slots, qk[:, :, nh:].reshape(b * q, nkv, hd),
+                 qkv[:, :, nh + nkv:].reshape(b * q, nkv, hd))
+        keys, values = kv.gather(self.layer, ctx.block_ids)           # [kv_heads, B, T, hd]
+        if q == 1:
+            a = decode_attention(qk[:, 0, :nh], keys, values, ctx.decode_bias)   # [B, heads, hd]
+        else:
+            a = F.scaled_dot_product_attention(qk[:, :, :nh].transpose(1, 2), keys.transpose(0, 1),
+                                               values.transpose(0, 1), attn_mask=ctx.mask,
+                                               enable_gqa=True).transpose(1, 2)
+        x = x + self.o_proj(a.reshape(b, q, -1))
+        gate, up = self.gate_up_proj(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
 
 
 def compress_block(block: Block, comp: Compression, stats=None) -> Block:
@@ -141,9 +154,13 @@ class StepContext:
         mask = (key_pos.view(1, 1, -1) <= pos.unsqueeze(-1)) & valid_q.unsqueeze(-1)
         mask[..., 0] |= ~valid_q
         self.mask = mask.unsqueeze(1)                                  # [B, 1, Q, T]
+        if width == 1:                                                 # decode: additive mask
+            self.decode_bias = torch.zeros(mask.shape, dtype=kv.dtype, device=dev).masked_fill_(
+                ~mask, float("-inf"))                                  # [B, 1, T]
         freqs = pos.unsqueeze(-1).float() * inv_freq                   # [B, Q, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.rope = (emb.cos() * rope_scale, emb.sin() * rope_scale)
+        # [B, Q, 1, head_dim]: broadcast over the heads axis of [B, Q, heads, head_dim]
+        self.rope = tuple((f(emb) * rope_scale).unsqueeze(2).to(kv.dtype) for f in (torch.cos, torch.sin))
         self.last = q_lens - 1                                         # [B] last real position
 
 
@@ -161,18 +178,28 @@ class Stage(nn.Module):
         self.is_first, self.is_last = layers.is_first(), layers.is_last(cfg.num_hidden_layers)
         self.dtype = dtype
         self.blocks = nn.ModuleDict()
-        if self.is_first:
-            self.embed = nn.Embedding.from_pretrained(self._load(source, "model.embed_tokens.weight"))
-        if self.is_last:
-            self.norm = RMSNorm(self._load(source, "model.norm.weight"), cfg.rms_norm_eps)
-            tied = self.is_first and cfg.tie_word_embeddings
-            self.lm_head = linear(self.embed.weight if tied else self._load(source, "lm_head.weight"))
+        self._add_ends(source)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv = PagedKV([], kv_blocks, block_size, cfg.num_key_value_heads, head_dim, dtype, self.device)
         self.todo = todo
         self.dropped = {i for i in getattr(source, "dropped_layers", ()) if i in layers}
         self._add_layers(source, layers, todo)
         self.inv_freq, self.rope_scale = rope_params(cfg, self.device)
+
+    def _add_ends(self, source: ModelSource) -> None:
+        """Embedding (first stage), final norm + lm_head (last), at the embedding policy of
+        quantize.head_quant; a tied pair on one stage shares one table."""
+        from shards.quantize import head_quant, quantize_embedding, quantize_linear
+        quant, head = self.compression.quant, None
+        embed = self._load(source, "model.embed_tokens.weight") if self.is_first else None
+        if self.is_last:
+            self.norm = RMSNorm(self._load(source, "model.norm.weight"), self.config.rms_norm_eps)
+            tied = self.is_first and self.config.tie_word_embeddings
+            head = quantize_linear(linear(embed if tied else self._load(source, "lm_head.weight")), head_quant(quant))
+            self.lm_head = head
+            head = head if tied else None
+        if self.is_first:
+            self.embed = quantize_embedding(nn.Embedding.from_pretrained(embed), quant, head)
 
     def _add_layers(self, source: ModelSource, layers: LayerRange, todo: Compression) -> None:
         """Build, compress and place `layers` (calibrating first when `todo` needs it)."""
@@ -236,7 +263,7 @@ class Stage(nn.Module):
         [B, vocab] at each sequence's last new token ([B, Q, vocab] with all_logits)."""
         ctx = StepContext(batch, self.kv, self.inv_freq, self.rope_scale)
         if self.is_first:
-            x = self.embed(batch.tokens.to(self.device))
+            x = self.embed(batch.tokens.to(self.device)).to(self.dtype)
         else:
             x = batch.hidden.to(device=self.device, dtype=self.dtype)
         for layer in sorted(int(k) for k in self.blocks):

@@ -28,7 +28,8 @@ def block(seed: int = 0) -> Block:
 
 
 def mlp(b: Block, h: torch.Tensor) -> torch.Tensor:
-    return b.down_proj(torch.nn.functional.silu(b.gate_proj(h)) * b.up_proj(h))
+    gate, up = b.gate_up_proj(h).chunk(2, dim=-1)
+    return b.down_proj(torch.nn.functional.silu(gate) * up)
 
 
 def test_cut_mlp_drops_the_quiet_neurons_and_shrinks():
@@ -38,24 +39,29 @@ def test_cut_mlp_drops_the_quiet_neurons_and_shrinks():
     norms[quiet] = 0
     keep = cut_mlp(b, 0.25, norms, means=torch.zeros(128))
     assert len(keep) == 96 and not set(quiet.tolist()) & set(keep.tolist())
-    assert b.gate_proj.weight.shape == (96, 64) and b.up_proj.weight.shape == (96, 64)
+    assert b.gate_up_proj.weight.shape == (192, 64)
     assert b.down_proj.weight.shape == (64, 96) and b.down_proj.bias.abs().max() == 0
 
 
 def test_cut_mlp_mean_compensation_restores_a_constant_neuron():
-    b, ref = block(), block()
     h = torch.randn(5, 64)
-    # neuron 7 outputs a constant (its gate saturates): cutting it loses only its mean, which
-    # the bias restores
-    for m in (b, ref):
-        m.gate_proj.weight.data[7] = 0
-        m.gate_proj.weight.data[7, 0] = 1e-9
-    act = torch.nn.functional.silu(ref.gate_proj(h)) * ref.up_proj(h)
+    h[:, 0] = 1.0                                   # a constant input feature
+    blocks = [block() for _ in range(3)]
+    for m in blocks:                                # neuron 7 reads only that feature: constant output
+        w = m.gate_up_proj.weight.data
+        w[7], w[128 + 7] = 0, 0
+        w[7, 0], w[128 + 7, 0] = 2.0, 1.5
+    ref, comp, plain = blocks
+    gate, up = ref.gate_up_proj(h).chunk(2, dim=-1)
+    act = torch.nn.functional.silu(gate) * up       # [5, 128]
     norms = torch.ones(128)
-    norms[7] = 0
-    cut_mlp(b, 1 / 128 + 1e-6, norms, means=act.mean(0))
-    err = (mlp(b, h) - mlp(ref, h)).abs().max()
-    assert b.up_proj.weight.shape[0] == 120 and err < (mlp(ref, h).abs().max())
+    norms[7] = 0                                    # ranked least important: it is the one cut
+    cut_mlp(comp, 1 / 128 + 1e-6, norms, means=act.mean(0))
+    cut_mlp(plain, 1 / 128 + 1e-6, norms)
+    assert comp.gate_up_proj.weight.shape[0] == 240  # 120 kept (a multiple of 8)
+    lost = (mlp(plain, h) - mlp(ref, h)).abs().max()
+    kept = (mlp(comp, h) - mlp(ref, h)).abs().max()
+    assert kept < 0.5 * lost
 
 
 def test_cut_heads_respects_kv_groups():
@@ -65,8 +71,8 @@ def test_cut_heads_respects_kv_groups():
     norms[48:64] = 0                                # head 3 (group 1) silent
     keep = cut_heads(b, 0.5, norms)
     assert keep.view(2, 16)[:, 0].tolist() == [16, 32]  # heads 1 and 2: one per group
-    assert b.q_proj.weight.shape == (32, 64) and b.o_proj.weight.shape == (64, 32)
-    assert b.k_proj.weight.shape == (32, 64) and (b.n_heads, b.n_kv) == (2, 2)
+    assert b.qkv_proj.weight.shape == (32 + 2 * 32, 64) and b.o_proj.weight.shape == (64, 32)
+    assert (b.n_heads, b.n_kv) == (2, 2)
     from shards.kv_cache import PagedKV
     from shards.stage import StepContext, rope_params
     from shards.step import StepBatch
