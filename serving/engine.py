@@ -119,7 +119,8 @@ class Engine:
         width = max(map(len, g.inputs))
         tokens = torch.tensor([list(x) + [0] * (width - len(x)) for x in g.inputs], dtype=torch.long)
         batch = StepBatch(list(g.seq_ids), list(g.starts), [len(x) for x in g.inputs], tokens=tokens,
-                          sampling=list(g.sampling), steps=list(g.steps), free=self._pending_free)
+                          sampling=list(g.sampling), steps=list(g.steps), free=self._pending_free,
+                          alone=not self._inflight)
         self._pending_free = []
         ref = batch
         for shard in self.shards:

@@ -25,8 +25,11 @@ NAMESPACE = "shardserve"
 class ShardWorker:
     def __init__(self, model: str, spec: ShardSpec, kv_blocks: int, block_size: int = 16,
                  threads: int | None = None):
-        if threads:
-            torch.set_num_threads(threads)  # pipelined actors must not fight over the same cores
+        # pipelined actors must not fight over the same cores: each gets its share, and all of
+        # them for a step no other group overlaps (StepBatch.alone)
+        self.threads = threads or torch.get_num_threads()
+        self.all_cores = max(self.threads, os.cpu_count() or 1)
+        torch.set_num_threads(self.threads)
         self.base_rss = psutil.Process().memory_info().rss   # runtime before any weight loads
         self.model, self.spec = model, spec
         self.device = spec.device
@@ -43,6 +46,10 @@ class ShardWorker:
         """Hidden states on to the next shard, or (last shard) sampled token ids."""
         t0 = time.time()
         self.free(batch.free)
+        if self.device == "cpu":
+            want = self.all_cores if batch.alone else self.threads
+            if torch.get_num_threads() != want:
+                torch.set_num_threads(want)
         out = self.stage(batch)
         # hidden states and logits leave the device: the next hop may be another node or GPU
         if self.stage.is_last:

@@ -94,3 +94,24 @@ def test_calibrated_methods_on_real_model(source):
     from shards.memory import measure_costs
     layer = measure_costs(source).layer_bytes[0]          # every fp32 layer has the same shapes
     assert base.weight_bytes - res["drop-layers:2"].weight_bytes == 2 * layer
+
+
+def test_embedding_policy_one_int8_table_for_embedding_and_head(source):
+    """Quantized specs store the tied table once as int8 rows: the embedding reads the lm_head's
+    rows; rows stay within int8 error; the plan's bytes equal the built stage's."""
+    from shards import LayerRange
+    from shards.memory import measure_costs
+    from shards.planner import plan
+    from shards.quantize import Int8CpuLinear, Int8Embedding
+    from shards.stage import Stage
+    st = Stage(source, LayerRange(0, 30), kv_blocks=1, compression="int8-cpu")
+    assert isinstance(st.embed, Int8Embedding) and isinstance(st.lm_head, Int8CpuLinear)
+    assert st.embed.table is st.lm_head
+    ids = torch.tensor([1, 500, 20000, 49151])
+    ref = source.tensor("model.embed_tokens.weight")[ids]
+    assert ((st.embed(ids) - ref).norm(dim=-1) / ref.norm(dim=-1)).max() < 0.02
+    p = plan(measure_costs(source, "int8-cpu"), 1, None, 0, compression="int8-cpu")
+    fp32 = plan(measure_costs(source), 1, None, 0).shards[0].weight_bytes
+    assert p.shards[0].weight_bytes == st.weight_bytes() < 0.26 * fp32
+    first = Stage(source, LayerRange(0, 1), kv_blocks=1, compression="fp32")
+    assert isinstance(first.embed, torch.nn.Embedding)               # fp32 keeps fp32

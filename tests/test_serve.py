@@ -126,3 +126,21 @@ def test_api_key(url):
     finally:
         deploy(CONFIG, url)
     assert httpx.get(url + "/v1/models").status_code == 200
+
+
+def test_bench_drives_the_endpoint_and_reads_shard_memory(url):
+    """`shardserve bench`'s HTTP driver: 4 streamed requests, 2 in flight; token counts from
+    usage, first-token and inter-token times inside each request's latency."""
+    import asyncio
+
+    from serving import bench
+    from shards.data import read_prompts
+    r = asyncio.run(bench.http_level(url, read_prompts(4), 2, max_tokens=8))
+    assert r["requests"] == 4 and 4 <= r["completion_tokens"] <= 32 and r["tokens_per_s"] > 0
+    assert 0 < r["ttft_p50_s"] <= r["p50_s"] <= r["p99_s"] <= r["wall_s"]
+    assert r["itl_p50_ms"] is None or r["itl_p50_ms"] > 0
+    mem = bench.shard_memory(url)
+    assert [m["index"] for m in mem] == [0, 1]
+    assert all(m["peak_rss_bytes"] >= m["rss_bytes"] > m["base_rss_bytes"] > 0 for m in mem)
+    table = bench.table({"shardserve": [r], "hf_generate": [{**r, "tokens_per_s": r["tokens_per_s"] / 2}]})
+    assert "| shardserve | 2 |" in table and "| 2.00 |" in table
