@@ -30,12 +30,14 @@ class ShardWorker:
         self.threads = threads or torch.get_num_threads()
         self.all_cores = max(self.threads, os.cpu_count() or 1)
         torch.set_num_threads(self.threads)
-        self.base_rss = psutil.Process().memory_info().rss   # runtime before any weight loads
         self.model, self.spec = model, spec
         self.device = spec.device
         self.source = open_source(model)
+        import transformers.models.llama.modeling_llama  # noqa: F401  (the stage imports it)
+        self.base_rss = psutil.Process().memory_info().rss   # runtime + metadata, before weights
         self.stage = Stage(self.source, spec.layers, kv_blocks, block_size, device=self.device,
                            compression=spec.compression)
+        _release_freed_memory()   # load-time temporaries back to the OS
         self.busy: deque[tuple[float, float]] = deque(maxlen=512)  # (start, end) wall clock, s
         self.steps = 0
 

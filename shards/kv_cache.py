@@ -74,8 +74,10 @@ class PagedKV:
         return self.table.n_blocks * self.table.block_size
 
     def add_layer(self, layer: int) -> None:
-        self.pools[layer] = (torch.zeros(self.shape, dtype=self.dtype, device=self.device),
-                             torch.zeros(self.shape, dtype=self.dtype, device=self.device))
+        # written at once, so the reserved pool is resident now (as the plan counts it), not
+        # lazily on first use, when the OS might no longer have the pages
+        self.pools[layer] = tuple(torch.empty(self.shape, dtype=self.dtype, device=self.device).zero_()
+                                  for _ in range(2))
 
     def drop_layer(self, layer: int) -> None:
         del self.pools[layer]

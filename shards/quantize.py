@@ -25,16 +25,30 @@ class CastLinear(nn.Module):
         return nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
 
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax int8 per row: (int8 [rows, in], bf16 scales [rows])."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales.to(torch.bfloat16)
+
+
 class Int8CpuLinear(nn.Module):
     """int8 weights [out, in] with one bf16 scale per output channel (symmetric, absmax)."""
 
-    def __init__(self, lin: nn.Linear):
+    def __init__(self, lin: nn.Linear | None = None, *, qweight=None, scales=None):
         super().__init__()
-        w = lin.weight.detach().float()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
-        self.register_buffer("qweight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(torch.bfloat16))
-        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach(), requires_grad=False)
+        if lin is not None:
+            qweight, scales = int8_rows(lin.weight.detach())
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.bias = None if lin is None or lin.bias is None else nn.Parameter(lin.bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_rows(cls, read, n_rows: int, chunk: int = 4096) -> "Int8CpuLinear":
+        """Quantize a weight `chunk` rows at a time; read(start, end) -> fp32 rows. Peak extra
+        memory is one chunk, not the fp32 matrix (108 MiB for SmolLM2's embedding)."""
+        parts = [int8_rows(read(a, min(a + chunk, n_rows))) for a in range(0, n_rows, chunk)]
+        return cls(qweight=torch.cat([q for q, _ in parts]), scales=torch.cat([s for _, s in parts]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -67,15 +81,6 @@ def head_quant(quant: str) -> str:
     return quant if quant in ("fp32", "bf16") else "int8-cpu"
 
 
-def quantize_embedding(embed: nn.Embedding, quant: str, head: nn.Module | None = None) -> nn.Module:
-    """The embedding at head_quant(quant); `head`: this stage's already-quantized tied lm_head."""
-    q = head_quant(quant)
-    if q == "fp32":
-        return embed
-    if q == "bf16":
-        return nn.Embedding.from_pretrained(head.weight if isinstance(head, CastLinear) else embed.weight.to(torch.bfloat16))
-    table = head if isinstance(head, Int8CpuLinear) else Int8CpuLinear(linear(embed.weight))
-    return Int8Embedding(table)
 
 
 def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:

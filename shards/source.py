@@ -56,6 +56,16 @@ class ModelSource:
         """Whether an optional tensor (a bias a cut added) is stored."""
         return False
 
+    def rows(self, name: str, start: int, end: int):
+        """Rows [start, end) of a 2-D weight, reading no more than those where the format
+        allows (the 49152-row embedding is quantized chunk by chunk: no full fp32 copy)."""
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            name = "model.embed_tokens.weight"
+        return self._rows(name, start, end)
+
+    def _rows(self, name: str, start: int, end: int):
+        return self._read(name)[start:end]
+
     def check_supported(self) -> None:
         arch = getattr(self.config, "model_type", None)
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -104,6 +114,13 @@ class HFFolderSource(ModelSource):
 
     def has(self, name: str) -> bool:
         return name in self._where
+
+    def _rows(self, name: str, start: int, end: int):
+        from safetensors import safe_open
+        if name not in self._where:
+            raise ModelSourceError(f"{self.folder}: tensor {name} missing from the safetensors files")
+        with safe_open(self._where[name], framework="pt") as h:
+            return h.get_slice(name)[start:end]
 
     def _index(self) -> dict[str, Path]:
         from safetensors import safe_open
@@ -208,6 +225,10 @@ class GGUFSource(ModelSource):
         return out
 
     def _read(self, name: str):
+        return self._rows(name, None, None)
+
+    def _rows(self, name: str, start: int | None, end: int | None):
+        """Dequantize rows [start, end) (all with None) of one tensor from the memory map."""
         import numpy as np
         import torch
         from gguf import GGMLQuantizationType, dequantize
@@ -215,14 +236,17 @@ class GGUFSource(ModelSource):
             raise ModelSourceError(f"{self.path}: tensor {name} is not in this GGUF file")
         gname = self._names[name]
         t = self._tensors[gname]
+        if start is not None and ("attn_q" in gname or "attn_k" in gname):
+            return self._rows(name, None, None)[start:end]   # rows are permuted back as a whole
         try:
             raw = np.memmap(self.path, dtype=np.dtype(t["dtype"]), mode="r",
                             offset=t["offset"], shape=tuple(t["shape"]))
-            w = dequantize(raw, GGMLQuantizationType(t["type"]))
+            w = dequantize(raw[start:end], GGMLQuantizationType(t["type"]))
         except Exception as e:
             raise ModelSourceError(f"{self.path}: tensor {gname} is corrupt ({e})") from e
         w = self._processor.process(weights=w, name=gname).weights
-        return torch.from_numpy(np.array(w, dtype=np.float32))  # a private, writable copy
+        w = np.asarray(w, dtype=np.float32)
+        return torch.from_numpy(w if w.flags.writeable and w.base is not raw else w.copy())
 
     def tokenizer(self):
         from transformers import AutoTokenizer

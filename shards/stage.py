@@ -187,19 +187,26 @@ class Stage(nn.Module):
         self.inv_freq, self.rope_scale = rope_params(cfg, self.device)
 
     def _add_ends(self, source: ModelSource) -> None:
-        """Embedding (first stage), final norm + lm_head (last), at the embedding policy of
+        """Embedding (first stage), final norm + lm_head (last), at the policy of
         quantize.head_quant; a tied pair on one stage shares one table."""
-        from shards.quantize import head_quant, quantize_embedding, quantize_linear
-        quant, head = self.compression.quant, None
-        embed = self._load(source, "model.embed_tokens.weight") if self.is_first else None
-        if self.is_last:
-            self.norm = RMSNorm(self._load(source, "model.norm.weight"), self.config.rms_norm_eps)
-            tied = self.is_first and self.config.tie_word_embeddings
-            head = quantize_linear(linear(embed if tied else self._load(source, "lm_head.weight")), head_quant(quant))
-            self.lm_head = head
-            head = head if tied else None
+        from shards.quantize import CastLinear, Int8CpuLinear, Int8Embedding, head_quant
+        q, cfg = head_quant(self.compression.quant), self.config
+        tied = self.is_first and self.is_last and cfg.tie_word_embeddings
+        names = (["model.embed_tokens.weight"] if self.is_first else []) + \
+                (["lm_head.weight"] if self.is_last and not tied else [])
+        if q == "int8-cpu":   # read and quantize in row chunks: never the whole fp32 table
+            tables = {n: Int8CpuLinear.from_rows(lambda a, b, n=n: source.rows(n, a, b).to(self.device),
+                                                 cfg.vocab_size) for n in names}
+        else:
+            tables = {n: linear(self._load(source, n)) for n in names}
+            if q == "bf16":
+                tables = {n: CastLinear(t, torch.bfloat16) for n, t in tables.items()}
         if self.is_first:
-            self.embed = quantize_embedding(nn.Embedding.from_pretrained(embed), quant, head)
+            t = tables["model.embed_tokens.weight"]
+            self.embed = Int8Embedding(t) if q == "int8-cpu" else nn.Embedding.from_pretrained(t.weight)
+        if self.is_last:
+            self.norm = RMSNorm(self._load(source, "model.norm.weight"), cfg.rms_norm_eps)
+            self.lm_head = tables["model.embed_tokens.weight" if tied else "lm_head.weight"]
 
     def _add_layers(self, source: ModelSource, layers: LayerRange, todo: Compression) -> None:
         """Build, compress and place `layers` (calibrating first when `todo` needs it)."""
