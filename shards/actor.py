@@ -12,6 +12,7 @@ from collections import deque
 import psutil
 import torch
 
+from shards.compression import parse as parse_compression
 from shards.layer_range import LayerRange
 from shards.plan import ShardSpec
 from shards.sampling import sample
@@ -34,6 +35,8 @@ class ShardWorker:
         self.device = spec.device
         self.source = open_source(model)
         import transformers.models.llama.modeling_llama  # noqa: F401  (the stage imports it)
+        if parse_compression(spec.compression).quant in ("int8", "nf4", "fp4"):
+            import bitsandbytes  # noqa: F401  (runtime, 44 MiB here: not the shard's weights)
         self.base_rss = psutil.Process().memory_info().rss   # runtime + metadata, before weights
         self.stage = Stage(self.source, spec.layers, kv_blocks, block_size, device=self.device,
                            compression=spec.compression)
