@@ -116,7 +116,7 @@ def shard_memory(url: str, api_key: str | None = None) -> list[dict]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     shards = httpx.get(f"{url}/v1/shards", headers=headers, timeout=30).json()["shards"]
     keys = ("index", "start", "end", "compression", "peak_rss_bytes", "rss_bytes", "base_rss_bytes",
-            "weight_bytes", "kv_bytes_reserved")
+            "weight_bytes", "kv_bytes_reserved", "steps", "step_ms_mean")
     return [{k: s.get(k) for k in keys} for s in shards]
 
 
