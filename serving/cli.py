@@ -161,8 +161,9 @@ def cmd_bench(args) -> int:
     if "hf" in args.baselines:
         import torch
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(source.path.parent, gguf_file=source.path.name,
-                                                     dtype=torch.float32).eval()
+        where = ({"pretrained_model_name_or_path": source.path.parent, "gguf_file": source.path.name}
+                 if hasattr(source, "path") else {"pretrained_model_name_or_path": source.folder})
+        model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
         for c in args.concurrency:
             result["hf_generate"].append(bench.hf_level(model, source.tokenizer(), read_prompts(n(c)), c,
                                                         args.max_tokens))

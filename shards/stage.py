@@ -215,12 +215,13 @@ class Stage(nn.Module):
             from shards.calibration import calibrated_blocks
             calibrated, dropped = calibrated_blocks(source, layers, todo, lambda i: fp32_block(source, i))
             self.dropped |= set(dropped)
+        # calibrated blocks are already cut and pruned: only quantization is left
+        rest = Compression(quant=todo.quant) if todo.calibrated else todo
         for layer in layers:
             if layer in self.dropped:
                 continue
-            block = calibrated[layer] if layer in calibrated else fp32_block(source, layer, self.device, self.dtype)
-            block = block.to(device=self.device, dtype=self.dtype)
-            self.blocks[str(layer)] = compress_block(block, Compression(quant=todo.quant) if calibrated else todo)
+            block = calibrated.pop(layer, None) or fp32_block(source, layer, self.device, self.dtype)
+            self.blocks[str(layer)] = compress_block(block.to(device=self.device, dtype=self.dtype), rest)
             self.kv.add_layer(layer)
 
     def grow(self, source: ModelSource, layers: LayerRange, kv: dict | None = None,
