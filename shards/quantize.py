@@ -81,8 +81,6 @@ def head_quant(quant: str) -> str:
     return quant if quant in ("fp32", "bf16") else "int8-cpu"
 
 
-
-
 def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
     """An nn.Linear around existing tensors (no fresh allocation)."""
     out_f, in_f = weight.shape

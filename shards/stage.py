@@ -6,6 +6,8 @@ LlamaForCausalLM (tests/test_split_equals_whole.py states the tolerance).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -100,11 +102,11 @@ class Block(nn.Module):
         return x + self.down_proj(F.silu(gate) * up)
 
 
-def compress_block(block: Block, comp: Compression, stats=None) -> Block:
-    """Cut and prune (fp32 weights, by calibration `stats`; see shards/calibration.py), then
-    quantize the block's projections, per `comp`."""
+def compress_block(block: Block, comp: Compression) -> Block:
+    """Cut and prune (fp32 weights; ranked by weights alone, since calibrated blocks come from
+    shards/calibration.py already cut), then quantize the block's projections, per `comp`."""
     from shards.calibration import compress_structure
-    compress_structure(block, comp, stats)
+    compress_structure(block, comp)
     if comp.quant != "fp32":
         from shards.quantize import quantize_block
         quantize_block(block, comp.quant)
@@ -129,7 +131,7 @@ def remaining(source: ModelSource, comp: Compression | None) -> tuple[Compressio
     if comp.structure not in (Compression(), applied.structure):
         raise CompressionError(f"{source.label} was prepared with {applied.spec}; serve it with its "
                                f"quantization only (e.g. {applied.quant}), not {comp.spec}")
-    return Compression(**{**vars(applied.structure), "quant": comp.quant}), Compression(quant=comp.quant)
+    return dataclasses.replace(applied.structure, quant=comp.quant), Compression(quant=comp.quant)
 
 
 class StepContext:
@@ -237,7 +239,7 @@ class Stage(nn.Module):
             raise RangeError(f"layers {layers} do not border this stage's {self.layers}")
         self.dropped |= set(dropped)
         # moved layers are calibrated on their own; no new layers are dropped on a move
-        self._add_layers(source, layers, Compression(**{**vars(self.todo), "drop_layers": 0}))
+        self._add_layers(source, layers, dataclasses.replace(self.todo, drop_layers=0))
         for sid, per_layer in (kv or {}).items():
             for layer, (k, v) in per_layer.items():
                 self.kv.import_(sid, layer, k, v)
