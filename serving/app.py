@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from serving.launch import EngineConfig
-from serving.schemas import ChatCompletionRequest, CompletionRequest
+from serving.schemas import ChatCompletionRequest, CompletionRequest, ShardPatch
 
 api = FastAPI(title="shardserve")
 
@@ -76,6 +76,8 @@ class ShardServe:
     async def healthz(self):
         try:
             engine = await asyncio.wait_for(self.engine(), timeout=600)
+            if engine.down:
+                return _error(503, f"pipeline down: {engine.down}", "service_unavailable")
             stats = await asyncio.wait_for(engine.stats(), timeout=10)
         except Exception as e:  # any shard missing, dead or slow: not healthy
             return _error(503, f"not ready: {type(e).__name__}: {e}", "service_unavailable")
@@ -88,13 +90,28 @@ class ShardServe:
 
     @api.get("/v1/shards", dependencies=[Depends(_check_key)])
     async def shards(self):
+        """The plan, each shard's measured numbers, and the controller's actions (newest last)."""
         engine = await self.engine()
-        stats = await engine.stats()
+        pipe = engine.pipeline
+        stats = await asyncio.gather(*(_stats_or_error(h) for h in pipe.handles))
         out = []
-        for spec, st in zip(engine.plan.shards, stats):
+        for spec, name, st in zip(pipe.plan.shards, pipe.names, stats):
             st = {k: v for k, v in st.items() if k != "busy"}
-            out.append({"index": spec.index, "kv_tokens": spec.kv_tokens, **st})
-        return {"model": self.model_name, "n_layers": engine.plan.n_layers, "shards": out}
+            out.append({"index": spec.index, "name": name, "kv_tokens": spec.kv_tokens, **st})
+        return {"model": self.model_name, "n_layers": pipe.plan.n_layers, "plan": pipe.plan.to_dict(),
+                "shards": out, "events": list(pipe.events), "down": engine.down}
+
+    @api.patch("/v1/shards/{index}", dependencies=[Depends(_check_key)])
+    async def patch_shard(self, index: int, request: Request):
+        """{"budget_bytes": N} (or null): the bytes shard `index` may hold; the controller acts
+        when its measured use goes over the watermark."""
+        body = await _parse(request, ShardPatch)
+        engine = await self.engine()
+        try:
+            st = await engine.set_budget(index, body.budget_bytes)
+        except IndexError as e:
+            raise HTTPException(404, str(e)) from e
+        return {k: v for k, v in st.items() if k != "busy"}
 
     @api.post("/v1/chat/completions", dependencies=[Depends(_check_key)])
     async def chat(self, request: Request):
@@ -120,6 +137,7 @@ class ShardServe:
         return json.loads(resp.body)
 
     async def _respond(self, engine, ids, body, chat: bool):
+        from serving.engine import PipelineDown
         try:
             params = body.sampling()
             engine.sched.check(len(ids))
@@ -130,9 +148,14 @@ class ShardServe:
         if body.stream:
             return StreamingResponse(self._sse(gen, rid, chat), media_type="text/event-stream")
         text, last = [], None
-        async for d in gen:
-            text.append(d.text)
-            last = d
+        try:
+            async for d in gen:
+                text.append(d.text)
+                last = d
+        except PipelineDown as e:
+            return _error(503, f"pipeline down: {e}", "service_unavailable")
+        if last.finish_reason == "error":
+            return _error(503, last.error, "service_unavailable")
         return JSONResponse(self._body(rid, chat, "".join(text), last))
 
     def _body(self, rid, chat, text, last) -> dict:
@@ -147,10 +170,14 @@ class ShardServe:
                 "created": int(time.time()), "model": self.model_name, "choices": [choice], "usage": usage}
 
     async def _sse(self, gen, rid, chat):
+        from serving.engine import PipelineDown
         obj = "chat.completion.chunk" if chat else "text_completion"
         first = True
         try:
             async for d in gen:
+                if d.finish_reason == "error":   # OpenAI streams an error as a final error chunk
+                    yield f"data: {json.dumps({'error': {'message': d.error, 'type': 'service_unavailable'}})}\n\n"
+                    break
                 piece = {"role": "assistant", "content": d.text} if first else {"content": d.text}
                 choice = {"index": 0, "finish_reason": d.finish_reason, "logprobs": None}
                 choice.update({"delta": piece} if chat else {"text": d.text})
@@ -162,12 +189,23 @@ class ShardServe:
                 first = False
                 yield f"data: {json.dumps(chunk)}\n\n"
             yield "data: [DONE]\n\n"
+        except PipelineDown as e:
+            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'service_unavailable'}})}\n\n"
+            yield "data: [DONE]\n\n"
         finally:
             await gen.aclose()  # client gone mid-stream: the engine aborts and frees its KV
 
 
+async def _stats_or_error(handle) -> dict:
+    try:
+        return await asyncio.wait_for(handle.stats.remote(), timeout=10)
+    except Exception as e:   # a dead shard shows as such; the router is re-placing it
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+
+
 def build_app(args: dict) -> serve.Application:
     """`serve run serving.app:build_app model=default shards=2 api_key=...` entry point."""
-    conv = {"shards": int, "kv_tokens": int, "max_batch": int, "block_size": int, "prefill_tokens": int}
-    config = {k: conv.get(k, str)(v) for k, v in args.items()}
+    conv = {"shards": int, "kv_tokens": int, "max_batch": int, "block_size": int, "prefill_tokens": int,
+            "control": lambda v: str(v).lower() in ("1", "true", "yes")}
+    config = {k: conv.get(k, str)(v) if not isinstance(v, (dict, list)) else v for k, v in args.items()}
     return ShardServe.bind(config)

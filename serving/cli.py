@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from shards.errors import ShardServeError
@@ -55,7 +56,6 @@ def cmd_generate(args) -> int:
 def start_service(args):
     """Start (or join) Ray, load the shards with progress bars, deploy the Serve app, wait for
     /healthz. Returns (client, url, shard handles)."""
-    import os
     import time
 
     import ray
@@ -96,9 +96,11 @@ def stop_service(handles) -> None:
     import ray
     from ray import serve
 
-    from shards.actor import stop_shards
+    from shards.actor import stop_pipeline
     serve.shutdown()
-    stop_shards(handles)   # detached actors: they outlive us unless killed
+    # detached actors outlive us unless killed; by the pipeline's names, not our handles: the
+    # router may have replaced a dead shard or split one onto a new actor since
+    stop_pipeline()
     ray.shutdown()
 
 
@@ -205,6 +207,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_budget(args) -> int:
+    """Set one shard's memory budget on a running endpoint."""
+    from serving.client import Client
+    from serving.units import parse_bytes
+    budget = None if args.bytes.lower() == "none" else parse_bytes(args.bytes)
+    st = Client(args.url, api_key=args.api_key or os.environ.get("SHARDSERVE_API_KEY")).set_budget(args.shard, budget)
+    used = st["rss_bytes"] - st["base_rss_bytes"]
+    print(f"shard {args.shard} layers [{st['start']}, {st['end']}): budget "
+          f"{'none' if budget is None else f'{budget / 2**20:.0f} MiB'}, uses {used / 2**20:.0f} MiB now")
+    return 0
+
+
 def _add_service_args(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")
@@ -248,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ask", default=None, help="ask this once over HTTP, print the reply, shut down")
     p.add_argument("--max-tokens", type=int, default=64, help="for --ask")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("budget", help="set one shard's memory budget on a running endpoint")
+    p.add_argument("shard", type=int)
+    p.add_argument("bytes", help="e.g. 300MiB, or none")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=None)
+    p.set_defaults(func=cmd_budget)
     p = sub.add_parser("bench", help="tokens/s, latency, TTFT, ITL and shard memory over HTTP, with baselines")
     _add_service_args(p)
     p.add_argument("--url", default=None, help="bench this running endpoint instead of starting one")

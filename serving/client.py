@@ -65,7 +65,13 @@ class Client:
         return self._json("POST", "/v1/chat/completions", {"messages": messages, **params})
 
     def shards(self) -> dict:
+        """Plan, per-shard measured numbers, and the controller's events (newest last)."""
         return self._json("GET", "/v1/shards")
+
+    def set_budget(self, shard: int, budget_bytes: int | None) -> dict:
+        """Change shard `shard`'s memory budget at run time (None: no budget); the controller
+        acts when its measured use goes over the high watermark."""
+        return self._json("PATCH", f"/v1/shards/{shard}", {"budget_bytes": budget_bytes})
 
     def models(self) -> list[str]:
         return [m["id"] for m in self._json("GET", "/v1/models")["data"]]

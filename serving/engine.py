@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
+from serving.pipeline import ActionError, Pipeline
 from serving.scheduler import Group, Scheduler, SchedulerConfig, Sequence
 from shards.layer_range import LayerRange
-from shards.plan import Plan
+from shards.plan import MoveLayers, Plan, ReplaceShard
 from shards.step import SamplingParams, StepBatch
 
 
@@ -25,9 +27,10 @@ class Delta:
 
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None
+    finish_reason: str | None = None    # stop | length | abort | error
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    error: str | None = None            # with finish_reason "error": why
 
 
 @dataclass
@@ -40,26 +43,56 @@ class _Request:
     read_at: int = 0      # ... text up to here was already sent
 
 
+CONTROL_PERIOD_S = 1.0   # how often the router syncs with the controller actor
+
+
+class PipelineDown(RuntimeError):
+    """The pipeline cannot serve (a shard could not be re-placed); says why."""
+
+
 class Engine:
-    def __init__(self, plan: Plan, shards: list, tokenizer, eos: set[int], kv_blocks: int,
-                 block_size: int = 16, max_batch: int = 32, prefill_tokens: int = 256):
-        self.plan, self.shards, self.tokenizer = plan, list(shards), tokenizer
+    """The router: admission and grouping (Scheduler), steps through the Pipeline, tokens back
+    to each request's stream. A step that fails never stops it: the group's sequences are
+    recomputed, and a dead shard is re-placed before anything else is launched."""
+
+    def __init__(self, pipeline: Pipeline, tokenizer, eos: set[int], max_batch: int = 32,
+                 prefill_tokens: int = 256, max_failures: int = 3, controller: str | None = None):
+        self.pipeline, self.tokenizer = pipeline, tokenizer
+        pipeline._on_resume = self._wake_up
         self.eos = frozenset(eos)
-        self.sched = Scheduler(SchedulerConfig(kv_blocks, block_size, max_batch, prefill_tokens,
-                                               n_groups=max(2, len(shards))))
+        self.sched = Scheduler(SchedulerConfig(pipeline.kv_blocks, pipeline.block_size, max_batch,
+                                               prefill_tokens, n_groups=max(2, len(pipeline.handles))))
+        self.max_failures = max_failures   # a sequence whose steps fail this often ends in error
         self.requests: dict[int, _Request] = {}
         self._ids = itertools.count(1)
         self._inflight: dict[asyncio.Future, Group] = {}
         self._wake = asyncio.Event()
-        self._paused = False
+        self._hold = 0                       # > 0: a shard is being re-placed, launch nothing
+        self._recovery: asyncio.Task | None = None
+        self.down: str | None = None         # why the pipeline cannot serve, when it cannot
         self._pending_free: list[int] = []   # sent with the next step, or on their own when idle
         self._loop_task: asyncio.Task | None = None
-        self.hop_log: list[float] = []  # seconds from launch to tokens back, per group
+        self._control_task: asyncio.Task | None = None
+        self.controller = controller         # the controller actor's name (serving/controller.py)
+        self.hop_log: deque[float] = deque(maxlen=1024)  # seconds from launch to tokens back, per group
+
+    @property
+    def plan(self) -> Plan:
+        return self.pipeline.plan
+
+    @property
+    def shards(self) -> list:
+        return self.pipeline.handles
 
     # ---- requests -------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams):
-        """Async iterator of Delta for one request; closing it early aborts the request."""
+        """Async iterator of Delta for one request; closing it early aborts the request.
+        Raises PipelineDown when the pipeline cannot serve and a new recovery fails too."""
         self._ensure_loop()
+        if self.down:
+            await self._recover(self.down)
+            if self.down:
+                raise PipelineDown(self.down)
         req = _Request(Sequence(next(self._ids), list(prompt_ids), params, self.eos))
         self.sched.add(req.seq)
         self.requests[req.seq.id] = req
@@ -82,20 +115,29 @@ class Engine:
             text.append(d.text)
             ids += d.token_ids
             last = d
-        return Delta("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+        return Delta("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
+                     last.error)
 
     # ---- the loop -------------------------------------------------------------------------
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        if self.controller and (self._control_task is None or self._control_task.done()):
+            self._control_task = asyncio.get_running_loop().create_task(self._control())
+
+    def _wake_up(self) -> None:
+        self._wake.set()
 
     async def _run(self) -> None:
         while True:
             self._launch_ready()
             if not self._inflight:
-                if self._pending_free:       # idle: free now, and wait so nothing overtakes it
+                if self._pending_free and not self._blocked:   # idle: free now, and wait so nothing overtakes it
                     ids, self._pending_free = self._pending_free, []
-                    await asyncio.gather(*(s.free.remote(ids) for s in self.shards))
+                    try:
+                        await asyncio.gather(*(s.free.remote(ids) for s in self.shards))
+                    except Exception as e:   # a dead shard: its KV is gone anyway
+                        self._start_recovery(f"free failed: {type(e).__name__}: {e}")
                     continue
                 self._wake.clear()
                 await self._wake.wait()
@@ -104,8 +146,12 @@ class Engine:
             for fut in done:
                 self._finish_group(self._inflight.pop(fut), fut)
 
+    @property
+    def _blocked(self) -> bool:
+        return self.pipeline.paused or self._hold > 0 or self.down is not None
+
     def _launch_ready(self) -> None:
-        while not self._paused and len(self._inflight) < self.sched.cfg.n_groups:
+        while not self._blocked and len(self._inflight) < self.sched.cfg.n_groups:
             group, freed = self.sched.next_group()
             self._free(freed)
             if group is None:
@@ -122,18 +168,106 @@ class Engine:
                           sampling=list(g.sampling), steps=list(g.steps), free=self._pending_free,
                           alone=not self._inflight)
         self._pending_free = []
-        ref = batch
-        for shard in self.shards:
-            ref = shard.forward.remote(ref)
-        return ref
+        return self.pipeline.launch(batch)
 
     def _finish_group(self, group: Group, fut: asyncio.Future) -> None:
+        self.pipeline.landed()
         self.hop_log.append(time.perf_counter() - fut.launched)
-        tokens = fut.result()  # a shard error propagates: the loop dies loudly, not silently
+        try:
+            tokens = fut.result()
+        except Exception as e:
+            self._group_failed(group, e)
+            return
         changed, freed = self.sched.complete(group, tokens)
         for seq in changed:
             freed += self._emit(seq)
         self._free(freed)
+
+    def _group_failed(self, group: Group, err: Exception) -> None:
+        """A step raised somewhere along the chain (a shard error, or a dead actor). Its
+        sequences' KV may be half-written: drop it everywhere and recompute them from their
+        token history; one that failed max_failures times ends with an error. Then check the
+        shards (and re-place dead ones) before launching anything else."""
+        why = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        freed = self.sched.requeue(group.seq_ids, failed=True)
+        for seq in [s for s in self.sched.waiting if s.id in group.seq_ids]:
+            if seq.failures >= self.max_failures:
+                freed += self.sched.fail(seq.id)
+                self._end(seq.id, f"a step failed {seq.failures} times, last: {why}")
+        self._free(freed)
+        self._start_recovery(why)
+
+    def _end(self, seq_id: int, error: str) -> None:
+        req = self.requests.get(seq_id)
+        if req is not None:
+            req.queue.put_nowait(Delta("", [], "error", len(req.seq.prompt), len(req.seq.generated), error))
+
+    # ---- recovery and control --------------------------------------------------------------
+    def _start_recovery(self, why: str) -> None:
+        if self._recovery is None or self._recovery.done():
+            self._hold += 1     # nothing launches until the shards are checked
+            self._recovery = asyncio.get_running_loop().create_task(self._recover(why, held=True))
+
+    async def _recover(self, why: str, held: bool = False) -> None:
+        """Re-place every dead shard (its sequences recompute); when that is impossible, end
+        every request with an error and mark the pipeline down."""
+        if not held:
+            self._hold += 1
+        try:
+            await self.pipeline.drained()
+            dead = await self.pipeline.dead()
+            for k in dead:
+                await self.pipeline.apply(ReplaceShard(k, f"shard {k} unreachable after: {why}"))
+            if dead:
+                self._free(self.sched.requeue_all())
+            self.down = None
+        except Exception as e:
+            self.down = f"shard lost and not re-placed ({type(e).__name__}: {e}); after: {why}"
+            for sid in [s.id for s in self.sched.waiting] + list(self.sched.running):
+                self._free(self.sched.fail(sid))
+                self._end(sid, self.down)
+        finally:
+            self._hold -= 1
+            self._wake.set()
+
+    async def apply(self, action) -> dict:
+        """Carry out one controller action at a step boundary (Pipeline.apply); returns its event."""
+        if isinstance(action, ReplaceShard):
+            if action.shard not in await self.pipeline.dead():
+                return {"action": "restart", "shard": action.shard, "ok": True, "skipped": "it answers"}
+            self._hold += 1
+        try:
+            event = await self.pipeline.apply(action)
+            if isinstance(action, ReplaceShard):
+                self._free(self.sched.requeue_all())     # the new actor holds no KV
+            self.sched.cfg.n_groups = max(2, len(self.pipeline.handles))
+            return event
+        finally:
+            if isinstance(action, ReplaceShard):
+                self._hold -= 1
+                self._wake.set()
+
+    async def _control(self) -> None:
+        """Every second: tell the controller actor what the pipeline looks like and what was
+        done, take its actions and carry them out. A dead controller is looked up again (Ray
+        restarts it; it re-adopts the pipeline from this sync)."""
+        from serving.controller import sync
+        done: list[dict] = []
+        while True:
+            await asyncio.sleep(CONTROL_PERIOD_S)
+            try:
+                actions = await sync(self.controller, self.pipeline, done)
+                done = []
+            except Exception:
+                continue
+            for a in actions:
+                try:
+                    done.append(await self.apply(a))
+                except ActionError:
+                    done.append(self.pipeline.events[-1])
+
+    async def set_budget(self, k: int, budget_bytes: int | None) -> dict:
+        return await self.pipeline.set_budget(k, budget_bytes)
 
     def _emit(self, seq: Sequence) -> list[int]:
         """Push new text and token ids to the request's stream; apply stop strings.
@@ -167,39 +301,15 @@ class Engine:
             self._pending_free += seq_ids
             self._wake.set()
 
-    # ---- re-sharding building blocks -----------------------------------------------------
-    async def pause(self) -> None:
-        """Stop launching groups and wait until none is in flight (a step boundary)."""
-        self._paused = True
-        while self._inflight:
-            await asyncio.sleep(0.002)
-
-    def resume(self) -> None:
-        self._paused = False
-        self._wake.set()
-
-    async def move_layers(self, src: int, dst: int, layers: LayerRange) -> None:
+    async def move_layers(self, src: int, dst: int, layers: LayerRange) -> dict:
         """Move boundary layers between neighbouring shards with their live KV; no request fails."""
-        if abs(src - dst) != 1:
-            raise ValueError(f"layers move between neighbours only, not shard {src} -> {dst}")
-        await self.pause()
-        try:
-            kv = self.shards[src].shrink.remote(layers)   # K/V go actor to actor, not via here
-            await self.shards[dst].grow.remote(layers, kv)
-            stats = await asyncio.gather(*(s.stats.remote() for s in self.shards))
-            self.plan = _replan(self.plan, [LayerRange(s["start"], s["end"]) for s in stats])
-        finally:
-            self.resume()
+        return await self.apply(MoveLayers(src, dst, layers, "requested"))
 
     def close(self) -> None:
         """Stop the router loop (the shard actors are the caller's to keep or kill)."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
+        for task in (self._loop_task, self._control_task, self._recovery):
+            if task is not None:
+                task.cancel()
 
     async def stats(self) -> list[dict]:
-        return list(await asyncio.gather(*(s.stats.remote() for s in self.shards)))
-
-
-def _replan(plan: Plan, ranges: list[LayerRange]) -> Plan:
-    from dataclasses import replace
-    return replace(plan, shards=tuple(replace(s, layers=r) for s, r in zip(plan.shards, ranges)))
+        return await self.pipeline.stats()

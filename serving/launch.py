@@ -18,7 +18,9 @@ class EngineConfig:
     compression: str | None = None       # spec for every shard (shards/compression.py);
                                          # None: fp32, or a prepared artifact's own
     device: str = "auto"                 # auto: cuda when the node has a GPU, else cpu
-    prefix: str = ""                     # actor names are <prefix>shard-<k>
+    prefix: str = ""                     # actor names are <prefix>shard-<k>, <prefix>controller
+    control: bool = True                 # run the controller (serving/controller.py)
+    controller: dict | None = None       # its settings: serving.policy.ControllerConfig fields
 
 
 def make_plan(cfg: EngineConfig) -> Plan:
@@ -45,11 +47,12 @@ def start(cfg: EngineConfig) -> tuple[Plan, list, int]:
 
 
 async def build_engine(cfg: EngineConfig, on_ready=None):
-    """Start the shard actors for cfg and return a running Engine. on_ready(k, stats) is called
-    as each shard finishes loading (progress bars)."""
+    """Start the shard actors (and the controller) for cfg and return a running Engine.
+    on_ready(k, stats) is called as each shard finishes loading (progress bars)."""
     import asyncio
 
     from serving.engine import Engine
+    from serving.pipeline import Pipeline
     from shards.source import open_source
     p, handles, kv_blocks = start(cfg)
 
@@ -58,7 +61,13 @@ async def build_engine(cfg: EngineConfig, on_ready=None):
         if on_ready:
             on_ready(k, st)
     await asyncio.gather(*(wait(k, h) for k, h in enumerate(handles)))
+    controller = None
+    if cfg.control:
+        from serving.controller import start_controller
+        start_controller(cfg.prefix, cfg.controller)
+        controller = f"{cfg.prefix}controller"
     source = open_source(cfg.model)
     eos = source.config.eos_token_id
-    return Engine(p, handles, source.tokenizer(), set(eos if isinstance(eos, list) else [eos]),
-                  kv_blocks, cfg.block_size, cfg.max_batch, cfg.prefill_tokens)
+    pipeline = Pipeline(cfg.model, p, handles, kv_blocks, cfg.block_size, cfg.prefix)
+    return Engine(pipeline, source.tokenizer(), set(eos if isinstance(eos, list) else [eos]),
+                  cfg.max_batch, cfg.prefill_tokens, controller=controller)

@@ -32,8 +32,9 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     cached: int = 0                # tokens whose K/V every shard holds
     in_flight: int = 0             # tokens of this sequence in a group now in the pipeline
-    finished: str | None = None    # "stop" | "length" | "abort"
+    finished: str | None = None    # "stop" | "length" | "abort" | "error"
     preemptions: int = 0
+    failures: int = 0              # steps of this sequence that raised (recomputed each time)
 
     @property
     def tokens(self) -> list[int]:
@@ -192,4 +193,39 @@ class Scheduler:
         if s is None:
             return []
         s.finished = reason
+        return [seq_id]
+
+    def requeue(self, seq_ids, failed: bool = False) -> list[int]:
+        """Recompute these running sequences from their token history (a step failed, or a
+        shard lost its KV): KV dropped everywhere, back to the head of the queue. failed=True
+        counts a failure against each. Returns ids whose KV the shards should free."""
+        freed = []
+        for sid in seq_ids:
+            s = self.running.pop(sid, None)
+            if s is None:
+                continue
+            freed.append(sid)
+            if s.finished:       # aborted while in flight: nothing to recompute
+                continue
+            s.cached, s.in_flight = 0, 0
+            s.preemptions += 1
+            s.failures += failed
+            self.waiting.appendleft(s)
+        return freed
+
+    def requeue_all(self) -> list[int]:
+        """Every running sequence recomputes (a replaced shard holds no KV)."""
+        return self.requeue([sid for sid, s in self.running.items() if not s.in_flight])
+
+    def fail(self, seq_id: int) -> list[int]:
+        """End seq_id with "error" wherever it is. Returns ids whose KV the shards should free."""
+        for s in list(self.waiting):
+            if s.id == seq_id:
+                self.waiting.remove(s)
+                s.finished = "error"
+                return []
+        s = self.running.pop(seq_id, None)
+        if s is None:
+            return []
+        s.finished = "error"
         return [seq_id]

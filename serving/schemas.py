@@ -47,3 +47,10 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str
+
+
+class ShardPatch(BaseModel):
+    """PATCH /v1/shards/{k}: the bytes shard k may hold for its tensors (null: no budget)."""
+
+    model_config = {"extra": "forbid"}
+    budget_bytes: int | None = Field(..., ge=0)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections import deque
@@ -14,6 +15,7 @@ import torch
 
 from shards.compression import parse as parse_compression
 from shards.layer_range import LayerRange
+from shards.memory import module_bytes
 from shards.plan import ShardSpec
 from shards.sampling import sample
 from shards.source import open_source
@@ -43,14 +45,21 @@ class ShardWorker:
         _release_freed_memory()   # load-time temporaries back to the OS
         self.busy: deque[tuple[float, float]] = deque(maxlen=512)  # (start, end) wall clock, s
         self.steps = 0
+        self.budget_bytes = spec.budget_bytes
+        self.faults: list[str] = []   # inject_fault: the next len(faults) steps raise these
 
     def ready(self) -> dict:
         return self.stats()
+
+    def ping(self) -> int:
+        return os.getpid()
 
     def forward(self, batch: StepBatch):
         """Hidden states on to the next shard, or (last shard) sampled token ids."""
         t0 = time.time()
         self.free(batch.free)
+        if self.faults:
+            raise ShardFault(f"shard {self.spec.index}: {self.faults.pop(0)}")
         if self.device == "cpu":
             want = self.all_cores if batch.alone else self.threads
             if torch.get_num_threads() != want:
@@ -79,6 +88,28 @@ class ShardWorker:
         _release_freed_memory()
         return kv
 
+    def adopt(self, handoff: dict) -> dict:
+        """A new actor (after a split) takes the live K/V of the layers it was built with."""
+        self.stage.import_kv(handoff["kv"])
+        return self.stats()
+
+    def recompress(self, compression: str) -> dict:
+        """The same layers at another quantization (live KV kept); stats after."""
+        self.stage.recompress(self.source, compression)
+        self.spec = dataclasses.replace(self.spec, compression=compression)
+        _release_freed_memory()
+        return self.stats()
+
+    def set_budget(self, budget_bytes: int | None) -> dict:
+        """The bytes this shard may hold for its tensors (weights + KV + workspace); the
+        controller compares it with the measured use."""
+        self.budget_bytes = budget_bytes
+        return self.stats()
+
+    def inject_fault(self, steps: int = 1, message: str = "injected fault") -> None:
+        """Fault injection (tests, chaos runs): the next `steps` forward calls raise."""
+        self.faults += [message] * steps
+
     def stats(self) -> dict:
         """Measured numbers: RSS, weight and KV bytes, step timings."""
         times = [e - s for s, e in self.busy]
@@ -90,10 +121,25 @@ class ShardWorker:
             "weight_bytes": self.stage.weight_bytes(), "kv_bytes_used": self.stage.kv.bytes_used(),
             "kv_bytes_reserved": self.stage.kv.bytes_reserved(),
             "kv_blocks_used": self.stage.kv.table.used_blocks, "live_sequences": len(self.stage.kv.table.lengths),
-            "budget_bytes": self.spec.budget_bytes, "steps": self.steps,
+            "budget_bytes": self.budget_bytes, "steps": self.steps,
+            "layer_bytes": self._layer_bytes(), "node_available_bytes": psutil.virtual_memory().available,
             "step_ms_mean": 1000 * sum(times) / len(times) if times else 0.0,
             "busy": list(self.busy),
         }
+
+
+    def _layer_bytes(self) -> int:
+        """Mean resident bytes one of this stage's decoder layers costs: weights + its KV pool
+        (what moving one layer to a neighbour frees here)."""
+        blocks = list(self.stage.blocks.values())
+        if not blocks:
+            return 0
+        kv = self.stage.kv.bytes_reserved() // max(1, len(self.stage.kv.pools))
+        return sum(module_bytes(b) for b in blocks) // len(blocks) + kv
+
+
+class ShardFault(RuntimeError):
+    """A step failed inside a shard (injected, or a bug surfaced as an exception)."""
 
 
 def peak_rss() -> int:
@@ -103,12 +149,6 @@ def peak_rss() -> int:
             return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:"))
     except (OSError, StopIteration):
         return psutil.Process().memory_info().rss
-
-
-def stop_shards(handles: list) -> None:
-    import ray
-    for h in handles:
-        ray.kill(h)
 
 
 def _release_freed_memory() -> None:
@@ -132,21 +172,45 @@ def _node_ip() -> str | None:
 
 
 def start_shards(model: str, specs: list[ShardSpec], kv_blocks: int, block_size: int = 16,
-                 prefix: str = "", max_restarts: int = 0) -> list:
-    """One named Ray actor per spec; each gets its share of this node's cores or one GPU."""
-    import ray
+                 prefix: str = "") -> list:
+    """One named Ray actor per spec (`<prefix>shard-<k>`), or the running one of that name."""
     threads = max(1, (os.cpu_count() or 1) // len(specs))
-    handles = []
-    for spec in specs:
-        gpu = spec.device.startswith("cuda")
-        cls = ray.remote(ShardWorker).options(
-            name=f"{prefix}shard-{spec.index}", namespace=NAMESPACE, num_gpus=1 if gpu else 0,
-            # threads, not Ray's CPU slots, share the cores: 0 logical CPUs keeps small machines
-            # from deadlocking Serve's own actors
-            num_cpus=0, max_restarts=max_restarts,
-            max_concurrency=1, get_if_exists=True,   # the CLI starts them; Serve attaches
-            # detached: a Serve replica that restarts (or a request cancelled mid-build) must not
-            # take the loaded shards with it; whoever ends the service kills them (stop_shards)
-            lifetime="detached")
-        handles.append(cls.remote(model, spec, kv_blocks, block_size, threads))
-    return handles
+    return [start_shard(model, spec, kv_blocks, block_size, f"{prefix}shard-{spec.index}", threads)
+            for spec in specs]
+
+
+def start_shard(model: str, spec: ShardSpec, kv_blocks: int, block_size: int, name: str,
+                threads: int, attach: bool = True):
+    """One shard actor with its share of this node's cores or one GPU. attach=False refuses a
+    running actor of that name (a replacement must never adopt the dead one's handle)."""
+    import ray
+    gpu = spec.device.startswith("cuda")
+    options = dict(
+        name=name, namespace=NAMESPACE, num_gpus=1 if gpu else 0,
+        # threads, not Ray's CPU slots, share the cores: 0 logical CPUs keeps small machines
+        # from deadlocking Serve's own actors
+        num_cpus=0,
+        # no Ray restart: a restarted actor would rebuild its *original* spec, stale after moves;
+        # the router re-places a dead shard with its current spec instead (serving/pipeline.py)
+        max_restarts=0, max_concurrency=1, get_if_exists=attach,   # the CLI starts them; Serve attaches
+        # detached: a Serve replica that restarts (or a request cancelled mid-build) must not
+        # take the loaded shards with it; whoever ends the service kills them (stop_pipeline)
+        lifetime="detached")
+    return ray.remote(ShardWorker).options(**options).remote(model, spec, kv_blocks, block_size, threads)
+
+
+def stop_pipeline(prefix: str = "") -> list[str]:
+    """Kill every named actor of the pipeline `prefix` (its shards, replacements and split-off
+    shards included, and its controller). Returns the names killed."""
+    import ray
+    killed = []
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        name = a["name"]
+        if a["namespace"] == NAMESPACE and name.startswith(prefix) and \
+                name[len(prefix):].startswith(("shard-", "controller")):
+            try:
+                ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+                killed.append(name)
+            except ValueError:   # died meanwhile
+                pass
+    return killed

@@ -31,17 +31,41 @@ class ShardSpec:
 
 @dataclass(frozen=True)
 class MoveLayers:
-    """Layers `layers` go from shard `src` to its neighbour `dst`."""
+    """Layers `layers` go from shard `src` to its neighbour `dst`, with their live KV."""
 
     src: int
     dst: int
     layers: LayerRange
+    reason: str = ""     # the numbers that triggered it (controller events)
 
 
 @dataclass(frozen=True)
 class Recompress:
+    """Shard `shard` rebuilds its layers at another quantization (live KV kept)."""
+
     shard: int
     compression: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class SplitShard:
+    """Half of shard `shard`'s layers (and their live KV) go to a new actor beside it."""
+
+    shard: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ReplaceShard:
+    """A new actor takes over shard `shard` (dead or hung): same layers and compression, no KV;
+    the router recomputes every live sequence from its token history."""
+
+    shard: int
+    reason: str = ""
+
+
+Action = MoveLayers | Recompress | SplitShard | ReplaceShard
 
 
 @dataclass(frozen=True)

@@ -189,10 +189,14 @@ class Stage(nn.Module):
         self.inv_freq, self.rope_scale = rope_params(cfg, self.device)
 
     def _add_ends(self, source: ModelSource) -> None:
+        for name, module in self._build_ends(source, self.compression.quant).items():
+            setattr(self, name, module)
+
+    def _build_ends(self, source: ModelSource, quant: str) -> dict[str, nn.Module]:
         """Embedding (first stage), final norm + lm_head (last), at the policy of
         quantize.head_quant; a tied pair on one stage shares one table."""
         from shards.quantize import CastLinear, Int8CpuLinear, Int8Embedding, head_quant
-        q, cfg = head_quant(self.compression.quant), self.config
+        q, cfg = head_quant(quant), self.config
         tied = self.is_first and self.is_last and cfg.tie_word_embeddings
         names = (["model.embed_tokens.weight"] if self.is_first else []) + \
                 (["lm_head.weight"] if self.is_last and not tied else [])
@@ -203,46 +207,93 @@ class Stage(nn.Module):
             tables = {n: linear(self._load(source, n)) for n in names}
             if q == "bf16":
                 tables = {n: CastLinear(t, torch.bfloat16) for n, t in tables.items()}
+        out = {}
         if self.is_first:
             t = tables["model.embed_tokens.weight"]
-            self.embed = Int8Embedding(t) if q == "int8-cpu" else nn.Embedding.from_pretrained(t.weight)
+            out["embed"] = Int8Embedding(t) if q == "int8-cpu" else nn.Embedding.from_pretrained(t.weight)
         if self.is_last:
-            self.norm = RMSNorm(self._load(source, "model.norm.weight"), cfg.rms_norm_eps)
-            self.lm_head = tables["model.embed_tokens.weight" if tied else "lm_head.weight"]
+            out["norm"] = RMSNorm(self._load(source, "model.norm.weight"), cfg.rms_norm_eps)
+            out["lm_head"] = tables["model.embed_tokens.weight" if tied else "lm_head.weight"]
+        return out
 
     def _add_layers(self, source: ModelSource, layers: LayerRange, todo: Compression) -> None:
-        """Build, compress and place `layers` (calibrating first when `todo` needs it)."""
-        calibrated = {}
+        blocks, dropped = self._build_layers(source, layers, todo, self.dropped)
+        self._commit_layers(blocks, dropped)
+
+    def _build_layers(self, source: ModelSource, layers: LayerRange, todo: Compression,
+                      dropped: set[int]) -> tuple[dict[int, Block], set[int]]:
+        """Build and compress `layers` (calibrating first when `todo` needs it) without touching
+        this stage: {layer: block} and the layers dropped. A failure leaves the stage as it was."""
+        calibrated, dropped = {}, set(dropped)
         if todo.calibrated:
             from shards.calibration import calibrated_blocks
-            calibrated, dropped = calibrated_blocks(source, layers, todo, lambda i: fp32_block(source, i))
-            self.dropped |= set(dropped)
+            calibrated, more = calibrated_blocks(source, layers, todo, lambda i: fp32_block(source, i))
+            dropped |= set(more)
         # calibrated blocks are already cut and pruned: only quantization is left
         rest = Compression(quant=todo.quant) if todo.calibrated else todo
+        blocks = {}
         for layer in layers:
-            if layer in self.dropped:
+            if layer in dropped:
                 continue
             block = calibrated.pop(layer, None) or fp32_block(source, layer, self.device, self.dtype)
-            self.blocks[str(layer)] = compress_block(block.to(device=self.device, dtype=self.dtype), rest)
-            self.kv.add_layer(layer)
+            blocks[layer] = compress_block(block.to(device=self.device, dtype=self.dtype), rest)
+        return blocks, dropped & set(layers)
+
+    def _commit_layers(self, blocks: dict[int, Block], dropped: set[int]) -> None:
+        self.dropped |= dropped
+        for layer, block in blocks.items():
+            self.blocks[str(layer)] = block
+            if layer not in self.kv.pools:
+                self.kv.add_layer(layer)
 
     def grow(self, source: ModelSource, layers: LayerRange, kv: dict | None = None,
              dropped: list[int] = ()) -> None:
         """Take on neighbouring layers (loading only their tensors) and, for live sequences,
         their K/V: kv[seq_id][layer] = (k, v), each [length, n_kv, head_dim]. `dropped`: layers
-        of the range the giving stage had dropped (they stay dropped)."""
+        of the range the giving stage had dropped (they stay dropped). All or nothing: the range
+        changes only after every layer is built, so a failed load leaves the stage as it was."""
         if layers.end == self.layers.start:
-            self.layers = LayerRange(layers.start, self.layers.end)
+            new_range = LayerRange(layers.start, self.layers.end)
         elif layers.start == self.layers.end:
-            self.layers = LayerRange(self.layers.start, layers.end)
+            new_range = LayerRange(self.layers.start, layers.end)
         else:
             raise RangeError(f"layers {layers} do not border this stage's {self.layers}")
-        self.dropped |= set(dropped)
         # moved layers are calibrated on their own; no new layers are dropped on a move
-        self._add_layers(source, layers, dataclasses.replace(self.todo, drop_layers=0))
-        for sid, per_layer in (kv or {}).items():
+        blocks, gone = self._build_layers(source, layers, dataclasses.replace(self.todo, drop_layers=0),
+                                          set(dropped))
+        self._commit_layers(blocks, gone)
+        self.layers = new_range
+        self.import_kv(kv or {})
+
+    def import_kv(self, kv: dict) -> None:
+        """kv[seq_id][layer] = (k, v), each [length, n_kv, head_dim]: live sequences' K/V for
+        layers this stage holds. A stage that has not seen a sequence (a new actor after a split)
+        reserves its blocks first."""
+        for sid, per_layer in kv.items():
             for layer, (k, v) in per_layer.items():
+                if self.kv.table.lengths.get(sid, 0) < k.shape[0]:
+                    self.kv.table.reserve(sid, k.shape[0])
                 self.kv.import_(sid, layer, k, v)
+
+    def recompress(self, source: ModelSource, spec: str) -> None:
+        """Rebuild every layer (and the embedding / lm_head) at another quantization, keeping the
+        layers, the dropped set and the live KV. Only the quantization may change. Built in full
+        before the swap (peak: old + new weights), so a failure leaves the stage as it was."""
+        new = parse_compression(spec)
+        if new.structure != self.compression.structure:
+            raise CompressionError(f"recompress changes quantization only: {self.compression.spec} -> "
+                                   f"{new.spec} changes cuts or pruning")
+        if self.todo.calibrated:
+            raise CompressionError(f"this stage calibrated {self.todo.spec} at load; recompress needs "
+                                   "the structure from a prepared artifact (shardserve prepare)")
+        todo = dataclasses.replace(self.todo, quant=new.quant)
+        kept = LayerRange(self.layers.start, self.layers.end)
+        blocks, _ = self._build_layers(source, kept, todo, self.dropped)
+        ends = self._build_ends(source, new.quant)
+        for name, module in ends.items():
+            setattr(self, name, module)
+        self._commit_layers(blocks, set())
+        self.compression, self.todo = dataclasses.replace(self.compression, quant=new.quant), todo
 
     def shrink(self, layers: LayerRange) -> dict:
         """Give up layers at either end; returns {"kv": their K/V for every live sequence,

@@ -28,10 +28,9 @@ def make_engine(loop, shards, prefix, **kw):
 
 
 def kill(engine):
-    import ray
+    from shards.actor import stop_pipeline
     engine.close()
-    for h in engine.shards:
-        ray.kill(h)
+    stop_pipeline(engine.pipeline.prefix)
 
 
 @pytest.fixture(scope="module")

@@ -46,9 +46,9 @@ def url():
     base = f"http://127.0.0.1:{port}"
     deploy(CONFIG, base)
     yield base
-    from shards.actor import stop_shards
+    from shards.actor import stop_pipeline
     serve.shutdown()
-    stop_shards(handles)
+    stop_pipeline()
     ray.shutdown()
 
 

@@ -1,0 +1,245 @@
+"""The Pipeline: the shard actors, their plan, and every change to them (DESIGN.md section 6).
+
+The router (serving/engine.py) only launches steps through `launch` and reports them back with
+`landed`; everything that changes the shards (move layers, split a shard, recompress one,
+replace a dead one) runs here between `pause` and `resume`, at a step boundary: no step is in
+flight, so no KV is half-written while it moves. Every change is recorded in `events`.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+from collections import deque
+
+from shards.layer_range import LayerRange
+from shards.plan import Action, MoveLayers, Plan, Recompress, ReplaceShard, ShardSpec, SplitShard
+
+PING_TIMEOUT_S = 30.0     # a paused pipeline has nothing queued: a live actor answers at once
+NAME_RELEASE_S = 20.0     # how long a dead actor's name may stay registered
+
+
+class ActionError(RuntimeError):
+    """An action could not be carried out; the pipeline was rolled back to where it was."""
+
+
+class Pipeline:
+    def __init__(self, model: str, plan: Plan, handles: list, kv_blocks: int, block_size: int,
+                 prefix: str = "", on_resume=None):
+        self.model, self.plan, self.handles = model, plan, list(handles)
+        self.names = [f"{prefix}shard-{s.index}" for s in plan.shards]
+        self.kv_blocks, self.block_size, self.prefix = kv_blocks, block_size, prefix
+        self.events: deque[dict] = deque(maxlen=256)
+        self.paused = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._lock = asyncio.Lock()     # one change at a time
+        self._on_resume = on_resume or (lambda: None)
+
+    # ---- steps ----------------------------------------------------------------------------
+    def launch(self, batch):
+        """Chain one step through every shard, actor to actor; returns the last ObjectRef."""
+        self.inflight += 1
+        self._idle.clear()
+        ref = batch
+        for h in self.handles:
+            ref = h.forward.remote(ref)
+        return ref
+
+    def landed(self) -> None:
+        self.inflight -= 1
+        if not self.inflight:
+            self._idle.set()
+
+    async def pause(self) -> None:
+        """Stop new steps and wait until none is in flight (a step boundary)."""
+        self.paused = True
+        await self._idle.wait()
+
+    async def drained(self) -> None:
+        """Wait until no step is in flight (without stopping new ones: the caller holds them)."""
+        await self._idle.wait()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._on_resume()
+
+    # ---- reading --------------------------------------------------------------------------
+    async def stats(self) -> list[dict]:
+        return list(await asyncio.gather(*(h.stats.remote() for h in self.handles)))
+
+    async def dead(self) -> list[int]:
+        """Shards whose actor is dead or does not answer."""
+        async def alive(h) -> bool:
+            try:
+                await asyncio.wait_for(h.ping.remote(), PING_TIMEOUT_S)
+                return True
+            except Exception:   # ActorDiedError, unreachable node, timeout: all mean re-place
+                return False
+        ok = await asyncio.gather(*(alive(h) for h in self.handles))
+        return [k for k, a in enumerate(ok) if not a]
+
+    async def set_budget(self, k: int, budget_bytes: int | None) -> dict:
+        self._check_index(k)
+        st = await self.handles[k].set_budget.remote(budget_bytes)
+        self._set_spec(k, budget_bytes=budget_bytes)
+        return st
+
+    # ---- changes --------------------------------------------------------------------------
+    async def apply(self, action: Action) -> dict:
+        """Carry out one action at a step boundary; returns its event. Raises ActionError
+        (after rolling back) when it cannot be done."""
+        kind = {MoveLayers: "move", Recompress: "recompress", SplitShard: "split",
+                ReplaceShard: "restart"}[type(action)]
+        shard = action.src if isinstance(action, MoveLayers) else action.shard
+        async with self._lock:
+            before, t0 = self._shape(), time.time()
+            event = {"time": t0, "action": kind, "shard": shard, "reason": action.reason,
+                     "before": before}
+            try:
+                await getattr(self, "_" + kind)(action)
+            except Exception as e:
+                event.update(ok=False, error=f"{type(e).__name__}: {e}", after=self._shape(),
+                             seconds=time.time() - t0)
+                self.events.append(event)
+                raise ActionError(f"{kind} of shard {shard} failed: {e}") from e
+            event.update(ok=True, after=self._shape(), seconds=time.time() - t0)
+            self.events.append(event)
+            return event
+
+    async def _move(self, a: MoveLayers) -> None:
+        if abs(a.src - a.dst) != 1:
+            raise ValueError(f"layers move between neighbours only, not shard {a.src} -> {a.dst}")
+        src, dst = self.handles[a.src], self.handles[a.dst]
+        await self.pause()
+        try:
+            handoff = src.shrink.remote(a.layers)   # K/V go actor to actor, not via here
+            try:
+                await dst.grow.remote(a.layers, handoff)
+            except Exception:
+                await src.grow.remote(a.layers, handoff)   # the layers go back where they were
+                raise
+            await self._refresh()
+        finally:
+            self.resume()
+
+    async def _recompress(self, a: Recompress) -> None:
+        await self.pause()
+        try:
+            await self.handles[a.shard].recompress.remote(a.compression)
+            self._set_spec(a.shard, compression=a.compression)
+            await self._refresh()
+        finally:
+            self.resume()
+
+    async def _split(self, a: SplitShard) -> None:
+        """The new actor loads its layers while the pipeline keeps serving; only the KV handoff
+        happens paused. A shard that ends the model gives its lower half (it keeps lm_head),
+        any other its upper half (the first keeps the embedding)."""
+        k, spec, n = a.shard, self.plan.shards[a.shard], self.plan.n_layers
+        if len(spec.layers) < 2 or (spec.layers.is_first() and spec.layers.is_last(n)):
+            raise ValueError(f"shard {k} with layers {spec.layers} cannot be split "
+                             "(one layer, or it holds both ends of the model)")
+        mid = spec.layers.start + len(spec.layers) // 2
+        upper = not spec.layers.is_last(n)
+        part = LayerRange(mid, spec.layers.end) if upper else LayerRange(spec.layers.start, mid)
+        at = k + 1 if upper else k
+        name = self._fresh_name()
+        new = self._start(dataclasses.replace(spec, layers=part, budget_bytes=None), name, len(self.handles) + 1)
+        try:
+            await new.ready.remote()
+            await self.pause()
+            try:
+                handoff = self.handles[k].shrink.remote(part)
+                try:
+                    await new.adopt.remote(handoff)
+                except Exception:
+                    await self.handles[k].grow.remote(part, handoff)
+                    raise
+                self.handles.insert(at, new)
+                self.names.insert(at, name)
+                specs = list(self.plan.shards)
+                specs.insert(at, dataclasses.replace(spec, layers=part, budget_bytes=None))
+                self.plan = dataclasses.replace(self.plan, shards=tuple(
+                    dataclasses.replace(s, index=i) for i, s in enumerate(specs)))
+                await self._refresh()
+            finally:
+                self.resume()
+        except Exception:
+            if new not in self.handles:
+                _kill(new)
+            raise
+
+    async def _restart(self, a: ReplaceShard) -> None:
+        """Re-place shard k with its current layers and compression. The new actor holds no
+        KV: the router recomputes every live sequence (Engine.apply)."""
+        await self.pause()
+        try:
+            await self._replace(a.shard)
+        finally:
+            self.resume()
+
+    async def _replace(self, k: int) -> None:
+        import ray
+        name = self.names[k]
+        _kill(self.handles[k])
+        deadline = time.time() + NAME_RELEASE_S
+        while time.time() < deadline:     # a killed actor's name is released asynchronously
+            try:
+                ray.get_actor(name, namespace="shardserve")
+            except ValueError:
+                break
+            await asyncio.sleep(0.1)
+        spec = self.plan.shards[k]
+        handle = self._start(spec, name, len(self.handles))
+        try:
+            await handle.ready.remote()
+            if spec.budget_bytes is not None:
+                await handle.set_budget.remote(spec.budget_bytes)
+        except Exception:
+            _kill(handle)
+            raise
+        self.handles[k] = handle
+        await self._refresh()
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _start(self, spec: ShardSpec, name: str, n_shards: int):
+        from shards.actor import start_shard
+        threads = max(1, (os.cpu_count() or 1) // n_shards)
+        return start_shard(self.model, spec, self.kv_blocks, self.block_size, name, threads, attach=False)
+
+    def _fresh_name(self) -> str:
+        used = {int(n.rsplit("-", 1)[1]) for n in self.names}
+        return f"{self.prefix}shard-{max(used) + 1}"
+
+    async def _refresh(self) -> None:
+        """Plan ranges and bytes from what the shards now report."""
+        stats = await self.stats()
+        self.plan = dataclasses.replace(self.plan, shards=tuple(
+            dataclasses.replace(s, layers=LayerRange(st["start"], st["end"]), weight_bytes=st["weight_bytes"],
+                                compression=st["compression"])
+            for s, st in zip(self.plan.shards, stats)))
+
+    def _set_spec(self, k: int, **changes) -> None:
+        shards = list(self.plan.shards)
+        shards[k] = dataclasses.replace(shards[k], **changes)
+        self.plan = dataclasses.replace(self.plan, shards=tuple(shards))
+
+    def _shape(self) -> list[dict]:
+        return [{"shard": s.index, "name": n, "start": s.layers.start, "end": s.layers.end,
+                 "compression": s.compression, "weight_bytes": s.weight_bytes, "budget_bytes": s.budget_bytes}
+                for s, n in zip(self.plan.shards, self.names)]
+
+    def _check_index(self, k: int) -> None:
+        if not 0 <= k < len(self.handles):
+            raise IndexError(f"no shard {k}: the pipeline has shards 0..{len(self.handles) - 1}")
+
+
+def _kill(handle) -> None:
+    import ray
+    try:
+        ray.kill(handle)
+    except Exception:   # already gone
+        pass
