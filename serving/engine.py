@@ -75,6 +75,7 @@ class Engine:
         self._control_task: asyncio.Task | None = None
         self.controller = controller         # the controller actor's name (serving/controller.py)
         self.hop_log: deque[float] = deque(maxlen=1024)  # seconds from launch to tokens back, per group
+        self.step_errors: deque[dict] = deque(maxlen=256)  # steps that raised: time, error, sequences
 
     @property
     def plan(self) -> Plan:
@@ -188,7 +189,8 @@ class Engine:
         sequences' KV may be half-written: drop it everywhere and recompute them from their
         token history; one that failed max_failures times ends with an error. Then check the
         shards (and re-place dead ones) before launching anything else."""
-        why = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        why = describe(err)
+        self.step_errors.append({"time": time.time(), "error": why, "sequences": len(group.seq_ids)})
         freed = self.sched.requeue(group.seq_ids, failed=True)
         for seq in [s for s in self.sched.waiting if s.id in group.seq_ids]:
             if seq.failures >= self.max_failures:
@@ -313,3 +315,11 @@ class Engine:
 
     async def stats(self) -> list[dict]:
         return await self.pipeline.stats()
+
+
+def describe(err: BaseException) -> str:
+    """One line for an error from a shard: a RayTaskError's own first line is only the task's
+    name, the shard's exception is its cause."""
+    cause = getattr(err, "cause", None) or err
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"[:300]

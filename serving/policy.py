@@ -75,6 +75,7 @@ class ControllerConfig:
 @dataclass(frozen=True)
 class PolicyState:
     over: dict[str, int] = field(default_factory=dict)      # consecutive pressured readings, by name
+    low: dict[str, int] = field(default_factory=dict)       # least use seen in that streak, bytes
     last_action: float = -math.inf
     calm_since: float | None = None                          # first reading of the current calm spell
     raised: dict[str, str] = field(default_factory=dict)     # name -> compression before we raised it
@@ -94,21 +95,24 @@ def pressure(r: ShardReading, cfg: ControllerConfig) -> str | None:
 def decide(snap: Snapshot, cfg: ControllerConfig, state: PolicyState) -> tuple[list[Action], PolicyState]:
     reasons = {r.name: pressure(r, cfg) for r in snap.shards}
     over = {r.name: state.over.get(r.name, 0) + 1 if reasons[r.name] else 0 for r in snap.shards}
+    # an action is sized by the least use of the streak: a transient peak (a big prefill) must
+    # not move more layers than the pressure that lasted
+    low = {r.name: min(state.low.get(r.name, r.used_bytes), r.used_bytes) for r in snap.shards if reasons[r.name]}
     calm = not any(reasons.values())
     calm_since = (state.calm_since if state.calm_since is not None else snap.time) if calm else None
-    state = replace(state, over=over, calm_since=calm_since)
+    state = replace(state, over=over, low=low, calm_since=calm_since)
     if snap.time - state.last_action < cfg.quiet_s:
         return [], state
     hot = [r for r in snap.shards if over[r.name] >= cfg.readings]
     if hot:
-        r = max(hot, key=lambda x: x.used_bytes / (x.budget_bytes or math.inf))
-        action = relieve(r, snap, cfg, reasons[r.name])
+        r = max(hot, key=lambda x: low[x.name] / (x.budget_bytes or math.inf))
+        action = relieve(replace(r, used_bytes=low[r.name]), snap, cfg, reasons[r.name])
         if action is None:
             return [], state
         raised = dict(state.raised)
         if isinstance(action, Recompress):
             raised.setdefault(r.name, r.compression)
-        return [action], replace(state, last_action=snap.time, over={}, raised=raised)
+        return [action], replace(state, last_action=snap.time, over={}, low={}, raised=raised)
     if calm and state.raised and snap.time - calm_since >= cfg.relax_s:
         return _relax(snap, cfg, state)
     return [], state
@@ -221,7 +225,7 @@ def _relax(snap: Snapshot, cfg: ControllerConfig, state: PolicyState) -> tuple[l
 
 def acted(state: PolicyState, now: float) -> PolicyState:
     """An action finished: the quiet period counts from now, and readings start over."""
-    return replace(state, last_action=now, over={})
+    return replace(state, last_action=now, over={}, low={})
 
 
 def reading(index: int, name: str, st: dict) -> ShardReading:

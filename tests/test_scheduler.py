@@ -85,3 +85,32 @@ def test_one_group_never_overcommits_blocks():
     g, _ = s.next_group()
     assert g.seq_ids == (1,) and s.used_blocks == 3
     assert sum(-(-(st + len(x)) // 4) for st, x in zip(g.starts, g.inputs)) <= 5
+
+
+def test_failed_group_recomputes_from_token_history():
+    """A step that raised: its sequences drop their KV and are recomputed, keeping what they
+    generated; the next group re-feeds prompt + generated from position 0."""
+    s = Scheduler(SchedulerConfig(kv_blocks=16, block_size=4, n_groups=1))
+    s.add(seq(1, 3, max_tokens=9))
+    s.add(seq(2, 3, max_tokens=9))
+    run_group(s)                              # both prefilled, one token each
+    g, _ = s.next_group()
+    assert set(g.seq_ids) == {1, 2}
+    assert sorted(s.requeue(g.seq_ids, failed=True)) == [1, 2] and not s.running and s.used_blocks == 0
+    assert [x.failures for x in s.waiting] == [1, 1]
+    g, _ = s.next_group()
+    assert g.prefill and g.starts == (0, 0) and g.inputs == ((10, 11, 12, 7),) * 2
+
+
+def test_requeue_all_skips_in_flight_and_fail_ends_anywhere():
+    s = Scheduler(SchedulerConfig(kv_blocks=16, block_size=4, max_batch=1))
+    s.add(seq(1, 3))
+    s.add(seq(2, 3))
+    s.add(seq(3, 3))
+    g, _ = s.next_group()                     # seq 1 in flight
+    s.next_group()                            # seq 2 in flight too (max_batch 1, 2 groups)
+    s.complete(g, [7])                        # seq 1 back, idle with 4 tokens cached
+    # seq 2 is still in flight: its group reports (or fails) on its own
+    assert s.requeue_all() == [1, 3] and list(s.running) == [2]
+    assert s.fail(3) == [] and s.fail(2) == [2] and s.fail(99) == []
+    assert [x.id for x in s.waiting] == [1] and not s.running

@@ -1,0 +1,199 @@
+"""Tier 2: the controller and failure recovery on a local Ray, with the real model.
+
+One 2-shard pipeline serves every test in turn (each leaves it whole); outputs are compared
+with the one-process reference generator, token for token.
+"""
+import asyncio
+import time
+
+import pytest
+
+from serving.launch import EngineConfig, build_engine
+from shards.plan import Recompress
+from shards.step import SamplingParams
+from tests.conftest import chat_ids, prompts
+
+pytestmark = pytest.mark.ray
+PREFIX = "ctl-"
+CONTROL = {"readings": 2, "quiet_s": 5, "relax_s": 3600, "actions": ["move", "split", "recompress"]}
+
+
+@pytest.fixture(scope="module")
+def loop():
+    import ray
+    ray.init(namespace="shardserve", include_dashboard=False, log_to_driver=False)
+    lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine(loop):
+    from shards.actor import stop_pipeline
+    e = loop.run_until_complete(build_engine(EngineConfig(shards=2, prefix=PREFIX, kv_tokens=4096,
+                                                          controller=CONTROL)))
+    yield e
+    e.close()
+    stop_pipeline(PREFIX)
+
+
+@pytest.fixture(scope="module")
+def reference(source, tokenizer):
+    """Greedy outputs of the one-process generator for 32 prompts, 24 tokens each."""
+    from shards.generator import Generator
+    inputs = [chat_ids(tokenizer, p) for p in prompts(32, start=200)]
+    return inputs, Generator(source, 1).generate(inputs, SamplingParams(max_tokens=24))
+
+
+async def until(cond, timeout, what):
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def kv_drained(engine):
+    """Frees ride on the next step or go out when the router idles: wait for that."""
+    for _ in range(100):
+        stats = await engine.stats()
+        if all(s["kv_blocks_used"] == 0 and s["live_sequences"] == 0 for s in stats):
+            return stats
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"KV not freed: {[(s['kv_blocks_used'], s['live_sequences']) for s in stats]}")
+
+
+def test_budget_below_use_controller_moves_layers_outputs_identical(loop, engine, reference):
+    inputs, want = reference
+
+    async def scenario():
+        tasks = [asyncio.ensure_future(engine.complete(ids, SamplingParams(max_tokens=24))) for ids in inputs]
+        await until(lambda: sum(len(s.generated) for s in engine.sched.running.values()) > 8, 120, "decoding")
+        st = (await engine.stats())[0]
+        used = st["rss_bytes"] - st["base_rss_bytes"]
+        n_events, t0 = len(engine.pipeline.events), time.time()
+        await engine.set_budget(0, int(0.8 * used))
+        await until(lambda: len(engine.pipeline.events) > n_events, 30, "a controller action")
+        acted_s = time.time() - t0
+        outs = await asyncio.wait_for(asyncio.gather(*tasks), 300)
+        return used, acted_s, outs
+
+    used, acted_s, outs = loop.run_until_complete(scenario())
+    ev = engine.pipeline.events[-1]
+    print(f"budget {0.8 * used / 2**20:.0f} MiB under use {used / 2**20:.0f} MiB: {ev['action']} after "
+          f"{acted_s:.1f} s ({ev['seconds']:.1f} s to carry out): {ev['reason']}")
+    assert acted_s < 10 and ev["ok"] and ev["action"] == "move" and ev["shard"] == 0
+    assert ev["after"][0]["end"] < ev["before"][0]["end"] and "budget" in ev["reason"]
+    assert [d.token_ids for d in outs] == want
+    stats = loop.run_until_complete(kv_drained(engine))
+    assert stats[0]["end"] == engine.plan.shards[0].layers.end == ev["after"][0]["end"]
+    # the move brought shard 0 under its budget (the controller then stays quiet)
+    assert stats[0]["rss_bytes"] - stats[0]["base_rss_bytes"] < 0.95 * stats[0]["budget_bytes"]
+    loop.run_until_complete(engine.set_budget(0, None))
+
+
+def test_recompress_one_shard_under_load(loop, engine, reference, source):
+    from shards.memory import measure_costs
+    from shards.planner import shard_weight_bytes
+    inputs = reference[0][:16]
+
+    async def scenario():
+        tasks = [asyncio.ensure_future(engine.complete(ids, SamplingParams(max_tokens=24))) for ids in inputs]
+        await until(lambda: sum(len(s.generated) for s in engine.sched.running.values()) > 8, 120, "decoding")
+        before = (await engine.stats())[1]
+        event = await engine.apply(Recompress(1, "int8-cpu", "test"))
+        outs = await asyncio.wait_for(asyncio.gather(*tasks), 300)
+        return before, event, outs
+
+    before, event, outs = loop.run_until_complete(scenario())
+    assert all(d.finish_reason in ("stop", "length") and d.completion_tokens > 0 for d in outs)
+    after = loop.run_until_complete(kv_drained(engine))[1]
+    rng = engine.plan.shards[1].layers
+    want_fp32 = shard_weight_bytes(measure_costs(source, "fp32"), rng)
+    want_int8 = shard_weight_bytes(measure_costs(source, "int8-cpu"), rng)
+    assert (before["weight_bytes"], after["weight_bytes"]) == (want_fp32, want_int8)
+    saved, rss_drop = want_fp32 - want_int8, before["rss_bytes"] - after["rss_bytes"]
+    print(f"shard 1 {rng} fp32 -> int8-cpu in {event['seconds']:.1f} s: weights {want_fp32 / 2**20:.0f} -> "
+          f"{want_int8 / 2**20:.0f} MiB (x{want_int8 / want_fp32:.2f}), RSS {before['rss_bytes'] / 2**20:.0f} -> "
+          f"{after['rss_bytes'] / 2**20:.0f} MiB (-{rss_drop / 2**20:.0f})")
+    assert after["compression"] == "int8-cpu" == engine.plan.shards[1].compression
+    assert rss_drop > 0.8 * saved
+    loop.run_until_complete(engine.apply(Recompress(1, "fp32", "test: back")))
+
+
+def test_kill_shard_1_mid_generation_token_identical(loop, engine, reference):
+    import ray
+    inputs, want = reference[0][:16], reference[1][:16]
+
+    async def scenario():
+        tasks = [asyncio.ensure_future(engine.complete(ids, SamplingParams(max_tokens=24))) for ids in inputs]
+        await until(lambda: sum(len(s.generated) for s in engine.sched.running.values()) > 16, 120, "decoding")
+        old_pid = (await engine.stats())[1]["pid"]
+        t0 = time.time()
+        ray.kill(ray.get_actor(f"{PREFIX}shard-1", namespace="shardserve"))
+        await until(lambda: any(e["action"] == "restart" and e["ok"] for e in engine.pipeline.events), 120,
+                    "shard 1 re-placed")
+        recovered = time.time() - t0
+        outs = await asyncio.wait_for(asyncio.gather(*tasks), 300)
+        return old_pid, recovered, time.time() - t0, outs
+
+    old_pid, recovered, total, outs = loop.run_until_complete(scenario())
+    print(f"shard-1 killed: re-placed in {recovered:.1f} s, all 16 requests done {total:.1f} s after the kill")
+    assert [d.token_ids for d in outs] == want
+    stats = loop.run_until_complete(kv_drained(engine))
+    assert stats[1]["pid"] != old_pid and engine.down is None
+
+
+def test_step_that_raises_once_is_recomputed(loop, engine, reference):
+    inputs, want = reference[0][:8], reference[1][:8]
+
+    async def scenario():
+        tasks = [asyncio.ensure_future(engine.complete(ids, SamplingParams(max_tokens=24))) for ids in inputs]
+        await until(lambda: sum(len(s.generated) for s in engine.sched.running.values()) > 8, 120, "decoding")
+        errors = len(engine.step_errors)
+        await engine.shards[1].inject_fault.remote(1, "boom")
+        return errors, await asyncio.wait_for(asyncio.gather(*tasks), 300)
+
+    errors, outs = loop.run_until_complete(scenario())
+    assert len(engine.step_errors) == errors + 1 and "boom" in engine.step_errors[-1]["error"]
+    assert [d.token_ids for d in outs] == want
+    loop.run_until_complete(kv_drained(engine))
+
+
+def test_step_that_always_raises_ends_requests_with_an_error(loop, engine, reference):
+    inputs = reference[0][:4]
+
+    async def scenario():
+        await engine.shards[0].inject_fault.remote(1000, "always")
+        try:
+            return await asyncio.wait_for(asyncio.gather(
+                *(engine.complete(ids, SamplingParams(max_tokens=8)) for ids in inputs)), 120)
+        finally:
+            await engine.shards[0].inject_fault.remote(0)
+
+    outs = loop.run_until_complete(scenario())
+    assert all(d.finish_reason == "error" and "always" in d.error and "3 times" in d.error for d in outs)
+    loop.run_until_complete(kv_drained(engine))
+    ok = loop.run_until_complete(engine.complete(inputs[0], SamplingParams(max_tokens=8)))
+    assert ok.finish_reason in ("stop", "length")
+
+
+def test_controller_comes_back_and_readopts(loop, engine):
+    import ray
+    ctl = ray.get_actor(f"{PREFIX}controller", namespace="shardserve")
+    ray.kill(ctl, no_restart=False)
+
+    async def readopted():
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                st = await ray.get_actor(f"{PREFIX}controller", namespace="shardserve").status.remote(PREFIX)
+                if st.get("readings"):
+                    return st
+            except Exception:   # restarting
+                pass
+            await asyncio.sleep(0.5)
+        raise AssertionError("controller did not come back and poll the pipeline")
+
+    st = loop.run_until_complete(readopted())
+    assert st["names"] == engine.pipeline.names and len(st["readings"][-1]) == 2

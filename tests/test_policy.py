@@ -1,0 +1,135 @@
+"""Tier 1: the controller's pure policy, driven by a fake clock."""
+import pytest
+
+from serving.policy import ControllerConfig, PolicyState, ShardReading, Snapshot, acted, decide, pressure
+from shards import LayerRange
+from shards.plan import MoveLayers, Recompress, SplitShard
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def shard(index, start, end, used, budget=None, comp="fp32", node="n1", free=10 * GiB, layer=20 * MiB):
+    return ShardReading(index=index, name=f"shard-{index}", start=start, end=end, compression=comp,
+                        used_bytes=used, weight_bytes=(end - start) * 14 * MiB, layer_bytes=layer,
+                        runtime_bytes=400 * MiB, budget_bytes=budget, node=node, node_available_bytes=free)
+
+
+def run(cfg, readings, state=None, t0=0.0, dt=1.0):
+    """Feed snapshots one second apart; returns [(time, actions)] where actions happened, and the state."""
+    state = state or PolicyState()
+    acts = []
+    for i, shards in enumerate(readings):
+        t = t0 + i * dt
+        actions, state = decide(Snapshot(t, 30, tuple(shards)), cfg, state)
+        if actions:
+            acts.append((t, actions))
+    return acts, state
+
+
+def test_pressure_names_the_numbers():
+    cfg = ControllerConfig()
+    assert pressure(shard(0, 0, 19, 300 * MiB, budget=400 * MiB), cfg) is None
+    why = pressure(shard(0, 0, 19, 500 * MiB, budget=400 * MiB), cfg)
+    assert "500 MiB of its 400 MiB" in why and "125%" in why
+    assert "100 MiB free" in pressure(shard(1, 19, 30, 10, free=100 * MiB), cfg)
+
+
+def test_acts_after_k_readings_and_moves_to_the_neighbour_with_room():
+    cfg = ControllerConfig(readings=3)
+    hot = [shard(0, 0, 19, 500 * MiB, budget=400 * MiB), shard(1, 19, 30, 250 * MiB)]
+    acts, _ = run(cfg, [hot] * 5)
+    assert [t for t, _ in acts] == [2.0]       # the third reading, not before
+    (a,) = acts[0][1]
+    # free 500 - 0.85 * 400 = 160 MiB at 20 MiB per layer: 8 layers from the top of shard 0
+    assert a == MoveLayers(0, 1, LayerRange(11, 19), a.reason)
+    assert "500 MiB of its 400 MiB" in a.reason
+
+
+def test_a_reading_under_the_watermark_resets_the_count():
+    cfg = ControllerConfig(readings=3)
+    hot = [shard(0, 0, 19, 500 * MiB, budget=400 * MiB), shard(1, 19, 30, 250 * MiB)]
+    cool = [shard(0, 0, 19, 300 * MiB, budget=400 * MiB), shard(1, 19, 30, 250 * MiB)]
+    acts, _ = run(cfg, [hot, hot, cool, hot, hot, cool] * 5)
+    assert acts == []
+
+
+def test_hovering_at_the_watermark_at_most_one_action_per_quiet_period():
+    """Use that sits just over the watermark and never falls (the action does not help, as with
+    a budget set below the runtime): one action, then nothing until the quiet period is over."""
+    cfg = ControllerConfig(readings=2, quiet_s=20)
+    budget = 400 * MiB
+    over = [shard(0, 0, 19, int(0.951 * budget), budget=budget), shard(1, 19, 30, 250 * MiB)]
+    under = [shard(0, 0, 19, int(0.949 * budget), budget=budget), shard(1, 19, 30, 250 * MiB)]
+    acts, _ = run(cfg, [over, over, under, over, over, over] * 20)   # 120 s of readings
+    times = [t for t, _ in acts]
+    assert len(times) >= 3
+    assert all(b - a >= cfg.quiet_s for a, b in zip(times, times[1:]))
+
+
+def test_quiet_period_counts_from_the_end_of_the_action():
+    cfg = ControllerConfig(readings=1, quiet_s=10)
+    hot = [shard(0, 0, 19, 500 * MiB, budget=400 * MiB), shard(1, 19, 30, 250 * MiB)]
+    acts, state = run(cfg, [hot])
+    state = acted(state, 30.0)                      # the action took 30 s
+    acts, _ = run(cfg, [hot] * 20, state, t0=31.0)
+    assert acts[0][0] == 40.0
+
+
+def test_no_neighbour_room_splits_then_recompresses():
+    full = shard(1, 19, 30, 390 * MiB, budget=400 * MiB)
+    hot = [shard(0, 0, 19, 500 * MiB, budget=400 * MiB), full]
+    (_, (a,)), = run(ControllerConfig(readings=1), [hot])[0]
+    assert isinstance(a, SplitShard) and a.shard == 0 and "no neighbour has room" in a.reason
+    cfg = ControllerConfig(readings=1, actions=("move", "recompress"))
+    (_, (a,)), = run(cfg, [hot])[0]
+    # 160 MiB to free; int8-cpu saves 0.75 of 266 MiB of weights: one ladder step is enough
+    assert a == Recompress(0, "int8-cpu", a.reason) and "fp32 -> int8-cpu" in a.reason
+
+
+def test_node_pressure_needs_another_node():
+    cfg = ControllerConfig(readings=1, actions=("move",))
+    low = 400 * MiB    # 112 MiB under the 512 MiB floor: 6 layers of 20 MiB
+    same = [shard(0, 0, 19, 500 * MiB, free=low), shard(1, 19, 30, 250 * MiB, free=low)]
+    assert run(cfg, [same])[0] == []
+    other = [shard(0, 0, 19, 500 * MiB, free=low), shard(1, 19, 30, 250 * MiB, node="n2", free=4 * GiB)]
+    (_, (a,)), = run(cfg, [other])[0]
+    assert a == MoveLayers(0, 1, LayerRange(13, 19), a.reason) and "400 MiB free" in a.reason
+
+
+def test_raised_compression_comes_back_only_after_a_long_calm():
+    cfg = ControllerConfig(readings=1, quiet_s=5, relax_s=60, actions=("recompress",))
+    hot = [shard(0, 0, 19, 500 * MiB, budget=400 * MiB), shard(1, 19, 30, 250 * MiB)]
+    (_, (a,)), state = run(cfg, [hot])[0][0], run(cfg, [hot])[1]
+    assert a.compression == "int8-cpu" and state.raised == {"shard-0": "fp32"}
+    # the budget is lifted: int8 weights (0.25 of fp32) and plenty of room to go back
+    calm = [shard(0, 0, 19, 200 * MiB, budget=2 * GiB, comp="int8-cpu"), shard(1, 19, 30, 250 * MiB)]
+    calm[0] = ShardReading(**{**calm[0].__dict__, "weight_bytes": 66 * MiB})
+    acts, state = run(cfg, [calm] * 120, state, t0=10.0)
+    assert [t for t, _ in acts] == [10.0 + 60]
+    assert acts[0][1][0] == Recompress(0, "fp32", acts[0][1][0].reason) and state.raised == {}
+
+
+def test_relax_waits_when_the_lighter_compression_would_not_fit():
+    cfg = ControllerConfig(readings=1, relax_s=10)
+    state = PolicyState(raised={"shard-0": "fp32"})
+    # 300 MiB used of 400; fp32 would add 3 x 66 MiB = 198 MiB: over the low watermark
+    tight = [ShardReading(**{**shard(0, 0, 19, 300 * MiB, budget=400 * MiB, comp="int8-cpu").__dict__,
+                             "weight_bytes": 66 * MiB}), shard(1, 19, 30, 250 * MiB)]
+    assert run(cfg, [tight] * 100, state)[0] == []
+
+
+def test_bad_config_refused():
+    with pytest.raises(ValueError, match="watermarks"):
+        ControllerConfig(low_watermark=0.9, high_watermark=0.8)
+    with pytest.raises(ValueError, match="unknown controller actions"):
+        ControllerConfig(actions=("move", "teleport"))
+
+
+def test_action_sized_by_the_least_use_of_the_streak():
+    """A prefill spike in the first reading must not move more layers than the lasting use asks."""
+    cfg = ControllerConfig(readings=2)
+    spike = [shard(0, 0, 19, 700 * MiB, budget=400 * MiB), shard(1, 19, 30, 250 * MiB)]
+    hot = [shard(0, 0, 19, 500 * MiB, budget=400 * MiB), shard(1, 19, 30, 250 * MiB)]
+    (_, (a,)), = run(cfg, [spike, hot])[0]
+    assert a.layers == LayerRange(11, 19)      # 160 MiB to free, not 360
