@@ -93,7 +93,7 @@ class ShardServe:
         """The plan, each shard's measured numbers, and the controller's actions (newest last)."""
         engine = await self.engine()
         pipe = engine.pipeline
-        stats = await asyncio.gather(*(_stats_or_error(h) for h in pipe.handles))
+        stats = await pipe.stats_or_errors()
         out = []
         for spec, name, st in zip(pipe.plan.shards, pipe.names, stats):
             st = {k: v for k, v in st.items() if k != "busy"}
@@ -194,13 +194,6 @@ class ShardServe:
             yield "data: [DONE]\n\n"
         finally:
             await gen.aclose()  # client gone mid-stream: the engine aborts and frees its KV
-
-
-async def _stats_or_error(handle) -> dict:
-    try:
-        return await asyncio.wait_for(handle.stats.remote(), timeout=10)
-    except Exception as e:   # a dead shard shows as such; the router is re-placing it
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
 
 
 def build_app(args: dict) -> serve.Application:

@@ -70,6 +70,15 @@ class Pipeline:
     async def stats(self) -> list[dict]:
         return list(await asyncio.gather(*(h.stats.remote() for h in self.handles)))
 
+    async def stats_or_errors(self, timeout: float = 10.0) -> list[dict]:
+        """Each shard's stats, or {"error": ...} for one that is dead or slow (being re-placed)."""
+        async def one(h) -> dict:
+            try:
+                return await asyncio.wait_for(h.stats.remote(), timeout)
+            except Exception as e:
+                return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"}
+        return list(await asyncio.gather(*(one(h) for h in self.handles)))
+
     async def dead(self) -> list[int]:
         """Shards whose actor is dead or does not answer."""
         async def alive(h) -> bool:

@@ -48,7 +48,7 @@ def url():
     yield base
     from shards.actor import stop_pipeline
     serve.shutdown()
-    stop_pipeline()
+    stop_pipeline(CONFIG["prefix"])
     ray.shutdown()
 
 
@@ -144,3 +144,39 @@ def test_bench_drives_the_endpoint_and_reads_shard_memory(url):
     assert all(m["peak_rss_bytes"] >= m["rss_bytes"] > m["base_rss_bytes"] > 0 for m in mem)
     table = bench.table({"shardserve": [r], "hf_generate": [{**r, "tokens_per_s": r["tokens_per_s"] / 2}]})
     assert "| shardserve | 2 |" in table and "| 2.00 |" in table
+
+
+def test_shard_budget_patch_and_events(url):
+    """PATCH /v1/shards/{k} sets a budget the shard reports (large: no controller action here);
+    /v1/shards carries the plan and the events list; bad index 404, bad body 400."""
+    from serving.cli import main
+    c = Client(url)
+    st = c.set_budget(0, 8 * 2**30)
+    assert st["budget_bytes"] == 8 * 2**30
+    body = c.shards()
+    assert body["shards"][0]["budget_bytes"] == 8 * 2**30 and body["plan"]["shards"][0]["budget_bytes"] == 8 * 2**30
+    assert body["events"] == [] and body["down"] is None and body["shards"][1]["name"] == "srv-shard-1"
+    assert main(["budget", "0", "none", "--url", url]) == 0
+    assert c.shards()["shards"][0]["budget_bytes"] is None
+    r = httpx.patch(url + "/v1/shards/7", json={"budget_bytes": 1})
+    assert r.status_code == 404 and "shards 0..1" in r.json()["error"]["message"]
+    r = httpx.patch(url + "/v1/shards/0", json={"budget": 1})
+    assert r.status_code == 400 and "budget_bytes" in r.json()["error"]["message"]
+
+
+def test_failing_shard_gives_503_and_a_final_sse_error_then_recovers(url):
+    """Every step of shard 0 raises: the request ends with an OpenAI error (503 / an error
+    chunk in the stream) after its retries, never hangs; then the service answers again."""
+    import ray
+    shard0 = ray.get_actor("srv-shard-0", namespace="shardserve")
+    ray.get(shard0.inject_fault.remote(1000, "disk on fire"))
+    try:
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 8}, timeout=120)
+        assert r.status_code == 503 and "disk on fire" in r.json()["error"]["message"]
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=120,
+                          json={"messages": QUESTION, "max_tokens": 8, "stream": True}) as s:
+            lines = [x for x in s.iter_lines() if x]
+        assert '"error"' in lines[-2] and "disk on fire" in lines[-2] and lines[-1] == "data: [DONE]"
+    finally:
+        ray.get(shard0.inject_fault.remote(0))
+    assert Client(url).chat(QUESTION, max_tokens=24, temperature=0).strip() == "The capital of France is Paris."
