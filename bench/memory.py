@@ -19,8 +19,6 @@ from pathlib import Path
 
 
 async def one_config(shards: int, compression: str, kv_tokens: int) -> list[dict]:
-    import ray
-
     from serving.launch import EngineConfig, build_engine
     from shards.data import read_prompts
     from shards.planner import WORKSPACE_BYTES
@@ -33,9 +31,9 @@ async def one_config(shards: int, compression: str, kv_tokens: int) -> list[dict
         await asyncio.gather(*(engine.complete(i, SamplingParams(max_tokens=32)) for i in ids))
         stats = await engine.stats()
     finally:
+        from shards.actor import stop_pipeline
         engine.close()
-        for h in engine.shards:
-            ray.kill(h)
+        stop_pipeline(engine.pipeline.prefix)
     rows = []
     for spec, st in zip(engine.plan.shards, stats):
         plan_bytes = spec.weight_bytes + spec.kv_bytes + WORKSPACE_BYTES

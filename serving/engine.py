@@ -218,10 +218,10 @@ class Engine:
         try:
             await self.pipeline.drained()
             dead = await self.pipeline.dead()
-            for k in dead:
-                await self.pipeline.apply(ReplaceShard(k, f"shard {k} unreachable after: {why}"))
-            if dead:
-                self._free(self.sched.requeue_all())
+            events = [await self.pipeline.apply(ReplaceShard(k, f"shard {k} unreachable after: {why}"))
+                      for k in dead]
+            if any("skipped" not in e for e in events):
+                self._free(self.sched.requeue_all())     # the new actors hold no KV
             self.down = None
         except Exception as e:
             self.down = f"shard lost and not re-placed ({type(e).__name__}: {e}); after: {why}"
@@ -235,12 +235,10 @@ class Engine:
     async def apply(self, action) -> dict:
         """Carry out one controller action at a step boundary (Pipeline.apply); returns its event."""
         if isinstance(action, ReplaceShard):
-            if action.shard not in await self.pipeline.dead():
-                return {"action": "restart", "shard": action.shard, "ok": True, "skipped": "it answers"}
             self._hold += 1
         try:
             event = await self.pipeline.apply(action)
-            if isinstance(action, ReplaceShard):
+            if isinstance(action, ReplaceShard) and "skipped" not in event:
                 self._free(self.sched.requeue_all())     # the new actor holds no KV
             self.sched.cfg.n_groups = max(2, len(self.pipeline.handles))
             return event

@@ -104,9 +104,12 @@ class Pipeline:
                 ReplaceShard: "restart"}[type(action)]
         shard = action.src if isinstance(action, MoveLayers) else action.shard
         async with self._lock:
+            if isinstance(action, ReplaceShard) and action.shard not in await self.dead():
+                # already re-placed (the router and the controller both saw it die)
+                return {"action": kind, "shard": shard, "ok": True, "skipped": "it answers"}
             before, t0 = self._shape(), time.time()
-            event = {"time": t0, "action": kind, "shard": shard, "reason": action.reason,
-                     "before": before}
+            event = {"time": t0, "action": kind, "shard": shard, "name": self.names[shard],
+                     "reason": action.reason, "before": before}
             try:
                 await getattr(self, "_" + kind)(action)
             except Exception as e:
@@ -153,10 +156,16 @@ class Pipeline:
                              "(one layer, or it holds both ends of the model)")
         mid = spec.layers.start + len(spec.layers) // 2
         upper = not spec.layers.is_last(n)
-        part = LayerRange(mid, spec.layers.end) if upper else LayerRange(spec.layers.start, mid)
-        at = k + 1 if upper else k
+        lo, hi = LayerRange(spec.layers.start, mid), LayerRange(mid, spec.layers.end)
+        part, keep, at = (hi, lo, k + 1) if upper else (lo, hi, k)
+        new_spec = dataclasses.replace(spec, layers=part, budget_bytes=None)
+        specs = list(self.plan.shards)
+        specs[k] = dataclasses.replace(spec, layers=keep)
+        specs.insert(at, new_spec)
+        plan = dataclasses.replace(self.plan, shards=tuple(   # validated before anything changes
+            dataclasses.replace(s, index=i) for i, s in enumerate(specs)))
         name = self._fresh_name()
-        new = self._start(dataclasses.replace(spec, layers=part, budget_bytes=None), name, len(self.handles) + 1)
+        new = self._start(new_spec, name, len(self.handles) + 1)
         try:
             await new.ready.remote()
             await self.pause()
@@ -169,10 +178,7 @@ class Pipeline:
                     raise
                 self.handles.insert(at, new)
                 self.names.insert(at, name)
-                specs = list(self.plan.shards)
-                specs.insert(at, dataclasses.replace(spec, layers=part, budget_bytes=None))
-                self.plan = dataclasses.replace(self.plan, shards=tuple(
-                    dataclasses.replace(s, index=i) for i, s in enumerate(specs)))
+                self.plan = plan
                 await self._refresh()
             finally:
                 self.resume()
