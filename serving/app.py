@@ -7,12 +7,15 @@ GET /v1/shards, GET /healthz (200 only when every shard is loaded and answers).
 """
 # No `from __future__ import annotations` here: Serve pickles this class by value, and string
 # annotations would be resolved against globals that cloudpickle only fills with names the code
-# uses, so FastAPI would lose the `Request` type of route parameters.
+# uses, so FastAPI would lose the `Request` type of route parameters. For the same reason every
+# helper the class calls is defined above it (one defined below was a NameError in the replica).
 import asyncio
+import hmac
 import json
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -22,6 +25,8 @@ from serving.launch import EngineConfig
 from serving.schemas import ChatCompletionRequest, CompletionRequest, ShardPatch
 
 api = FastAPI(title="shardserve")
+MAX_BODY_BYTES = 1 << 20     # 1 MiB: far above the longest prompt the KV pools can hold
+DOC_PATHS = ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
 
 
 def _error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
@@ -31,24 +36,69 @@ def _error(status: int, message: str, kind: str, code: str | None = None) -> JSO
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException):
-    kind = {401: "authentication_error", 404: "not_found_error"}.get(exc.status_code, "invalid_request_error")
-    return _error(exc.status_code, str(exc.detail), kind)
+    kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
+            503: "service_unavailable", 504: "timeout"}.get(exc.status_code, "invalid_request_error")
+    resp = _error(exc.status_code, str(exc.detail), kind)
+    if exc.status_code in (429, 503):
+        resp.headers["Retry-After"] = "1"
+    return resp
+
+
+@api.middleware("http")
+async def _guard_docs(request: Request, call_next):
+    """With an API key set, the schema and docs pages need it too."""
+    if request.url.path in DOC_PATHS and not _key_ok(request):
+        return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
+    return await call_next(request)
 
 
 async def _parse(request: Request, model):
-    """The JSON body as `model`, or a 400 in OpenAI's error shape."""
+    """The JSON body as `model`: 413 over MAX_BODY_BYTES, else a 400 in OpenAI's error shape."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise HTTPException(413, f"request body of {declared} bytes is over the {MAX_BODY_BYTES}-byte limit")
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise HTTPException(413, f"request body of {len(raw)} bytes is over the {MAX_BODY_BYTES}-byte limit")
     try:
-        return model.model_validate(await request.json())
-    except ValueError as e:  # JSONDecodeError and pydantic's ValidationError are ValueErrors
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        if not isinstance(data, dict):
+            raise ValueError(f"the body must be a JSON object, not {type(data).__name__}")
+        return model.model_validate(data)
+    except ValueError as e:  # bad UTF-8, JSONDecodeError and pydantic's ValidationError are ValueErrors
         errors = getattr(e, "errors", None)
         msg = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errors()) if errors else str(e)
-        raise HTTPException(400, f"invalid request body: {msg}") from e
+        raise HTTPException(400, f"invalid request body: {msg[:1000]}") from e
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _key_ok(request: Request) -> bool:
+    key = request.app.state.api_key
+    if not key:
+        return True
+    sent = request.headers.get("authorization", "").encode()
+    return hmac.compare_digest(sent, f"Bearer {key}".encode())   # constant time
 
 
 def _check_key(request: Request) -> None:
-    key = request.app.state.api_key
-    if key and request.headers.get("authorization", "") != f"Bearer {key}":
+    if not _key_ok(request):
         raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+async def _first(gen):
+    """The next Delta, with the engine's refusals as HTTP errors."""
+    from serving.engine import Overloaded, PipelineDown, RequestTimeout
+    try:
+        return await gen.__anext__()
+    except Overloaded as e:
+        raise HTTPException(429, f"server busy: {e}; retry shortly") from e
+    except PipelineDown as e:
+        raise HTTPException(503, f"pipeline down: {e}") from e
+    except RequestTimeout as e:
+        raise HTTPException(504, str(e)) from e
 
 
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
@@ -61,6 +111,10 @@ class ShardServe:
         self.cfg = EngineConfig(**config)
         self._build = None  # asyncio.Future of the Engine
         self.created = int(time.time())
+        # tokenization and chat templates run off the event loop, one at a time, on their own
+        # tokenizer (the router's detokenizes on the loop meanwhile)
+        self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self._encoder = None
 
     async def engine(self):
         """The engine, built once on first use (attaching to shard actors the CLI started).
@@ -118,16 +172,16 @@ class ShardServe:
         return await self._chat(await _parse(request, ChatCompletionRequest))
 
     async def _chat(self, body: ChatCompletionRequest):
-        engine = await self.engine()
         from shards.source import chat_prompt_ids
-        ids = chat_prompt_ids(engine.tokenizer, [m.model_dump() for m in body.messages])
+        engine = await self._engine_for(body)
+        ids = await self._encode(engine, chat_prompt_ids, body.chat())
         return await self._respond(engine, ids, body, chat=True)
 
     @api.post("/v1/completions", dependencies=[Depends(_check_key)])
     async def completions(self, request: Request):
         body = await _parse(request, CompletionRequest)
-        engine = await self.engine()
-        ids = engine.tokenizer.encode(body.prompt)
+        engine = await self._engine_for(body)
+        ids = await self._encode(engine, lambda tok, text: tok.encode(text), body.prompt)
         return await self._respond(engine, ids, body, chat=False)
 
     async def chat_handle(self, body: dict) -> dict:
@@ -136,26 +190,45 @@ class ShardServe:
         resp = await self._chat(req)
         return json.loads(resp.body)
 
+    async def _engine_for(self, body):
+        if body.model not in (None, self.model_name):
+            raise HTTPException(404, f"model {body.model!r} does not exist; this server has {self.model_name!r}")
+        return await self.engine()
+
+    async def _encode(self, engine, fn, arg) -> list[int]:
+        """Token ids, computed in the tokenizer thread; a template or tokenizer error is a 400."""
+        if self._encoder is None:
+            import copy
+            self._encoder = copy.deepcopy(engine.tokenizer)
+        try:
+            ids = await asyncio.get_running_loop().run_in_executor(self._tokenize, fn, self._encoder, arg)
+        except Exception as e:
+            raise HTTPException(400, f"could not tokenize the request: {type(e).__name__}: {str(e)[:300]}") from e
+        if not ids:
+            raise HTTPException(400, "the prompt is empty after tokenization")
+        return ids
+
     async def _respond(self, engine, ids, body, chat: bool):
-        from serving.engine import PipelineDown
         try:
             params = body.sampling()
-            engine.sched.check(len(ids))
+            engine.sched.check(len(ids), params.max_tokens)
         except ValueError as e:
             raise HTTPException(400, str(e)) from e
         gen = engine.generate(ids, params)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        if body.stream:
-            return StreamingResponse(self._sse(gen, rid, chat), media_type="text/event-stream")
-        text, last = [], None
         try:
-            async for d in gen:
-                text.append(d.text)
-                last = d
-        except PipelineDown as e:
-            return _error(503, f"pipeline down: {e}", "service_unavailable")
+            first = await _first(gen)     # 429 / 503 / 504 before any byte is sent
+            if body.stream:
+                return StreamingResponse(self._sse(first, gen, rid, chat), media_type="text/event-stream")
+            text, last = [first.text], first
+            while not last.finish_reason:
+                last = await _first(gen)
+                text.append(last.text)
+        finally:
+            if not body.stream:
+                await gen.aclose()   # a client gone mid-request aborts it and frees its KV
         if last.finish_reason == "error":
-            return _error(503, last.error, "service_unavailable")
+            raise HTTPException(503, last.error)
         return JSONResponse(self._body(rid, chat, "".join(text), last))
 
     def _body(self, rid, chat, text, last) -> dict:
@@ -169,16 +242,15 @@ class ShardServe:
         return {"id": rid, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": self.model_name, "choices": [choice], "usage": usage}
 
-    async def _sse(self, gen, rid, chat):
-        from serving.engine import PipelineDown
+    async def _sse(self, first, gen, rid, chat):
         obj = "chat.completion.chunk" if chat else "text_completion"
-        first = True
+        d = first
         try:
-            async for d in gen:
+            while True:
                 if d.finish_reason == "error":   # OpenAI streams an error as a final error chunk
                     yield f"data: {json.dumps({'error': {'message': d.error, 'type': 'service_unavailable'}})}\n\n"
                     break
-                piece = {"role": "assistant", "content": d.text} if first else {"content": d.text}
+                piece = {"role": "assistant", "content": d.text} if d is first else {"content": d.text}
                 choice = {"index": 0, "finish_reason": d.finish_reason, "logprobs": None}
                 choice.update({"delta": piece} if chat else {"text": d.text})
                 chunk = {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name,
@@ -186,11 +258,13 @@ class ShardServe:
                 if d.finish_reason:
                     chunk["usage"] = {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
                                       "total_tokens": d.prompt_tokens + d.completion_tokens}
-                first = False
                 yield f"data: {json.dumps(chunk)}\n\n"
+                if d.finish_reason:
+                    break
+                d = await _first(gen)
             yield "data: [DONE]\n\n"
-        except PipelineDown as e:
-            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'service_unavailable'}})}\n\n"
+        except HTTPException as e:    # timed out, or the pipeline went down mid-stream
+            yield f"data: {json.dumps({'error': {'message': str(e.detail), 'type': 'service_unavailable'}})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             await gen.aclose()  # client gone mid-stream: the engine aborts and frees its KV
@@ -199,6 +273,7 @@ class ShardServe:
 def build_app(args: dict) -> serve.Application:
     """`serve run serving.app:build_app model=default shards=2 api_key=...` entry point."""
     conv = {"shards": int, "kv_tokens": int, "max_batch": int, "block_size": int, "prefill_tokens": int,
+            "max_waiting": int, "timeout_s": float,
             "control": lambda v: str(v).lower() in ("1", "true", "yes")}
     config = {k: conv.get(k, str)(v) if not isinstance(v, (dict, list)) else v for k, v in args.items()}
     return ShardServe.bind(config)

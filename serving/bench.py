@@ -22,8 +22,8 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-async def _one(client, url: str, prompt: str, max_tokens: int, headers: dict) -> dict:
-    body = {"model": "any", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+async def _one(client, url: str, prompt: str, max_tokens: int, headers: dict, model: str) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0, stamps, usage = time.perf_counter(), [], None
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
@@ -49,9 +49,12 @@ async def http_level(url: str, prompts: list[str], concurrency: int, max_tokens:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=600) as client:
+        models = await client.get(f"{url}/v1/models", headers=headers)   # the name the server answers to
+        model = models.json()["data"][0]["id"] if models.status_code == 200 else "default"
+
         async def run(p):
             async with sem:
-                return await _one(client, url, p, max_tokens, headers)
+                return await _one(client, url, p, max_tokens, headers, model)
         t = time.perf_counter()
         rs = await asyncio.gather(*(run(p) for p in prompts))
         wall = time.perf_counter() - t

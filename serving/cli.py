@@ -66,6 +66,9 @@ def start_service(args):
     from serving.client import Client
     from serving.launch import EngineConfig, start
     args.api_key = args.api_key or os.environ.get("SHARDSERVE_API_KEY")
+    if not args.api_key and not args.insecure and not _loopback(args.host):
+        raise ShardServeError(f"refusing to serve on {args.host} without an API key: anyone who reaches it could "
+                              "use the model; pass --api-key (or SHARDSERVE_API_KEY), or --insecure")
     ray.init(address=args.address, namespace="shardserve", log_to_driver=False)
     config = {"model": args.model, "shards": args.shards, "kv_tokens": args.kv_tokens,
               "compression": args.compression}
@@ -90,6 +93,16 @@ def start_service(args):
             raise ShardServeError(f"{url}/healthz not ready after 300 s")
         time.sleep(0.5)
     return client, url, handles
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:   # a host name: only localhost is known to be loopback
+        return False
 
 
 def stop_service(handles) -> None:
@@ -226,6 +239,7 @@ def _add_service_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
     p.add_argument("--kv-tokens", type=int, default=8192, help="KV tokens each shard reserves")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or SHARDSERVE_API_KEY)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
 
 
 def build_parser() -> argparse.ArgumentParser:

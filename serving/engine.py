@@ -33,11 +33,20 @@ class Delta:
     error: str | None = None            # with finish_reason "error": why
 
 
+class Overloaded(RuntimeError):
+    """The waiting queue is full (HTTP 429): try again shortly."""
+
+
+class RequestTimeout(RuntimeError):
+    """A request ran past its deadline; it was aborted and its KV freed."""
+
+
 @dataclass
 class _Request:
     seq: Sequence
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     text: str = ""        # text sent so far
+    held: str = ""        # decoded, not sent: could still be the start of a stop string
     sent: int = 0         # generated tokens sent so far
     prefix_at: int = 0    # detokenization window: decode from here ...
     read_at: int = 0      # ... text up to here was already sent
@@ -56,13 +65,16 @@ class Engine:
     recomputed, and a dead shard is re-placed before anything else is launched."""
 
     def __init__(self, pipeline: Pipeline, tokenizer, eos: set[int], max_batch: int = 32,
-                 prefill_tokens: int = 256, max_failures: int = 3, controller: str | None = None):
+                 prefill_tokens: int = 256, max_failures: int = 3, controller: str | None = None,
+                 max_waiting: int = 256, timeout_s: float = 600.0):
         self.pipeline, self.tokenizer = pipeline, tokenizer
         pipeline._on_resume = self._wake_up
         self.eos = frozenset(eos)
         self.sched = Scheduler(SchedulerConfig(pipeline.kv_blocks, pipeline.block_size, max_batch,
                                                prefill_tokens, n_groups=max(2, len(pipeline.handles))))
         self.max_failures = max_failures   # a sequence whose steps fail this often ends in error
+        self.max_waiting = max_waiting     # queued, not admitted: beyond this, Overloaded (429)
+        self.timeout_s = timeout_s         # a request still running after this is aborted
         self.requests: dict[int, _Request] = {}
         self._ids = itertools.count(1)
         self._inflight: dict[asyncio.Future, Group] = {}
@@ -88,19 +100,26 @@ class Engine:
     # ---- requests -------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams):
         """Async iterator of Delta for one request; closing it early aborts the request.
-        Raises PipelineDown when the pipeline cannot serve and a new recovery fails too."""
+        Raises PipelineDown when the pipeline cannot serve and a new recovery fails too,
+        Overloaded when max_waiting requests already wait, RequestTimeout past timeout_s."""
         self._ensure_loop()
         if self.down:
             await self._recover(self.down)
             if self.down:
                 raise PipelineDown(self.down)
+        if len(self.sched.waiting) >= self.max_waiting:
+            raise Overloaded(f"{len(self.sched.waiting)} requests are waiting (max_waiting {self.max_waiting})")
         req = _Request(Sequence(next(self._ids), list(prompt_ids), params, self.eos))
         self.sched.add(req.seq)
         self.requests[req.seq.id] = req
         self._wake.set()
+        deadline = time.monotonic() + self.timeout_s
         try:
             while True:
-                delta = await req.queue.get()
+                try:
+                    delta = await asyncio.wait_for(req.queue.get(), deadline - time.monotonic())
+                except asyncio.TimeoutError:
+                    raise RequestTimeout(f"request ran past its {self.timeout_s:g} s timeout") from None
                 yield delta
                 if delta.finish_reason:
                     return
@@ -282,15 +301,22 @@ class Engine:
         if window.endswith("\ufffd") and not seq.finished:
             return []  # half a multi-byte character: wait for the rest
         new, freed = window[len(before):], []
-        if seq.params.stop and not seq.finished:
-            # search only where a stop string could newly appear: the tail of the old text + new
+        text = req.text + req.held + new          # everything decoded so far
+        cut = len(text)                            # send up to here
+        if seq.params.stop:
+            # search only where a stop string could newly appear: the tail of the sent text + new
             tail = max(0, len(req.text) - max(map(len, seq.params.stop)) + 1)
-            text = req.text + new
             hits = [i for i in (text.find(x, tail) for x in seq.params.stop) if i >= 0]
-            if hits:
-                new = text[len(req.text):min(hits)] if min(hits) >= len(req.text) else ""
-                freed = self.sched.finish(seq.id, "stop")
+            if hits:             # also on a last token (length / eos): the stop string wins
+                cut = min(hits)
+                if seq.finished:
+                    seq.finished = "stop"
+                else:
+                    freed = self.sched.finish(seq.id, "stop")
+            elif not seq.finished:   # hold back a tail that may still become a stop string (as vLLM does)
+                cut = len(text) - _stop_prefix_len(text, seq.params.stop)
         req.prefix_at, req.read_at = req.read_at, len(gen)
+        new, req.held = text[len(req.text):cut], ("" if seq.finished else text[cut:])
         req.text += new
         ids, req.sent = gen[req.sent:], len(gen)
         req.queue.put_nowait(Delta(new, ids, seq.finished, len(seq.prompt), len(gen)))
@@ -313,6 +339,14 @@ class Engine:
 
     async def stats(self) -> list[dict]:
         return await self.pipeline.stats()
+
+
+def _stop_prefix_len(text: str, stops) -> int:
+    """Length of the longest tail of text that is a proper prefix of some stop string."""
+    for n in range(min(len(text), max(map(len, stops)) - 1), 0, -1):
+        if any(x.startswith(text[-n:]) for x in stops):
+            return n
+    return 0
 
 
 def describe(err: BaseException) -> str:

@@ -19,6 +19,8 @@ class EngineConfig:
                                          # None: fp32, or a prepared artifact's own
     device: str = "auto"                 # auto: cuda when the node has a GPU, else cpu
     prefix: str = ""                     # actor names are <prefix>shard-<k>, <prefix>controller
+    max_waiting: int = 256               # requests queued beyond the running ones; more get 429
+    timeout_s: float = 600.0             # a request still running after this is aborted (504)
     control: bool = True                 # run the controller (serving/controller.py)
     controller: dict | None = None       # its settings: serving.policy.ControllerConfig fields
 
@@ -70,4 +72,5 @@ async def build_engine(cfg: EngineConfig, on_ready=None):
     eos = source.config.eos_token_id
     pipeline = Pipeline(cfg.model, p, handles, kv_blocks, cfg.block_size, cfg.prefix)
     return Engine(pipeline, source.tokenizer(), set(eos if isinstance(eos, list) else [eos]),
-                  cfg.max_batch, cfg.prefill_tokens, controller=controller)
+                  cfg.max_batch, cfg.prefill_tokens, controller=controller, max_waiting=cfg.max_waiting,
+                  timeout_s=cfg.timeout_s)

@@ -72,16 +72,19 @@ class Scheduler:
     def used_blocks(self) -> int:
         return sum(self.blocks(s.cached + s.in_flight) for s in self.running.values())
 
-    def check(self, n_prompt: int) -> None:
-        """Refuse a prompt that could never fit the KV pool, with the numbers."""
+    def check(self, n_prompt: int, max_tokens: int = 1) -> None:
+        """Refuse what could never fit the KV pool, with the numbers: a sequence that could not
+        reach prompt + max_tokens even alone would hold the pool and stall everyone."""
         if not n_prompt:
             raise ValueError("empty prompt")
-        if self.blocks(n_prompt + 1) > self.cfg.kv_blocks:
-            raise ValueError(f"prompt of {n_prompt} tokens needs {self.blocks(n_prompt + 1)} KV blocks "
-                             f"of {self.cfg.block_size} tokens, the pipeline holds {self.cfg.kv_blocks}")
+        need = self.blocks(n_prompt + max_tokens)
+        if need > self.cfg.kv_blocks:
+            raise ValueError(f"prompt of {n_prompt} tokens + max_tokens {max_tokens} needs {need} KV blocks "
+                             f"of {self.cfg.block_size} tokens, the pipeline holds {self.cfg.kv_blocks} "
+                             f"({self.cfg.kv_blocks * self.cfg.block_size} tokens)")
 
     def add(self, seq: Sequence) -> None:
-        self.check(len(seq.prompt))
+        self.check(len(seq.prompt), seq.params.max_tokens)
         self.waiting.append(seq)
 
     def abort(self, seq_id: int) -> list[int]:
@@ -89,6 +92,7 @@ class Scheduler:
         for s in list(self.waiting):
             if s.id == seq_id:
                 self.waiting.remove(s)
+                s.finished = "abort"
                 return []
         s = self.running.get(seq_id)
         if s is None:

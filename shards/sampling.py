@@ -5,6 +5,10 @@ import torch
 
 from shards.step import SamplingParams
 
+# below this a temperature is greedy: logits / 1e-45 overflow to inf and softmax gives NaN,
+# and any temperature this small picks the argmax anyway (fp32 logits differ by >= 1e-7 x 10)
+GREEDY_BELOW = 1e-5
+
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> torch.Tensor:
     """logits: [B, vocab] fp32 -> token ids [B] int64.
@@ -13,11 +17,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int])
     gives the same tokens whichever batch it shares.
     """
     greedy = logits.argmax(dim=-1)
-    if all(p.temperature == 0 for p in params):
+    if all(p.temperature < GREEDY_BELOW for p in params):
         return greedy
     out = greedy.clone()
     for b, p in enumerate(params):
-        if p.temperature > 0:
+        if p.temperature >= GREEDY_BELOW:
             out[b] = _draw(logits[b], p, steps[b] if steps else 0)
     return out
 
@@ -39,5 +43,6 @@ def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 def _draw(logits: torch.Tensor, p: SamplingParams, step: int) -> torch.Tensor:
     gen = None
     if p.seed is not None:
-        gen = torch.Generator().manual_seed(p.seed * 1_000_003 + step)
+        # any int seed (OpenAI allows negative and 64-bit ones) folded into manual_seed's range
+        gen = torch.Generator().manual_seed((p.seed * 1_000_003 + step) % (1 << 63))
     return torch.multinomial(filtered_probs(logits, p), 1, generator=gen)[0]

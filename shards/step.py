@@ -16,10 +16,13 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_tokens < 1:
+        # written so that NaN fails every check
+        if not (0 <= self.temperature <= 100 and 0 < self.top_p <= 1 and self.top_k >= 0 and self.max_tokens >= 1):
             raise ValueError(
-                f"bad sampling params: temperature {self.temperature} (>= 0), top_p {self.top_p} "
+                f"bad sampling params: temperature {self.temperature} [0, 100], top_p {self.top_p} "
                 f"(0, 1], top_k {self.top_k} (>= 0), max_tokens {self.max_tokens} (>= 1)")
+        if any(not x for x in self.stop):
+            raise ValueError("stop strings must not be empty")
 
 
 @dataclass

@@ -30,3 +30,19 @@ def test_top_p_keeps_smallest_set():
 def test_bad_params_refused():
     with pytest.raises(ValueError, match="temperature -1"):
         SamplingParams(temperature=-1)
+
+
+def test_tiny_temperature_is_greedy_and_big_seeds_work():
+    """temperature 1e-45 made logits / T overflow to inf and softmax NaN inside the last shard."""
+    logits = torch.tensor([[0.1, 3.0, 0.2]])
+    assert sample(logits, [SamplingParams(temperature=1e-45)], [0]).tolist() == [1]
+    for seed in (2**64 - 1, -(2**63), 0):
+        p = SamplingParams(temperature=1.0, seed=seed, top_k=10**6)   # top_k over the vocab: all kept
+        assert 0 <= sample(logits, [p], [3]).item() < 3
+
+
+def test_bad_params_refused_nan_included():
+    for bad in ({"temperature": float("nan")}, {"top_p": float("nan")}, {"temperature": float("inf")},
+                {"stop": ("",)}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)

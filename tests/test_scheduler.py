@@ -46,8 +46,8 @@ def test_finish_on_eos_and_length_frees():
 
 def test_preempts_newest_under_kv_pressure_and_recomputes():
     s = Scheduler(SchedulerConfig(kv_blocks=4, block_size=4, max_batch=8, n_groups=1))
-    s.add(seq(1, 4, max_tokens=20))
-    s.add(seq(2, 4, max_tokens=20))
+    s.add(seq(1, 4, max_tokens=12))       # 16 tokens: each fits the pool alone, not both
+    s.add(seq(2, 4, max_tokens=12))
     g, _ = s.next_group()
     s.complete(g, [7, 7])  # both prefilled: 4 tokens + 1 generated each, 1 block each used so far
     assert s.used_blocks == 2
@@ -73,8 +73,11 @@ def test_abort_idle_and_in_flight():
 def test_oversized_prompt_refused():
     import pytest
     s = Scheduler(SchedulerConfig(kv_blocks=2, block_size=4))
-    with pytest.raises(ValueError, match="prompt of 9 tokens needs 3 KV blocks of 4 tokens, the pipeline holds 2"):
+    with pytest.raises(ValueError, match=r"prompt of 9 tokens \+ max_tokens 4 needs 4 KV blocks of 4 tokens, "
+                                         r"the pipeline holds 2 \(8 tokens\)"):
         s.add(seq(1, 9))
+    with pytest.raises(ValueError, match="prompt of 3 tokens . max_tokens 100 needs 26"):
+        s.add(seq(2, 3, max_tokens=100))   # the issue's stall: prompt fits, its growth never could
 
 
 def test_one_group_never_overcommits_blocks():
@@ -114,3 +117,60 @@ def test_requeue_all_skips_in_flight_and_fail_ends_anywhere():
     assert s.requeue_all() == [1, 3] and list(s.running) == [2]
     assert s.fail(3) == [] and s.fail(2) == [2] and s.fail(99) == []
     assert [x.id for x in s.waiting] == [1] and not s.running
+
+
+def test_property_every_sequence_finishes_and_the_pool_is_never_overcommitted():
+    """Random arrivals, lengths, eos points, aborts and out-of-order group returns on a small
+    pool: what is admitted always finishes, blocks used never exceed the pool, all free at
+    the end (the issue's stall: a sequence that could not grow held the pool forever)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    req = st.tuples(st.integers(0, 30), st.integers(1, 40), st.integers(1, 40), st.integers(1, 60),
+                    st.booleans())   # arrival step, prompt, max_tokens, eos after, aborted
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(req, min_size=1, max_size=25), st.integers(0, 2**16))
+    def check(reqs, order):
+        import random
+        rnd = random.Random(order)
+        cfg = SchedulerConfig(kv_blocks=12, block_size=4, max_batch=4, prefill_tokens=16, n_groups=2)
+        s, admitted, inflight, step = Scheduler(cfg), [], [], 0
+        while step < 5000:
+            for i, (at, n, m, eos_at, abort) in enumerate(reqs):
+                if at == step:
+                    x = Sequence(i, list(range(3, 3 + n)), SamplingParams(max_tokens=m), frozenset({2}))
+                    try:
+                        s.add(x)
+                        admitted.append((x, eos_at, abort))
+                    except ValueError:
+                        assert s.blocks(n + m) > cfg.kv_blocks    # refused only when it never fits
+            for x, _, abort in admitted:
+                if abort and len(x.generated) == 2 and not x.finished:
+                    s.abort(x.id)
+            while len(inflight) < cfg.n_groups:
+                g, _ = s.next_group()
+                if g is None:
+                    break
+                inflight.append(g)
+                assert s.used_blocks <= cfg.kv_blocks
+            if inflight:
+                g = inflight.pop(rnd.randrange(len(inflight)))
+                toks = [2 if len(admitted_seq(admitted, sid).generated) + 1 >= eos else 7
+                        for sid, eos in ((sid, eos_of(admitted, sid)) for sid in g.seq_ids)]
+                s.complete(g, toks)
+            elif step > 30 and not s.waiting and not s.running:
+                break
+            step += 1
+        assert all(x.finished for x, _, _ in admitted), "a sequence never finished"
+        assert s.used_blocks == 0 and not s.running and not s.waiting
+
+    check()
+
+
+def admitted_seq(admitted, sid):
+    return next(x for x, _, _ in admitted if x.id == sid)
+
+
+def eos_of(admitted, sid):
+    return next(e for x, e, _ in admitted if x.id == sid)

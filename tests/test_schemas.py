@@ -18,3 +18,32 @@ def test_defaults_and_mapping():
 def test_refused(bad):
     with pytest.raises(ValidationError):
         ChatCompletionRequest(**{"messages": MSG, **bad})
+
+
+def test_text_parts_joined_other_parts_refused():
+    body = ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "text", "text": "hel"},
+                                                                        {"type": "text", "text": "lo"}]}])
+    assert body.chat() == [{"role": "user", "content": "hello"}]
+    with pytest.raises(ValidationError, match="image_url"):
+        ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+
+
+@pytest.mark.parametrize("field,value", [("tools", [{"type": "function"}]), ("logprobs", True),
+                                         ("response_format", {"type": "json_object"}), ("logit_bias", {"1": 2}),
+                                         ("presence_penalty", 0.5)])
+def test_unsupported_fields_refused_by_name(field, value):
+    with pytest.raises(ValidationError, match=f"field '{field}' is not supported"):
+        ChatCompletionRequest(messages=MSG, **{field: value})
+
+
+def test_defaults_of_unsupported_fields_and_bookkeeping_fields_accepted():
+    ChatCompletionRequest(messages=MSG, logprobs=False, presence_penalty=0, user="u", stream_options={"x": 1})
+    with pytest.raises(ValidationError, match="unknown field 'temprature'"):
+        ChatCompletionRequest(messages=MSG, temprature=0)
+
+
+@pytest.mark.parametrize("bad", [{"temperature": float("nan")}, {"stop": [""]}, {"stop": "x" * 300},
+                                 {"seed": 2**64}, {"top_k": -1}, {"max_tokens": 5000}])
+def test_more_refused(bad):
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(**{"messages": MSG, **bad})

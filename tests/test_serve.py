@@ -1,4 +1,5 @@
 """Tier 2: the Serve app over real HTTP on loopback (openai SDK, httpx client, handle)."""
+import json
 import socket
 import time
 
@@ -67,7 +68,7 @@ def test_openai_sdk_chat_equals_reference_generator(url, source, tokenizer):
 def test_openai_sdk_streaming(url):
     from openai import OpenAI
     sdk = OpenAI(base_url=url + "/v1", api_key="unused")
-    chunks = list(sdk.chat.completions.create(model="m", messages=QUESTION, max_tokens=24, temperature=0, stream=True))
+    chunks = list(sdk.chat.completions.create(model="shardserve-default", messages=QUESTION, max_tokens=24, temperature=0, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text.strip() == "The capital of France is Paris."
     assert len(chunks) > 3 and chunks[-1].choices[0].finish_reason == "stop"
@@ -80,7 +81,7 @@ def test_openai_sdk_streaming(url):
 def test_completions_models_shards(url):
     from openai import OpenAI
     sdk = OpenAI(base_url=url + "/v1", api_key="unused")
-    r = sdk.completions.create(model="m", prompt="The capital of France is", max_tokens=5, temperature=0)
+    r = sdk.completions.create(model="shardserve-default", prompt="The capital of France is", max_tokens=5, temperature=0)
     assert "Paris" in r.choices[0].text and r.usage.prompt_tokens > 0
     assert [m.id for m in sdk.models.list().data] == ["shardserve-default"]
     shards = Client(url).shards()["shards"]
@@ -113,11 +114,67 @@ def test_errors_use_openai_body(url):
     assert r.status_code == 400 and "KV blocks" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("content,headers,status,words", [
+    (b"{not json", {}, 400, "invalid request body"),
+    (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}'.replace(b"\\xff\\xfe", b"\xff\xfe"), {}, 400,
+     "invalid request body"),                                            # invalid UTF-8
+    (b"[1, 2]", {}, 400, "JSON object"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', {}, 400, "NaN"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "model": "gpt-9"}', {}, 404, "gpt-9"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}', {}, 400, "tools"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": [""]}', {}, 400, "stop"),
+    (b'{"messages": [{"role": "user", "content": "' + b"a" * (1 << 20) + b'"}]}', {}, 413, "limit"),
+])
+def test_bad_requests_get_4xx_bodies(url, content, headers, status, words):
+    r = httpx.post(url + "/v1/chat/completions", content=content,
+                   headers={"content-type": "application/json", **headers}, timeout=60)
+    assert r.status_code == status and words in r.json()["error"]["message"], r.text
+
+
+def test_tiny_temperature_and_text_parts_answer(url):
+    r = Client(url).chat_response([{"role": "user", "content": [{"type": "text", "text": "What is the capital "},
+                                                                {"type": "text", "text": "of France?"}]}],
+                                  max_tokens=24, temperature=1e-45, seed=2**64 - 1)
+    assert r["choices"][0]["message"]["content"].strip() == "The capital of France is Paris."
+
+
+def test_template_error_is_a_400(url):
+    """SmolLM2's template cannot render a system message after the first turn? Any tokenizer or
+    template exception must come back as a 400, never a 500: a tool message with no call."""
+    r = httpx.post(url + "/v1/chat/completions", timeout=60,
+                   json={"messages": [{"role": "user", "content": "x" * 10}], "max_tokens": 1})
+    assert r.status_code == 200
+    body = {"messages": [{"role": "user", "content": "\udcff"}], "max_tokens": 1}   # lone surrogate
+    r = httpx.post(url + "/v1/chat/completions", timeout=60,
+                   content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    assert r.status_code < 500, r.text
+
+
+def test_client_disconnect_frees_kv_on_every_shard(url):
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=120,
+                      json={"messages": QUESTION, "max_tokens": 400, "stream": True,
+                            "stop": ["never-appears"]}) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+    assert all(x.startswith("data: ") or not x for x in got)
+    deadline = time.time() + 20
+    while True:
+        shards = Client(url).shards()["shards"]
+        if all(s["kv_blocks_used"] == 0 and s["live_sequences"] == 0 for s in shards):
+            break
+        assert time.time() < deadline, f"KV still held after the client left: {[s['kv_blocks_used'] for s in shards]}"
+        time.sleep(0.2)
+
+
 def test_api_key(url):
-    """Redeploy with a key: every endpoint but /healthz needs it."""
+    """Redeploy with a key: every endpoint but /healthz needs it, the docs and schema too."""
     deploy({**CONFIG, "api_key": "s3cret"}, url)
     try:
         assert httpx.get(url + "/healthz").status_code == 200
+        for path in ("/docs", "/openapi.json", "/redoc"):
+            assert httpx.get(url + path).status_code == 401
+        assert httpx.get(url + "/openapi.json", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer s3cre"}).status_code == 401
         r = httpx.get(url + "/v1/models")
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         assert httpx.post(url + "/v1/chat/completions", json={"messages": QUESTION}).status_code == 401
@@ -179,4 +236,75 @@ def test_failing_shard_gives_503_and_a_final_sse_error_then_recovers(url):
         assert '"error"' in lines[-2] and "disk on fire" in lines[-2] and lines[-1] == "data: [DONE]"
     finally:
         ray.get(shard0.inject_fault.remote(0))
+    assert Client(url).chat(QUESTION, max_tokens=24, temperature=0).strip() == "The capital of France is Paris."
+
+
+def test_full_queue_429_and_timeout_504(url):
+    """Redeploys: max_waiting 0 refuses every request with 429 + Retry-After; a 10 ms timeout
+    (shorter than any first token here) ends a request with 504, streamed or not, and frees its KV."""
+    try:
+        deploy({**CONFIG, "max_waiting": 0}, url)
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 4}, timeout=60)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
+        deploy({**CONFIG, "timeout_s": 0.01}, url)
+        for stream in (False, True):
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": QUESTION, "stream": stream}, timeout=60)
+            assert r.status_code == 504 and "0.01 s timeout" in r.json()["error"]["message"]
+    finally:
+        deploy(CONFIG, url)
+    time.sleep(1)
+    assert all(s["kv_blocks_used"] == 0 for s in Client(url).shards()["shards"])
+
+
+def test_fuzz_the_http_api(url):
+    """500 generated requests (hypothesis: random types, ranges, extra fields, raw bytes): never
+    a 5xx, never a hang (60 s client timeout), and a normal request answers afterwards."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False),
+                       st.text(max_size=20))
+    content = st.one_of(st.text(max_size=40), scalar,
+                        st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "x"]),
+                                                        "text": st.text(max_size=20)}), max_size=3))
+    message = st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["user", "system", "assistant", "tool"]), scalar),
+                                     "content": content})
+    mutations = {"messages": st.one_of(st.lists(message, max_size=3), scalar),
+                 "max_tokens": st.one_of(st.integers(-3, 3), st.integers(4097, 2**40), scalar),
+                 "temperature": st.one_of(st.floats(-1, 3), scalar), "top_p": st.one_of(st.floats(-1, 2), scalar),
+                 "top_k": st.one_of(st.integers(-5, 10**7), scalar), "seed": st.one_of(st.integers(-2**65, 2**65), scalar),
+                 "stop": st.one_of(st.lists(st.text(max_size=5), max_size=6), scalar), "stream": st.booleans(),
+                 "n": st.integers(-1, 3), "logprobs": st.booleans(), "model": st.sampled_from(["shardserve-default", "x"]),
+                 "prompt": st.one_of(st.text(max_size=40), scalar), "extra": scalar}
+    # a valid request (tiny max_tokens, so valid ones finish fast) with 0-3 fields replaced by
+    # values of any type or range, or extra fields; one in ten is random bytes
+
+    @st.composite
+    def request(draw):
+        chat = draw(st.booleans())
+        body = {"max_tokens": draw(st.integers(1, 3)), "temperature": draw(st.floats(0, 2))}
+        if chat:
+            body["messages"] = [{"role": "user", "content": draw(st.text(min_size=1, max_size=40))}]
+        else:
+            body["prompt"] = draw(st.text(min_size=1, max_size=40))
+        for k in draw(st.lists(st.sampled_from(sorted(mutations)), max_size=3, unique=True)):
+            body[k] = draw(mutations[k])
+        raw = draw(st.binary(max_size=64)) if draw(st.integers(0, 9)) == 0 else json.dumps(body).encode()
+        return ("/v1/chat/completions" if chat else "/v1/completions"), raw
+
+    statuses = {}
+
+    @settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(request())
+    def one(path_content):
+        path, content = path_content
+        r = httpx.post(url + path, content=content, headers={"content-type": "application/json"}, timeout=60)
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        assert r.status_code < 500, (content[:300], r.status_code, r.text[:300])
+        if r.status_code >= 400:
+            assert "message" in r.json()["error"]
+
+    one()
+    print(f"fuzz: {sum(statuses.values())} requests, statuses {dict(sorted(statuses.items()))}")
+    assert sum(statuses.values()) >= 500 and statuses.get(200, 0) >= 50
     assert Client(url).chat(QUESTION, max_tokens=24, temperature=0).strip() == "The capital of France is Paris."
