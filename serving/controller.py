@@ -57,6 +57,11 @@ class Controller:
         w.busy = w.busy or bool(actions)
         return actions
 
+    async def rss(self) -> int:
+        """This actor's resident bytes (soak tests check it stays flat)."""
+        import psutil
+        return psutil.Process().memory_info().rss
+
     async def status(self, pid: str) -> dict:
         """What the controller sees: its state and the latest snapshots (for tests and debugging)."""
         w = self.pipelines.get(pid)

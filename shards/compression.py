@@ -1,6 +1,6 @@
 """Compression specs: one grammar everywhere (CLI, config, API). Pure: no torch import.
 
-    fp32 | bf16 | int8 | nf4 | fp4 | int8-cpu          quantization (int8/nf4/fp4: bitsandbytes)
+    fp32 | bf16 | int8 | nf4 | fp4 | int8-cpu | int4-cpu   quantization (int8/nf4/fp4: bitsandbytes)
     magnitude:S | wanda:S | 2:4                          pruning, S = sparsity in (0, 1)
     cut-mlp:F | cut-heads:F | drop-layers:N              structured cuts
     combined with '+', e.g. nf4+wanda:0.5; or a preset name (fast, balanced, smallest)
@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 from shards.errors import ShardServeError
 
-QUANTS = ("fp32", "bf16", "int8", "nf4", "fp4", "int8-cpu")
+QUANTS = ("fp32", "bf16", "int8", "nf4", "fp4", "int8-cpu", "int4-cpu")
 PRUNES = ("magnitude", "wanda", "2:4")
 CUTS = ("cut-mlp", "cut-heads", "drop-layers")
 PRESETS = {"fast": "int8-cpu", "balanced": "nf4", "smallest": "nf4+cut-mlp:0.2"}
-VALID = ("fp32, bf16, int8, nf4, fp4, int8-cpu, magnitude:S, wanda:S, 2:4, cut-mlp:F, "
+VALID = ("fp32, bf16, int8, nf4, fp4, int8-cpu, int4-cpu, magnitude:S, wanda:S, 2:4, cut-mlp:F, "
          "cut-heads:F, drop-layers:N (S, F in (0, 1)), joined with '+'; presets: " + ", ".join(PRESETS))
 
 

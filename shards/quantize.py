@@ -110,9 +110,14 @@ def _bnb(lin: nn.Linear, quant: str, device) -> nn.Module:
     return q.to(device)  # bitsandbytes quantizes on this move
 
 
-def quantize_linear(lin: nn.Linear, quant: str) -> nn.Module:
+def quantize_linear(lin: nn.Linear, quant: str, grid=None) -> nn.Module:
+    """grid: int4-cpu's (d, m) per group of 32 when the source stored the weight as 4-bit
+    groups (its own codes are kept); None rounds to nearest."""
     if quant == "fp32":
         return lin
+    if quant == "int4-cpu":
+        from shards.int4 import Int4CpuLinear
+        return Int4CpuLinear(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), grid)
     if quant == "bf16":
         return CastLinear(lin, torch.bfloat16)
     if quant == "int8-cpu":
@@ -122,8 +127,9 @@ def quantize_linear(lin: nn.Linear, quant: str) -> nn.Module:
     raise ValueError(f"unknown quantization {quant!r}")
 
 
-def quantize_block(block: nn.Module, quant: str) -> nn.Module:
-    """Replace the block's projections in place; norms stay fp32 (they are 576 floats)."""
+def quantize_block(block: nn.Module, quant: str, grids: dict | None = None) -> nn.Module:
+    """Replace the block's projections in place; norms stay fp32 (they are 576 floats).
+    grids: {projection: (d, m)} of a 4-bit source, for int4-cpu (see quantize_linear)."""
     for name in LINEARS:
-        setattr(block, name, quantize_linear(getattr(block, name), quant))
+        setattr(block, name, quantize_linear(getattr(block, name), quant, (grids or {}).get(name)))
     return block

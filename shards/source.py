@@ -66,6 +66,11 @@ class ModelSource:
     def _rows(self, name: str, start: int, end: int):
         return self._read(name)[start:end]
 
+    def int4_grid(self, name: str):
+        """(d, m) [N, K / 32] of a tensor stored as 4-bit groups (w = d * q + m), or None: then
+        int4-cpu rounds to nearest (shards/int4.py)."""
+        return None
+
     def check_supported(self) -> None:
         arch = getattr(self.config, "model_type", None)
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -248,6 +253,23 @@ class GGUFSource(ModelSource):
         w = np.asarray(w, dtype=np.float32)
         return torch.from_numpy(w if w.flags.writeable and w.base is not raw else w.copy())
 
+    def int4_grid(self, name: str):
+        """The file's own Q4_0 / Q4_1 scales and minimums, rows in transformers' order."""
+        import numpy as np
+
+        from shards.int4 import q4_grid
+        t = self._tensors.get(self._names.get(name, ""))
+        if t is None:
+            return None
+        raw = np.memmap(self.path, dtype=np.dtype(t["dtype"]), mode="r", offset=t["offset"], shape=tuple(t["shape"]))
+        grid = q4_grid(raw, t["type"])
+        if grid is None:
+            return None
+        # the Q/K un-permutation moves whole rows: find it by permuting the row numbers
+        rows = np.arange(raw.shape[0], dtype=np.float32)[:, None]
+        perm = np.asarray(self._processor.process(weights=rows, name=self._names[name]).weights)[:, 0].astype(np.int64)
+        return tuple(x[torch_index(perm)] for x in grid)
+
     def tokenizer(self):
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(self.cache, local_files_only=True)
@@ -255,6 +277,11 @@ class GGUFSource(ModelSource):
     def fingerprint(self) -> str:
         st = self.path.stat()
         return f"{self.path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def torch_index(a):
+    import torch
+    return torch.from_numpy(a)
 
 
 def has_qkv_bias(config) -> bool:

@@ -102,15 +102,33 @@ class Block(nn.Module):
         return x + self.down_proj(F.silu(gate) * up)
 
 
-def compress_block(block: Block, comp: Compression) -> Block:
+def compress_block(block: Block, comp: Compression, source: ModelSource | None = None) -> Block:
     """Cut and prune (fp32 weights; ranked by weights alone, since calibrated blocks come from
-    shards/calibration.py already cut), then quantize the block's projections, per `comp`."""
+    shards/calibration.py already cut), then quantize the block's projections, per `comp`.
+    With `source`, int4-cpu keeps a 4-bit source's own codes where the weights are unchanged."""
     from shards.calibration import compress_structure
     compress_structure(block, comp)
     if comp.quant != "fp32":
         from shards.quantize import quantize_block
-        quantize_block(block, comp.quant)
+        keep = comp.quant == "int4-cpu" and source is not None and comp.structure == Compression()
+        quantize_block(block, comp.quant, int4_grids(source, block.layer) if keep else None)
     return block
+
+
+def int4_grids(source: ModelSource, layer: int) -> dict:
+    """{projection: (d, m)} of the source's 4-bit groups, fused as the block fuses its
+    projections; a projection whose parts are not all 4-bit groups is left out."""
+    import torch
+    p = f"model.layers.{layer}."
+    parts = {"qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+             "o_proj": ["self_attn.o_proj"], "gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"],
+             "down_proj": ["mlp.down_proj"]}
+    out = {}
+    for proj, names in parts.items():
+        grids = [source.int4_grid(p + n + ".weight") for n in names]
+        if all(g is not None for g in grids):
+            out[proj] = tuple(torch.cat([g[i] for g in grids]) for i in range(2))
+    return out
 
 
 def rope_params(cfg, device) -> tuple[torch.Tensor, float]:
@@ -236,7 +254,9 @@ class Stage(nn.Module):
             if layer in dropped:
                 continue
             block = calibrated.pop(layer, None) or fp32_block(source, layer, self.device, self.dtype)
-            blocks[layer] = compress_block(block.to(device=self.device, dtype=self.dtype), rest)
+            # a calibrated block was cut or pruned: its weights are no longer the source's codes
+            blocks[layer] = compress_block(block.to(device=self.device, dtype=self.dtype), rest,
+                                           None if todo.calibrated else source)
         return blocks, dropped & set(layers)
 
     def _commit_layers(self, blocks: dict[int, Block], dropped: set[int]) -> None:
