@@ -57,9 +57,9 @@ class ControllerConfig:
     relax_s: float = 300.0              # no pressure for this long: lower a raised compression
     min_node_free_bytes: int = 512 * MiB
     actions: tuple[str, ...] = ("move", "split", "recompress")   # allowed, in order of preference
-    ladder: tuple[str, ...] = ("fp32", "int8-cpu", "nf4")         # compression steps, lightest first
+    ladder: tuple[str, ...] = ("fp32", "int8-cpu", "int4-cpu", "nf4")   # compression steps, lightest first
     # weight bytes at each ladder step / fp32, measured on the default model (README table)
-    ladder_bytes: tuple[float, ...] = (1.00, 0.25, 0.16)
+    ladder_bytes: tuple[float, ...] = (1.00, 0.25, 0.18, 0.16)
     max_shards: int = 8
 
     def __post_init__(self) -> None:
