@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -76,7 +77,9 @@ class Engine:
         self.max_waiting = max_waiting     # queued, not admitted: beyond this, Overloaded (429)
         self.timeout_s = timeout_s         # a request still running after this is aborted
         self.requests: dict[int, _Request] = {}
-        self._ids = itertools.count(1)
+        # sequence ids from a random 64-bit base: a restarted router (or a second one on the same
+        # shards) never reuses an id whose KV a shard may still hold
+        self._ids = itertools.count(random.getrandbits(62) << 1)
         self._inflight: dict[asyncio.Future, Group] = {}
         self._wake = asyncio.Event()
         self._hold = 0                       # > 0: a shard is being re-placed, launch nothing

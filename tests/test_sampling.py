@@ -46,3 +46,29 @@ def test_bad_params_refused_nan_included():
                 {"stop": ("",)}):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_batch_rows_independent_of_their_neighbours():
+    """A seeded row gives the same token alone or beside other rows (greedy and unseeded ones)."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 500)
+    p = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=11)
+    alone = [sample(logits[i:i + 1], [p], [s]).item() for i, s in enumerate([0, 1, 2, 3])]
+    mixed = sample(logits, [p, SamplingParams(), p, SamplingParams(temperature=1.0)], [0, 1, 2, 3]).tolist()
+    assert mixed[0] == alone[0] and mixed[2] == alone[2] and mixed[1] == logits[1].argmax().item()
+
+
+def test_draws_follow_the_filtered_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    p = SamplingParams(temperature=1.0, top_k=3)
+    counts = torch.bincount(torch.stack([sample(logits, [p], [0]) for _ in range(4000)]).flatten(), minlength=4)
+    assert counts[3] == 0
+    assert abs(counts[0] / 4000 - 0.5 / 0.95) < 0.04 and abs(counts[2] / 4000 - 0.15 / 0.95) < 0.03
+
+
+def test_top_k_row_beside_an_uncut_row():
+    """One row cut to top-2, its neighbour uncut: the cut must follow the sorted order."""
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.0], [0.0, 5.0, 1.0, 4.0]])
+    ps = [SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0)]
+    seen = {tuple(sample(logits, ps, [0, 0]).tolist())[0] for _ in range(300)}
+    assert seen == {1, 3}
