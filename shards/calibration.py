@@ -41,24 +41,40 @@ def calibration_ids(tokenizer, n_seqs: int = N_SEQS, seqlen: int = SEQLEN) -> to
 @dataclass
 class Stats:
     """Per projection: input-column L2 norms and means over the calibration tokens, [in] each;
-    X^T X [in, in] of o_proj's input (the cut-heads refit)."""
+    X^T X [in, in] of the inputs of the projections asked for (o_proj: the cut-heads refit;
+    all of them: SparseGPT's Hessians), over `tokens` tokens."""
     norms: dict[str, torch.Tensor] = field(default_factory=dict)
     means: dict[str, torch.Tensor] = field(default_factory=dict)
-    gram: torch.Tensor | None = None
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: int = 0
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        return self.grams.get("o_proj")
 
 
 def compress_structure(block, comp: Compression, stats: Stats | None = None) -> None:
     """Cuts, then pruning, in place on fp32 weights. stats=None ranks by weights alone (right
     shapes and bytes, for the memory model; not for serving Wanda or cuts)."""
     norms = dict(stats.norms) if stats else {}
+    grams = dict(stats.grams) if stats else {}
     extra = {"down_proj": stats.means.get("down_proj"), "o_proj": stats.gram} if stats else {}
     for frac, cut, name in ((comp.cut_mlp, cut_mlp, "down_proj"), (comp.cut_heads, cut_heads, "o_proj")):
         if frac:
             keep = cut(block, frac, norms.get(name), extra.get(name))
             if name in norms:
                 norms[name] = norms[name][keep]
-    if comp.prune:
-        prune_block(block, comp.prune, comp.sparsity, norms or None)
+            if name in grams:       # the cut removed these inputs of the projection
+                grams[name] = grams[name][keep][:, keep]
+    if comp.prune in ("sparsegpt", "sparsegpt-2:4") and stats is not None:
+        from shards.sparsegpt import sparsegpt_
+        n, m = (2, 4) if comp.prune == "sparsegpt-2:4" else (0, 0)
+        for name in LINEARS:
+            sparsegpt_(getattr(block, name).weight.data, grams[name], stats.tokens, comp.sparsity, n, m)
+    elif comp.prune:
+        # without calibration (the memory model's shapes) SparseGPT's masks are magnitude's
+        method = {"sparsegpt": "magnitude", "sparsegpt-2:4": "2:4"}.get(comp.prune, comp.prune)
+        prune_block(block, method, comp.sparsity, norms or None)
 
 
 class Calibrator:
@@ -82,17 +98,17 @@ class Calibrator:
         finally:
             self.kv.drop_layer(block.layer)
 
-    def stats(self, block, x: torch.Tensor, with_gram: bool = False) -> tuple[Stats, torch.Tensor]:
+    def stats(self, block, x: torch.Tensor, gram_for: tuple[str, ...] = ()) -> tuple[Stats, torch.Tensor]:
         """Run the block with hooks on its projections; returns (stats, output)."""
-        sq, sums, hooks, gram = {}, {}, [], []
+        sq, sums, hooks, grams = {}, {}, [], {}
 
         def hook(name):
             def f(_mod, args):
                 a = args[0].reshape(-1, args[0].shape[-1]).float()   # [tokens, in]
                 sq[name] = sq.get(name, 0) + a.pow(2).sum(0)
                 sums[name] = sums.get(name, 0) + a.sum(0)
-                if name == "o_proj" and with_gram:
-                    gram.append(a.T @ a)
+                if name in gram_for:
+                    grams[name] = grams.get(name, 0) + a.T @ a
             return f
         for name in LINEARS:
             hooks.append(getattr(block, name).register_forward_pre_hook(hook(name)))
@@ -103,7 +119,7 @@ class Calibrator:
                 h.remove()
         tokens = x.shape[0] * x.shape[1]
         return Stats({k: v.sqrt() for k, v in sq.items()}, {k: v / tokens for k, v in sums.items()},
-                     sum(gram) if gram else None), out
+                     grams, tokens), out
 
 
 def calibrated_blocks(source, layers: LayerRange, comp: Compression, load,
@@ -127,7 +143,9 @@ def calibrated_blocks(source, layers: LayerRange, comp: Compression, load,
         if layer in dropped:
             continue
         block = load(layer)
-        stats, _ = cal.stats(block, x, with_gram=bool(comp.cut_heads))
+        gram_for = LINEARS if comp.prune in ("sparsegpt", "sparsegpt-2:4") else \
+            ("o_proj",) if comp.cut_heads else ()
+        stats, _ = cal.stats(block, x, gram_for)
         compress_structure(block, comp, stats)
         x = cal.run(block, x)
         blocks[layer] = block

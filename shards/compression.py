@@ -2,6 +2,7 @@
 
     fp32 | bf16 | int8 | nf4 | fp4 | int8-cpu | int4-cpu   quantization (int8/nf4/fp4: bitsandbytes)
     magnitude:S | wanda:S | 2:4                          pruning, S = sparsity in (0, 1)
+    sparsegpt:S | sparsegpt:2:4                          pruning with SparseGPT's weight update
     cut-mlp:F | cut-heads:F | drop-layers:N              structured cuts
     combined with '+', e.g. nf4+wanda:0.5; or a preset name (fast, balanced, smallest)
 """
@@ -15,8 +16,8 @@ QUANTS = ("fp32", "bf16", "int8", "nf4", "fp4", "int8-cpu", "int4-cpu")
 PRUNES = ("magnitude", "wanda", "2:4")
 CUTS = ("cut-mlp", "cut-heads", "drop-layers")
 PRESETS = {"fast": "int8-cpu", "balanced": "int4-cpu", "smallest": "nf4+cut-mlp:0.2"}
-VALID = ("fp32, bf16, int8, nf4, fp4, int8-cpu, int4-cpu, magnitude:S, wanda:S, 2:4, cut-mlp:F, "
-         "cut-heads:F, drop-layers:N (S, F in (0, 1)), joined with '+'; presets: " + ", ".join(PRESETS))
+VALID = ("fp32, bf16, int8, nf4, fp4, int8-cpu, int4-cpu, magnitude:S, wanda:S, 2:4, sparsegpt:S, "
+         "sparsegpt:2:4, cut-mlp:F, cut-heads:F, drop-layers:N (S, F in (0, 1)), joined with '+'; presets: " + ", ".join(PRESETS))
 
 
 class CompressionError(ShardServeError, ValueError):
@@ -26,7 +27,7 @@ class CompressionError(ShardServeError, ValueError):
 @dataclass(frozen=True)
 class Compression:
     quant: str = "fp32"
-    prune: str | None = None        # magnitude | wanda | 2:4
+    prune: str | None = None        # magnitude | wanda | 2:4 | sparsegpt | sparsegpt-2:4
     sparsity: float = 0.0
     cut_mlp: float = 0.0            # fraction of MLP neurons removed
     cut_heads: float = 0.0          # fraction of KV-head groups removed
@@ -39,8 +40,8 @@ class Compression:
 
     def _extras(self) -> list[str]:
         out = []
-        if self.prune == "2:4":
-            out.append("2:4")
+        if self.prune in ("2:4", "sparsegpt-2:4"):
+            out.append(self.prune.replace("-", ":"))
         elif self.prune:
             out.append(f"{self.prune}:{self.sparsity:g}")
         out += [f"cut-mlp:{self.cut_mlp:g}"] if self.cut_mlp else []
@@ -56,8 +57,9 @@ class Compression:
 
     @property
     def calibrated(self) -> bool:
-        """Needs calibration activations (Wanda, structured cuts, layer drops)."""
-        return self.prune == "wanda" or bool(self.cut_mlp or self.cut_heads or self.drop_layers)
+        """Needs calibration activations (Wanda, SparseGPT, structured cuts, layer drops)."""
+        return self.prune in ("wanda", "sparsegpt", "sparsegpt-2:4") or \
+            bool(self.cut_mlp or self.cut_heads or self.drop_layers)
 
     def __str__(self) -> str:
         return self.spec
@@ -86,7 +88,9 @@ def parse(spec: str | Compression) -> Compression:
             key, val = "quant", part
         elif part == "2:4":
             key, val = "prune", "2:4"
-        elif name in ("magnitude", "wanda") and arg:
+        elif part == "sparsegpt:2:4":
+            key, val = "prune", "sparsegpt-2:4"
+        elif name in ("magnitude", "wanda", "sparsegpt") and arg:
             key, val = "prune", name
             kw["sparsity"] = _fraction(name, arg)
         elif name in ("cut-mlp", "cut-heads") and arg:
