@@ -89,11 +89,8 @@ class Scheduler:
 
     def abort(self, seq_id: int) -> list[int]:
         """Mark seq_id aborted; returns ids whose KV the shards should free now."""
-        for s in list(self.waiting):
-            if s.id == seq_id:
-                self.waiting.remove(s)
-                s.finished = "abort"
-                return []
+        if self._end_waiting(seq_id, "abort"):
+            return []
         s = self.running.get(seq_id)
         if s is None:
             return []
@@ -223,13 +220,19 @@ class Scheduler:
 
     def fail(self, seq_id: int) -> list[int]:
         """End seq_id with "error" wherever it is. Returns ids whose KV the shards should free."""
-        for s in list(self.waiting):
-            if s.id == seq_id:
-                self.waiting.remove(s)
-                s.finished = "error"
-                return []
+        if self._end_waiting(seq_id, "error"):
+            return []
         s = self.running.pop(seq_id, None)
         if s is None:
             return []
         s.finished = "error"
         return [seq_id]
+
+    def _end_waiting(self, seq_id: int, reason: str) -> bool:
+        """Finish seq_id if it waits (it holds no KV); False when it does not wait."""
+        for s in self.waiting:
+            if s.id == seq_id:
+                self.waiting.remove(s)
+                s.finished = reason
+                return True
+        return False

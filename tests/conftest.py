@@ -46,3 +46,16 @@ def tiny_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(cfg).eval().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """A local Ray cluster (namespace shardserve) and an event loop, per test module."""
+    import asyncio
+
+    import ray
+    ray.init(namespace="shardserve", include_dashboard=False, log_to_driver=False)
+    lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()
+    ray.shutdown()

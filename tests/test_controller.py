@@ -18,15 +18,6 @@ PREFIX = "ctl-"
 CONTROL = {"readings": 2, "quiet_s": 5, "relax_s": 3600, "actions": ["move", "split", "recompress"]}
 
 
-@pytest.fixture(scope="module")
-def loop():
-    import ray
-    ray.init(namespace="shardserve", include_dashboard=False, log_to_driver=False)
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
-    ray.shutdown()
-
 
 @pytest.fixture(scope="module")
 def engine(loop):

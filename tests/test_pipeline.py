@@ -13,15 +13,6 @@ pytestmark = pytest.mark.ray
 N_TOKENS = 32
 
 
-@pytest.fixture(scope="module")
-def loop():
-    import ray
-    ray.init(namespace="shardserve", include_dashboard=False, log_to_driver=False)
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
-    ray.shutdown()
-
 
 def make_engine(loop, shards, prefix, **kw):
     return loop.run_until_complete(build_engine(EngineConfig(shards=shards, prefix=prefix, kv_tokens=4096, **kw)))

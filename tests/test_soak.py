@@ -15,15 +15,6 @@ from tests.conftest import chat_ids, prompts
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
-@pytest.fixture(scope="module")
-def loop():
-    import ray
-    ray.init(namespace="shardserve", include_dashboard=False, log_to_driver=False)
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
-    ray.shutdown()
-
 
 def pipeline(loop, prefix):
     return loop.run_until_complete(build_engine(EngineConfig(shards=2, prefix=prefix, kv_tokens=4096)))
