@@ -51,10 +51,10 @@ class Controller:
             w = self.pipelines[pid] = _Watched(list(names), n_layers)
         w.names, w.n_layers = list(names), n_layers
         if done:
-            w.busy = False
             w.state = acted(w.state, time.monotonic())
+        # the router carries out what it gets before its next sync: busy until then
         actions, w.pending = w.pending, []
-        w.busy = w.busy or bool(actions)
+        w.busy = bool(actions)
         return actions
 
     async def rss(self) -> int:
@@ -117,11 +117,3 @@ def start_controller(prefix: str = "", config: dict | None = None):
     return ray.remote(Controller).options(
         name=f"{prefix}controller", namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         max_restarts=-1, num_cpus=0).remote(config)
-
-
-async def sync(name: str, pipeline, done: list[dict]) -> list:
-    """One router-side sync with the controller actor `name` (looked up each time: Ray may
-    have restarted it)."""
-    import ray
-    h = ray.get_actor(name, namespace=NAMESPACE)
-    return await h.sync.remote(pipeline.prefix, list(pipeline.names), pipeline.plan.n_layers, done)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from serving.pipeline import ActionError, Pipeline
+from serving.pipeline import ActionError, Pipeline, describe
 from serving.scheduler import Group, Scheduler, SchedulerConfig, Sequence
 from shards.layer_range import LayerRange
 from shards.plan import MoveLayers, Plan, ReplaceShard
@@ -69,7 +69,8 @@ class Engine:
                  prefill_tokens: int = 256, max_failures: int = 3, controller: str | None = None,
                  max_waiting: int = 256, timeout_s: float = 600.0):
         self.pipeline, self.tokenizer = pipeline, tokenizer
-        pipeline._on_resume = self._wake_up
+        self._wake = asyncio.Event()
+        pipeline.on_resume = self._wake.set
         self.eos = frozenset(eos)
         self.sched = Scheduler(SchedulerConfig(pipeline.kv_blocks, pipeline.block_size, max_batch,
                                                prefill_tokens, n_groups=max(2, len(pipeline.handles))))
@@ -81,7 +82,6 @@ class Engine:
         # shards) never reuses an id whose KV a shard may still hold
         self._ids = itertools.count(random.getrandbits(62) << 1)
         self._inflight: dict[asyncio.Future, Group] = {}
-        self._wake = asyncio.Event()
         self._hold = 0                       # > 0: a shard is being re-placed, launch nothing
         self._recovery: asyncio.Task | None = None
         self.down: str | None = None         # why the pipeline cannot serve, when it cannot
@@ -147,9 +147,6 @@ class Engine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
         if self.controller and (self._control_task is None or self._control_task.done()):
             self._control_task = asyncio.get_running_loop().create_task(self._control())
-
-    def _wake_up(self) -> None:
-        self._wake.set()
 
     async def _run(self) -> None:
         while True:
@@ -239,11 +236,8 @@ class Engine:
             self._hold += 1
         try:
             await self.pipeline.drained()
-            dead = await self.pipeline.dead()
-            events = [await self.pipeline.apply(ReplaceShard(k, f"shard {k} unreachable after: {why}"))
-                      for k in dead]
-            if any("skipped" not in e for e in events):
-                self._free(self.sched.requeue_all())     # the new actors hold no KV
+            for k in await self.pipeline.dead():
+                await self.apply(ReplaceShard(k, f"shard {k} unreachable after: {why}"))
             self.down = None
         except Exception as e:
             self.down = f"shard lost and not re-placed ({type(e).__name__}: {e}); after: {why}"
@@ -273,20 +267,26 @@ class Engine:
         """Every second: tell the controller actor what the pipeline looks like and what was
         done, take its actions and carry them out. A dead controller is looked up again (Ray
         restarts it; it re-adopts the pipeline from this sync)."""
-        from serving.controller import sync
+        import ray
+
+        from serving.controller import NAMESPACE
         done: list[dict] = []
+        handle = None
         while True:
             await asyncio.sleep(CONTROL_PERIOD_S)
+            p = self.pipeline
             try:
-                actions = await sync(self.controller, self.pipeline, done)
+                handle = handle or ray.get_actor(self.controller, namespace=NAMESPACE)
+                actions = await handle.sync.remote(p.prefix, list(p.names), p.plan.n_layers, done)
                 done = []
-            except Exception:
+            except Exception:   # restarting, or gone: look it up again next time
+                handle = None
                 continue
             for a in actions:
                 try:
                     done.append(await self.apply(a))
-                except ActionError:
-                    done.append(self.pipeline.events[-1])
+                except ActionError as e:
+                    done.append(e.event)
 
     async def set_budget(self, k: int, budget_bytes: int | None) -> dict:
         return await self.pipeline.set_budget(k, budget_bytes)
@@ -350,11 +350,3 @@ def _stop_prefix_len(text: str, stops) -> int:
         if any(x.startswith(text[-n:]) for x in stops):
             return n
     return 0
-
-
-def describe(err: BaseException) -> str:
-    """One line for an error from a shard: a RayTaskError's own first line is only the task's
-    name, the shard's exception is its cause."""
-    cause = getattr(err, "cause", None) or err
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[0] if text else ''}"[:300]

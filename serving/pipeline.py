@@ -8,6 +8,7 @@ flight, so no KV is half-written while it moves. Every change is recorded in `ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import time
@@ -21,12 +22,34 @@ NAME_RELEASE_S = 20.0     # how long a dead actor's name may stay registered
 
 
 class ActionError(RuntimeError):
-    """An action could not be carried out; the pipeline was rolled back to where it was."""
+    """An action could not be carried out; the pipeline was rolled back to where it was.
+    `event` is its entry in Pipeline.events."""
+
+    def __init__(self, message: str, event: dict):
+        super().__init__(message)
+        self.event = event
+
+
+def describe(err: BaseException) -> str:
+    """One line for an error from a shard: a RayTaskError's own first line is only the task's
+    name, the shard's exception is its cause."""
+    cause = getattr(err, "cause", None) or err
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"[:300]
+
+
+async def _answers(handle) -> bool:
+    """Whether a shard actor is alive and answering (a paused pipeline has nothing queued)."""
+    try:
+        await asyncio.wait_for(handle.ping.remote(), PING_TIMEOUT_S)
+        return True
+    except Exception:   # ActorDiedError, unreachable node, timeout: all mean re-place
+        return False
 
 
 class Pipeline:
     def __init__(self, model: str, plan: Plan, handles: list, kv_blocks: int, block_size: int,
-                 prefix: str = "", on_resume=None):
+                 prefix: str = ""):
         self.model, self.plan, self.handles = model, plan, list(handles)
         self.names = [f"{prefix}shard-{s.index}" for s in plan.shards]
         self.kv_blocks, self.block_size, self.prefix = kv_blocks, block_size, prefix
@@ -36,7 +59,7 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
         self._lock = asyncio.Lock()     # one change at a time
-        self._on_resume = on_resume or (lambda: None)
+        self.on_resume = lambda: None   # the router wakes up on it
 
     # ---- steps ----------------------------------------------------------------------------
     def launch(self, batch):
@@ -64,7 +87,16 @@ class Pipeline:
 
     def resume(self) -> None:
         self.paused = False
-        self._on_resume()
+        self.on_resume()
+
+    @contextlib.asynccontextmanager
+    async def _paused(self):
+        """A step boundary for the body: no step in flight, none launched until it ends."""
+        await self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
 
     # ---- reading --------------------------------------------------------------------------
     async def stats(self) -> list[dict]:
@@ -76,18 +108,12 @@ class Pipeline:
             try:
                 return await asyncio.wait_for(h.stats.remote(), timeout)
             except Exception as e:
-                return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"}
+                return {"error": describe(e)}
         return list(await asyncio.gather(*(one(h) for h in self.handles)))
 
     async def dead(self) -> list[int]:
         """Shards whose actor is dead or does not answer."""
-        async def alive(h) -> bool:
-            try:
-                await asyncio.wait_for(h.ping.remote(), PING_TIMEOUT_S)
-                return True
-            except Exception:   # ActorDiedError, unreachable node, timeout: all mean re-place
-                return False
-        ok = await asyncio.gather(*(alive(h) for h in self.handles))
+        ok = await asyncio.gather(*(_answers(h) for h in self.handles))
         return [k for k, a in enumerate(ok) if not a]
 
     async def set_budget(self, k: int, budget_bytes: int | None) -> dict:
@@ -104,7 +130,7 @@ class Pipeline:
                 ReplaceShard: "restart"}[type(action)]
         shard = action.src if isinstance(action, MoveLayers) else action.shard
         async with self._lock:
-            if isinstance(action, ReplaceShard) and action.shard not in await self.dead():
+            if isinstance(action, ReplaceShard) and await _answers(self.handles[action.shard]):
                 # already re-placed (the router and the controller both saw it die)
                 return {"action": kind, "shard": shard, "ok": True, "skipped": "it answers"}
             before, t0 = self._shape(), time.time()
@@ -116,7 +142,7 @@ class Pipeline:
                 event.update(ok=False, error=f"{type(e).__name__}: {e}", after=self._shape(),
                              seconds=time.time() - t0)
                 self.events.append(event)
-                raise ActionError(f"{kind} of shard {shard} failed: {e}") from e
+                raise ActionError(f"{kind} of shard {shard} failed: {e}", event) from e
             event.update(ok=True, after=self._shape(), seconds=time.time() - t0)
             self.events.append(event)
             return event
@@ -125,8 +151,7 @@ class Pipeline:
         if abs(a.src - a.dst) != 1:
             raise ValueError(f"layers move between neighbours only, not shard {a.src} -> {a.dst}")
         src, dst = self.handles[a.src], self.handles[a.dst]
-        await self.pause()
-        try:
+        async with self._paused():
             handoff = src.shrink.remote(a.layers)   # K/V go actor to actor, not via here
             try:
                 await dst.grow.remote(a.layers, handoff)
@@ -134,17 +159,11 @@ class Pipeline:
                 await src.grow.remote(a.layers, handoff)   # the layers go back where they were
                 raise
             await self._refresh()
-        finally:
-            self.resume()
 
     async def _recompress(self, a: Recompress) -> None:
-        await self.pause()
-        try:
+        async with self._paused():
             await self.handles[a.shard].recompress.remote(a.compression)
-            self._set_spec(a.shard, compression=a.compression)
             await self._refresh()
-        finally:
-            self.resume()
 
     async def _split(self, a: SplitShard) -> None:
         """The new actor loads its layers while the pipeline keeps serving; only the KV handoff
@@ -168,8 +187,7 @@ class Pipeline:
         new = self._start(new_spec, name, len(self.handles) + 1)
         try:
             await new.ready.remote()
-            await self.pause()
-            try:
+            async with self._paused():
                 handoff = self.handles[k].shrink.remote(part)
                 try:
                     await new.adopt.remote(handoff)
@@ -180,44 +198,35 @@ class Pipeline:
                 self.names.insert(at, name)
                 self.plan = plan
                 await self._refresh()
-            finally:
-                self.resume()
         except Exception:
             if new not in self.handles:
                 _kill(new)
             raise
 
     async def _restart(self, a: ReplaceShard) -> None:
-        """Re-place shard k with its current layers and compression. The new actor holds no
-        KV: the router recomputes every live sequence (Engine.apply)."""
-        await self.pause()
-        try:
-            await self._replace(a.shard)
-        finally:
-            self.resume()
-
-    async def _replace(self, k: int) -> None:
+        """Re-place shard k with its current layers, compression and budget, under its name.
+        The new actor holds no KV: the router recomputes every live sequence (Engine.apply)."""
         import ray
-        name = self.names[k]
-        _kill(self.handles[k])
-        deadline = time.time() + NAME_RELEASE_S
-        while time.time() < deadline:     # a killed actor's name is released asynchronously
+        k, name, spec = a.shard, self.names[a.shard], self.plan.shards[a.shard]
+        async with self._paused():
+            _kill(self.handles[k])
+            deadline = time.time() + NAME_RELEASE_S
+            while time.time() < deadline:     # a killed actor's name is released asynchronously
+                try:
+                    ray.get_actor(name, namespace="shardserve")
+                except ValueError:
+                    break
+                await asyncio.sleep(0.1)
+            handle = self._start(spec, name, len(self.handles))
             try:
-                ray.get_actor(name, namespace="shardserve")
-            except ValueError:
-                break
-            await asyncio.sleep(0.1)
-        spec = self.plan.shards[k]
-        handle = self._start(spec, name, len(self.handles))
-        try:
-            await handle.ready.remote()
-            if spec.budget_bytes is not None:
-                await handle.set_budget.remote(spec.budget_bytes)
-        except Exception:
-            _kill(handle)
-            raise
-        self.handles[k] = handle
-        await self._refresh()
+                await handle.ready.remote()
+                if spec.budget_bytes is not None:
+                    await handle.set_budget.remote(spec.budget_bytes)
+            except Exception:
+                _kill(handle)
+                raise
+            self.handles[k] = handle
+            await self._refresh()
 
     # ---- helpers --------------------------------------------------------------------------
     def _start(self, spec: ShardSpec, name: str, n_shards: int):

@@ -114,11 +114,10 @@ class ShardWorker:
     def stats(self) -> dict:
         """Measured numbers: RSS, weight and KV bytes, step timings."""
         times = [e - s for s, e in self.busy]
-        mem = psutil.Process().memory_info()   # shared: file-backed pages, e.g. Ray's object store
         return {
             "start": self.stage.layers.start, "end": self.stage.layers.end,
             "device": self.device, "compression": self.spec.compression, "pid": os.getpid(),
-            "node": _node_ip(), "rss_bytes": mem.rss, "shared_bytes": mem.shared,
+            "node": _node_ip(), "rss_bytes": psutil.Process().memory_info().rss,
             "peak_rss_bytes": peak_rss(), "base_rss_bytes": self.base_rss,
             "weight_bytes": self.stage.weight_bytes(), "kv_bytes_used": self.stage.kv.bytes_used(),
             "kv_bytes_reserved": self.stage.kv.bytes_reserved(),

@@ -198,7 +198,7 @@ class Stage(nn.Module):
         self.is_first, self.is_last = layers.is_first(), layers.is_last(cfg.num_hidden_layers)
         self.dtype = dtype
         self.blocks = nn.ModuleDict()
-        self._add_ends(source)
+        self._add_ends(source, self.compression.quant)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv = PagedKV([], kv_blocks, block_size, cfg.num_key_value_heads, head_dim, dtype, self.device)
         self.todo = todo
@@ -206,13 +206,10 @@ class Stage(nn.Module):
         self._add_layers(source, layers, todo)
         self.inv_freq, self.rope_scale = rope_params(cfg, self.device)
 
-    def _add_ends(self, source: ModelSource) -> None:
-        for name, module in self._build_ends(source, self.compression.quant).items():
-            setattr(self, name, module)
-
-    def _build_ends(self, source: ModelSource, quant: str) -> dict[str, nn.Module]:
+    def _add_ends(self, source: ModelSource, quant: str) -> None:
         """Embedding (first stage), final norm + lm_head (last), at the policy of
-        quantize.head_quant; a tied pair on one stage shares one table."""
+        quantize.head_quant; a tied pair on one stage shares one table. Set only once all are
+        built."""
         from shards.quantize import CastLinear, Int8CpuLinear, Int8Embedding, head_quant
         q, cfg = head_quant(quant), self.config
         tied = self.is_first and self.is_last and cfg.tie_word_embeddings
@@ -232,7 +229,8 @@ class Stage(nn.Module):
         if self.is_last:
             out["norm"] = RMSNorm(self._load(source, "model.norm.weight"), cfg.rms_norm_eps)
             out["lm_head"] = tables["model.embed_tokens.weight" if tied else "lm_head.weight"]
-        return out
+        for name, module in out.items():
+            setattr(self, name, module)
 
     def _add_layers(self, source: ModelSource, layers: LayerRange, todo: Compression) -> None:
         blocks, dropped = self._build_layers(source, layers, todo, self.dropped)
@@ -307,11 +305,8 @@ class Stage(nn.Module):
             raise CompressionError(f"this stage calibrated {self.todo.spec} at load; recompress needs "
                                    "the structure from a prepared artifact (shardserve prepare)")
         todo = dataclasses.replace(self.todo, quant=new.quant)
-        kept = LayerRange(self.layers.start, self.layers.end)
-        blocks, _ = self._build_layers(source, kept, todo, self.dropped)
-        ends = self._build_ends(source, new.quant)
-        for name, module in ends.items():
-            setattr(self, name, module)
+        blocks, _ = self._build_layers(source, self.layers, todo, self.dropped)
+        self._add_ends(source, new.quant)     # after the layers built: a failure changes nothing
         self._commit_layers(blocks, set())
         self.compression, self.todo = dataclasses.replace(self.compression, quant=new.quant), todo
 

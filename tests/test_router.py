@@ -20,7 +20,7 @@ class FakePipeline:
     kv_blocks, block_size, handles, paused = 64, 4, [None, None], False
 
     def __init__(self):
-        self._on_resume = None
+        self.on_resume = None
 
 
 def engine(**kw) -> Engine:
