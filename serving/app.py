@@ -12,7 +12,6 @@ GET /v1/shards, GET /healthz (200 only when every shard is loaded and answers).
 import asyncio
 import hmac
 import json
-import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,8 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from serving.launch import EngineConfig
+from serving.config import app_config
+from serving.launch import replica_prefixes
 from serving.schemas import ChatCompletionRequest, CompletionRequest, ShardPatch
 
 api = FastAPI(title="shardserve")
@@ -101,14 +101,23 @@ async def _first(gen):
         raise HTTPException(504, str(e)) from e
 
 
+def _replica_rank() -> int:
+    """This Serve replica's rank among its deployment's replicas (0 .. replicas - 1)."""
+    rank = serve.get_replica_context().rank
+    return getattr(rank, "rank", rank)
+
+
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class ShardServe:
     def __init__(self, config: dict | None = None):
-        config = dict(config or {})
-        api.state.api_key = config.pop("api_key", None) or os.environ.get("SHARDSERVE_API_KEY")
-        self.model_name = config.pop("model_name", None) or "shardserve-" + config.get("model", "default")
-        self.cfg = EngineConfig(**config)
+        args = app_config(config or {})
+        api.state.api_key = args.key()
+        self.model_name = args.model_name or "shardserve-" + args.model
+        self.cfg = args.engine()
+        # data parallel: each Serve replica routes its own pipeline, `<prefix>r<rank>-shard-<k>`
+        self.replica = _replica_rank() if args.replicas > 1 else 0
+        self.cfg.prefix = replica_prefixes(self.cfg)[self.replica]
         self._build = None  # asyncio.Future of the Engine
         self.created = int(time.time())
         # tokenization and chat templates run off the event loop, one at a time, on their own
@@ -153,7 +162,8 @@ class ShardServe:
             st = {k: v for k, v in st.items() if k != "busy"}
             out.append({"index": spec.index, "name": name, "kv_tokens": spec.kv_tokens, **st})
         return {"model": self.model_name, "n_layers": pipe.plan.n_layers, "plan": pipe.plan.to_dict(),
-                "shards": out, "events": list(pipe.events), "down": engine.down}
+                "shards": out, "events": list(pipe.events), "down": engine.down,
+                "replica": self.replica, "replicas": self.cfg.replicas}
 
     @api.patch("/v1/shards/{index}", dependencies=[Depends(_check_key)])
     async def patch_shard(self, index: int, request: Request):
@@ -271,9 +281,9 @@ class ShardServe:
 
 
 def build_app(args: dict) -> serve.Application:
-    """`serve run serving.app:build_app model=default shards=2 api_key=...` entry point."""
-    conv = {"shards": int, "kv_tokens": int, "max_batch": int, "block_size": int, "prefill_tokens": int,
-            "max_waiting": int, "timeout_s": float,
-            "control": lambda v: str(v).lower() in ("1", "true", "yes")}
-    config = {k: conv.get(k, str)(v) if not isinstance(v, (dict, list)) else v for k, v in args.items()}
-    return ShardServe.bind(config)
+    """`serve run deploy/serve.yaml`, or `serve run serving.app:build_app model=default shards=2`:
+    args are validated (serving/config.py) before anything starts; `replicas` Serve replicas,
+    each routing its own pipeline, balanced by Serve's router (fewest ongoing requests of two)."""
+    # `serve run ... shards=2` passes strings, a YAML file typed values: pydantic takes both
+    cfg = app_config(args)
+    return ShardServe.options(num_replicas=cfg.replicas).bind(cfg.model_dump(exclude_defaults=True))

@@ -19,22 +19,34 @@ def _add_model_args(p: argparse.ArgumentParser, shards: bool = True) -> None:
 
 
 def cmd_plan(args) -> int:
+    """The shard map; with --address, placed on that Ray cluster's nodes (node of every shard)."""
+    from serving.launch import EngineConfig, make_plan
     from serving.units import parse_budgets
-    from shards.memory import measure_costs
-    from shards.planner import plan
-    from shards.source import open_source
-    source = open_source(args.model)
-    p = plan(measure_costs(source, args.compression), args.shards, parse_budgets(args.budget),
-             compression=args.compression)
+    nodes = None
+    if args.address:
+        import ray
+
+        from serving.cluster import cluster_nodes
+        ray.init(address=args.address, log_to_driver=False)
+        nodes = cluster_nodes()
+        ray.shutdown()
+    cfg = EngineConfig(model=args.model, shards=args.shards, budgets=parse_budgets(args.budget),
+                       compression=args.compression, kv_tokens=args.kv_tokens, replicas=args.replicas,
+                       placement=nodes is not None)
+    p = make_plan(cfg, nodes)
     if args.json:
         print(json.dumps(p.to_dict(), indent=2))
         return 0
-    print(f"model {p.model}: {p.n_layers} layers in {len(p.shards)} shards")
-    print(f"{'shard':>5} {'layers':>10} {'weights MiB':>12} {'KV MiB':>8} {'KV tokens':>10} {'budget MiB':>11}")
+    ips = {n.node_id: n.ip for n in nodes or []}
+    print(f"model {p.model}: {p.n_layers} layers in {len(p.shards)} shards" +
+          (f" on {len(nodes)} nodes ({args.replicas} replica(s))" if nodes else ""))
+    print(f"{'shard':>5} {'layers':>10} {'weights MiB':>12} {'KV MiB':>8} {'KV tokens':>10} {'budget MiB':>11}"
+          + ("  device  node" if nodes else ""))
     for s in p.shards:
         budget = "-" if s.budget_bytes is None else f"{s.budget_bytes / 2**20:.0f}"
+        where = f"  {s.device:<6}  {ips.get(s.node, '?')} {s.node[:12]}" if nodes else ""
         print(f"{s.index:>5} {str(s.layers):>10} {s.weight_bytes / 2**20:>12.1f} "
-              f"{s.kv_bytes / 2**20:>8.1f} {s.kv_tokens:>10} {budget:>11}")
+              f"{s.kv_bytes / 2**20:>8.1f} {s.kv_tokens:>10} {budget:>11}{where}")
     return 0
 
 
@@ -53,38 +65,48 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _wait_loaded(plan, handles, prefix: str) -> None:
+    import ray
+    from tqdm import tqdm
+    pending = {h.ready.remote(): s for h, s in zip(handles, plan.shards)}
+    with tqdm(total=len(pending), desc=f"loading {prefix}shards", unit="shard") as bar:
+        while pending:
+            done, _ = ray.wait(list(pending), timeout=1.0)
+            for ref in done:
+                st, spec = ray.get(ref), pending.pop(ref)
+                bar.write(f"  {prefix}shard {spec.index}: layers {spec.layers}, {st['weight_bytes'] / 2**20:.0f} MiB "
+                          f"weights, RSS {st['rss_bytes'] / 2**20:.0f} MiB, {st['device']}, node {st['node']}")
+                bar.update()
+
+
 def start_service(args):
     """Start (or join) Ray, load the shards with progress bars, deploy the Serve app, wait for
     /healthz. Returns (client, url, shard handles)."""
+    import dataclasses
     import time
 
     import ray
     from ray import serve
-    from tqdm import tqdm
 
     from serving.app import ShardServe
     from serving.client import Client
-    from serving.launch import EngineConfig, start
+    from serving.config import app_config
+    from serving.launch import replica_prefixes, start
     args.api_key = args.api_key or os.environ.get("SHARDSERVE_API_KEY")
     if not args.api_key and not args.insecure and not _loopback(args.host):
         raise ShardServeError(f"refusing to serve on {args.host} without an API key: anyone who reaches it could "
                               "use the model; pass --api-key (or SHARDSERVE_API_KEY), or --insecure")
     ray.init(address=args.address, namespace="shardserve", log_to_driver=False)
     config = {"model": args.model, "shards": args.shards, "kv_tokens": args.kv_tokens,
-              "compression": args.compression}
-    plan, handles, _ = start(EngineConfig(**config))
-    pending = {h.ready.remote(): s for h, s in zip(handles, plan.shards)}
-    with tqdm(total=len(pending), desc="loading shards", unit="shard") as bar:
-        while pending:
-            done, _ = ray.wait(list(pending), timeout=1.0)
-            for ref in done:
-                st, spec = ray.get(ref), pending.pop(ref)
-                bar.write(f"  shard {spec.index}: layers {spec.layers}, {st['weight_bytes'] / 2**20:.0f} MiB "
-                          f"weights, RSS {st['rss_bytes'] / 2**20:.0f} MiB, {st['device']}")
-                bar.update()
+              "compression": args.compression, "replicas": args.replicas}
+    cfg = app_config(config).engine()
+    started = [(prefix, *start(dataclasses.replace(cfg, prefix=prefix))) for prefix in replica_prefixes(cfg)]
+    for prefix, plan, hs, _ in started:   # every pipeline loads here, with progress bars
+        _wait_loaded(plan, hs, prefix)
+    handles = [h for _, _, hs, _ in started for h in hs]
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(ShardServe.bind({**config, "api_key": args.api_key}), name="shardserve", route_prefix="/",
-              blocking=False)
+    serve.run(ShardServe.options(num_replicas=cfg.replicas).bind({**config, "api_key": args.api_key}),
+              name="shardserve", route_prefix="/", blocking=False)
     url = f"http://{args.host}:{args.port}"
     client = Client(url, api_key=args.api_key)
     deadline = time.time() + 300
@@ -220,6 +242,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_stop(args) -> int:
+    """Kill the shard and controller actors a cluster keeps (they are detached: `serve shutdown`
+    leaves them) and the Serve app."""
+    import ray
+    from ray import serve
+
+    from shards.actor import stop_pipeline
+    ray.init(address=args.address, log_to_driver=False)
+    if not args.keep_serve:
+        serve.shutdown()
+    killed = stop_pipeline(args.prefix)
+    print(f"stopped {len(killed)} actors: {', '.join(sorted(killed)) or 'none'}")
+    ray.shutdown()
+    return 0
+
+
 def cmd_budget(args) -> int:
     """Set one shard's memory budget on a running endpoint."""
     from serving.client import Client
@@ -240,6 +278,7 @@ def _add_service_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-tokens", type=int, default=8192, help="KV tokens each shard reserves")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or SHARDSERVE_API_KEY)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    p.add_argument("--replicas", type=int, default=1, help="data-parallel pipelines behind the endpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="show the shard map before any actor starts")
     _add_model_args(p)
     p.add_argument("--budget", help="memory per shard, comma-separated, e.g. 300MiB,300MiB")
+    p.add_argument("--address", default=None, help="place on this Ray cluster's nodes (e.g. auto)")
+    p.add_argument("--replicas", type=int, default=1, help="data-parallel pipelines sharing the nodes")
+    p.add_argument("--kv-tokens", type=int, default=8192, help="KV tokens each shard reserves")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("generate", help="generate one reply in-process through the chained stages")
@@ -276,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ask", default=None, help="ask this once over HTTP, print the reply, shut down")
     p.add_argument("--max-tokens", type=int, default=64, help="for --ask")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("stop", help="stop the Serve app and the pipelines' actors on a cluster")
+    p.add_argument("--address", default="auto")
+    p.add_argument("--prefix", default="", help="only the pipelines of this app prefix")
+    p.add_argument("--keep-serve", action="store_true", help="leave the Serve app running")
+    p.set_defaults(func=cmd_stop)
     p = sub.add_parser("budget", help="set one shard's memory budget on a running endpoint")
     p.add_argument("shard", type=int)
     p.add_argument("bytes", help="e.g. 300MiB, or none")

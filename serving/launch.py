@@ -23,20 +23,40 @@ class EngineConfig:
     timeout_s: float = 600.0             # a request still running after this is aborted (504)
     control: bool = True                 # run the controller (serving/controller.py)
     controller: dict | None = None       # its settings: serving.policy.ControllerConfig fields
+    replicas: int = 1                    # data-parallel pipelines behind the endpoint
+    placement: bool = True               # pin each shard to a node chosen by memory (shards/placement.py)
 
 
-def make_plan(cfg: EngineConfig) -> Plan:
+def make_plan(cfg: EngineConfig, nodes: list | None = None) -> Plan:
+    """The shard map for cfg. With placement, every shard names the node it is pinned to
+    (`nodes`: the cluster's, read from the connected Ray when not given)."""
+    import dataclasses
+
     from shards.memory import measure_costs
     from shards.planner import plan
     from shards.source import open_source
-    device = cfg.device
-    if device == "auto":
-        import ray
-        device = "cuda" if ray.cluster_resources().get("GPU", 0) >= cfg.shards else "cpu"
     source = open_source(cfg.model)
     comp = cfg.compression or source.default_compression
-    return plan(measure_costs(source, comp), cfg.shards, cfg.budgets, cfg.kv_tokens, compression=comp,
-                device=device)
+    costs = measure_costs(source, comp)
+    if not cfg.placement:
+        device = "cpu" if cfg.device == "auto" else cfg.device
+        return plan(costs, cfg.shards, cfg.budgets, cfg.kv_tokens, compression=comp, device=device)
+    from shards.placement import place
+    if nodes is None:
+        from serving.cluster import cluster_nodes
+        nodes = cluster_nodes()
+    p = place(costs, nodes, cfg.shards or len(nodes), cfg.kv_tokens, comp, cfg.replicas, cfg.budgets)
+    if cfg.device != "auto":
+        p = dataclasses.replace(p, shards=tuple(dataclasses.replace(s, device=cfg.device) for s in p.shards))
+    return p
+
+
+def replica_prefixes(cfg: EngineConfig) -> list[str]:
+    """Actor-name prefix of each data-parallel pipeline: `<prefix>r<k>-` with replicas, else
+    `<prefix>` (one pipeline, the names it always had)."""
+    if cfg.replicas <= 1:
+        return [cfg.prefix]
+    return [f"{cfg.prefix}r{k}-" for k in range(cfg.replicas)]
 
 
 def start(cfg: EngineConfig) -> tuple[Plan, list, int]:
@@ -45,7 +65,16 @@ def start(cfg: EngineConfig) -> tuple[Plan, list, int]:
     from shards.actor import start_shards
     p = make_plan(cfg)
     kv_blocks = min(s.kv_tokens for s in p.shards) // cfg.block_size
-    return p, start_shards(cfg.model, list(p.shards), kv_blocks, cfg.block_size, cfg.prefix), kv_blocks
+    threads = _threads(p, cfg.replicas) if cfg.placement else None
+    return p, start_shards(cfg.model, list(p.shards), kv_blocks, cfg.block_size, cfg.prefix, threads), kv_blocks
+
+
+def _threads(p: Plan, replicas: int) -> list[int]:
+    """Torch threads per shard: its node's CPUs shared by the shards of every replica there."""
+    from serving.cluster import cluster_nodes
+    cpus = {n.node_id: n.cpus for n in cluster_nodes()}
+    on_node = {s.node: sum(t.node == s.node for t in p.shards) * replicas for s in p.shards}
+    return [max(1, int(cpus.get(s.node, 1) // on_node[s.node])) for s in p.shards]
 
 
 async def build_engine(cfg: EngineConfig, on_ready=None):
@@ -63,6 +92,8 @@ async def build_engine(cfg: EngineConfig, on_ready=None):
         if on_ready:
             on_ready(k, st)
     await asyncio.gather(*(wait(k, h) for k, h in enumerate(handles)))
+    # this router is the pipeline's only one: KV a dead predecessor left behind is freed
+    await asyncio.gather(*(h.free_all.remote() for h in handles))
     controller = None
     if cfg.control:
         from serving.controller import start_controller

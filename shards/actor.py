@@ -79,6 +79,12 @@ class ShardWorker:
         for sid in seq_ids:
             self.stage.free(sid)
 
+    def free_all(self) -> int:
+        """Free every sequence's KV (a new router attaching); returns how many there were."""
+        live = list(self.stage.kv.table.lengths)
+        self.free(live)
+        return len(live)
+
     def grow(self, layers: LayerRange, handoff: dict) -> dict:
         """handoff: the giving shard's shrink() result (K/V of live sequences, dropped layers)."""
         self.stage.grow(self.source, layers, handoff["kv"], handoff["dropped"])
@@ -117,7 +123,7 @@ class ShardWorker:
         return {
             "start": self.stage.layers.start, "end": self.stage.layers.end,
             "device": self.device, "compression": self.spec.compression, "pid": os.getpid(),
-            "node": _node_ip(), "rss_bytes": psutil.Process().memory_info().rss,
+            "node": _node_ip(), "node_id": _node_id(), "rss_bytes": psutil.Process().memory_info().rss,
             "peak_rss_bytes": peak_rss(), "base_rss_bytes": self.base_rss,
             "weight_bytes": self.stage.weight_bytes(), "kv_bytes_used": self.stage.kv.bytes_used(),
             "kv_bytes_reserved": self.stage.kv.bytes_reserved(),
@@ -184,19 +190,30 @@ def _node_ip() -> str | None:
         return None
 
 
+def _node_id() -> str | None:
+    try:
+        import ray
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None
+
+
 def start_shards(model: str, specs: list[ShardSpec], kv_blocks: int, block_size: int = 16,
-                 prefix: str = "") -> list:
-    """One named Ray actor per spec (`<prefix>shard-<k>`), or the running one of that name."""
-    threads = max(1, (os.cpu_count() or 1) // len(specs))
-    return [start_shard(model, spec, kv_blocks, block_size, f"{prefix}shard-{spec.index}", threads)
-            for spec in specs]
+                 prefix: str = "", threads: list[int] | None = None) -> list:
+    """One named Ray actor per spec (`<prefix>shard-<k>`), or the running one of that name.
+    threads: torch threads of each (default: this machine's cores shared evenly)."""
+    threads = threads or [max(1, (os.cpu_count() or 1) // len(specs))] * len(specs)
+    return [start_shard(model, spec, kv_blocks, block_size, f"{prefix}shard-{spec.index}", t)
+            for spec, t in zip(specs, threads)]
 
 
 def start_shard(model: str, spec: ShardSpec, kv_blocks: int, block_size: int, name: str,
                 threads: int, attach: bool = True):
-    """One shard actor with its share of this node's cores or one GPU. attach=False refuses a
-    running actor of that name (a replacement must never adopt the dead one's handle)."""
+    """One shard actor with its share of this node's cores or one GPU, on spec.node when set.
+    attach=False refuses a running actor of that name (a replacement must never adopt the dead
+    one's handle); a replacement prefers spec.node but goes elsewhere when that node is gone."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     gpu = spec.device.startswith("cuda")
     options = dict(
         name=name, namespace=NAMESPACE, num_gpus=1 if gpu else 0,
@@ -209,18 +226,22 @@ def start_shard(model: str, spec: ShardSpec, kv_blocks: int, block_size: int, na
         # detached: a Serve replica that restarts (or a request cancelled mid-build) must not
         # take the loaded shards with it; whoever ends the service kills them (stop_pipeline)
         lifetime="detached")
+    if spec.node:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(spec.node, soft=not attach)
     return ray.remote(ShardWorker).options(**options).remote(model, spec, kv_blocks, block_size, threads)
 
 
 def stop_pipeline(prefix: str = "") -> list[str]:
-    """Kill every named actor of the pipeline `prefix` (its shards, replacements and split-off
-    shards included, and its controller). Returns the names killed."""
+    """Kill every named actor of the pipeline `prefix` and of its data-parallel replicas
+    (`<prefix>r<k>-`): shards, replacements, split-off shards, controllers. Returns the names."""
+    import re
+
     import ray
+    ours = re.compile(re.escape(prefix) + r"(r\d+-)?(shard-\d+|controller)$")
     killed = []
     for a in ray.util.list_named_actors(all_namespaces=True):
         name = a["name"]
-        if a["namespace"] == NAMESPACE and name.startswith(prefix) and \
-                name[len(prefix):].startswith(("shard-", "controller")):
+        if a["namespace"] == NAMESPACE and ours.match(name):
             try:
                 ray.kill(ray.get_actor(name, namespace=NAMESPACE))
                 killed.append(name)

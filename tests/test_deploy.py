@@ -1,0 +1,92 @@
+"""Tier 2: deploy/serve.yaml through Ray's own `serve run`, with two data-parallel replicas; the
+Serve config's args are validated before anything starts."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serving.client import Client
+from tests.test_serve import QUESTION, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_YAML = ROOT / "deploy" / "serve.yaml"
+
+
+def app_args() -> dict:
+    return yaml.safe_load(SERVE_YAML.read_text())["applications"][0]["args"]
+
+
+def test_serve_yaml_args_are_valid_and_bad_ones_named():
+    from serving.app import build_app
+    from shards.errors import ShardServeError
+    build_app(app_args())
+    with pytest.raises(ShardServeError, match=r"shard: Extra inputs are not permitted"):
+        build_app({**app_args(), "shard": 2})
+    with pytest.raises(ShardServeError, match=r"compression: .*unknown compression 'int9'.*valid: fp32"):
+        build_app({**app_args(), "compression": "int9"})
+    with pytest.raises(ShardServeError, match=r"device: Input should be 'auto', 'cpu' or 'cuda'"):
+        build_app({**app_args(), "device": "tpu"})
+    with pytest.raises(ShardServeError, match=r"controller.high_watermark: .*less than or equal to 1"):
+        build_app({**app_args(), "controller": {"high_watermark": 1.5}})
+    with pytest.raises(ShardServeError, match=r"budgets: .*cannot read '300 parsecs'"):
+        build_app({**app_args(), "budgets": ["300 parsecs", "1GiB"]})
+
+
+@pytest.mark.ray
+def test_serve_run_yaml_with_two_replicas_both_serve(tmp_path):
+    """`serve run` on a copy of deploy/serve.yaml (replicas: 2, a free port, less KV): both
+    pipelines load, and both take requests (every shard of each reports steps)."""
+    conf = yaml.safe_load(SERVE_YAML.read_text())
+    port = free_port()
+    conf["http_options"]["port"] = port
+    conf["applications"][0]["args"].update(replicas=2, kv_tokens=2048, prefix="dep-")
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    log = open(tmp_path / "serve-run.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(path)], cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = Client(f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.time() + 420
+        while not client.healthy():
+            assert proc.poll() is None, (tmp_path / "serve-run.log").read_text()[-3000:]
+            assert time.time() < deadline, "healthz never became 200"
+            time.sleep(1)
+        with ThreadPoolExecutor(12) as pool:
+            replies = list(pool.map(lambda _: client.chat(QUESTION, max_tokens=12, temperature=0), range(12)))
+        assert len(set(replies)) == 1 and replies[0].startswith("The capital of France is")
+        seen = {}
+        for _ in range(40):   # /v1/shards is answered by either replica
+            body = client.shards()
+            seen[body["replica"]] = body
+            if len(seen) == 2:
+                break
+        assert sorted(seen) == [0, 1]
+        for r, body in seen.items():
+            assert [s["name"] for s in body["shards"]] == [f"dep-r{r}-shard-0", f"dep-r{r}-shard-1"]
+            assert all(s["steps"] > 0 for s in body["shards"]), body["shards"]
+        print("steps per replica:", {r: [s["steps"] for s in b["shards"]] for r, b in seen.items()})
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """`serve run` shuts Serve and its Ray down on SIGINT; its process group is killed after."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
