@@ -92,3 +92,19 @@ def test_counts_cover_every_layer_within_caps(mem, data):
         assert n * per_layer <= cap - 64 * MiB - ends
     bigger = max(range(len(mem)), key=lambda k: (caps_bytes[k], -k))
     assert counts[bigger] >= min(counts)
+
+
+def test_cluster_nodes_reads_memory_or_the_shardserve_bytes_opt_in(monkeypatch):
+    import ray
+
+    from serving.cluster import cluster_nodes
+
+    def fake(*nodes):
+        monkeypatch.setattr(ray, "nodes", lambda: [
+            {"NodeID": i, "NodeManagerAddress": "10.0.0.1", "Alive": alive, "Resources": res}
+            for i, alive, res in nodes])
+    fake(("b", True, {"CPU": 4, "memory": 8e9}), ("a", True, {"CPU": 2, "GPU": 1, "memory": 2e9}),
+         ("dead", False, {"memory": 64e9}))
+    assert cluster_nodes() == [Node("a", "10.0.0.1", 2_000_000_000, 2, 1), Node("b", "10.0.0.1", 8_000_000_000, 4, 0)]
+    fake(("head", True, {"CPU": 8, "memory": 32e9}), ("gpu", True, {"GPU": 1, "memory": 8e9, "shardserve_bytes": 20e9}))
+    assert [(n.node_id, n.memory_bytes) for n in cluster_nodes()] == [("gpu", 20_000_000_000)]
