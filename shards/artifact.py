@@ -2,10 +2,12 @@
 
 The folder is a Hugging Face model folder, so every loader reads it: config.json, tokenizer
 files, model.safetensors holding the cut and pruned weights in fp32 (cut layers have their own
-smaller shapes; dropped layers are absent), and manifest.json: the compression, which layers were
+smaller shapes; dropped layers are absent; after GPTQ, exactly on their quantization grids,
+which gptq.safetensors holds), and manifest.json: the compression, which layers were
 dropped, per-layer shapes and resident bytes at the target quantization, the calibration source,
 and the perplexity measured on the artifact. Quantization is not stored: it is deterministic and
-takes seconds, so stages apply it at load (and a shard can change it at run time).
+takes seconds, so stages apply it at load (and a shard can change it at run time); GPTQ's grids
+are, so the kernel gets exactly the calibrated codes without calibrating again.
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import json
 import time
 from pathlib import Path
 
-from shards.calibration import N_SEQS, SEQLEN
+from shards.calibration import GPTQ_SEQS, N_SEQS, SEQLEN
+from shards.gptq import ACT_ORDER, DAMP, GROUP, grid_tensors
+from shards.obs import BLOCK
 from shards.compression import parse
 from shards.data import PROMPTS
 from shards.layer_range import LayerRange
@@ -47,6 +51,12 @@ def stage_tensors(stage) -> dict:
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
+def gptq_tensors(stage) -> dict:
+    """Every projection's GPTQ grid as `gptq.model.layers.<L>.<projection>.<field>` tensors."""
+    return {f"gptq.model.layers.{key}.{proj}.{k}": t for key, block in stage.blocks.items()
+            for proj, grid in block.grids.items() for k, t in grid_tensors(grid).items()}
+
+
 def layer_shapes(stage) -> dict:
     return {key: {"heads": b.n_heads, "kv_heads": b.n_kv, "mlp": b.down_proj.weight.shape[1]}
             for key, b in stage.blocks.items()}
@@ -63,14 +73,21 @@ def prepare(source, compression: str, out: str | Path, seqlen: int = 512, window
     from shards.stage import Stage
     comp, out, t0 = parse(compression), Path(out), time.time()
     out.mkdir(parents=True, exist_ok=True)
-    stage = Stage(source, LayerRange(0, source.n_layers), kv_blocks=1, compression=comp.structure)
+    # GPTQ quantizes while it calibrates: its fp32 weights lie on grids, stored beside them
+    stage = Stage(source, LayerRange(0, source.n_layers), kv_blocks=1,
+                  compression=comp if comp.gptq else comp.structure, quantize=False)
     save_file(stage_tensors(stage), out / "model.safetensors")
+    if comp.gptq:
+        save_file(gptq_tensors(stage), out / "gptq.safetensors")
     source.config.save_pretrained(out)
     source.tokenizer().save_pretrained(out)
     manifest = {
         "source": source.label, "compression": comp.spec, "dropped_layers": sorted(stage.dropped),
-        "calibration": ({"data": PROMPTS.name, "sequences": N_SEQS, "seqlen": SEQLEN}
+        "calibration": ({"data": PROMPTS.name, "sequences": GPTQ_SEQS if comp.gptq else N_SEQS, "seqlen": SEQLEN}
                         if comp.calibrated else None),
+        "gptq": ({"quant": comp.quant, "damp": DAMP, "act_order": ACT_ORDER, "block": BLOCK, "group": GROUP,
+                  "grid": "static, round-to-nearest of the weights before GPTQ, as the kernel stores it"}
+                 if comp.gptq else None),
         "layer_shapes": layer_shapes(stage), "prepare_seconds": None}
     del stage
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

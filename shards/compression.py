@@ -4,6 +4,8 @@
     magnitude:S | wanda:S | 2:4                          pruning, S = sparsity in (0, 1)
     sparsegpt:S | sparsegpt:2:4                          pruning with SparseGPT's weight update
     cut-mlp:F | cut-heads:F | drop-layers:N              structured cuts
+    gptq                                                 with int8-cpu, int4-cpu or nf4: GPTQ's
+                                                         error compensation (shards/gptq.py)
     combined with '+', e.g. nf4+wanda:0.5; or a preset name (fast, balanced, smallest)
 """
 from __future__ import annotations
@@ -16,7 +18,8 @@ QUANTS = ("fp32", "bf16", "int8", "nf4", "fp4", "int8-cpu", "int4-cpu")
 PRUNES = ("magnitude", "wanda", "2:4")
 CUTS = ("cut-mlp", "cut-heads", "drop-layers")
 PRESETS = {"fast": "int8-cpu", "balanced": "int4-cpu", "smallest": "nf4+cut-mlp:0.2"}
-VALID = ("fp32, bf16, int8, nf4, fp4, int8-cpu, int4-cpu, magnitude:S, wanda:S, 2:4, sparsegpt:S, "
+GPTQ_QUANTS = ("int8-cpu", "int4-cpu", "nf4")
+VALID = ("fp32, bf16, int8, nf4, fp4, int8-cpu, int4-cpu, gptq (with int8-cpu, int4-cpu or nf4), magnitude:S, wanda:S, 2:4, sparsegpt:S, "
          "sparsegpt:2:4, cut-mlp:F, cut-heads:F, drop-layers:N (S, F in (0, 1)), joined with '+'; presets: " + ", ".join(PRESETS))
 
 
@@ -32,11 +35,12 @@ class Compression:
     cut_mlp: float = 0.0            # fraction of MLP neurons removed
     cut_heads: float = 0.0          # fraction of KV-head groups removed
     drop_layers: int = 0            # whole layers removed
+    gptq: bool = False              # quantize with GPTQ's error compensation (calibrated)
 
     @property
     def spec(self) -> str:
         parts = [self.quant] if self.quant != "fp32" or not self._extras() else []
-        return "+".join(parts + self._extras())
+        return "+".join(parts + (["gptq"] if self.gptq else []) + self._extras())
 
     def _extras(self) -> list[str]:
         out = []
@@ -57,9 +61,9 @@ class Compression:
 
     @property
     def calibrated(self) -> bool:
-        """Needs calibration activations (Wanda, SparseGPT, structured cuts, layer drops)."""
+        """Needs calibration activations (Wanda, SparseGPT, GPTQ, structured cuts, layer drops)."""
         return self.prune in ("wanda", "sparsegpt", "sparsegpt-2:4") or \
-            bool(self.cut_mlp or self.cut_heads or self.drop_layers)
+            bool(self.cut_mlp or self.cut_heads or self.drop_layers or self.gptq)
 
     def __str__(self) -> str:
         return self.spec
@@ -86,6 +90,8 @@ def parse(spec: str | Compression) -> Compression:
         name, _, arg = part.partition(":")
         if part in QUANTS:
             key, val = "quant", part
+        elif part == "gptq":
+            key, val = "gptq", True
         elif part == "2:4":
             key, val = "prune", "2:4"
         elif part == "sparsegpt:2:4":
@@ -104,4 +110,7 @@ def parse(spec: str | Compression) -> Compression:
         kw[key] = val
     if not kw:
         raise CompressionError(f"empty compression spec; valid: {VALID}")
+    if kw.get("gptq") and kw.get("quant") not in GPTQ_QUANTS:
+        raise CompressionError(f"gptq needs one of {', '.join(GPTQ_QUANTS)} beside it in {spec!r} "
+                               f"(it quantizes), got {kw.get('quant', 'none')}")
     return Compression(**kw)

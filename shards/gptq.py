@@ -19,6 +19,8 @@ import torch
 from shards.obs import inverse_hessian, sweep
 
 GROUP = 32
+DAMP = 0.01     # of the mean diagonal of H: the paper's
+ACT_ORDER = True
 
 
 @dataclass
@@ -60,6 +62,24 @@ def _nf4_code() -> torch.Tensor:
     return get_4bit_type("nf4", device="cpu").float()
 
 
+def grid_tensors(grid: Grid) -> dict[str, torch.Tensor]:
+    """The grid as named tensors (artifacts store them beside the on-grid weights)."""
+    out = {"scale": grid.scale.contiguous()}
+    if grid.zero is not None:
+        out["zero"] = grid.zero.contiguous()
+    if grid.state is not None:   # bitsandbytes' own packed form of its QuantState
+        out.update({"state." + k: v.contiguous() for k, v in grid.state.as_dict(packed=True).items()})
+    return out
+
+
+def grid_from_tensors(quant: str, t: dict[str, torch.Tensor]) -> Grid:
+    state = None
+    if quant == "nf4":
+        from bitsandbytes.functional import QuantState
+        state = QuantState.from_dict({k[6:]: v for k, v in t.items() if k.startswith("state.")}, device="cpu")
+    return Grid(quant, t["scale"], t.get("zero"), state)
+
+
 def grid_for(w: torch.Tensor, quant: str, source_grid=None) -> Grid:
     """The round-to-nearest grid of w [N, K] at `quant`, rounded as the kernel stores it."""
     if quant == "int8-cpu":
@@ -79,9 +99,14 @@ def grid_for(w: torch.Tensor, quant: str, source_grid=None) -> Grid:
     raise ValueError(f"gptq supports int8-cpu, int4-cpu and nf4, not {quant!r}")
 
 
-def gptq_(w: torch.Tensor, gram: torch.Tensor, n_tokens: int, grid: Grid, damp: float) -> torch.Tensor:
+def gptq_(w: torch.Tensor, gram: torch.Tensor, n_tokens: int, grid: Grid, damp: float = DAMP,
+          act_order: bool = ACT_ORDER) -> torch.Tensor:
     """Quantize w [out, in] in place onto `grid` with GPTQ's error compensation; gram: X^T X
-    [in, in] over n_tokens calibration tokens. Returns w (every value on the grid)."""
-    hinv = inverse_hessian(gram, n_tokens, w, damp)
-    sweep(w, hinv, lambda j, i, w1, d: grid.column(j, w1[:, i]))
+    [in, in] over n_tokens calibration tokens. act_order: columns with the largest Hessian
+    diagonal first (the grid stays fixed, so the kernel is unchanged). Returns w."""
+    perm = torch.argsort(torch.diag(gram), descending=True) if act_order else torch.arange(w.shape[1])
+    wp = w[:, perm].contiguous()
+    hinv = inverse_hessian(gram[perm][:, perm], n_tokens, wp, damp)
+    sweep(wp, hinv, lambda j, i, w1, d: grid.column(int(perm[j]), w1[:, i]))
+    w[:, perm] = wp
     return w

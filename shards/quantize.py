@@ -111,10 +111,13 @@ def _bnb(lin: nn.Linear, quant: str, device) -> nn.Module:
 
 
 def quantize_linear(lin: nn.Linear, quant: str, grid=None) -> nn.Module:
-    """grid: int4-cpu's (d, m) per group of 32 when the source stored the weight as 4-bit
-    groups (its own codes are kept); None rounds to nearest."""
+    """grid: a GPTQ grid (shards/gptq.py; the weights lie on it, their codes are kept), or
+    int4-cpu's (d, m) per group of 32 when the source stored the weight as 4-bit groups (its
+    own codes are kept); None rounds to nearest."""
     if quant == "fp32":
         return lin
+    if hasattr(grid, "codes"):
+        return _on_grid(lin, grid)
     if quant == "int4-cpu":
         from shards.int4 import Int4CpuLinear
         return Int4CpuLinear(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), grid)
@@ -125,6 +128,29 @@ def quantize_linear(lin: nn.Linear, quant: str, grid=None) -> nn.Module:
     if quant in ("int8", "nf4", "fp4"):
         return _bnb(lin, quant, lin.weight.device)
     raise ValueError(f"unknown quantization {quant!r}")
+
+
+def _on_grid(lin: nn.Linear, grid) -> nn.Module:
+    """The kernel module for weights that already lie on `grid` (GPTQ's output): the same
+    codes and scales, so it computes with exactly these weights."""
+    w, bias = lin.weight.detach().float(), None if lin.bias is None else lin.bias.detach()
+    if grid.quant == "int4-cpu":
+        from shards.int4 import Int4CpuLinear
+        return Int4CpuLinear(w, bias, (grid.scale, grid.zero))
+    if grid.quant == "int8-cpu":
+        q = Int8CpuLinear(qweight=grid.codes(w), scales=grid.scale.to(torch.bfloat16))
+        q.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        return q
+    import bitsandbytes as bnb
+    codes = grid.codes(w).reshape(-1)
+    packed = ((codes[::2] << 4) | codes[1::2]).unsqueeze(1)     # bitsandbytes' nibble order
+    q = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=bias is not None, compute_dtype=torch.float32,
+                          quant_type="nf4", compress_statistics=True)
+    q.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=grid.state, blocksize=32,
+                                 compress_statistics=True, quant_type="nf4", bnb_quantized=True)
+    if bias is not None:
+        q.bias = nn.Parameter(bias.float(), requires_grad=False)
+    return q
 
 
 def quantize_block(block: nn.Module, quant: str, grids: dict | None = None) -> nn.Module:

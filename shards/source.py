@@ -71,6 +71,12 @@ class ModelSource:
         int4-cpu rounds to nearest (shards/int4.py)."""
         return None
 
+    gptq_quant: str | None = None        # an artifact prepared with GPTQ: the grids' quantization
+
+    def gptq_grids(self, layer: int) -> dict:
+        """{projection: shards.gptq.Grid} of a layer prepared with GPTQ (its weights lie on them)."""
+        return {}
+
     def check_supported(self) -> None:
         arch = getattr(self.config, "model_type", None)
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -116,6 +122,19 @@ class HFFolderSource(ModelSource):
             self.applied = parse(self.manifest["compression"]).structure
             self.default_compression = self.manifest["compression"]
             self.dropped_layers = tuple(self.manifest["dropped_layers"])
+            self.gptq_quant = (self.manifest.get("gptq") or {}).get("quant")
+
+    def gptq_grids(self, layer: int) -> dict:
+        from shards.gptq import grid_from_tensors
+        from shards.quantize import LINEARS
+        if not self.gptq_quant:
+            return {}
+        grids = {}
+        for proj in LINEARS:
+            prefix = f"gptq.model.layers.{layer}.{proj}."
+            names = [k for k in self._where if k.startswith(prefix)]
+            grids[proj] = grid_from_tensors(self.gptq_quant, {k[len(prefix):]: self._read(k) for k in names})
+        return grids
 
     def has(self, name: str) -> bool:
         return name in self._where

@@ -111,7 +111,11 @@ def compress_block(block: Block, comp: Compression, source: ModelSource | None =
     if comp.quant != "fp32":
         from shards.quantize import quantize_block
         keep = comp.quant == "int4-cpu" and source is not None and comp.structure == Compression()
-        quantize_block(block, comp.quant, int4_grids(source, block.layer) if keep else None)
+        # GPTQ (shards/calibration.py, or a prepared artifact) gave grids its weights lie on
+        grids = getattr(block, "grids", None) or \
+            (source.gptq_grids(block.layer) if source is not None and source.gptq_quant == comp.quant else None) or \
+            (int4_grids(source, block.layer) if keep else None)
+        quantize_block(block, comp.quant, grids)
     return block
 
 
@@ -149,7 +153,9 @@ def remaining(source: ModelSource, comp: Compression | None) -> tuple[Compressio
     if comp.structure not in (Compression(), applied.structure):
         raise CompressionError(f"{source.label} was prepared with {applied.spec}; serve it with its "
                                f"quantization only (e.g. {applied.quant}), not {comp.spec}")
-    return dataclasses.replace(applied.structure, quant=comp.quant), Compression(quant=comp.quant)
+    # GPTQ's grids are stored: served at their quantization, nothing is calibrated again
+    gptq = source.gptq_quant == comp.quant
+    return dataclasses.replace(applied.structure, quant=comp.quant, gptq=gptq), Compression(quant=comp.quant)
 
 
 class StepContext:
@@ -189,8 +195,11 @@ class Stage(nn.Module):
 
     def __init__(self, source: ModelSource, layers: LayerRange, kv_blocks: int = 256,
                  block_size: int = 16, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 compression: str | None = None):
+                 compression: str | None = None, quantize: bool = True):
+        """quantize=False (prepare): everything but the final quantization; GPTQ's weights stay
+        fp32 on their grids (`block.grids`)."""
         super().__init__()
+        self.quantize = quantize
         cfg = self.config = source.config
         self.compression, todo = remaining(source, compression)
         self.device = torch.device(device)
@@ -198,7 +207,7 @@ class Stage(nn.Module):
         self.is_first, self.is_last = layers.is_first(), layers.is_last(cfg.num_hidden_layers)
         self.dtype = dtype
         self.blocks = nn.ModuleDict()
-        self._add_ends(source, self.compression.quant)
+        self._add_ends(source, self.compression.quant if quantize else "fp32")
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv = PagedKV([], kv_blocks, block_size, cfg.num_key_value_heads, head_dim, dtype, self.device)
         self.todo = todo
@@ -247,6 +256,8 @@ class Stage(nn.Module):
             dropped |= set(more)
         # calibrated blocks are already cut and pruned: only quantization is left
         rest = Compression(quant=todo.quant) if todo.calibrated else todo
+        if not self.quantize:
+            rest = dataclasses.replace(rest, quant="fp32")
         blocks = {}
         for layer in layers:
             if layer in dropped:
@@ -301,10 +312,10 @@ class Stage(nn.Module):
         if new.structure != self.compression.structure:
             raise CompressionError(f"recompress changes quantization only: {self.compression.spec} -> "
                                    f"{new.spec} changes cuts or pruning")
-        if self.todo.calibrated:
+        if self.todo.structure.calibrated:
             raise CompressionError(f"this stage calibrated {self.todo.spec} at load; recompress needs "
                                    "the structure from a prepared artifact (shardserve prepare)")
-        todo = dataclasses.replace(self.todo, quant=new.quant)
+        todo = dataclasses.replace(self.todo, quant=new.quant, gptq=new.gptq)   # gptq: calibrates again
         blocks, _ = self._build_layers(source, self.layers, todo, self.dropped)
         self._add_ends(source, new.quant)     # after the layers built: a failure changes nothing
         self._commit_layers(blocks, set())

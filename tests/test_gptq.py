@@ -62,3 +62,34 @@ def test_grid_column_is_round_to_nearest_without_compensation():
     # every value is within half a step of its original
     step = grid.scale.repeat_interleave(32, dim=1)
     assert ((on - w).abs() <= step / 2 + 1e-6).all()
+
+
+def test_prepared_gptq_artifact_serves_the_calibrated_codes(source, tmp_path):
+    """prepare nf4+gptq stores the on-grid weights and their grids (bitsandbytes' QuantState
+    included); a stage of the artifact computes with exactly those weights, calibrating nothing."""
+    import json
+
+    import bitsandbytes.functional as bnbf
+
+    import shards.calibration as cal
+    from shards.artifact import prepare
+    from shards.layer_range import LayerRange
+    from shards.source import open_source
+    from shards.stage import Stage
+    out = tmp_path / "art"
+    m = prepare(source, "nf4+gptq", out, seqlen=128, windows=1)
+    assert m["gptq"]["quant"] == "nf4" and m["calibration"]["sequences"] == cal.GPTQ_SEQS
+    assert json.loads((out / "manifest.json").read_text())["compression"] == "nf4+gptq"
+    art = open_source(str(out))
+    calls = []
+    real = cal.calibrated_blocks
+    cal.calibrated_blocks = lambda *a, **k: calls.append(a) or real(*a, **k)
+    try:
+        stage = Stage(art, LayerRange(0, 3), kv_blocks=2)
+    finally:
+        cal.calibrated_blocks = real
+    assert not calls and stage.compression.spec == "nf4+gptq"
+    for layer in range(3):
+        w = stage.blocks[str(layer)].down_proj.weight
+        got = bnbf.dequantize_4bit(w.data, w.quant_state).float()
+        assert torch.equal(got, art.tensor(f"model.layers.{layer}.mlp.down_proj.weight"))
