@@ -152,8 +152,9 @@ class ShardServe:
                                             "created": self.created, "owned_by": "shardserve"}]}
 
     @api.get("/v1/shards", dependencies=[Depends(_check_key)])
-    async def shards(self):
-        """The plan, each shard's measured numbers, and the controller's actions (newest last)."""
+    async def shards(self, since: float = 0.0):
+        """The plan, each shard's measured numbers, the controller's actions (newest last), and
+        where decode time goes (steps that ended after `since`, epoch seconds)."""
         engine = await self.engine()
         pipe = engine.pipeline
         stats = await pipe.stats_or_errors()
@@ -163,6 +164,7 @@ class ShardServe:
             out.append({"index": spec.index, "name": name, "kv_tokens": spec.kv_tokens, **st})
         return {"model": self.model_name, "n_layers": pipe.plan.n_layers, "plan": pipe.plan.to_dict(),
                 "shards": out, "events": list(pipe.events), "down": engine.down,
+                "timing": await engine.timing(since),
                 "replica": self.replica, "replicas": self.cfg.replicas}
 
     @api.patch("/v1/shards/{index}", dependencies=[Depends(_check_key)])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -92,12 +93,13 @@ def hf_level(model, tok, prompts: list[str], batch: int, max_tokens: int = 64) -
 
 
 def llama_server(gguf: str, port: int = 8090, threads: int | None = None):
-    """Start llama.cpp's server on the GGUF if the binary is on PATH; (process, url) or None."""
-    binary = shutil.which("llama-server")
+    """Start llama.cpp's server on the GGUF; (process, url), or None without a binary ($LLAMA_SERVER,
+    llama-server on PATH, or .llama/build/bin/llama-server from deploy/build-llama-server.sh)."""
+    from pathlib import Path
+    built = Path(__file__).resolve().parents[1] / ".llama" / "build" / "bin" / "llama-server"
+    binary = os.environ.get("LLAMA_SERVER") or shutil.which("llama-server") or (str(built) if built.is_file() else None)
     if binary is None:
         return None
-    import os
-
     import httpx
     cmd = [binary, "-m", gguf, "--port", str(port), "-np", "32", "-c", str(32 * 1024), "-cb",
            "-t", str(threads or os.cpu_count())]
@@ -112,6 +114,19 @@ def llama_server(gguf: str, port: int = 8090, threads: int | None = None):
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"llama-server on {gguf} did not become healthy in 120 s")
+
+
+def time_split(url: str, level: dict, since: float, api_key: str | None = None) -> dict:
+    """Per-token time at one level, split: shard compute (each shard's median decode step),
+    Ray hops + router (the router's launch-to-tokens median minus that), and Serve + HTTP
+    (the client's median inter-token latency minus the router's). At concurrency > 1 the
+    groups overlap, so the parts are medians of each, not a sum of one token's."""
+    import httpx
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    t = httpx.get(f"{url}/v1/shards", params={"since": since}, headers=headers, timeout=30).json()["timing"]
+    hop, itl = t["decode_hop_ms_p50"], level["itl_p50_ms"]
+    return {**t, "shard_compute_ms": None if t["ray_router_ms"] is None else hop - t["ray_router_ms"],
+            "serve_http_ms": None if hop is None or itl is None else itl - hop}
 
 
 def shard_memory(url: str, api_key: str | None = None) -> list[dict]:

@@ -8,6 +8,11 @@ import sys
 
 from shards.errors import ShardServeError
 
+# `serve` / `bench` without --compression: int8-cpu, the fastest spec within 1% of fp32's ppl
+# that keeps the greedy answers (int4-cpu is faster still at small batches, 1.001x ppl, but flips
+# the near-tie first token of the README's question); see the README compression tables
+SERVE_DEFAULT = "fast"
+
 
 def _add_model_args(p: argparse.ArgumentParser, shards: bool = True) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or a HF folder")
@@ -163,6 +168,7 @@ def cmd_serve(args) -> int:
 def cmd_bench(args) -> int:
     """Benchmark a live endpoint (--url) or one started here, with baselines in the same run."""
     import asyncio
+    import time
     from pathlib import Path
 
     from serving import bench
@@ -176,9 +182,11 @@ def cmd_bench(args) -> int:
         if url is None:
             _, url, handles = start_service(args)
         for c in args.concurrency:
-            result["shardserve"].append(asyncio.run(bench.http_level(url, read_prompts(n(c)), c, args.max_tokens,
-                                                                     args.api_key)))
-            print("shardserve", json.dumps(result["shardserve"][-1]), flush=True)
+            since = time.time()
+            level = asyncio.run(bench.http_level(url, read_prompts(n(c)), c, args.max_tokens, args.api_key))
+            level["time_split"] = bench.time_split(url, level, since, args.api_key)
+            result["shardserve"].append(level)
+            print("shardserve", json.dumps(level), flush=True)
         result["shard_memory"] = bench.shard_memory(url, args.api_key)
     finally:
         if handles:
@@ -187,7 +195,7 @@ def cmd_bench(args) -> int:
     if "llama-server" in args.baselines and hasattr(source, "path"):
         started = bench.llama_server(str(source.path))
         if started is None:
-            result["llama_server_note"] = "skipped: no llama-server binary on PATH"
+            result["llama_server_note"] = "skipped: no llama-server binary ($LLAMA_SERVER, PATH, .llama/build/bin; deploy/build-llama-server.sh builds it)"
         else:
             proc, lurl = started
             try:
@@ -279,6 +287,7 @@ def _add_service_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or SHARDSERVE_API_KEY)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
     p.add_argument("--replicas", type=int, default=1, help="data-parallel pipelines behind the endpoint")
+    p.set_defaults(serve_default=SERVE_DEFAULT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -347,7 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "compression", "") is None:
             from shards.source import open_source
-            args.compression = open_source(args.model).default_compression
+            source = open_source(args.model)
+            # serve / bench: the fastest compression within 1% of fp32's perplexity (README);
+            # a prepared artifact serves what it was made with
+            fast = getattr(args, "serve_default", None) if source.applied is None else None
+            args.compression = fast or source.default_compression
         return args.func(args)
     except ShardServeError as e:
         print(f"shardserve: error: {e}", file=sys.stderr)

@@ -45,6 +45,7 @@ class ShardWorker:
                            compression=spec.compression)
         _release_freed_memory()   # load-time temporaries back to the OS
         self.busy: deque[tuple[float, float]] = deque(maxlen=512)  # (start, end) wall clock, s
+        self.decode_steps: deque[tuple[float, float]] = deque(maxlen=1024)  # (end, seconds) of decode steps
         self.steps = 0
         self.budget_bytes = spec.budget_bytes
         self.faults: list[str] = []   # inject_fault: the next len(faults) steps raise these
@@ -71,7 +72,10 @@ class ShardWorker:
             out = sample(out.cpu(), batch.sampling, batch.steps).tolist()
         else:
             out = batch.with_hidden(out.cpu())
-        self.busy.append((t0, time.time()))
+        t1 = time.time()
+        self.busy.append((t0, t1))
+        if batch.width == 1:   # a decode step: one token per sequence
+            self.decode_steps.append((t1, t1 - t0))
         self.steps += 1
         return out
 
@@ -112,6 +116,11 @@ class ShardWorker:
         controller compares it with the measured use."""
         self.budget_bytes = budget_bytes
         return self.stats()
+
+    def decode_ms(self, since: float = 0.0) -> float | None:
+        """Median milliseconds of this shard's decode steps that ended after `since` (epoch s)."""
+        xs = sorted(d for t, d in self.decode_steps if t >= since)
+        return 1000 * xs[len(xs) // 2] if xs else None
 
     def inject_fault(self, steps: int = 1, message: str = "injected fault") -> None:
         """Fault injection (tests, chaos runs): the next `steps` forward calls raise (0: none)."""

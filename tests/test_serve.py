@@ -308,3 +308,19 @@ def test_fuzz_the_http_api(url):
     print(f"fuzz: {sum(statuses.values())} requests, statuses {dict(sorted(statuses.items()))}")
     assert sum(statuses.values()) >= 500 and statuses.get(200, 0) >= 50
     assert Client(url).chat(QUESTION, max_tokens=24, temperature=0).strip() == "The capital of France is Paris."
+
+
+def test_shards_report_where_decode_time_goes(url):
+    """/v1/shards?since=T splits the decode steps that ended after T: the router's launch-to-
+    tokens median, each shard's own median step, and the rest (Ray hops, router)."""
+    import time as _time
+    c = Client(url)
+    since = _time.time()
+    c.chat(QUESTION, max_tokens=16, temperature=0)
+    t = httpx.get(url + "/v1/shards", params={"since": since}, timeout=30).json()["timing"]
+    assert t["decode_groups"] >= 5   # the answer is 8 tokens
+    assert all(x > 0 for x in t["shard_decode_ms_p50"])
+    assert 0 < sum(t["shard_decode_ms_p50"]) < t["decode_hop_ms_p50"]
+    assert abs(t["ray_router_ms"] - (t["decode_hop_ms_p50"] - sum(t["shard_decode_ms_p50"]))) < 1e-6
+    later = httpx.get(url + "/v1/shards", params={"since": _time.time() + 60}, timeout=30).json()["timing"]
+    assert later["decode_groups"] == 0 and later["decode_hop_ms_p50"] is None

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Build llama.cpp's llama-server offline, for `shardserve bench`'s baseline: the llama-cpp-python
+# sdist on PyPI vendors llama.cpp, so the package index is all it needs. Output:
+# .llama/build/bin/llama-server (the bench finds it there; or set LLAMA_SERVER). ~15 min on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
+mkdir -p .llama/src
+[ -f ".llama/src/llama_cpp_python-$VERSION.tar.gz" ] ||
+  .venv/bin/pip download -q --no-binary :all: --no-deps "llama-cpp-python==$VERSION" -d .llama/src
+[ -d ".llama/src/llama_cpp_python-$VERSION" ] || tar xzf ".llama/src/llama_cpp_python-$VERSION.tar.gz" -C .llama/src
+cmake -B .llama/build ".llama/src/llama_cpp_python-$VERSION/vendor/llama.cpp" -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release
+cmake --build .llama/build --target llama-server -j"$(nproc)"
+echo "built: $(pwd)/.llama/build/bin/llama-server"
