@@ -82,6 +82,11 @@ def grid_from_tensors(quant: str, t: dict[str, torch.Tensor]) -> Grid:
 
 def grid_for(w: torch.Tensor, quant: str, source_grid=None) -> Grid:
     """The round-to-nearest grid of w [N, K] at `quant`, rounded as the kernel stores it."""
+    if quant != "int8-cpu" and w.shape[1] % GROUP:
+        from shards.compression import CompressionError
+        raise CompressionError(f"gptq at {quant} needs input widths divisible by {GROUP} (its groups), got "
+                               f"{w.shape[1]}: a cut left that width; pick a cut fraction that keeps a multiple of "
+                               f"{GROUP}, or int8-cpu+gptq")
     if quant == "int8-cpu":
         from shards.quantize import int8_rows
         return Grid(quant, int8_rows(w)[1].float())

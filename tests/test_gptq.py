@@ -93,3 +93,12 @@ def test_prepared_gptq_artifact_serves_the_calibrated_codes(source, tmp_path):
         w = stage.blocks[str(layer)].down_proj.weight
         got = bnbf.dequantize_4bit(w.data, w.quant_state).float()
         assert torch.equal(got, art.tensor(f"model.layers.{layer}.mlp.down_proj.weight"))
+
+
+def test_group_grids_refuse_widths_off_their_groups():
+    from shards.compression import CompressionError
+    w = torch.randn(16, 40)
+    for quant in ("int4-cpu", "nf4"):
+        with pytest.raises(CompressionError, match="divisible by 32.*got 40"):
+            grid_for(w, quant)
+    grid_for(w, "int8-cpu")

@@ -136,3 +136,21 @@ def test_compressed_shards(loop, tokenizer, source):
             assert s["weight_bytes"] == shard_weight_bytes(costs, spec.layers) == spec.weight_bytes
     finally:
         kill(engine)
+
+
+def test_a_router_attaching_frees_what_a_dead_one_left(loop):
+    """A router that died mid-sequence leaves KV on the shards; the next router of that pipeline
+    (a restarted Serve replica) frees it before serving, so no id of the old one lingers."""
+    import ray
+
+    from shards.step import StepBatch
+    first = make_engine(loop, 2, "att-", control=False)
+    h0 = first.shards[0]
+    ray.get(h0.forward.remote(StepBatch([123], [0], [4], tokens=torch.tensor([[1, 2, 3, 4]]))))
+    assert ray.get(h0.stats.remote())["live_sequences"] == 1      # as a dead router would leave it
+    first.close()
+    second = make_engine(loop, 2, "att-", control=False)
+    try:
+        assert ray.get(second.shards[0].stats.remote())["live_sequences"] == 0
+    finally:
+        kill(second)
