@@ -49,7 +49,9 @@ async def http_level(url: str, prompts: list[str], concurrency: int, max_tokens:
     import httpx
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=600) as client:
+    # a new connection per request: llama-server drops idle keep-alive connections, and a reused
+    # one it closed fails the request ("Server disconnected"); loopback connects cost ~0.1 ms
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         models = await client.get(f"{url}/v1/models", headers=headers)   # the name the server answers to
         model = models.json()["data"][0]["id"] if models.status_code == 200 else "default"
 
