@@ -35,8 +35,10 @@ def make_plan(cfg: EngineConfig, nodes: list | None = None) -> Plan:
     from shards.memory import measure_costs
     from shards.planner import plan
     from shards.source import open_source
+    from shards.compression import parse
     source = open_source(cfg.model)
-    comp = cfg.compression or source.default_compression
+    # a preset resolved to its spec: shards report it, and the controller's ladder is written in specs
+    comp = parse(cfg.compression or source.default_compression).spec
     costs = measure_costs(source, comp)
     if not cfg.placement:
         device = "cpu" if cfg.device == "auto" else cfg.device

@@ -90,3 +90,13 @@ def _stop(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+def test_presets_reach_the_shards_as_specs():
+    """`fast` (the serve default) is planned as int8-cpu: shards report the spec, and the
+    controller's compression ladder, written in specs, can step from it."""
+    from serving.launch import EngineConfig, make_plan
+    from serving.policy import ControllerConfig
+    p = make_plan(EngineConfig(compression="fast", placement=False))
+    assert {s.compression for s in p.shards} == {"int8-cpu"}
+    assert "int8-cpu" in ControllerConfig().ladder
