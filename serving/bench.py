@@ -127,8 +127,7 @@ def time_split(url: str, level: dict, since: float, api_key: str | None = None) 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     t = httpx.get(f"{url}/v1/shards", params={"since": since}, headers=headers, timeout=30).json()["timing"]
     hop, itl = t["decode_hop_ms_p50"], level["itl_p50_ms"]
-    return {**t, "shard_compute_ms": None if t["ray_router_ms"] is None else hop - t["ray_router_ms"],
-            "serve_http_ms": None if hop is None or itl is None else itl - hop}
+    return {**t, "serve_http_ms": None if hop is None or itl is None else itl - hop}
 
 
 def shard_memory(url: str, api_key: str | None = None) -> list[dict]:

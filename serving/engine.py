@@ -89,8 +89,8 @@ class Engine:
         self._loop_task: asyncio.Task | None = None
         self._control_task: asyncio.Task | None = None
         self.controller = controller         # the controller actor's name (serving/controller.py)
-        self.hop_log: deque[float] = deque(maxlen=1024)  # seconds from launch to tokens back, per group
-        self.decode_hops: deque[tuple[float, float]] = deque(maxlen=1024)  # (time.time(), s) per decode group
+        # per group: (time.time() when it landed, seconds from launch to tokens back, prefill?)
+        self.hops: deque[tuple[float, float, bool]] = deque(maxlen=1024)
         self.step_errors: deque[dict] = deque(maxlen=256)  # steps that raised: time, error, sequences
 
     @property
@@ -193,10 +193,7 @@ class Engine:
 
     def _finish_group(self, group: Group, fut: asyncio.Future) -> None:
         self.pipeline.landed()
-        hop = time.perf_counter() - fut.launched
-        self.hop_log.append(hop)
-        if not group.prefill:
-            self.decode_hops.append((time.time(), hop))
+        self.hops.append((time.time(), time.perf_counter() - fut.launched, group.prefill))
         try:
             tokens = fut.result()
         except Exception as e:
@@ -348,12 +345,12 @@ class Engine:
         """Where a decode step's time goes, medians over decode groups that ended after `since`
         (epoch s): launch to tokens back in the router, each shard's own compute, and the rest
         (Ray hops, object store, the router's wake-up)."""
-        hops = sorted(h for t, h in self.decode_hops if t >= since)
+        hops = sorted(h for t, h, prefill in self.hops if t >= since and not prefill)
         shard = await asyncio.gather(*(h.decode_ms.remote(since) for h in self.shards))
         hop = 1000 * hops[len(hops) // 2] if hops else None
         compute = sum(shard) if hops and all(x is not None for x in shard) else None
         return {"decode_groups": len(hops), "decode_hop_ms_p50": hop, "shard_decode_ms_p50": shard,
-                "ray_router_ms": None if compute is None else hop - compute}
+                "shard_compute_ms": compute, "ray_router_ms": None if compute is None else hop - compute}
 
     async def stats(self) -> list[dict]:
         return await self.pipeline.stats()

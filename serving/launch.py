@@ -32,10 +32,10 @@ def make_plan(cfg: EngineConfig, nodes: list | None = None) -> Plan:
     (`nodes`: the cluster's, read from the connected Ray when not given)."""
     import dataclasses
 
+    from shards.compression import parse
     from shards.memory import measure_costs
     from shards.planner import plan
     from shards.source import open_source
-    from shards.compression import parse
     source = open_source(cfg.model)
     # a preset resolved to its spec: shards report it, and the controller's ladder is written in specs
     comp = parse(cfg.compression or source.default_compression).spec
@@ -65,16 +65,21 @@ def start(cfg: EngineConfig) -> tuple[Plan, list, int]:
     """Plan, then start (or attach to, by name) one actor per shard. Returns (plan, handles,
     KV blocks per shard). Deterministic, so the CLI and a Serve replica get the same actors."""
     from shards.actor import start_shards
-    p = make_plan(cfg)
+    threads = None
+    if cfg.placement:
+        from serving.cluster import cluster_nodes
+        nodes = cluster_nodes()
+        p = make_plan(cfg, nodes)
+        threads = _threads(p, nodes, cfg.replicas)
+    else:
+        p = make_plan(cfg)
     kv_blocks = min(s.kv_tokens for s in p.shards) // cfg.block_size
-    threads = _threads(p, cfg.replicas) if cfg.placement else None
     return p, start_shards(cfg.model, list(p.shards), kv_blocks, cfg.block_size, cfg.prefix, threads), kv_blocks
 
 
-def _threads(p: Plan, replicas: int) -> list[int]:
+def _threads(p: Plan, nodes: list, replicas: int) -> list[int]:
     """Torch threads per shard: its node's CPUs shared by the shards of every replica there."""
-    from serving.cluster import cluster_nodes
-    cpus = {n.node_id: n.cpus for n in cluster_nodes()}
+    cpus = {n.node_id: n.cpus for n in nodes}
     on_node = {s.node: sum(t.node == s.node for t in p.shards) * replicas for s in p.shards}
     return [max(1, int(cpus.get(s.node, 1) // on_node[s.node])) for s in p.shards]
 

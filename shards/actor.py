@@ -129,10 +129,11 @@ class ShardWorker:
     def stats(self) -> dict:
         """Measured numbers: RSS, weight and KV bytes, step timings."""
         times = [e - s for s, e in self.busy]
+        node = _node()
         return {
             "start": self.stage.layers.start, "end": self.stage.layers.end,
             "device": self.device, "compression": self.spec.compression, "pid": os.getpid(),
-            "node": _node_ip(), "node_id": _node_id(), "rss_bytes": psutil.Process().memory_info().rss,
+            "node": node[0], "node_id": node[1], "rss_bytes": psutil.Process().memory_info().rss,
             "peak_rss_bytes": peak_rss(), "base_rss_bytes": self.base_rss,
             "weight_bytes": self.stage.weight_bytes(), "kv_bytes_used": self.stage.kv.bytes_used(),
             "kv_bytes_reserved": self.stage.kv.bytes_reserved(),
@@ -191,20 +192,13 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _node_ip() -> str | None:
+def _node() -> tuple[str | None, str | None]:
+    """(IP, Ray node id) of the node this actor runs on; (None, None) outside Ray."""
     try:
         import ray
-        return ray.util.get_node_ip_address()
+        return ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
     except Exception:
-        return None
-
-
-def _node_id() -> str | None:
-    try:
-        import ray
-        return ray.get_runtime_context().get_node_id()
-    except Exception:
-        return None
+        return None, None
 
 
 def start_shards(model: str, specs: list[ShardSpec], kv_blocks: int, block_size: int = 16,

@@ -75,7 +75,7 @@ def test_32_concurrent_different_lengths_then_kv_zero(loop, engine2, tokenizer):
 
 def test_shards_overlap_in_time(loop, engine2, tokenizer):
     inputs = [chat_ids(tokenizer, p) for p in prompts(16, start=100)]
-    engine2.hop_log.clear()
+    engine2.hops.clear()
     before = loop.run_until_complete(engine2.stats())
     t0 = max(e for s in before for _, e in s["busy"][-1:]) if before[0]["busy"] else 0
     loop.run_until_complete(run_all(engine2, inputs, SamplingParams(max_tokens=32)))
@@ -85,7 +85,7 @@ def test_shards_overlap_in_time(loop, engine2, tokenizer):
     # per-hop overhead: a group's round trip minus its compute on each shard, over 3 hops
     # (router -> s0 -> s1 -> router); an upper bound, as it includes waiting behind other groups
     compute = sum(b - a for a, b in s0) / len(s0) + sum(b - a for a, b in s1) / len(s1)
-    trip = sum(engine2.hop_log) / len(engine2.hop_log)
+    trip = sum(h for _, h, _ in engine2.hops) / len(engine2.hops)
     print(f"shard 0 busy {busy0:.2f} s, overlapping shard 1 for {overlap:.2f} s ({overlap / busy0:.0%}); "
           f"group round trip {1000 * trip:.1f} ms, compute {1000 * compute:.1f} ms, "
           f"<= {1000 * (trip - compute) / 3:.1f} ms per hop")
