@@ -80,7 +80,8 @@ def _wait_loaded(plan, handles, prefix: str) -> None:
             for ref in done:
                 st, spec = ray.get(ref), pending.pop(ref)
                 bar.write(f"  {prefix}shard {spec.index}: layers {spec.layers}, {st['weight_bytes'] / 2**20:.0f} MiB "
-                          f"weights, RSS {st['rss_bytes'] / 2**20:.0f} MiB, {st['device']}, node {st['node']}")
+                          f"weights, RSS {st['rss_bytes'] / 2**20:.0f} MiB, {st['device']}, node {st['node']}"
+                          + (f", decode compiled ({st['graphs']} graphs, {st['compile_s']:.0f} s)" if st["compiled"] else ""))
                 bar.update()
 
 
@@ -103,7 +104,7 @@ def start_service(args):
                               "use the model; pass --api-key (or SHARDSERVE_API_KEY), or --insecure")
     ray.init(address=args.address, namespace="shardserve", log_to_driver=False)
     config = {"model": args.model, "shards": args.shards, "kv_tokens": args.kv_tokens,
-              "compression": args.compression, "replicas": args.replicas}
+              "compression": args.compression, "replicas": args.replicas, "compile": args.compile}
     cfg = app_config(config).engine()
     started = [(prefix, *start(dataclasses.replace(cfg, prefix=prefix))) for prefix in replica_prefixes(cfg)]
     for prefix, plan, hs, _ in started:   # every pipeline loads here, with progress bars
@@ -174,7 +175,7 @@ def cmd_bench(args) -> int:
     from serving import bench
     from shards.data import read_prompts
     from shards.source import open_source
-    result = {"model": args.model, "shards": args.shards, "compression": args.compression,
+    result = {"model": args.model, "shards": args.shards, "compression": args.compression, "compile": args.compile,
               "max_tokens": args.max_tokens, "shardserve": [], "hf_generate": [], "llama_server": None}
     n = lambda c: args.requests or max(8, 2 * c)  # noqa: E731
     handles, url = [], args.url
@@ -287,6 +288,8 @@ def _add_service_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or SHARDSERVE_API_KEY)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
     p.add_argument("--replicas", type=int, default=1, help="data-parallel pipelines behind the endpoint")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="decode eagerly (default: the compiled decode step, compiled at load, cached on disk)")
     p.set_defaults(serve_default=SERVE_DEFAULT)
 
 

@@ -80,6 +80,7 @@ class AppConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     replicas: int = Field(1, ge=1, le=64)
     placement: bool = True
+    compile: bool = True                   # compiled decode steps (shards/compiled.py)
     prefix: str = Field("", pattern=r"^[a-z0-9-]*$")
     control: bool = True
     controller: ControllerArgs | None = None
@@ -106,7 +107,7 @@ class AppConfig(BaseModel):
             prefill_tokens=self.prefill_tokens, compression=self.compression, device=self.device,
             prefix=self.prefix, max_waiting=self.max_waiting, timeout_s=self.timeout_s, control=self.control,
             controller=self.controller.settings() if self.controller else None, replicas=self.replicas,
-            placement=self.placement)
+            placement=self.placement, compile=self.compile)
 
     def key(self) -> str | None:
         return self.api_key or os.environ.get(self.api_key_env) or None

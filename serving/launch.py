@@ -25,6 +25,7 @@ class EngineConfig:
     controller: dict | None = None       # its settings: serving.policy.ControllerConfig fields
     replicas: int = 1                    # data-parallel pipelines behind the endpoint
     placement: bool = True               # pin each shard to a node chosen by memory (shards/placement.py)
+    compile: bool = False                # compiled decode steps (shards/compiled.py; the CLI's default)
 
 
 def make_plan(cfg: EngineConfig, nodes: list | None = None) -> Plan:
@@ -42,7 +43,7 @@ def make_plan(cfg: EngineConfig, nodes: list | None = None) -> Plan:
     costs = measure_costs(source, comp)
     if not cfg.placement:
         device = "cpu" if cfg.device == "auto" else cfg.device
-        return plan(costs, cfg.shards, cfg.budgets, cfg.kv_tokens, compression=comp, device=device)
+        return _compiled(plan(costs, cfg.shards, cfg.budgets, cfg.kv_tokens, compression=comp, device=device), cfg)
     from shards.placement import place
     if nodes is None:
         from serving.cluster import cluster_nodes
@@ -50,7 +51,12 @@ def make_plan(cfg: EngineConfig, nodes: list | None = None) -> Plan:
     p = place(costs, nodes, cfg.shards or len(nodes), cfg.kv_tokens, comp, cfg.replicas, cfg.budgets)
     if cfg.device != "auto":
         p = dataclasses.replace(p, shards=tuple(dataclasses.replace(s, device=cfg.device) for s in p.shards))
-    return p
+    return _compiled(p, cfg)
+
+
+def _compiled(p: Plan, cfg: EngineConfig) -> Plan:
+    import dataclasses
+    return dataclasses.replace(p, shards=tuple(dataclasses.replace(s, compile=cfg.compile) for s in p.shards))
 
 
 def replica_prefixes(cfg: EngineConfig) -> list[str]:

@@ -42,7 +42,8 @@ class ShardWorker:
             import bitsandbytes  # noqa: F401  (runtime, 44 MiB here: not the shard's weights)
         self.base_rss = psutil.Process().memory_info().rss   # runtime + metadata, before weights
         self.stage = Stage(self.source, spec.layers, kv_blocks, block_size, device=self.device,
-                           compression=spec.compression)
+                           compression=spec.compression, compile=spec.compile,
+                           threads=(self.threads, self.all_cores))
         _release_freed_memory()   # load-time temporaries back to the OS
         self.busy: deque[tuple[float, float]] = deque(maxlen=512)  # (start, end) wall clock, s
         self.decode_steps: deque[tuple[float, float]] = deque(maxlen=1024)  # (end, seconds) of decode steps
@@ -141,9 +142,16 @@ class ShardWorker:
             "budget_bytes": self.budget_bytes, "steps": self.steps,
             "layer_bytes": self._layer_bytes(), "node_available_bytes": psutil.virtual_memory().available,
             "step_ms_mean": 1000 * sum(times) / len(times) if times else 0.0,
+            "compiled": self.stage.runs_compiled, **self._compile_stats(),
             "busy": list(self.busy),
         }
 
+
+    def _compile_stats(self) -> dict:
+        """Seconds this shard spent compiling or loading graphs, and graphs built (0 after the
+        first warm-up: any later compile would be a step-time recompile, which the stance forbids)."""
+        c = self.stage.compiled
+        return {"compile_s": round(c.warm_s, 2), "graphs": c.graphs} if c else {"compile_s": 0.0, "graphs": 0}
 
     def _layer_bytes(self) -> int:
         """Mean resident bytes one of this stage's decoder layers costs: weights + its KV pool

@@ -22,6 +22,7 @@ class ShardSpec:
     kv_bytes: int = 0              # KV pool it reserves
     kv_tokens: int = 0             # tokens (all sequences together) that pool holds
     budget_bytes: int | None = None
+    compile: bool = False          # decode steps run the compiled layer graph (shards/compiled.py)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -7,6 +7,7 @@ LlamaForCausalLM (tests/test_split_equals_whole.py states the tolerance).
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ from shards.memory import module_bytes
 from shards.quantize import linear
 from shards.source import ModelSource, has_qkv_bias, layer_tensor_names, optional_tensor_names
 from shards.step import StepBatch
+
+log = logging.getLogger(__name__)
+COMPILABLE = ("fp32", "bf16", "int8-cpu", "int4-cpu")   # quantizations whose modules dynamo traces
 
 
 class RMSNorm(nn.Module):
@@ -158,6 +162,9 @@ def remaining(source: ModelSource, comp: Compression | None) -> tuple[Compressio
     return dataclasses.replace(applied.structure, quant=comp.quant, gptq=gptq), Compression(quant=comp.quant)
 
 
+MIN_BLOCKS = 2     # KV blocks every sequence of a step is padded to at least
+
+
 class StepContext:
     """Per-step tensors every layer shares: slot ids, block ids, attention mask, RoPE."""
 
@@ -168,7 +175,9 @@ class StepContext:
             table.reserve(sid, start + n)
             slots += table.slots(sid, start, n) + [kv.scratch_slot] * (width - n)
             blocks.append(table.blocks[sid])
-        nb = max(len(b) for b in blocks)
+        # at least MIN_BLOCKS (padded with the masked scratch block): the compiled decode graph
+        # is dynamic in the KV length, and a length of one block would need a graph of its own
+        nb = max(MIN_BLOCKS, *(len(b) for b in blocks))
         self.slots = torch.tensor(slots, dtype=torch.long, device=dev)
         self.block_ids = torch.tensor([b + [table.n_blocks] * (nb - len(b)) for b in blocks], device=dev)
         starts = torch.tensor(batch.starts, device=dev).unsqueeze(1)
@@ -195,9 +204,12 @@ class Stage(nn.Module):
 
     def __init__(self, source: ModelSource, layers: LayerRange, kv_blocks: int = 256,
                  block_size: int = 16, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 compression: str | None = None, quantize: bool = True):
+                 compression: str | None = None, quantize: bool = True, compile: bool = False,
+                 threads: tuple[int, ...] = ()):
         """quantize=False (prepare): everything but the final quantization; GPTQ's weights stay
-        fp32 on their grids (`block.grids`)."""
+        fp32 on their grids (`block.grids`). compile: decode steps run the compiled layer graph
+        (shards/compiled.py), compiled here, before the stage is ready, for each CPU thread
+        count in `threads` (default: the current one; a graph is only valid for its count)."""
         super().__init__()
         self.quantize = quantize
         cfg = self.config = source.config
@@ -214,6 +226,11 @@ class Stage(nn.Module):
         self.dropped = {i for i in getattr(source, "dropped_layers", ()) if i in layers}
         self._add_layers(source, layers, todo)
         self.inv_freq, self.rope_scale = rope_params(cfg, self.device)
+        self.compiled = None
+        if compile:
+            from shards.compiled import CompiledDecode
+            self.compiled = CompiledDecode(threads or (torch.get_num_threads(),))
+            self._warm()
 
     def _add_ends(self, source: ModelSource, quant: str) -> None:
         """Embedding (first stage), final norm + lm_head (last), at the policy of
@@ -293,6 +310,7 @@ class Stage(nn.Module):
         self._commit_layers(blocks, gone)
         self.layers = new_range
         self.import_kv(kv or {})
+        self._warm()
 
     def import_kv(self, kv: dict) -> None:
         """kv[seq_id][layer] = (k, v), each [length, n_kv, head_dim]: live sequences' K/V for
@@ -320,6 +338,7 @@ class Stage(nn.Module):
         self._add_ends(source, new.quant)     # after the layers built: a failure changes nothing
         self._commit_layers(blocks, set())
         self.compression, self.todo = dataclasses.replace(self.compression, quant=new.quant), todo
+        self._warm()
 
     def shrink(self, layers: LayerRange) -> dict:
         """Give up layers at either end; returns {"kv": their K/V for every live sequence,
@@ -340,6 +359,29 @@ class Stage(nn.Module):
         self.dropped -= set(gone)
         return {"kv": out, "dropped": gone}
 
+    def _ordered(self) -> tuple[list[Block], list]:
+        """This stage's blocks in layer order, and their KV pools."""
+        layers = sorted(int(k) for k in self.blocks)
+        return [self.blocks[str(i)] for i in layers], [self.kv.pools[i] for i in layers]
+
+    @property
+    def runs_compiled(self) -> bool:
+        """Decode steps take the compiled graph: compile was asked for and the quantization's
+        kernels trace (bitsandbytes' modules do not: nf4, fp4 and int8 run eager)."""
+        return self.compiled is not None and self.compression.quant in COMPILABLE
+
+    def _warm(self) -> None:
+        """Compile (or load from the cache) what the current layers need, before any request."""
+        if self.compiled is None:
+            return
+        if not self.runs_compiled:
+            log.warning("layers %s at %s run eager: only %s compile", self.layers, self.compression.quant,
+                        ", ".join(COMPILABLE))
+            return
+        blocks, pools = self._ordered()
+        self.compiled.warm(blocks, pools, self.config.hidden_size, self.kv.table.n_blocks,
+                           self.kv.table.block_size, self.dtype, self.device)
+
     def _load(self, source: ModelSource, name: str) -> torch.Tensor:
         """One tensor, straight to this stage's device and dtype (CPU peak: one tensor)."""
         return source.tensor(name).to(device=self.device, dtype=self.dtype)
@@ -353,8 +395,14 @@ class Stage(nn.Module):
             x = self.embed(batch.tokens.to(self.device)).to(self.dtype)
         else:
             x = batch.hidden.to(device=self.device, dtype=self.dtype)
-        for layer in sorted(int(k) for k in self.blocks):
-            x = self.blocks[str(layer)](x, ctx.rope, self.kv, ctx)
+        if self.runs_compiled and batch.width == 1:
+            # x: [B, 1, hidden] -> the graph's [B, hidden]; cos, sin: [B, 1, 1, hd] -> [B, 1, hd].
+            # The copy makes a received hidden state an inference tensor, as the graphs were traced
+            x = self.compiled(*self._ordered(), x[:, 0].clone(), ctx.slots, ctx.block_ids, ctx.decode_bias,
+                              ctx.rope[0][:, 0], ctx.rope[1][:, 0]).unsqueeze(1)
+        else:
+            for layer in sorted(int(k) for k in self.blocks):
+                x = self.blocks[str(layer)](x, ctx.rope, self.kv, ctx)
         if not self.is_last:
             return x                                                   # all_logits: last stage only
         if not all_logits:

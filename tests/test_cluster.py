@@ -13,7 +13,7 @@ from tests.test_serve import QUESTION, free_port
 
 pytestmark = pytest.mark.ray
 GiB = 1 << 30
-CONFIG = {"prefix": "clu-", "shards": 3, "kv_tokens": 2048}
+CONFIG = {"prefix": "clu-", "shards": 3, "kv_tokens": 2048, "compile": False}
 NODE = dict(num_cpus=1, object_store_memory=128 << 20)
 
 

@@ -45,7 +45,7 @@ def test_serve_run_yaml_with_two_replicas_both_serve(tmp_path):
     conf = yaml.safe_load(SERVE_YAML.read_text())
     port = free_port()
     conf["http_options"]["port"] = port
-    conf["applications"][0]["args"].update(replicas=2, kv_tokens=2048, prefix="dep-")
+    conf["applications"][0]["args"].update(replicas=2, kv_tokens=2048, prefix="dep-", compile=False)  # compiled: test_serve
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(conf))
     log = open(tmp_path / "serve-run.log", "w")

@@ -11,7 +11,7 @@ from shards.step import SamplingParams
 from tests.conftest import chat_ids
 
 pytestmark = pytest.mark.ray
-CONFIG = {"prefix": "srv-", "shards": 2, "kv_tokens": 4096}
+CONFIG = {"prefix": "srv-", "shards": 2, "kv_tokens": 4096, "compile": True}   # the compiled decode path, end to end
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
