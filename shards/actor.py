@@ -151,7 +151,8 @@ class ShardWorker:
         """Seconds this shard spent compiling or loading graphs, and graphs built (0 after the
         first warm-up: any later compile would be a step-time recompile, which the stance forbids)."""
         c = self.stage.compiled
-        return {"compile_s": round(c.warm_s, 2), "graphs": c.graphs} if c else {"compile_s": 0.0, "graphs": 0}
+        return {"compile_s": round(c.warm_s, 2), "graphs": c.graphs, "compiled_steps": c.steps} if c else \
+            {"compile_s": 0.0, "graphs": 0, "compiled_steps": 0}
 
     def _layer_bytes(self) -> int:
         """Mean resident bytes one of this stage's decoder layers costs: weights + its KV pool

@@ -65,15 +65,24 @@ class CompiledDecode:
 
     def __init__(self, threads: tuple[int, ...]):
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
-        # a cut model has layers of several head counts, each its own graph
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        # graphs live on layer_decode's code object, shared by every stage of the process: one per
+        # (model shape, head count of a cut layer, kernel module, thread count, batch 1 or more).
+        # Past the limit dynamo would run eager silently; it raises instead.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
         self.fn = torch.compile(layer_decode, dynamic=True, fullgraph=True)
         # dynamo guards on torch's thread count: one set of graphs for each count steps use
         self.threads = sorted(set(threads))
         self.warm_s = 0.0       # seconds spent in warm-ups (compiling or loading from the cache)
-        self.graphs = 0         # graphs dynamo built in this process
+        self.graphs = 0         # graphs dynamo built for this stage (others may already exist)
+        self.steps = 0          # decode steps run through the graphs
 
-    def __call__(self, blocks, pools, x, slots, block_ids, bias, cos, sin) -> torch.Tensor:
+    def __call__(self, blocks, pools, *inputs) -> torch.Tensor:
+        """inputs: x, slots, block_ids, bias, cos, sin of layer_decode; returns x after every block."""
+        self.steps += 1
+        return self._run(blocks, pools, *inputs)
+
+    def _run(self, blocks, pools, x, slots, block_ids, bias, cos, sin) -> torch.Tensor:
         with torch.compiler.set_stance("fail_on_recompile"):
             for block, (kp, vp) in zip(blocks, pools):
                 x = self.fn(block, x, kp, vp, slots, block_ids, bias, cos, sin)
@@ -95,7 +104,7 @@ class CompiledDecode:
                     for b, nb in WARM_SHAPES:
                         for block, (kp, vp) in zip(blocks, pools):
                             self.fn(block, dummy(b, nb)[0], kp, vp, *dummy(b, nb)[1:])
-                    self(blocks, pools, *dummy(*CHECK_SHAPE))
+                    self._run(blocks, pools, *dummy(*CHECK_SHAPE))
         finally:
             torch.set_num_threads(was)
         new = counters["stats"]["unique_graphs"] - before

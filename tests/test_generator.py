@@ -1,4 +1,5 @@
 """The reference generator's greedy output is token-identical to transformers' generate."""
+import pytest
 import torch
 
 from shards.generator import Generator
@@ -6,18 +7,30 @@ from shards.step import SamplingParams
 from tests.conftest import chat_ids, prompts
 
 
-def test_greedy_matches_hf_generate(source, tokenizer, hf_model, monkeypatch):
+@pytest.fixture(scope="module")
+def hf_greedy(tokenizer, hf_model):
+    """10 prompts and transformers' 48 greedy tokens for each, generated past eos (min_new_tokens
+    would instead forbid eos)."""
     batch = [chat_ids(tokenizer, p) for p in prompts(10)]
-    gen = Generator(source, 3)
+    eos = hf_model.generation_config.eos_token_id
+    hf_model.generation_config.eos_token_id = None
+    try:
+        with torch.no_grad():
+            return batch, [hf_model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False,
+                                             pad_token_id=0)[0, len(ids):].tolist() for ids in batch]
+    finally:
+        hf_model.generation_config.eos_token_id = eos
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_greedy_matches_hf_generate(source, hf_greedy, compile):
+    batch, want = hf_greedy
+    gen = Generator(source, 3, compile=compile)
     # all 10 decode together (batched, different lengths), 48 new tokens, no early eos stop
     ours = gen.generate(batch, SamplingParams(max_tokens=48), stop_at_eos=False)
-    # generate past eos on both sides (min_new_tokens would instead forbid eos)
-    monkeypatch.setattr(hf_model.generation_config, "eos_token_id", None)
-    for ids, got in zip(batch, ours):
-        with torch.no_grad():
-            out = hf_model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False, pad_token_id=0)
-        assert len(got) == 48 and got == out[0, len(ids):].tolist()
+    assert [len(x) for x in ours] == [48] * 10 and ours == want
     assert all(s.kv.table.used_blocks == 0 for s in gen.stages)
+    assert all(s.runs_compiled == compile for s in gen.stages)
 
 
 def test_paris(source, tokenizer):

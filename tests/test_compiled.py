@@ -1,0 +1,82 @@
+"""Tier 1: the compiled decode step (shards/compiled.py) on a tiny random model: the same tokens
+as the eager path, no compile at request time (it raises instead), and it follows run-time
+changes of the stage. The real model's compiled path is checked against transformers in
+test_generator.py and over HTTP in test_serve.py."""
+import pytest
+import torch
+
+from shards.generator import Generator
+from shards.layer_range import LayerRange
+from shards.source import HFFolderSource
+from shards.stage import Stage
+from shards.step import SamplingParams, StepBatch
+
+# lengths that cross block boundaries (16 tokens) at different steps, so batches mix KV lengths
+PROMPTS = [[3, 1, 4, 1, 5], list(range(1, 30)), [7] * 15, list(range(40, 57))]
+
+
+def graphs() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture(scope="module")
+def src(tiny_folder):
+    return HFFolderSource(tiny_folder)
+
+
+@pytest.mark.parametrize("compression", ["fp32", "int8-cpu"])
+def test_compiled_greedy_equals_eager(src, compression):
+    eager = Generator(src, 2, kv_blocks=32, compression=compression)
+    compiled = Generator(src, 2, kv_blocks=32, compression=compression, compile=True)
+    assert all(s.runs_compiled for s in compiled.stages) and not any(s.runs_compiled for s in eager.stages)
+    want = eager.generate(PROMPTS, SamplingParams(max_tokens=24), stop_at_eos=False)
+    before = graphs()
+    got = compiled.generate(PROMPTS, SamplingParams(max_tokens=24), stop_at_eos=False)
+    assert got == want
+    assert graphs() == before          # batches of 1-4 sequences over 1-4 blocks: all warmed
+    # one decode step, both paths, on the same KV: the same logits up to summation order
+    step = StepBatch([0], [0], [5], tokens=torch.tensor([PROMPTS[0]]))
+    e, c = eager.step(step), compiled.step(step)
+    dec = StepBatch([0], [5], [1], tokens=e.argmax(-1, keepdim=True))
+    assert (eager.step(dec) - compiled.step(dec)).abs().max().item() < (1e-4 if compression == "fp32" else 0.1)
+
+
+def test_a_step_needing_a_new_graph_raises_instead_of_compiling(src):
+    stage = Stage(src, LayerRange(0, 4), kv_blocks=8, compile=True, threads=(1,))
+    stage(StepBatch([0], [0], [5], tokens=torch.tensor([PROMPTS[0]])))
+    was = torch.get_num_threads()
+    torch.set_num_threads(3)           # graphs are traced per thread count: none for 3 here
+    try:
+        with pytest.raises(RuntimeError, match="fail_on_recompile"):
+            stage(StepBatch([0], [5], [1], tokens=torch.tensor([[3]])))
+    finally:
+        torch.set_num_threads(was)
+
+
+def test_compiled_stages_follow_a_move_and_a_recompress(src):
+    """Layers [0, 2) + [2, 4) -> [0, 3) + [3, 4), then the second at int8-cpu: the compiled
+    pipeline's next tokens equal an eager pipeline's after the same changes."""
+    pipes = [[Stage(src, r, kv_blocks=16, compile=c) for r in (LayerRange(0, 2), LayerRange(2, 4))]
+             for c in (False, True)]
+
+    def step(stages, batch):
+        x = None
+        for s in stages:
+            x = s(batch if x is None else batch.with_hidden(x))
+        return x
+    outs = []
+    for a, b in pipes:
+        steps = b.compiled.steps if b.compiled else 0
+        logits = step((a, b), StepBatch([0], [0], [5], tokens=torch.tensor([PROMPTS[0]])))
+        a.grow(src, LayerRange(2, 3), **b.shrink(LayerRange(2, 3)))
+        b.recompress(src, "int8-cpu")
+        toks = []
+        for i in range(6):
+            toks.append(int(logits.argmax(-1)))
+            logits = step((a, b), StepBatch([0], [5 + i], [1], tokens=torch.tensor([[toks[-1]]])))
+        outs.append(toks)
+        assert a.layers == LayerRange(0, 3) and b.compression.quant == "int8-cpu"
+    assert outs[0] == outs[1]
+    a, b = pipes[1]
+    assert a.runs_compiled and b.runs_compiled and b.compiled.steps == steps + 6   # not eager
