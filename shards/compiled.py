@@ -11,7 +11,7 @@ Shapes are dynamic (batch, KV length), so two graphs cover every decode step: ba
 least MIN_BLOCKS so the KV length never does). Both are compiled at load (`warm`); requests run
 under the stance `fail_on_recompile`, so a step that would need a new graph raises instead of
 compiling for minutes mid-request or falling back to eager unseen. Compiled graphs persist in
-inductor's on-disk cache (CACHE_DIR), so a restart or a re-shard loads them in seconds.
+inductor's on-disk cache ($TORCHINDUCTOR_CACHE_DIR, set in shards/__init__.py), so a restart or a re-shard loads them in seconds.
 
 Attention reads the paged KV pool in place: scores and outputs are written as reductions over
 indexed pool elements, which inductor fuses into one loop nest reading the blocks where they
@@ -20,9 +20,7 @@ lie, instead of copying every sequence's whole cache per layer (PagedKV.gather, 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +29,6 @@ from shards.stage import MIN_BLOCKS, rotate_half
 
 log = logging.getLogger(__name__)
 
-CACHE_DIR = Path(os.environ.get("SHARDSERVE_COMPILE_CACHE", Path.home() / ".cache" / "shardserve" / "inductor"))
 WARM_SHAPES = ((1, MIN_BLOCKS), (3, MIN_BLOCKS + 3))   # (batch, blocks): distinct sizes, no
                                                         # accidental equalities for dynamo to guard on
 CHECK_SHAPE = (2, MIN_BLOCKS + 1)                       # must run without compiling again
@@ -64,7 +61,6 @@ class CompiledDecode:
     """The compiled layer_decode of one stage, with its warm-up and counters."""
 
     def __init__(self, threads: tuple[int, ...]):
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
         # graphs live on layer_decode's code object, shared by every stage of the process: one per
         # (model shape, head count of a cut layer, kernel module, thread count, batch 1 or more).
         # Past the limit dynamo would run eager silently; it raises instead.
