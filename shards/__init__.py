@@ -12,7 +12,7 @@ from pathlib import Path
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.environ.get(
     "SHARDSERVE_COMPILE_CACHE", str(Path.home() / ".cache" / "shardserve" / "inductor")))
 
-from shards.errors import KVCacheFull  # noqa: E402, ModelSourceError, PlanError, RangeError, ShardServeError
+from shards.errors import KVCacheFull, ModelSourceError, PlanError, RangeError, ShardServeError  # noqa: E402
 from shards.layer_range import LayerRange, split_even  # noqa: E402
 
 __all__ = [

@@ -25,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from shards.errors import ShardServeError
 from shards.stage import MIN_BLOCKS, rotate_half
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ def layer_decode(block, x, k_pool, v_pool, slots, block_ids, bias, cos, sin):
     x = x + block.o_proj(a.transpose(0, 1).reshape(b, nh * hd).to(x.dtype))
     gate, up = block.gate_up_proj(block.mlp_norm(x)).chunk(2, dim=-1)
     return x + block.down_proj(F.silu(gate) * up)
+
+
+class CompileError(ShardServeError):
+    """The decode step could not be compiled at load."""
 
 
 class CompiledDecode:
@@ -101,6 +106,11 @@ class CompiledDecode:
                         for block, (kp, vp) in zip(blocks, pools):
                             self.fn(block, dummy(b, nb)[0], kp, vp, *dummy(b, nb)[1:])
                     self._run(blocks, pools, *dummy(*CHECK_SHAPE))
+        except Exception as e:
+            # e.g. no C++ compiler on the node (inductor builds its CPU kernels with g++)
+            raise CompileError(f"compiling the decode step for {len(blocks)} layer(s) failed: "
+                               f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}. Serve with --no-compile "
+                               "(compile: false) to decode eagerly") from e
         finally:
             torch.set_num_threads(was)
         new = counters["stats"]["unique_graphs"] - before
