@@ -86,7 +86,7 @@ class Calibrator:
     """Runs the packed calibration tokens through blocks as one prefill, one layer at a time."""
 
     def __init__(self, source, n_seqs: int = N_SEQS, seqlen: int = SEQLEN):
-        from shards.stage import StepContext, rope_params
+        from shards.step_context import StepContext, rope_params
         cfg = source.config
         self.ids = calibration_ids(source.tokenizer(), n_seqs, seqlen)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

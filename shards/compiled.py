@@ -10,8 +10,10 @@ Shapes are dynamic (batch, KV length), so two graphs cover every decode step: ba
 >= 2 (dynamo specializes size-1 dimensions; StepContext pads a sequence's block list to at
 least MIN_BLOCKS so the KV length never does). Both are compiled at load (`warm`); requests run
 under the stance `fail_on_recompile`, so a step that would need a new graph raises instead of
-compiling for minutes mid-request or falling back to eager unseen. Compiled graphs persist in
-inductor's on-disk cache ($TORCHINDUCTOR_CACHE_DIR, set in shards/__init__.py), so a restart or a re-shard loads them in seconds.
+compiling for minutes mid-request or falling back to eager unseen. Dynamo also guards on torch's
+thread count, so each count a shard steps with gets its two graphs. Compiled graphs persist in
+inductor's on-disk cache ($TORCHINDUCTOR_CACHE_DIR, set in shards/__init__.py): a restart or a
+re-shard loads them in seconds.
 
 Attention reads the paged KV pool in place: scores and outputs are written as reductions over
 indexed pool elements, which inductor fuses into one loop nest reading the blocks where they
@@ -26,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from shards.errors import ShardServeError
-from shards.stage import MIN_BLOCKS, rotate_half
+from shards.stage import rotate_half
+from shards.step_context import MIN_BLOCKS
 
 log = logging.getLogger(__name__)
 

@@ -74,7 +74,7 @@ def test_cut_heads_respects_kv_groups():
     assert b.qkv_proj.weight.shape == (32 + 2 * 32, 64) and b.o_proj.weight.shape == (64, 32)
     assert (b.n_heads, b.n_kv) == (2, 2)
     from shards.kv_cache import PagedKV
-    from shards.stage import StepContext, rope_params
+    from shards.step_context import StepContext, rope_params
     from shards.step import StepBatch
     kv = PagedKV([0], 4, 16, 2, 16)
     ctx = StepContext(StepBatch([0], [0], [5]), kv, *rope_params(CFG, "cpu"))
