@@ -100,26 +100,34 @@ class CompiledDecode:
         t0, before = time.time(), counters["stats"]["unique_graphs"]
         head_dim = pools[0][0].shape[-1] if pools else 1
         dummy = lambda b, nb: _dummy(b, nb, hidden, head_dim, scratch_block, block_size, dtype, device)  # noqa: E731
-        was = torch.get_num_threads()
         try:
-            for n in self.threads if device.type == "cpu" else [was]:
-                torch.set_num_threads(n)
-                with torch.inference_mode():
-                    for b, nb in WARM_SHAPES:
-                        for block, (kp, vp) in zip(blocks, pools):
-                            self.fn(block, dummy(b, nb)[0], kp, vp, *dummy(b, nb)[1:])
-                    self._run(blocks, pools, *dummy(*CHECK_SHAPE))
+            self._trace(blocks, pools, dummy, device.type == "cpu")
         except Exception as e:
             # e.g. no C++ compiler on the node (inductor builds its CPU kernels with g++)
+            first = str(e).strip().splitlines()[0][:300]
             raise CompileError(f"compiling the decode step for {len(blocks)} layer(s) failed: "
-                               f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}. Serve with --no-compile "
-                               "(compile: false) to decode eagerly") from e
-        finally:
-            torch.set_num_threads(was)
+                               f"{type(e).__name__}: {first}. Serve with --no-compile (compile: false) "
+                               "to decode eagerly") from e
         new = counters["stats"]["unique_graphs"] - before
         self.graphs += new
         self.warm_s += time.time() - t0
         log.info("compiled decode: %d new graph(s) for %d layer(s) in %.1f s", new, len(blocks), time.time() - t0)
+
+    def _trace(self, blocks, pools, dummy, cpu: bool) -> None:
+        """Every layer at every warm shape, for each thread count (CPU), then the check shape
+        under fail_on_recompile."""
+        was = torch.get_num_threads()
+        try:
+            for n in self.threads if cpu else [was]:
+                torch.set_num_threads(n)
+                with torch.inference_mode():
+                    for b, nb in WARM_SHAPES:
+                        x, *rest = dummy(b, nb)
+                        for block, (kp, vp) in zip(blocks, pools):
+                            self.fn(block, x, kp, vp, *rest)
+                    self._run(blocks, pools, *dummy(*CHECK_SHAPE))
+        finally:
+            torch.set_num_threads(was)
 
 
 def _dummy(b: int, nb: int, hidden: int, head_dim: int, scratch_block: int, block_size: int, dtype, device):
