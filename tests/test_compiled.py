@@ -82,11 +82,14 @@ def test_compiled_stages_follow_a_move_and_a_recompress(src):
     assert a.runs_compiled and b.runs_compiled and b.compiled.steps == steps + 6   # not eager
 
 
-def test_a_failed_compile_says_how_to_serve_without(src, monkeypatch):
+def test_a_failed_compile_says_how_to_serve_without(src):
     """No C++ compiler on the node (inductor builds its CPU kernels with one): the shard fails
     at load with the way out, not at the first request."""
     import torch._inductor.config as inductor
     from shards.compiled import CompileError
-    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/g++",))
-    with pytest.raises(CompileError, match="InvalidCxxCompiler.*--no-compile"):
+    # config.patch restores the setting after (monkeypatch's undo deletes it from the config)
+    with inductor.patch({"cpp.cxx": ("/nonexistent/g++",)}), \
+            pytest.raises(CompileError, match="InvalidCxxCompiler.*--no-compile"):
         Stage(src, LayerRange(0, 2), kv_blocks=8, compile=True, threads=(7,))   # 7: no cached graph
+    # the compiler restored, the same graphs compile (a later test would otherwise fail to)
+    assert Stage(src, LayerRange(0, 2), kv_blocks=8, compile=True, threads=(7,)).compiled.graphs == 2
