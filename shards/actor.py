@@ -148,8 +148,8 @@ class ShardWorker:
 
 
     def _compile_stats(self) -> dict:
-        """Seconds this shard spent compiling or loading graphs, and graphs built (0 after the
-        first warm-up: any later compile would be a step-time recompile, which the stance forbids)."""
+        """Seconds this shard spent compiling or loading graphs (at load and after each change of
+        its layers), the graphs dynamo built for it, and the decode steps that ran them."""
         c = self.stage.compiled
         return {"compile_s": round(c.warm_s, 2), "graphs": c.graphs, "compiled_steps": c.steps} if c else \
             {"compile_s": 0.0, "graphs": 0, "compiled_steps": 0}

@@ -25,10 +25,9 @@ import logging
 import time
 
 import torch
-import torch.nn.functional as F
 
 from shards.errors import ShardServeError
-from shards.stage import rotate_half
+from shards.kv_cache import write_slots
 from shards.step_context import MIN_BLOCKS
 
 log = logging.getLogger(__name__)
@@ -46,19 +45,15 @@ def layer_decode(block, x, k_pool, v_pool, slots, block_ids, bias, cos, sin):
     cos, sin: [B, 1, head_dim]. Returns [B, hidden]."""
     b = x.shape[0]
     nh, nkv, hd = block.n_heads, block.n_kv, block.head_dim
-    qkv = block.qkv_proj(block.attn_norm(x)).view(b, nh + 2 * nkv, hd)
-    qk = qkv[:, :nh + nkv]
-    qk = qk * cos + rotate_half(qk) * sin                               # RoPE on q and k at once
-    k_pool.view(nkv, -1, hd).index_copy_(1, slots, qk[:, nh:].transpose(0, 1).to(k_pool.dtype))
-    v_pool.view(nkv, -1, hd).index_copy_(1, slots, qkv[:, nh + nkv:].transpose(0, 1).to(v_pool.dtype))
+    q, k, v = block.qkv(x, cos, sin)                                    # [B, heads | kv, hd]
+    write_slots(k_pool, slots, k)
+    write_slots(v_pool, slots, v)
     keys = k_pool[:, block_ids].flatten(2, 3)                           # [kv, B, T, hd], never
     values = v_pool[:, block_ids].flatten(2, 3)                         # materialized by inductor
-    q = qk[:, :nh].reshape(b, nkv, nh // nkv, hd).transpose(0, 1)       # [kv, B, group, hd]
+    q = q.reshape(b, nkv, nh // nkv, hd).transpose(0, 1)                # [kv, B, group, hd]
     scores = (q.unsqueeze(3) * keys.unsqueeze(2)).sum(-1) * hd ** -0.5 + bias.unsqueeze(0)  # [kv, B, group, T]
     a = (scores.softmax(-1).unsqueeze(-1) * values.unsqueeze(2)).sum(3)  # [kv, B, group, hd]
-    x = x + block.o_proj(a.transpose(0, 1).reshape(b, nh * hd).to(x.dtype))
-    gate, up = block.gate_up_proj(block.mlp_norm(x)).chunk(2, dim=-1)
-    return x + block.down_proj(F.silu(gate) * up)
+    return block.out(x, a.transpose(0, 1).reshape(b, nh * hd))
 
 
 class CompileError(ShardServeError):

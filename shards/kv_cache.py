@@ -52,6 +52,12 @@ class BlockTable:
         return self.n_blocks - len(self._free)
 
 
+def write_slots(pool: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """pool: [n_kv, blocks, block_size, head_dim], written in place at flat slots [T] with
+    x [T, n_kv, head_dim]."""
+    pool.view(pool.shape[0], -1, pool.shape[3]).index_copy_(1, slots, x.transpose(0, 1).to(pool.dtype))
+
+
 class PagedKV:
     """K and V pools per layer: [n_kv_heads, n_blocks + 1, block_size, head_dim].
 
@@ -95,8 +101,8 @@ class PagedKV:
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """slots: [T] flat slot ids; k, v: [T, n_kv, head_dim]."""
         kp, vp = self.pools[layer]
-        self._flat(kp).index_copy_(1, slots, k.transpose(0, 1).to(self.dtype))
-        self._flat(vp).index_copy_(1, slots, v.transpose(0, 1).to(self.dtype))
+        write_slots(kp, slots, k)
+        write_slots(vp, slots, v)
 
     def gather(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """block_ids: [B, nb] -> K, V as [n_kv, B, nb * block_size, head_dim] (contiguous)."""

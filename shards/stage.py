@@ -86,25 +86,36 @@ class Block(nn.Module):
         self.gate_up_proj = linear(torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]))
         self.down_proj = linear(get("mlp.down_proj.weight"), get("mlp.down_proj.bias"))
 
-    def forward(self, x, rope, kv: PagedKV, ctx) -> torch.Tensor:
-        """x: [B, Q, hidden]; rope: (cos, sin) [B, Q, 1, head_dim]; ctx: StepContext."""
-        b, q, _ = x.shape
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x: [..., hidden] -> q [..., heads, hd], k and v [..., kv_heads, hd], RoPE applied to q
+        and k at once (cos, sin broadcast over the heads axis)."""
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        qkv = self.qkv_proj(self.attn_norm(x)).view(b, q, nh + 2 * nkv, hd)
-        qk = qkv[:, :, :nh + nkv]                                      # RoPE on q and k at once
-        qk = qk * rope[0] + rotate_half(qk) * rope[1]                  # [B, Q, heads + kv, hd]
-        kv.write(self.layer, ctx.slots, qk[:, :, nh:].reshape(b * q, nkv, hd),
-                 qkv[:, :, nh + nkv:].reshape(b * q, nkv, hd))
-        keys, values = kv.gather(self.layer, ctx.block_ids)           # [kv_heads, B, T, hd]
-        if q == 1:
-            a = decode_attention(qk[:, 0, :nh], keys, values, ctx.decode_bias)   # [B, heads, hd]
-        else:
-            a = F.scaled_dot_product_attention(qk[:, :, :nh].transpose(1, 2), keys.transpose(0, 1),
-                                               values.transpose(0, 1), attn_mask=ctx.mask,
-                                               enable_gqa=True).transpose(1, 2)
-        x = x + self.o_proj(a.reshape(b, q, -1))
+        qkv = self.qkv_proj(self.attn_norm(x)).view(*x.shape[:-1], nh + 2 * nkv, hd)
+        qk = qkv[..., :nh + nkv, :]
+        qk = qk * cos + rotate_half(qk) * sin
+        return qk[..., :nh, :], qk[..., nh:, :], qkv[..., nh + nkv:, :]
+
+    def out(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """x plus the attention output a [..., heads * hd] through o_proj, then the MLP, each
+        with its residual."""
+        x = x + self.o_proj(a)
         gate, up = self.gate_up_proj(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
+
+    def forward(self, x, rope, kv: PagedKV, ctx) -> torch.Tensor:
+        """x: [B, Q, hidden]; rope: (cos, sin) [B, Q, 1, head_dim]; ctx: StepContext. The
+        compiled decode step (shards/compiled.py) runs the same qkv and out."""
+        b, q, _ = x.shape
+        qh, k, v = self.qkv(x, *rope)                                  # [B, Q, heads | kv, hd]
+        kv.write(self.layer, ctx.slots, k.reshape(b * q, self.n_kv, -1), v.reshape(b * q, self.n_kv, -1))
+        keys, values = kv.gather(self.layer, ctx.block_ids)           # [kv_heads, B, T, hd]
+        if q == 1:
+            a = decode_attention(qh[:, 0], keys, values, ctx.decode_bias)   # [B, heads, hd]
+        else:
+            a = F.scaled_dot_product_attention(qh.transpose(1, 2), keys.transpose(0, 1),
+                                               values.transpose(0, 1), attn_mask=ctx.mask,
+                                               enable_gqa=True).transpose(1, 2)
+        return self.out(x, a.reshape(b, q, -1))
 
 
 def compress_block(block: Block, comp: Compression, source: ModelSource | None = None) -> Block:
