@@ -23,6 +23,14 @@ def _add_model_args(p: argparse.ArgumentParser, shards: bool = True) -> None:
                         "(default: fp32, or what a prepared artifact was made with)")
 
 
+def add_calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", default=None,
+                   help="calibrate Wanda / SparseGPT / GPTQ / cuts on this text or .jsonl file (your own domain) "
+                        "instead of the serving prompts; the evaluated windows are skipped if it is the eval text")
+    p.add_argument("--calibration-tokens", type=int, default=None,
+                   help="tokens of --calibration to use (default 65536, in rows of 256)")
+
+
 def cmd_plan(args) -> int:
     """The shard map; with --address, placed on that Ray cluster's nodes (node of every shard)."""
     from serving.launch import EngineConfig, make_plan
@@ -227,7 +235,7 @@ def cmd_prepare(args) -> int:
     from shards.artifact import prepare
     from shards.source import open_source
     m = prepare(open_source(args.model), args.compression, args.out, args.seqlen, args.windows,
-                progress=not args.json)
+                progress=not args.json, calibration=calibration_data(args))
     if args.json:
         print(json.dumps(m))
     else:
@@ -237,12 +245,17 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def calibration_data(args):
+    from shards.calibration import CalibrationData
+    return CalibrationData(args.calibration, args.calibration_tokens) if args.calibration else None
+
+
 def cmd_eval(args) -> int:
     """WikiText-2 perplexity of the model under one compression."""
     from shards.perplexity import DEFAULT_TEXT, perplexity
     from shards.source import open_source
     r = perplexity(open_source(args.model), args.compression, args.seqlen, args.windows,
-                   args.text or DEFAULT_TEXT, progress=not args.json)
+                   args.text or DEFAULT_TEXT, progress=not args.json, calibration=calibration_data(args))
     if args.json:
         print(json.dumps(r.to_dict()))
     else:
@@ -317,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=None, help="first W windows (default: all)")
     p.add_argument("--text", default=None, help="path of wikitext-2-raw-test.txt (default ../shared/data/)")
     p.add_argument("--json", action="store_true")
+    add_calibration_args(p)
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("prepare", help="compress + calibrate once, measure, write an artifact folder")
     _add_model_args(p, shards=False)
@@ -324,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=512, help="perplexity window for the manifest")
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--json", action="store_true")
+    add_calibration_args(p)
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("serve", help="serve an OpenAI-compatible endpoint over Ray Serve")
     _add_service_args(p)

@@ -15,11 +15,10 @@ import json
 import time
 from pathlib import Path
 
-from shards.calibration import GPTQ_SEQS, N_SEQS, SEQLEN
+from shards.calibration import CalibrationData, held_out
 from shards.gptq import ACT_ORDER, DAMP, GROUP, grid_tensors
 from shards.obs import BLOCK
 from shards.compression import parse
-from shards.data import PROMPTS
 from shards.layer_range import LayerRange
 
 # Block attribute -> HF tensor name suffix (fused projections are split back below)
@@ -63,19 +62,22 @@ def layer_shapes(stage) -> dict:
 
 
 def prepare(source, compression: str, out: str | Path, seqlen: int = 512, windows: int | None = 4,
-            progress: bool = False) -> dict:
-    """Write the artifact for `compression` to `out`; returns its manifest."""
+            progress: bool = False, calibration: CalibrationData | None = None) -> dict:
+    """Write the artifact for `compression` to `out`; returns its manifest. calibration:
+    default the serving prompts; the windows the manifest's perplexity reads are held out of it."""
     from safetensors.torch import save_file
 
     from shards.memory import measure_costs
-    from shards.perplexity import perplexity
+    from shards.perplexity import DEFAULT_TEXT, perplexity
     from shards.source import HFFolderSource
     from shards.stage import Stage
     comp, out, t0 = parse(compression), Path(out), time.time()
+    calibration = held_out(calibration or CalibrationData(), DEFAULT_TEXT, windows and seqlen * windows)
     out.mkdir(parents=True, exist_ok=True)
     # GPTQ quantizes while it calibrates: its fp32 weights lie on grids, stored beside them
     stage = Stage(source, LayerRange(0, source.n_layers), kv_blocks=1,
-                  compression=comp if comp.gptq else comp.structure, quantize=False)
+                  compression=comp if comp.gptq else comp.structure, quantize=False,
+                  calibration=calibration)
     save_file(stage_tensors(stage), out / "model.safetensors")
     if comp.gptq:
         save_file(gptq_tensors(stage), out / "gptq.safetensors")
@@ -83,8 +85,7 @@ def prepare(source, compression: str, out: str | Path, seqlen: int = 512, window
     source.tokenizer().save_pretrained(out)
     manifest = {
         "source": source.label, "compression": comp.spec, "dropped_layers": sorted(stage.dropped),
-        "calibration": ({"data": PROMPTS.name, "sequences": GPTQ_SEQS if comp.gptq else N_SEQS, "seqlen": SEQLEN}
-                        if comp.calibrated else None),
+        "calibration": calibration.describe(bool(comp.gptq)) if comp.calibrated else None,
         "gptq": ({"quant": comp.quant, "damp": DAMP, "act_order": ACT_ORDER, "block": BLOCK, "group": GROUP,
                   "grid": "static, round-to-nearest of the weights before GPTQ, as the kernel stores it"}
                  if comp.gptq else None),

@@ -1,7 +1,9 @@
 """Calibration for Wanda, SparseGPT, GPTQ and structured cuts (DESIGN.md section 7).
 
-Calibration text is the serving prompts (prompts-500.jsonl), never the evaluation text: the
-prompts are joined and packed into `n_seqs` sequences of `seqlen` tokens. A stage that starts at
+Calibration text is the serving prompts (prompts-500.jsonl) unless a file is given (the user's
+own domain: `--calibration`), and never the evaluation windows: when the file is the evaluation
+text, the evaluated tokens are skipped (`held_out`). The text is packed into sequences of equal
+length. A stage that starts at
 layer s gets its inputs by streaming layers [0, s) one at a time (unchanged weights; peak memory
 one layer), then walks its own layers in order: collect input statistics with the layer's
 original weights, cut and prune, and feed the next layer the compressed layer's output (Wanda's
@@ -9,14 +11,17 @@ sequential scheme), so errors of earlier layers are seen by later ones.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from shards.compression import Compression
 from shards.cut import cut_heads, cut_mlp, layer_similarity, layers_to_drop
-from shards.data import read_prompts
+from shards.data import PROMPTS, read_prompts
 from shards.kv_cache import PagedKV
 from shards.layer_range import LayerRange
 from shards.prune import prune_block
@@ -28,11 +33,65 @@ N_SEQS, SEQLEN = 32, 128   # 4,096 calibration tokens
 # prompt there is (77 x 128 = 9,856 tokens: nf4+gptq ppl 36.00 -> 35.23, seqlen 512 x 8);
 # SparseGPT did not (71.4 -> 73.4 at its damping, 72.5 at 0.1), so it keeps 4,096
 GPTQ_SEQS = 77
+# a calibration file (--calibration): 65,536 tokens in sequences of 256 unless told (WikiText-2
+# held out from the eval windows, sparsegpt:0.5: 4,096 chat tokens 71.45, 16,384 WikiText
+# tokens 57.4, 65,536 53.3; nf4+gptq: 33.75 at 16,384, 33.91 at 32,768)
+FILE_TOKENS, FILE_SEQLEN = 65536, 256
 
 
-def calibration_ids(tokenizer, n_seqs: int = N_SEQS, seqlen: int = SEQLEN) -> torch.Tensor:
-    """[n_seqs, seqlen] token ids packed from the serving prompts."""
+@dataclass(frozen=True)
+class CalibrationData:
+    """Where calibration tokens come from. path None: the serving prompts (N_SEQS x SEQLEN
+    tokens; GPTQ_SEQS x SEQLEN for GPTQ). A file: raw text (rows of whitespace become empty,
+    as the perplexity reader does, so token offsets agree with it) or .jsonl (a "prompt" or
+    "text" field per line), `tokens` of its tokens from token `skip` on, in rows of FILE_SEQLEN."""
+    path: str | None = None
+    tokens: int | None = None
+    skip: int = 0
+
+    def shape(self, gptq: bool) -> tuple[int, int]:
+        """[sequences, seqlen] of the calibration batch."""
+        if self.path is None:
+            return (GPTQ_SEQS if gptq else N_SEQS), SEQLEN
+        return math.ceil((self.tokens or FILE_TOKENS) / FILE_SEQLEN), FILE_SEQLEN
+
+    def describe(self, gptq: bool) -> dict:
+        """The manifest's record of it."""
+        n, seqlen = self.shape(gptq)
+        return {"data": Path(self.path).name if self.path else PROMPTS.name, "sequences": n, "seqlen": seqlen,
+                "skip_tokens": self.skip}
+
+
+def held_out(data: CalibrationData, text, eval_tokens: int | None) -> CalibrationData:
+    """`data`, starting after the first `eval_tokens` tokens (None: all of them) when it is the
+    evaluation text itself, so a perplexity is never measured on tokens the compression was fitted to."""
+    if not (data.path and Path(data.path).resolve() == Path(text).resolve()):
+        return data
+    if eval_tokens is None:
+        raise ValueError(f"calibration file {data.path} is the evaluation text and every window of it is "
+                         "evaluated: nothing is left to calibrate on; evaluate fewer --windows")
+    return dataclasses.replace(data, skip=max(data.skip, eval_tokens))
+
+
+def file_ids(tokenizer, path: str) -> list[int]:
+    if Path(path).suffix == ".jsonl":
+        rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = "\n\n".join(r.get("prompt") or r.get("text") or "" for r in rows)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    from shards.perplexity import wikitext_ids
+    return wikitext_ids(tokenizer, path)
+
+
+def calibration_ids(tokenizer, data: CalibrationData = CalibrationData(), gptq: bool = False) -> torch.Tensor:
+    """[sequences, seqlen] token ids from `data`."""
+    n_seqs, seqlen = data.shape(gptq)
     need, ids, start = n_seqs * seqlen, [], 0
+    if data.path:
+        every = file_ids(tokenizer, data.path)
+        ids = every[data.skip:data.skip + need]
+        if len(ids) < need:
+            raise ValueError(f"calibration file {data.path} holds {len(every)} tokens, {len(every) - data.skip} "
+                             f"after skipping {data.skip}; calibration needs {need}")
     while len(ids) < need:
         prompts = read_prompts(50, start)
         if not prompts:
@@ -85,10 +144,11 @@ def compress_structure(block, comp: Compression, stats: Stats | None = None) -> 
 class Calibrator:
     """Runs the packed calibration tokens through blocks as one prefill, one layer at a time."""
 
-    def __init__(self, source, n_seqs: int = N_SEQS, seqlen: int = SEQLEN):
+    def __init__(self, source, data: CalibrationData = CalibrationData(), gptq: bool = False):
         from shards.step_context import StepContext, rope_params
         cfg = source.config
-        self.ids = calibration_ids(source.tokenizer(), n_seqs, seqlen)
+        self.ids = calibration_ids(source.tokenizer(), data, gptq)
+        n_seqs, seqlen = self.ids.shape
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv = PagedKV([], n_seqs * math.ceil(seqlen / 16), 16, cfg.num_key_value_heads, head_dim)
         batch = StepBatch(list(range(n_seqs)), [0] * n_seqs, [seqlen] * n_seqs)
@@ -128,10 +188,10 @@ class Calibrator:
 
 
 def calibrated_blocks(source, layers: LayerRange, comp: Compression, load,
-                      n_seqs: int | None = None, seqlen: int = SEQLEN) -> tuple[dict, list[int]]:
+                      data: CalibrationData | None = None) -> tuple[dict, list[int]]:
     """{layer: fp32 Block cut and pruned by comp} for `layers`, and the layers dropped.
-    load(layer) builds one fp32 Block on the CPU."""
-    cal = Calibrator(source, n_seqs or (GPTQ_SEQS if comp.gptq else N_SEQS), seqlen)
+    load(layer) builds one fp32 Block on the CPU; data: default the serving prompts."""
+    cal = Calibrator(source, data or CalibrationData(), bool(comp.gptq))
     with torch.inference_mode():
         x = torch.nn.functional.embedding(cal.ids, source.tensor("model.embed_tokens.weight").float())
     for layer in range(layers.start):

@@ -30,15 +30,19 @@ def wikitext_ids(tokenizer, path: str | os.PathLike = DEFAULT_TEXT) -> list[int]
 
 
 def perplexity(source, compression: str = "fp32", seqlen: int = 2048, windows: int | None = None,
-               path: str | os.PathLike = DEFAULT_TEXT, progress: bool = False) -> EvalResult:
+               path: str | os.PathLike = DEFAULT_TEXT, progress: bool = False, calibration=None) -> EvalResult:
+    """calibration: a CalibrationData (default: the serving prompts); the evaluated windows are
+    skipped when it is this text."""
     import torch
     from tqdm import tqdm
 
+    from shards.calibration import held_out
     from shards.generator import Generator
     ids = wikitext_ids(source.tokenizer(), path)
     total = len(ids) // seqlen
     windows = min(windows or total, total)
-    gen = Generator(source, 1, kv_blocks=-(-seqlen // 16), compression=compression)
+    calibration = calibration and held_out(calibration, path, windows * seqlen)
+    gen = Generator(source, 1, kv_blocks=-(-seqlen // 16), compression=compression, calibration=calibration)
     nll, count = 0.0, 0
     for w in tqdm(range(windows), desc=f"ppl {compression}", disable=not progress):
         chunk = ids[w * seqlen:(w + 1) * seqlen]

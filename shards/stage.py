@@ -172,13 +172,14 @@ class Stage(nn.Module):
     def __init__(self, source: ModelSource, layers: LayerRange, kv_blocks: int = 256,
                  block_size: int = 16, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  compression: str | None = None, quantize: bool = True, compile: bool = False,
-                 threads: tuple[int, ...] = ()):
+                 threads: tuple[int, ...] = (), calibration=None):
         """quantize=False (prepare): everything but the final quantization; GPTQ's weights stay
-        fp32 on their grids (`block.grids`). compile: decode steps run the compiled layer graph
+        fp32 on their grids (`block.grids`). calibration: a CalibrationData for the methods that
+        calibrate (default: the serving prompts); layers added later calibrate on it too. compile: decode steps run the compiled layer graph
         (shards/compiled.py), compiled here, before the stage is ready, for each CPU thread
         count in `threads` (default: the current one; a graph is only valid for its count)."""
         super().__init__()
-        self.quantize = quantize
+        self.quantize, self.calibration = quantize, calibration
         cfg = self.config = source.config
         self.compression, todo = remaining(source, compression)
         self.device = torch.device(device)
@@ -236,7 +237,8 @@ class Stage(nn.Module):
         calibrated, dropped = {}, set(dropped)
         if todo.calibrated:
             from shards.calibration import calibrated_blocks
-            calibrated, more = calibrated_blocks(source, layers, todo, lambda i: fp32_block(source, i))
+            calibrated, more = calibrated_blocks(source, layers, todo, lambda i: fp32_block(source, i),
+                                                 self.calibration)
             dropped |= set(more)
         # calibrated blocks are already cut and pruned: only quantization is left
         rest = Compression(quant=todo.quant) if todo.calibrated else todo
