@@ -28,7 +28,7 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
                    help="calibrate Wanda / SparseGPT / GPTQ / cuts on this text or .jsonl file (your own domain) "
                         "instead of the serving prompts; the evaluated windows are skipped if it is the eval text")
     p.add_argument("--calibration-tokens", type=int, default=None,
-                   help="tokens of --calibration to use (default 65536, in rows of 256)")
+                   help="tokens of --calibration to use (default 65536, 16384 for GPTQ; in rows of 256)")
 
 
 def cmd_plan(args) -> int:

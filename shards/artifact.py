@@ -87,7 +87,8 @@ def prepare(source, compression: str, out: str | Path, seqlen: int = 512, window
         "source": source.label, "compression": comp.spec, "dropped_layers": sorted(stage.dropped),
         "calibration": calibration.describe(bool(comp.gptq)) if comp.calibrated else None,
         "gptq": ({"quant": comp.quant, "damp": DAMP, "act_order": ACT_ORDER, "block": BLOCK, "group": GROUP,
-                  "grid": "static, round-to-nearest of the weights before GPTQ, as the kernel stores it"}
+                  "grid": "static, round-to-nearest of the weights before GPTQ, as the kernel stores it",
+                  "mean_correction": "o_proj, down_proj biases"}
                  if comp.gptq else None),
         "layer_shapes": layer_shapes(stage), "prepare_seconds": None}
     del stage

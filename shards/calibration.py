@@ -33,10 +33,10 @@ N_SEQS, SEQLEN = 32, 128   # 4,096 calibration tokens
 # prompt there is (77 x 128 = 9,856 tokens: nf4+gptq ppl 36.00 -> 35.23, seqlen 512 x 8);
 # SparseGPT did not (71.4 -> 73.4 at its damping, 72.5 at 0.1), so it keeps 4,096
 GPTQ_SEQS = 77
-# a calibration file (--calibration): 65,536 tokens in sequences of 256 unless told (WikiText-2
-# held out from the eval windows, sparsegpt:0.5: 4,096 chat tokens 71.45, 16,384 WikiText
-# tokens 57.4, 65,536 53.3; nf4+gptq: 33.75 at 16,384, 33.91 at 32,768)
-FILE_TOKENS, FILE_SEQLEN = 65536, 256
+# a calibration file (--calibration): in sequences of 256, 65,536 tokens unless told, 16,384 for
+# GPTQ (WikiText-2 held out from the eval windows; sparsegpt:0.5: 4,096 chat tokens 71.45, 16,384
+# WikiText tokens 57.4, 65,536 51.6; nf4+gptq: 33.75 at 16,384, 33.91 at 32,768, for twice the time)
+FILE_TOKENS, GPTQ_FILE_TOKENS, FILE_SEQLEN = 65536, 16384, 256
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,9 @@ class CalibrationData:
     """Where calibration tokens come from. path None: the serving prompts (N_SEQS x SEQLEN
     tokens; GPTQ_SEQS x SEQLEN for GPTQ). A file: raw text (rows of whitespace become empty,
     as the perplexity reader does, so token offsets agree with it) or .jsonl (a "prompt" or
-    "text" field per line), `tokens` of its tokens from token `skip` on, in rows of FILE_SEQLEN."""
+    "text" field per line), `tokens` of its tokens from token `skip` on, in rows of FILE_SEQLEN.
+    (GPTQ's and SparseGPT's Hessians are [in, in]; the 1536-wide down_proj wants far more tokens
+    than 1,536 to be well conditioned.)"""
     path: str | None = None
     tokens: int | None = None
     skip: int = 0
@@ -53,7 +55,7 @@ class CalibrationData:
         """[sequences, seqlen] of the calibration batch."""
         if self.path is None:
             return (GPTQ_SEQS if gptq else N_SEQS), SEQLEN
-        return math.ceil((self.tokens or FILE_TOKENS) / FILE_SEQLEN), FILE_SEQLEN
+        return math.ceil((self.tokens or (GPTQ_FILE_TOKENS if gptq else FILE_TOKENS)) / FILE_SEQLEN), FILE_SEQLEN
 
     def describe(self, gptq: bool) -> dict:
         """The manifest's record of it."""
@@ -228,8 +230,26 @@ def quantize_gptq(block, comp: Compression, cal: Calibrator, x: torch.Tensor, so
     from shards.stage import int4_grids
     stats, _ = cal.stats(block, x, LINEARS)
     own = int4_grids(source, block.layer) if comp.quant == "int4-cpu" and comp.structure == Compression() else {}
-    block.grids = {}
+    block.grids, before = {}, {}
     for name in LINEARS:
         w = getattr(block, name).weight.data
+        before[name] = w.clone()
         block.grids[name] = grid_for(w, comp.quant, own.get(name))
         gptq_(w, stats.grams[name], stats.tokens, block.grids[name], DAMP)
+    correct_means(block, before, cal, x)
+
+
+def correct_means(block, before: dict, cal: Calibrator, x: torch.Tensor) -> None:
+    """Give the projections that write the residual stream (o_proj, down_proj) a bias that puts
+    back the mean of their output error, (W - W_q) mean(inputs), over the inputs they see now
+    (GPTQ leaves a mean shift: nf4+gptq ppl 33.75 -> 33.47 with it, all four projections 33.36;
+    only these two have a bias slot in the checkpoint format). In block order, so down_proj's
+    inputs already carry o_proj's correction. A weight GPTQ left unchanged gets no bias."""
+    for name in ("o_proj", "down_proj"):
+        lin = getattr(block, name)
+        delta = before[name] - lin.weight.data          # [out, in]
+        if not delta.any():
+            continue
+        stats, _ = cal.stats(block, x)
+        d = delta @ stats.means[name]                   # [out]
+        lin.bias = torch.nn.Parameter(d if lin.bias is None else lin.bias.data + d, requires_grad=False)

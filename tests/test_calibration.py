@@ -56,6 +56,7 @@ def test_default_is_the_prompts_shape():
     assert CalibrationData().shape(gptq=False) == (32, 128)
     assert CalibrationData().shape(gptq=True) == (77, 128)
     assert CalibrationData("f.txt").shape(gptq=False) == (256, 256)
+    assert CalibrationData("f.txt").shape(gptq=True) == (64, 256)
 
 
 def test_sparsegpt_damping_falls_with_tokens():

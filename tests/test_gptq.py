@@ -66,19 +66,23 @@ def test_grid_column_is_round_to_nearest_without_compensation():
 
 def test_prepared_gptq_artifact_serves_the_calibrated_codes(source, tmp_path):
     """prepare nf4+gptq stores the on-grid weights and their grids (bitsandbytes' QuantState
-    included); a stage of the artifact computes with exactly those weights, calibrating nothing."""
+    included); a stage of the artifact computes with exactly those weights, calibrating nothing.
+    Calibrated on a file that is the evaluation text: the manifest's evaluated window is skipped."""
     import json
 
     import bitsandbytes.functional as bnbf
 
     import shards.calibration as cal
     from shards.artifact import prepare
+    from shards.data import WIKITEXT
     from shards.layer_range import LayerRange
     from shards.source import open_source
     from shards.stage import Stage
     out = tmp_path / "art"
-    m = prepare(source, "nf4+gptq", out, seqlen=128, windows=1)
-    assert m["gptq"]["quant"] == "nf4" and m["calibration"]["sequences"] == cal.GPTQ_SEQS
+    m = prepare(source, "nf4+gptq", out, seqlen=128, windows=1,
+                calibration=cal.CalibrationData(str(WIKITEXT), tokens=2048))
+    assert m["gptq"]["quant"] == "nf4"
+    assert m["calibration"] == {"data": WIKITEXT.name, "sequences": 8, "seqlen": 256, "skip_tokens": 128}
     assert json.loads((out / "manifest.json").read_text())["compression"] == "nf4+gptq"
     art = open_source(str(out))
     calls = []
@@ -93,6 +97,8 @@ def test_prepared_gptq_artifact_serves_the_calibrated_codes(source, tmp_path):
         w = stage.blocks[str(layer)].down_proj.weight
         got = bnbf.dequantize_4bit(w.data, w.quant_state).float()
         assert torch.equal(got, art.tensor(f"model.layers.{layer}.mlp.down_proj.weight"))
+        # GPTQ's mean correction travels as the residual writers' biases
+        assert torch.equal(stage.blocks[str(layer)].down_proj.bias, art.tensor(f"model.layers.{layer}.mlp.down_proj.bias"))
 
 
 def test_group_grids_refuse_widths_off_their_groups():
@@ -102,3 +108,26 @@ def test_group_grids_refuse_widths_off_their_groups():
         with pytest.raises(CompressionError, match="divisible by 32.*got 40"):
             grid_for(w, quant)
     grid_for(w, "int8-cpu")
+
+
+def test_mean_correction_removes_the_output_mean_shift():
+    """correct_means gives o_proj and down_proj the bias that cancels the mean of their output
+    error on inputs with a mean (as activations have), in block order; an unchanged weight
+    gets none."""
+    from types import SimpleNamespace
+
+    from shards.calibration import Stats, correct_means
+    w, x = layer(inp=256)
+    x = x + torch.linspace(-1, 2, 256)                         # inputs with a mean
+    block = SimpleNamespace(o_proj=linear(w.clone()), down_proj=linear(w.clone()))
+    before = {"o_proj": w.clone(), "down_proj": w.clone()}
+    gptq_(block.o_proj.weight.data, x.T @ x, x.shape[0], grid_for(w, "nf4"))
+    seen = []
+    cal = SimpleNamespace(stats=lambda b, inputs: (seen.append(b.o_proj.bias is not None)
+                                                   or Stats(means={"o_proj": x.mean(0), "down_proj": x.mean(0)}), None))
+    correct_means(block, before, cal, x)
+    with torch.no_grad():
+        shift = (block.o_proj(x) - x @ w.T).mean(0).abs().max().item()
+        uncorrected = (x @ (block.o_proj.weight - w).T).mean(0).abs().max().item()
+    assert shift < 1e-4 < uncorrected / 100, (shift, uncorrected)
+    assert block.down_proj.bias is None and seen == [False]    # unchanged: no bias, no pass
