@@ -37,6 +37,7 @@ GPTQ_SEQS = 77
 # GPTQ (WikiText-2 held out from the eval windows; sparsegpt:0.5: 4,096 chat tokens 71.45, 16,384
 # WikiText tokens 57.4, 65,536 51.6; nf4+gptq: 33.75 at 16,384, 33.91 at 32,768, for twice the time)
 FILE_TOKENS, GPTQ_FILE_TOKENS, FILE_SEQLEN = 65536, 16384, 256
+RESIDUAL_WRITERS = ("o_proj", "down_proj")     # in block order (GPTQ's mean correction)
 
 
 @dataclass(frozen=True)
@@ -230,10 +231,10 @@ def quantize_gptq(block, comp: Compression, cal: Calibrator, x: torch.Tensor, so
     from shards.stage import int4_grids
     stats, _ = cal.stats(block, x, LINEARS)
     own = int4_grids(source, block.layer) if comp.quant == "int4-cpu" and comp.structure == Compression() else {}
-    block.grids, before = {}, {}
+    block.grids = {}
+    before = {name: getattr(block, name).weight.data.clone() for name in RESIDUAL_WRITERS}
     for name in LINEARS:
         w = getattr(block, name).weight.data
-        before[name] = w.clone()
         block.grids[name] = grid_for(w, comp.quant, own.get(name))
         gptq_(w, stats.grams[name], stats.tokens, block.grids[name], DAMP)
     correct_means(block, before, cal, x)
@@ -246,7 +247,7 @@ def correct_means(block, before: dict, cal: Calibrator, x: torch.Tensor) -> None
     33.46 on held-out WikiText (all four projections: 33.36, but only these two have a bias slot
     in the checkpoint format). In block order, so down_proj's inputs already carry o_proj's
     correction. A weight GPTQ left unchanged gets no bias."""
-    for name in ("o_proj", "down_proj"):
+    for name in RESIDUAL_WRITERS:
         lin = getattr(block, name)
         delta = before[name] - lin.weight.data          # [out, in]
         if not delta.any():

@@ -175,9 +175,10 @@ class Stage(nn.Module):
                  threads: tuple[int, ...] = (), calibration=None):
         """quantize=False (prepare): everything but the final quantization; GPTQ's weights stay
         fp32 on their grids (`block.grids`). calibration: a CalibrationData for the methods that
-        calibrate (default: the serving prompts); layers added later calibrate on it too. compile: decode steps run the compiled layer graph
-        (shards/compiled.py), compiled here, before the stage is ready, for each CPU thread
-        count in `threads` (default: the current one; a graph is only valid for its count)."""
+        calibrate (default: the serving prompts); layers added later calibrate on it too.
+        compile: decode steps run the compiled layer graph (shards/compiled.py), compiled here,
+        before the stage is ready, for each CPU thread count in `threads` (default: the current
+        one; a graph is only valid for its count)."""
         super().__init__()
         self.quantize, self.calibration = quantize, calibration
         cfg = self.config = source.config
