@@ -88,6 +88,7 @@ def prepare(source, compression: str, out: str | Path, seqlen: int = 512, window
         "calibration": calibration.describe(bool(comp.gptq)) if comp.calibrated else None,
         "gptq": ({"quant": comp.quant, "damp": DAMP, "act_order": ACT_ORDER, "block": BLOCK, "group": GROUP,
                   "grid": "static, round-to-nearest of the weights before GPTQ, as the kernel stores it",
+                  "refit": "least-squares scales (and int4 zeros) after the sweep, codes fixed",
                   "mean_correction": "o_proj, down_proj biases"}
                  if comp.gptq else None),
         "layer_shapes": layer_shapes(stage), "prepare_seconds": None}

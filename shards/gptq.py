@@ -9,6 +9,11 @@ computes with, so the compensated weights land on values the kernel reproduces b
   w = (q - 8) * d + z (`_weight_int4pack_mm_for_cpu`); a Q4 GGUF source's own grid when it has one;
 - nf4: per group of 32 the absmax bitsandbytes will use after double quantization (8-bit
   absmax in blocks of 256, plus their mean), w = code[q] * absmax.
+
+After the sweep the codes stay and the grid's own numbers (scales, int4's zeros) are refit by
+least squares (`refit_`): with the codes fixed the weights are linear in them, so the output
+error GPTQ minimizes has a closed-form minimum over them that the static grid, chosen by
+round-to-nearest before the sweep, is not.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from shards.obs import inverse_hessian, sweep
 GROUP = 32
 DAMP = 0.01     # of the mean diagonal of H: the paper's
 ACT_ORDER = True
+REFIT = True
 
 
 @dataclass
@@ -55,6 +61,52 @@ class Grid:
             return ((g - self.zero.unsqueeze(-1)) / s).round().clamp(0, 15).reshape(w.shape).to(torch.int32)
         code = _nf4_code()
         return torch.bucketize((g / s).clamp(-1, 1), (code[1:] + code[:-1]) / 2).reshape(w.shape).to(torch.uint8)
+
+
+    def features(self, codes: torch.Tensor) -> torch.Tensor:
+        """What multiplies each of the grid's numbers, [N, groups, group width, numbers per group]:
+        w[n, g*gs + i] = sum_f features[n, g, i, f] * params[n, g, f]."""
+        n, k = codes.shape
+        if self.quant == "int8-cpu":
+            return codes.double().view(n, 1, k, 1)
+        q = codes.long().view(n, k // GROUP, GROUP)
+        if self.quant == "int4-cpu":                  # w = q d + m
+            return torch.stack([q.double(), torch.ones_like(q, dtype=torch.float64)], -1)
+        return _nf4_code().double()[q].unsqueeze(-1)  # w = code[q] absmax
+
+    def params(self) -> torch.Tensor:
+        """[N, groups, numbers per group], in the order of `features`."""
+        if self.quant == "int8-cpu":
+            return self.scale.view(-1, 1, 1)
+        if self.quant == "int4-cpu":
+            return torch.stack([self.scale, self.zero], -1)
+        return self.scale.unsqueeze(-1)
+
+    def set_params(self, p: torch.Tensor) -> None:
+        """Take new params [N, groups, numbers per group], rounded as the kernel stores them."""
+        if self.quant == "int8-cpu":
+            self.scale = p.reshape(-1).to(torch.bfloat16).float()
+        elif self.quant == "int4-cpu":
+            d16, z16 = p[..., 0].to(torch.bfloat16).float(), (p[..., 1] + 8 * p[..., 0]).to(torch.bfloat16).float()
+            self.scale, self.zero = d16, z16 - 8 * d16
+        else:
+            self.scale = _double_quantize(p[..., 0].float(), self.state)
+
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        """The weights [N, K] that `codes` stand for on this grid (what the kernel computes with)."""
+        f = self.features(codes)
+        return (f * self.params().double().unsqueeze(2)).sum(-1).reshape(codes.shape).float()
+
+
+def _double_quantize(absmax: torch.Tensor, state) -> torch.Tensor:
+    """Store absmax [N, groups] in bitsandbytes' QuantState as quantize_4bit would (8-bit codes
+    in blocks of 256 around their mean); returns the absmax the kernel will compute with."""
+    import bitsandbytes.functional as bnbf
+    flat = absmax.reshape(-1).contiguous()
+    offset = flat.mean()
+    state.absmax, state.state2 = bnbf.quantize_blockwise(flat - offset, blocksize=256)
+    state.offset = offset
+    return (bnbf.dequantize_blockwise(state.absmax, state.state2) + offset).float().reshape(absmax.shape)
 
 
 def _nf4_code() -> torch.Tensor:
@@ -105,13 +157,46 @@ def grid_for(w: torch.Tensor, quant: str, source_grid=None) -> Grid:
 
 
 def gptq_(w: torch.Tensor, gram: torch.Tensor, n_tokens: int, grid: Grid, damp: float = DAMP,
-          act_order: bool = ACT_ORDER) -> torch.Tensor:
+          act_order: bool = ACT_ORDER, refit: bool = REFIT) -> torch.Tensor:
     """Quantize w [out, in] in place onto `grid` with GPTQ's error compensation; gram: X^T X
     [in, in] over n_tokens calibration tokens. act_order: columns with the largest Hessian
-    diagonal first (the grid stays fixed, so the kernel is unchanged). Returns w."""
+    diagonal first (groups stay where they are, so the kernel is unchanged). refit: then
+    `refit_` the grid's numbers (the grid object changes). Returns w."""
+    target = w.clone()
     perm = torch.argsort(torch.diag(gram), descending=True) if act_order else torch.arange(w.shape[1])
     wp = w[:, perm].contiguous()
     hinv = inverse_hessian(gram[perm][:, perm], n_tokens, wp, damp)
     sweep(wp, hinv, lambda j, i, w1, d: grid.column(int(perm[j]), w1[:, i]))
     w[:, perm] = wp
+    if refit and not torch.equal(w, target):   # on its own grid already (a Q4 source): nothing to fit
+        refit_(w, target, gram, grid)
     return w
+
+
+def refit_(w: torch.Tensor, target: torch.Tensor, gram: torch.Tensor, grid: Grid, rows: int = 64) -> None:
+    """With w's codes fixed, set the grid's numbers p (scales; int4's zeros too) to the
+    minimum over p of each output row's (target - w(p)) X^T X (target - w(p))^T, which is
+    quadratic in p: solve (F^T G F) p = F^T G target per row (F: `Grid.features`, one block of
+    G = X^T X per pair of groups), plain least squares: a ridge of even 1e-9 of each diagonal
+    moved nf4+gptq's perplexity by 0.16 (33.15 vs 32.99), these systems are that ill-conditioned.
+    w takes the result as the kernel stores it. nf4+gptq, WikiText-2 8 x 512, calibrated on
+    held-out WikiText: 33.46 -> 32.99 (per-layer output error -5%, median)."""
+    codes = grid.codes(w)
+    feats = grid.features(codes)                              # [N, G, gs, F]
+    n, g, gs, f = feats.shape
+    h = gram.double()
+    h4 = h.view(g, gs, g, gs)
+    a = torch.empty(n, g * f, g * f, dtype=torch.float64)
+    for r in range(0, n, rows):                               # [rows, G, F, G, gs] at a time
+        x = feats[r:r + rows]
+        t = torch.einsum("ngif,gihj->ngfhj", x, h4)
+        a[r:r + rows] = torch.einsum("ngfhj,nhje->ngfhe", t, x).reshape(-1, g * f, g * f)
+    b = torch.einsum("ngif,ngi->ngf", feats, (target.double() @ h).view(n, g, gs)).reshape(n, g * f)
+    old = grid.params().double().reshape(n, g * f)
+    p, info = torch.linalg.solve_ex(a, b)
+    p, old = p.view(n, g, f), old.view(n, g, f)
+    # a singular row (a group of all-zero features) keeps its grid; a scale that came out <= 0
+    # would flip or empty its group: the fit, not the data, chose it
+    keep = (info == 0).view(n, 1, 1) & torch.isfinite(p).all(-1, keepdim=True) & (p[..., :1] > 0)
+    grid.set_params(torch.where(keep, p, old))
+    w.copy_(grid.values(codes))

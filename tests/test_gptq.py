@@ -121,7 +121,7 @@ def test_mean_correction_removes_the_output_mean_shift():
     x = x + torch.linspace(-1, 2, 256)                         # inputs with a mean
     block = SimpleNamespace(o_proj=linear(w.clone()), down_proj=linear(w.clone()))
     before = {"o_proj": w.clone(), "down_proj": w.clone()}
-    gptq_(block.o_proj.weight.data, x.T @ x, x.shape[0], grid_for(w, "nf4"))
+    gptq_(block.o_proj.weight.data, x.T @ x, x.shape[0], grid_for(w, "nf4"), refit=False)
     seen = []
     cal = SimpleNamespace(stats=lambda b, inputs: (seen.append(b.o_proj.bias is not None)
                                                    or Stats(means={"o_proj": x.mean(0), "down_proj": x.mean(0)}), None))
@@ -131,3 +131,21 @@ def test_mean_correction_removes_the_output_mean_shift():
         uncorrected = (x @ (block.o_proj.weight - w).T).mean(0).abs().max().item()
     assert shift < 1e-4 < uncorrected / 100, (shift, uncorrected)
     assert block.down_proj.bias is None and seen == [False]    # unchanged: no bias, no pass
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_refit_of_the_grid_lowers_the_output_error_and_keeps_the_codes(quant):
+    """int4-cpu and nf4 refit a number per group of 32; int8-cpu's one bf16 scale per row is
+    already at its best to bf16's resolution, so there the refit must only not hurt."""
+    w, x = layer(seed=3)
+    plain_grid, refit_grid = grid_for(w, quant), grid_for(w, quant)
+    plain = gptq_(w.clone(), x.T @ x, x.shape[0], plain_grid, damp=0.01, refit=False)
+    refit = gptq_(w.clone(), x.T @ x, x.shape[0], refit_grid, damp=0.01)
+    e_plain, e_refit = output_error(plain, w, x), output_error(refit, w, x)
+    print(f"{quant}: output MSE gptq {e_plain:.3e}, with the refit grid {e_refit:.3e}")
+    assert torch.equal(refit_grid.codes(refit), plain_grid.codes(plain))
+    if quant == "int8-cpu":
+        assert e_refit <= e_plain * (1 + 1e-6)
+    else:
+        assert e_refit < 0.97 * e_plain
+        assert not torch.equal(refit_grid.params(), plain_grid.params())
