@@ -106,7 +106,13 @@ def _double_quantize(absmax: torch.Tensor, state) -> torch.Tensor:
     offset = flat.mean()
     state.absmax, state.state2 = bnbf.quantize_blockwise(flat - offset, blocksize=256)
     state.offset = offset
-    return (bnbf.dequantize_blockwise(state.absmax, state.state2) + offset).float().reshape(absmax.shape)
+    return _stored_absmax(state).reshape(absmax.shape)
+
+
+def _stored_absmax(state) -> torch.Tensor:
+    """The absmax [groups] bitsandbytes computes with, from its double-quantized QuantState."""
+    import bitsandbytes.functional as bnbf
+    return (bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
 
 
 def _nf4_code() -> torch.Tensor:
@@ -145,14 +151,14 @@ def grid_for(w: torch.Tensor, quant: str, source_grid=None) -> Grid:
     if quant == "int4-cpu":
         from shards.int4 import rtn_grid
         d, m = source_grid if source_grid is not None else rtn_grid(w)
-        d16, z16 = d.to(torch.bfloat16).float(), (m + 8 * d).to(torch.bfloat16).float()
-        return Grid(quant, d16, z16 - 8 * d16)
+        grid = Grid(quant, d, m)
+        grid.set_params(torch.stack([d, m], -1))     # rounded as the kernel stores them
+        return grid
     if quant == "nf4":
         import bitsandbytes.functional as bnbf
         _, state = bnbf.quantize_4bit(w.float().contiguous(), blocksize=GROUP, compress_statistics=True,
                                       quant_type="nf4")
-        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
-        return Grid(quant, absmax.float().reshape(w.shape[0], -1), state=state)
+        return Grid(quant, _stored_absmax(state).reshape(w.shape[0], -1), state=state)
     raise ValueError(f"gptq supports int8-cpu, int4-cpu and nf4, not {quant!r}")
 
 
