@@ -37,6 +37,21 @@ def test_quantizer_relative_error(quant, bound):
     assert q(x).dtype == torch.float32
 
 
+def test_int8_cpu_kernel_by_rows_decode_packed_prefill_gemm():
+    """Up to DEQUANT_ROWS - 1 rows: the packed kernel (bf16 activations), bit-for-bit; from
+    DEQUANT_ROWS on: an fp32 GEMM on the dequantized weight, chunked over output channels."""
+    from shards import quantize as q
+    torch.manual_seed(0)
+    lin = q.Int8CpuLinear(torch.nn.Linear(96, q.DEQUANT_CHUNK + 40, bias=False))   # two chunks
+    deq = lin.qweight.float() * lin.scales.float()[:, None]
+    small, big = torch.randn(q.DEQUANT_ROWS - 1, 96), torch.randn(2, q.DEQUANT_ROWS, 96)
+    packed = torch._weight_int8pack_mm(small.bfloat16(), lin.qweight, lin.scales).float()
+    assert torch.equal(lin(small), packed)
+    got, want = lin(big), big @ deq.t()
+    assert got.shape == (2, q.DEQUANT_ROWS, q.DEQUANT_CHUNK + 40)
+    assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()   # fp32, not bf16 inputs
+
+
 def test_pruning_masks():
     torch.manual_seed(0)
     w = torch.randn(16, 64)
