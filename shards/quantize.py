@@ -35,10 +35,12 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # `_weight_int8pack_mm` is a row-at-a-time kernel: its time grows linearly with the rows (60 us a
 # row for 3072 x 576, 1 thread), while a fp32 GEMM on the dequantized weight reuses each weight
 # across rows. Measured (us, 1 thread, rows 16 / 32 / 128 / 256): int8pack 958 / 1934 / 7569 /
-# 15418, dequantize + fp32 mm 1289 / 1633 / 3754 / 6927. Decode batches (<= 32 rows) keep the
-# packed kernel, so a decode step's numbers do not depend on its batch; prefill chunks of 64+
-# rows take the GEMM (and fp32 activations instead of bf16 ones).
-DEQUANT_ROWS = 64
+# 15418, dequantize + fp32 mm 1289 / 1633 / 3754 / 6927. So prefill steps (x: [B, Q > 1, in])
+# take the GEMM (with fp32 activations instead of bf16 ones) and decode steps keep the packed
+# kernel. The choice follows the step's kind, not its row count, so a sequence's numbers do not
+# depend on what it was batched with: both kernels give each row the same bits at any batch
+# (MKL's sgemm does from 16 rows up, hence the padding), so greedy replies do not change with load.
+GEMM_MIN_ROWS = 16
 DEQUANT_CHUNK = 4096   # output channels dequantized at a time
 
 
@@ -65,7 +67,7 @@ class Int8CpuLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if x.device.type != "cpu":  # the fused kernel is CPU/MPS only; elsewhere dequantize on the fly (gpt-fast)
             y = nn.functional.linear(x2.to(torch.bfloat16), self.qweight.to(torch.bfloat16)) * self.scales
-        elif x2.shape[0] >= DEQUANT_ROWS:
+        elif x.dim() == 3 and x.shape[1] > 1:    # a prefill step
             y = self._dequantized_mm(x2.float())
         else:
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scales)
@@ -75,9 +77,11 @@ class Int8CpuLinear(nn.Module):
     def _dequantized_mm(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 [rows, in] fp32 -> [rows, out] through fp32 GEMMs over DEQUANT_CHUNK output channels
         at a time (the fp32 copy of one chunk is the only temporary: 9 MiB for SmolLM2's head)."""
-        n = self.qweight.shape[0]
+        n, rows = self.qweight.shape[0], x2.shape[0]
+        if rows < GEMM_MIN_ROWS:
+            x2 = torch.cat([x2, x2.new_zeros(GEMM_MIN_ROWS - rows, x2.shape[1])])
         y = torch.cat([x2 @ self.qweight[a:a + DEQUANT_CHUNK].t().float() for a in range(0, n, DEQUANT_CHUNK)], 1)
-        return y * self.scales.float()
+        return y[:rows] * self.scales.float()
 
 
 class Int8Embedding(nn.Module):

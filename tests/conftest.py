@@ -54,7 +54,9 @@ def loop():
     import asyncio
 
     import ray
-    ray.init(namespace="shardserve", include_dashboard=False, log_to_driver=False)
+
+    from serving.launch import init_ray
+    init_ray(namespace="shardserve", include_dashboard=False, log_to_driver=False)
     lp = asyncio.new_event_loop()
     yield lp
     lp.close()

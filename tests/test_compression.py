@@ -37,19 +37,23 @@ def test_quantizer_relative_error(quant, bound):
     assert q(x).dtype == torch.float32
 
 
-def test_int8_cpu_kernel_by_rows_decode_packed_prefill_gemm():
-    """Up to DEQUANT_ROWS - 1 rows: the packed kernel (bf16 activations), bit-for-bit; from
-    DEQUANT_ROWS on: an fp32 GEMM on the dequantized weight, chunked over output channels."""
+def test_int8_cpu_kernel_by_step_kind_and_batch_invariant():
+    """Decode inputs ([B, in], [B, 1, in]): the packed kernel (bf16 activations), bit-for-bit.
+    Prefill ([B, Q > 1, in]): an fp32 GEMM on the dequantized weight, chunked over output
+    channels, and each row's result does not depend on the rows batched with it."""
     from shards import quantize as q
     torch.manual_seed(0)
     lin = q.Int8CpuLinear(torch.nn.Linear(96, q.DEQUANT_CHUNK + 40, bias=False))   # two chunks
     deq = lin.qweight.float() * lin.scales.float()[:, None]
-    small, big = torch.randn(q.DEQUANT_ROWS - 1, 96), torch.randn(2, q.DEQUANT_ROWS, 96)
-    packed = torch._weight_int8pack_mm(small.bfloat16(), lin.qweight, lin.scales).float()
-    assert torch.equal(lin(small), packed)
-    got, want = lin(big), big @ deq.t()
-    assert got.shape == (2, q.DEQUANT_ROWS, q.DEQUANT_CHUNK + 40)
+    dec = torch.randn(3, 96)
+    packed = torch._weight_int8pack_mm(dec.bfloat16(), lin.qweight, lin.scales).float()
+    assert torch.equal(lin(dec), packed) and torch.equal(lin(dec[:, None])[:, 0], packed)
+    pre = torch.randn(4, 40, 96)
+    got, want = lin(pre), pre @ deq.t()
+    assert got.shape == (4, 40, q.DEQUANT_CHUNK + 40)
     assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()   # fp32, not bf16 inputs
+    for i, j, n in ((0, 1, 2), (0, 1, 7), (1, 3, 20), (2, 3, 40)):             # 2 .. 40 rows
+        assert torch.equal(lin(pre[i:j, :n]), got[i:j, :n])
 
 
 def test_pruning_masks():
