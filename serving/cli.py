@@ -99,17 +99,18 @@ def start_service(args):
     import dataclasses
     import time
 
+    import ray
     from ray import serve
 
     from serving.app import ShardServe
     from serving.client import Client
     from serving.config import app_config
-    from serving.launch import init_ray, replica_prefixes, start
+    from serving.launch import replica_prefixes, start
     args.api_key = args.api_key or os.environ.get("SHARDSERVE_API_KEY")
     if not args.api_key and not args.insecure and not _loopback(args.host):
         raise ShardServeError(f"refusing to serve on {args.host} without an API key: anyone who reaches it could "
                               "use the model; pass --api-key (or SHARDSERVE_API_KEY), or --insecure")
-    init_ray(args.address, namespace="shardserve", log_to_driver=False)   # shard actors at nice 0
+    ray.init(address=args.address, namespace="shardserve", log_to_driver=False)
     config = {"model": args.model, "shards": args.shards, "kv_tokens": args.kv_tokens,
               "compression": args.compression, "replicas": args.replicas, "compile": args.compile}
     cfg = app_config(config).engine()

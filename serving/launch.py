@@ -1,23 +1,9 @@
 """Wiring: plan the shards, start their actors, wait until loaded, hand back an Engine."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from shards.plan import Plan
-
-# Ray starts its workers at nice 15 (its control plane first), so shard steps lose the CPU to
-# every nice-0 process on the node: at c=1 over HTTP, 2 shards, int8-cpu, shard compute per token
-# was 40.8 ms at nice 15 vs 28.8 ms at nice 0 (one run each). deploy/*.yaml start nodes with it too.
-WORKER_NICENESS = "0"
-
-
-def init_ray(address: str | None = None, **kwargs) -> None:
-    """ray.init; a local cluster it starts runs its workers (shard actors) at WORKER_NICENESS
-    unless RAY_worker_niceness says otherwise."""
-    import ray
-    os.environ.setdefault("RAY_worker_niceness", WORKER_NICENESS)
-    ray.init(address=address, **kwargs)
 
 
 @dataclass

@@ -54,9 +54,7 @@ def loop():
     import asyncio
 
     import ray
-
-    from serving.launch import init_ray
-    init_ray(namespace="shardserve", include_dashboard=False, log_to_driver=False)
+    ray.init(namespace="shardserve", include_dashboard=False, log_to_driver=False)
     lp = asyncio.new_event_loop()
     yield lp
     lp.close()

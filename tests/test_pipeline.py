@@ -92,15 +92,6 @@ def test_shards_overlap_in_time(loop, engine2, tokenizer):
     assert overlap > 0.2 * busy0
 
 
-def test_shard_actors_run_at_nice_0(engine2):
-    """init_ray's local cluster: shard steps must not yield the CPU to every other process."""
-    import os
-
-    import ray
-    pids = ray.get([h.ping.remote() for h in engine2.shards])
-    assert [os.getpriority(os.PRIO_PROCESS, p) for p in pids] == [0, 0]
-
-
 def test_move_layers_mid_generation_token_identical(loop, tokenizer, source):
     from shards.generator import Generator
     inputs = [chat_ids(tokenizer, p) for p in prompts(8, start=60)]

@@ -37,8 +37,8 @@ def url():
     import ray
     from ray import serve
 
-    from serving.launch import EngineConfig, init_ray, start
-    init_ray(namespace="shardserve", include_dashboard=False, log_to_driver=False)
+    from serving.launch import EngineConfig, start
+    ray.init(namespace="shardserve", include_dashboard=False, log_to_driver=False)
     # shards owned by this process (as the CLI does), so redeploying the app keeps them
     _, handles, _ = start(EngineConfig(**CONFIG))
     ray.get([h.ready.remote() for h in handles])
