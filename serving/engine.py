@@ -73,8 +73,7 @@ class Engine:
         pipeline.on_resume = self._wake.set
         self.eos = frozenset(eos)
         self.sched = Scheduler(SchedulerConfig(pipeline.kv_blocks, pipeline.block_size, max_batch,
-                                               prefill_tokens))
-        self._size_groups()
+                                               prefill_tokens, n_groups=max(2, len(pipeline.handles))))
         self.max_failures = max_failures   # a sequence whose steps fail this often ends in error
         self.max_waiting = max_waiting     # queued, not admitted: beyond this, Overloaded (429)
         self.timeout_s = timeout_s         # a request still running after this is aborted
@@ -173,7 +172,7 @@ class Engine:
         return self.pipeline.paused or self._hold > 0 or self.down is not None
 
     def _launch_ready(self) -> None:
-        while not self._blocked and len(self._inflight) < self.sched.groups():
+        while not self._blocked and len(self._inflight) < self.sched.cfg.n_groups:
             group, freed = self.sched.next_group()
             self._free(freed)
             if group is None:
@@ -182,11 +181,6 @@ class Engine:
             fut = asyncio.ensure_future(asyncio.wrap_future(ref.future()))
             fut.launched = time.perf_counter()
             self._inflight[fut] = group
-
-    def _size_groups(self) -> None:
-        """A group per shard (at least 2), up to twice that under load (Scheduler.groups)."""
-        self.sched.cfg.n_groups = max(2, len(self.pipeline.handles))
-        self.sched.cfg.max_groups = 2 * self.sched.cfg.n_groups
 
     def _chain(self, g: Group):
         width = max(map(len, g.inputs))
@@ -263,7 +257,7 @@ class Engine:
             event = await self.pipeline.apply(action)
             if isinstance(action, ReplaceShard) and "skipped" not in event:
                 self._free(self.sched.requeue_all())     # the new actor holds no KV
-            self._size_groups()
+            self.sched.cfg.n_groups = max(2, len(self.pipeline.handles))
             return event
         finally:
             if isinstance(action, ReplaceShard):

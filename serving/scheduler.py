@@ -20,9 +20,7 @@ class SchedulerConfig:
     block_size: int = 16           # tokens per block
     max_batch: int = 32            # sequences in one group
     prefill_tokens: int = 256      # new tokens in one prefill group (chunked prefill)
-    n_groups: int = 2              # micro-batch groups in flight (>= number of shards) ...
-    max_groups: int = 0            # ... up to this many (0: n_groups) while each decode group
-    min_batch: int = 8             # keeps at least min_batch sequences (see Scheduler.groups)
+    n_groups: int = 2              # micro-batch groups in flight (>= number of shards)
 
 
 @dataclass
@@ -147,21 +145,10 @@ class Scheduler:
             budget -= n
         return out
 
-    def groups(self) -> int:
-        """How many groups to keep in flight. With one group per shard, a group on its way back
-        through the router, or a prefill chunk taking a slot, leaves a shard idle; more groups
-        fill those gaps, but a smaller group costs more per token (the int8 kernel reads every
-        weight once per step). Measured over HTTP, 2 shards, int8-cpu: c=32 74.5 -> 84.4 tok/s
-        with 4 groups of 8 instead of 2 of 16; c=8 58.5 -> 44.4 with 4 groups of 2. So: extra
-        groups only while each keeps min_batch sequences."""
-        self._admit()
-        active = sum(1 for s in self.running.values() if not s.finished)
-        return max(self.cfg.n_groups, min(self.cfg.max_groups, active // self.cfg.min_batch))
-
     def _take_decode(self, decodes: list[Sequence]) -> list[tuple[Sequence, int]]:
         # split the active decodes evenly across the groups in flight, so every shard stays busy
         active = sum(1 for s in self.running.values() if not s.finished)
-        size = min(self.cfg.max_batch, max(1, math.ceil(active / self.groups())))
+        size = min(self.cfg.max_batch, max(1, math.ceil(active / self.cfg.n_groups)))
         return [(s, 1) for s in decodes[:size]]
 
     def _fit(self, s: Sequence, n: int, freed: list[int], keep: list[Sequence]) -> bool:

@@ -32,20 +32,6 @@ def test_chunked_prefill_then_decode_groups_split_across_slots():
     assert g4.prefill and g4.seq_ids == (1,) and g4.starts == (8,) and len(g4.inputs[0]) == 4
 
 
-def test_more_groups_under_load_only_while_each_keeps_min_batch():
-    s = Scheduler(SchedulerConfig(kv_blocks=256, block_size=4, max_batch=32, prefill_tokens=256,
-                                  n_groups=2, max_groups=4, min_batch=8))
-    for i in range(32):
-        s.add(seq(i, 1, max_tokens=8))     # one-token prompts: every sequence decodes at once
-    assert s.groups() == 4
-    sizes = [len(s.next_group()[0].seq_ids) for _ in range(4)]
-    assert sizes == [8, 8, 8, 8] and s.next_group()[0] is None   # all 32 in flight
-    small = Scheduler(SchedulerConfig(kv_blocks=256, block_size=4, n_groups=2, max_groups=4, min_batch=8))
-    for i in range(8):
-        small.add(seq(i, 1, max_tokens=8))
-    assert small.groups() == 2 and len(small.next_group()[0].seq_ids) == 4   # not 4 groups of 2
-
-
 def test_finish_on_eos_and_length_frees():
     s = Scheduler(SchedulerConfig(kv_blocks=64, block_size=4))
     s.add(seq(1, 3, max_tokens=2))
