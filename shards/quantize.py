@@ -36,11 +36,12 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # row for 3072 x 576, 1 thread), while a fp32 GEMM on the dequantized weight reuses each weight
 # across rows. Measured (us, 1 thread, rows 16 / 32 / 128 / 256): int8pack 958 / 1934 / 7569 /
 # 15418, dequantize + fp32 mm 1289 / 1633 / 3754 / 6927. So prefill steps (x: [B, Q > 1, in])
-# take the GEMM (with fp32 activations instead of bf16 ones: WikiText-2 ppl 30.64 -> 30.60, fp32's)
-# and decode steps keep the packed kernel: a 256-token prefill through layers [0, 19) takes 354
-# ms instead of 663 (1 thread), 215 instead of 367 (2 threads). The choice follows the step's kind, not its row count, so a sequence's numbers do not
-# depend on what it was batched with: both kernels give each row the same bits at any batch
-# (MKL's sgemm does from 16 rows up, hence the padding), so greedy replies do not change with load.
+# take the GEMM, with fp32 activations instead of bf16 ones (WikiText-2 ppl 30.64 -> 30.60,
+# fp32's), and decode steps keep the packed kernel: a 256-token prefill through layers [0, 19)
+# takes 354 ms instead of 663 at 1 thread, 215 instead of 367 at 2. The choice follows the
+# step's kind, not its row count, so a sequence's numbers do not depend on what it is batched
+# with: each kernel gives a row the same bits at any batch (MKL's sgemm does from 16 rows up,
+# hence the padding), so greedy replies do not change with load.
 GEMM_MIN_ROWS = 16
 DEQUANT_CHUNK = 4096   # output channels dequantized at a time
 
