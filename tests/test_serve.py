@@ -270,7 +270,10 @@ def test_fuzz_the_http_api(url):
     message = st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["user", "system", "assistant", "tool"]), scalar),
                                      "content": content})
     mutations = {"messages": st.one_of(st.lists(message, max_size=3), scalar),
-                 "max_tokens": st.one_of(st.integers(-3, 3), st.integers(4097, 2**40), scalar),
+                 # invalid or tiny: a valid max_tokens of thousands is a long request, not a hang
+                 "max_tokens": st.one_of(st.integers(-3, 3), st.integers(4097, 2**40), st.integers(-2**70, -4),
+                                         st.none(), st.booleans(), st.text("abc xyz", max_size=20),
+                                         st.floats(allow_nan=False).filter(lambda f: not 3 < f < 4097)),
                  "temperature": st.one_of(st.floats(-1, 3), scalar), "top_p": st.one_of(st.floats(-1, 2), scalar),
                  "top_k": st.one_of(st.integers(-5, 10**7), scalar), "seed": st.one_of(st.integers(-2**65, 2**65), scalar),
                  "stop": st.one_of(st.lists(st.text(max_size=5), max_size=6), scalar), "stream": st.booleans(),
