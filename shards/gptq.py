@@ -62,7 +62,6 @@ class Grid:
         code = _nf4_code()
         return torch.bucketize((g / s).clamp(-1, 1), (code[1:] + code[:-1]) / 2).reshape(w.shape).to(torch.uint8)
 
-
     def features(self, codes: torch.Tensor) -> torch.Tensor:
         """What multiplies each of the grid's numbers, [N, groups, group width, numbers per group]:
         w[n, g*gs + i] = sum_f features[n, g, i, f] * params[n, g, f]."""
@@ -168,7 +167,7 @@ def gptq_(w: torch.Tensor, gram: torch.Tensor, n_tokens: int, grid: Grid, damp: 
     [in, in] over n_tokens calibration tokens. act_order: columns with the largest Hessian
     diagonal first (groups stay where they are, so the kernel is unchanged). refit: then
     `refit_` the grid's numbers (the grid object changes). Returns w."""
-    target = w.clone()
+    target = w.clone() if refit else None     # the weights the refit's output error is measured against
     perm = torch.argsort(torch.diag(gram), descending=True) if act_order else torch.arange(w.shape[1])
     wp = w[:, perm].contiguous()
     hinv = inverse_hessian(gram[perm][:, perm], n_tokens, wp, damp)
