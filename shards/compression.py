@@ -1,6 +1,8 @@
 """Compression specs: one grammar everywhere (CLI, config, API). Pure: no torch import.
 
     fp32 | bf16 | int8 | nf4 | fp4 | int8-cpu | int4-cpu   quantization (int8/nf4/fp4: bitsandbytes)
+    w8a8-cpu                                             int8 weights and activations (smoothed;
+                                                         alone, or on a prepared artifact)
     magnitude:S | wanda:S | 2:4                          pruning, S = sparsity in (0, 1)
     sparsegpt:S | sparsegpt:2:4                          pruning with SparseGPT's weight update
     cut-mlp:F | cut-heads:F | drop-layers:N              structured cuts
@@ -14,12 +16,12 @@ from dataclasses import dataclass
 
 from shards.errors import ShardServeError
 
-QUANTS = ("fp32", "bf16", "int8", "nf4", "fp4", "int8-cpu", "int4-cpu")
+QUANTS = ("fp32", "bf16", "int8", "nf4", "fp4", "int8-cpu", "int4-cpu", "w8a8-cpu")
 PRUNES = ("magnitude", "wanda", "2:4")
 CUTS = ("cut-mlp", "cut-heads", "drop-layers")
 PRESETS = {"fast": "int8-cpu", "balanced": "int4-cpu", "smallest": "nf4+cut-mlp:0.2"}
 GPTQ_QUANTS = ("int8-cpu", "int4-cpu", "nf4")
-VALID = ("fp32, bf16, int8, nf4, fp4, int8-cpu, int4-cpu, gptq (with int8-cpu, int4-cpu or nf4), magnitude:S, wanda:S, 2:4, sparsegpt:S, "
+VALID = ("fp32, bf16, int8, nf4, fp4, int8-cpu, int4-cpu, w8a8-cpu, gptq (with int8-cpu, int4-cpu or nf4), magnitude:S, wanda:S, 2:4, sparsegpt:S, "
          "sparsegpt:2:4, cut-mlp:F, cut-heads:F, drop-layers:N (S, F in (0, 1)), joined with '+'; presets: " + ", ".join(PRESETS))
 
 
@@ -113,4 +115,8 @@ def parse(spec: str | Compression) -> Compression:
     if kw.get("gptq") and kw.get("quant") not in GPTQ_QUANTS:
         raise CompressionError(f"gptq needs one of {', '.join(GPTQ_QUANTS)} beside it in {spec!r} "
                                f"(it quantizes), got {kw.get('quant', 'none')}")
+    if kw.get("quant") == "w8a8-cpu" and len(kw) > 1:
+        raise CompressionError(f"w8a8-cpu smooths with the activation maxima of the weights it serves, so it "
+                               f"takes no other compression in {spec!r}: prepare the rest first (`shardserve "
+                               f"prepare`), then serve the artifact at w8a8-cpu")
     return Compression(**kw)

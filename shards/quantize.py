@@ -3,7 +3,8 @@
 bitsandbytes (imported only here, only when asked for): LLM.int8 (`Linear8bitLt`, outlier
 threshold 6.0), 4-bit nf4/fp4 (`Linear4bit`, fp32 compute). Torch-native: bf16 weights, and
 `int8-cpu`, per-output-channel int8 weights with `torch._weight_int8pack_mm` (bf16 activations),
-the fastest CPU path measured in DESIGN.md.
+the fastest CPU path measured in DESIGN.md for one row, and `w8a8-cpu`, int8 weights and
+activations through `torch._int_mm`, the fastest from a few rows up.
 """
 from __future__ import annotations
 
@@ -86,24 +87,80 @@ class Int8CpuLinear(nn.Module):
         return y[:rows] * self.scales.float()
 
 
+class W8A8CpuLinear(nn.Module):
+    """w8a8-cpu: int8 weights [out, in] per output channel and int8 activations per token,
+    multiplied in int32 by `torch._int_mm` (oneDNN, AVX512-VNNI here), after SmoothQuant's
+    smoothing (shards/smoothing.py): the module holds W * s and divides its input by s.
+    Measured (us, 3072 x 576, 1 thread, rows 1 / 8 / 16 / 32 / 256): the int8 GEMM 35 / 123 /
+    159 / 277 / 1457 against `_weight_int8pack_mm`'s 119 / 465 / 857 / 1824 / 14656, since
+    int8pack re-reads the weight for every row. Each row is quantized and multiplied on its own
+    and integer sums are exact, so a row's result does not depend on its batch: prefill and
+    decode use the same kernel, and perplexity measures what decode serves."""
+
+    def __init__(self, lin: nn.Linear | None = None, act_max: torch.Tensor | None = None, *,
+                 qweight=None, scales=None, inv_s=None):
+        """act_max [in]: the input's channel maxima on calibration text; None: no smoothing
+        (s = 1; the memory model's bytes, tests)."""
+        super().__init__()
+        if lin is not None:
+            from shards.smoothing import smoothing_scales
+            w = lin.weight.detach().float()
+            s = torch.ones(w.shape[1]) if act_max is None else smoothing_scales(act_max, w)
+            qweight, scales = int8_rows(w * s.to(w.device))
+            inv_s = 1 / s
+        self.register_buffer("qweight", qweight)              # [out, in] int8 codes of W * s
+        self.register_buffer("scales", scales.float())        # [out]
+        self.register_buffer("inv_s", inv_s.float().to(qweight.device))   # [in]
+        self.bias = None if lin is None or lin.bias is None else nn.Parameter(lin.bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_rows(cls, read, n_rows: int, act_max: torch.Tensor | None, chunk: int = 4096) -> "W8A8CpuLinear":
+        """As Int8CpuLinear.from_rows: two passes of `chunk` rows (column maxima, then codes)."""
+        from shards.smoothing import smoothing_scales
+        s = None
+        if act_max is not None:
+            w_max = torch.stack([read(a, min(a + chunk, n_rows)).abs().amax(0)
+                                 for a in range(0, n_rows, chunk)]).amax(0)
+            s = smoothing_scales(act_max, w_max[None])
+        parts = [int8_rows(read(a, min(a + chunk, n_rows)) * (1 if s is None else s))
+                 for a in range(0, n_rows, chunk)]
+        inv_s = torch.ones(parts[0][0].shape[1]) if s is None else 1 / s
+        return cls(qweight=torch.cat([q for q, _ in parts]), scales=torch.cat([c for _, c in parts]), inv_s=inv_s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float() * self.inv_s
+        sx = x2.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127              # [rows, 1]
+        xq = torch.round(x2 / sx).clamp(-127, 127).to(torch.int8)
+        if x.device.type == "cpu":
+            acc = torch._int_mm(xq, self.qweight.t()).float()    # the [in, out] view: no copy
+        else:   # CUDA's _int_mm wants rows > 16; compute the same products in fp32
+            acc = xq.float() @ self.qweight.float().t()
+        y = (acc * sx * self.scales).reshape(*shape[:-1], -1).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
 class Int8Embedding(nn.Module):
     """Token embedding read from int8 rows with per-row scales. Tied models share the table
-    with their Int8CpuLinear lm_head (its per-output-channel scales are per-row here)."""
+    with their int8 lm_head (its per-output-channel scales are per-row here; a W8A8 head's
+    rows are W * s, so they are divided by s again)."""
 
-    def __init__(self, table: Int8CpuLinear):
+    def __init__(self, table: Int8CpuLinear | W8A8CpuLinear):
         super().__init__()
         self.table = table
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.table.qweight[ids].float() * self.table.scales[ids].float().unsqueeze(-1)
+        rows = self.table.qweight[ids].float() * self.table.scales[ids].float().unsqueeze(-1)
+        return rows * self.table.inv_s if isinstance(self.table, W8A8CpuLinear) else rows
 
 
 def head_quant(quant: str) -> str:
     """Embedding / lm_head policy: fp32 and bf16 keep their dtype; every other quantization
     stores the (tied, 49152 x 576) table as int8 rows with per-row scales. It is the largest
     tensor (28 M parameters: 108 MiB fp32) and the largest matmul of a decode step, and
-    `_weight_int8pack_mm` is the fastest CPU kernel measured (DESIGN.md section 7)."""
-    return quant if quant in ("fp32", "bf16") else "int8-cpu"
+    `_weight_int8pack_mm` is the fastest CPU kernel measured (DESIGN.md section 7); w8a8-cpu's
+    head is W8A8 too (its largest win: 17.2 -> 6.9 ms at 16 rows, eager, 1 thread)."""
+    return quant if quant in ("fp32", "bf16", "w8a8-cpu") else "int8-cpu"
 
 
 def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
@@ -135,12 +192,14 @@ def _bnb(lin: nn.Linear, quant: str, device) -> nn.Module:
     return q.to(device)  # bitsandbytes quantizes on this move
 
 
-def quantize_linear(lin: nn.Linear, quant: str, grid=None) -> nn.Module:
+def quantize_linear(lin: nn.Linear, quant: str, grid=None, act_max: torch.Tensor | None = None) -> nn.Module:
     """grid: a GPTQ grid (shards/gptq.py; the weights lie on it, their codes are kept), or
     int4-cpu's (d, m) per group of 32 when the source stored the weight as 4-bit groups (its
-    own codes are kept); None rounds to nearest."""
+    own codes are kept); None rounds to nearest. act_max: w8a8-cpu's input channel maxima."""
     if quant == "fp32":
         return lin
+    if quant == "w8a8-cpu":
+        return W8A8CpuLinear(lin, act_max)
     if hasattr(grid, "codes"):
         return _on_grid(lin, grid)
     if quant == "int4-cpu":
@@ -178,9 +237,12 @@ def _on_grid(lin: nn.Linear, grid) -> nn.Module:
     return q
 
 
-def quantize_block(block: nn.Module, quant: str, grids: dict | None = None) -> nn.Module:
+def quantize_block(block: nn.Module, quant: str, grids: dict | None = None, maxima: dict | None = None) -> nn.Module:
     """Replace the block's projections in place; norms stay fp32 (they are 576 floats).
-    grids: {projection: (d, m)} of a 4-bit source, for int4-cpu (see quantize_linear)."""
+    grids: {projection: (d, m)} of a 4-bit source, for int4-cpu (see quantize_linear).
+    maxima: {projection: act_max} for w8a8-cpu, whose down_proj is int8-cpu (shards/smoothing.py)."""
     for name in LINEARS:
-        setattr(block, name, quantize_linear(getattr(block, name), quant, (grids or {}).get(name)))
+        q = "int8-cpu" if quant == "w8a8-cpu" and name == "down_proj" else quant
+        setattr(block, name, quantize_linear(getattr(block, name), q, (grids or {}).get(name),
+                                             (maxima or {}).get(name)))
     return block

@@ -25,7 +25,7 @@ from shards.step import StepBatch
 from shards.step_context import StepContext, rope_params
 
 log = logging.getLogger(__name__)
-COMPILABLE = ("fp32", "bf16", "int8-cpu", "int4-cpu")   # quantizations whose modules dynamo traces
+COMPILABLE = ("fp32", "bf16", "int8-cpu", "int4-cpu", "w8a8-cpu")   # quantizations whose modules dynamo traces
 
 
 class RMSNorm(nn.Module):
@@ -118,10 +118,12 @@ class Block(nn.Module):
         return self.out(x, a.reshape(b, q, -1))
 
 
-def compress_block(block: Block, comp: Compression, source: ModelSource | None = None) -> Block:
+def compress_block(block: Block, comp: Compression, source: ModelSource | None = None,
+                   maxima: dict | None = None) -> Block:
     """Cut and prune (fp32 weights; ranked by weights alone, since calibrated blocks come from
     shards/calibration.py already cut), then quantize the block's projections, per `comp`.
-    With `source`, int4-cpu keeps a 4-bit source's own codes where the weights are unchanged."""
+    With `source`, int4-cpu keeps a 4-bit source's own codes where the weights are unchanged.
+    maxima: w8a8-cpu's {projection: act_max} for this layer (shards/smoothing.py)."""
     from shards.calibration import compress_structure
     compress_structure(block, comp)
     if comp.quant != "fp32":
@@ -131,7 +133,7 @@ def compress_block(block: Block, comp: Compression, source: ModelSource | None =
         grids = getattr(block, "grids", None) or \
             (source.gptq_grids(block.layer) if source is not None and source.gptq_quant == comp.quant else None) or \
             (int4_grids(source, block.layer) if keep else None)
-        quantize_block(block, comp.quant, grids)
+        quantize_block(block, comp.quant, grids, maxima)
     return block
 
 
@@ -181,6 +183,7 @@ class Stage(nn.Module):
         one; a graph is only valid for its count)."""
         super().__init__()
         self.quantize, self.calibration = quantize, calibration
+        self._act_max = None    # w8a8-cpu's activation maxima, read on first use
         cfg = self.config = source.config
         self.compression, todo = remaining(source, compression)
         self.device = torch.device(device)
@@ -205,14 +208,18 @@ class Stage(nn.Module):
         """Embedding (first stage), final norm + lm_head (last), at the policy of
         quantize.head_quant; a tied pair on one stage shares one table. Set only once all are
         built."""
-        from shards.quantize import CastLinear, Int8CpuLinear, Int8Embedding, head_quant
+        from shards.quantize import CastLinear, Int8CpuLinear, Int8Embedding, W8A8CpuLinear, head_quant
+        from shards.smoothing import HEAD
         q, cfg = head_quant(quant), self.config
         tied = self.is_first and self.is_last and cfg.tie_word_embeddings
         names = (["model.embed_tokens.weight"] if self.is_first else []) + \
                 (["lm_head.weight"] if self.is_last and not tied else [])
-        if q == "int8-cpu":   # read and quantize in row chunks: never the whole fp32 table
-            tables = {n: Int8CpuLinear.from_rows(lambda a, b, n=n: source.rows(n, a, b).to(self.device),
-                                                 cfg.vocab_size) for n in names}
+        head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        if q in ("int8-cpu", "w8a8-cpu"):   # read and quantize in row chunks: never the whole fp32 table
+            read = lambda n: lambda a, b: source.rows(n, a, b).to(self.device)  # noqa: E731
+            tables = {n: W8A8CpuLinear.from_rows(read(n), cfg.vocab_size, self._maxima(source)[HEAD])
+                      if q == "w8a8-cpu" and self.is_last and n == head else
+                      Int8CpuLinear.from_rows(read(n), cfg.vocab_size) for n in names}
         else:
             tables = {n: linear(self._load(source, n)) for n in names}
             if q == "bf16":
@@ -220,12 +227,19 @@ class Stage(nn.Module):
         out = {}
         if self.is_first:
             t = tables["model.embed_tokens.weight"]
-            out["embed"] = Int8Embedding(t) if q == "int8-cpu" else nn.Embedding.from_pretrained(t.weight)
+            out["embed"] = Int8Embedding(t) if q in ("int8-cpu", "w8a8-cpu") else nn.Embedding.from_pretrained(t.weight)
         if self.is_last:
             out["norm"] = RMSNorm(self._load(source, "model.norm.weight"), cfg.rms_norm_eps)
-            out["lm_head"] = tables["model.embed_tokens.weight" if tied else "lm_head.weight"]
+            out["lm_head"] = tables[head]
         for name, module in out.items():
             setattr(self, name, module)
+
+    def _maxima(self, source: ModelSource) -> dict:
+        """w8a8-cpu's activation maxima of the whole model (shards/smoothing.py), read once."""
+        if self._act_max is None:
+            from shards.smoothing import activation_maxima
+            self._act_max = activation_maxima(source, self.calibration)
+        return self._act_max
 
     def _add_layers(self, source: ModelSource, layers: LayerRange, todo: Compression) -> None:
         blocks, dropped = self._build_layers(source, layers, todo, self.dropped)
@@ -252,7 +266,8 @@ class Stage(nn.Module):
             block = calibrated.pop(layer, None) or fp32_block(source, layer, self.device, self.dtype)
             # a calibrated block was cut or pruned: its weights are no longer the source's codes
             blocks[layer] = compress_block(block.to(device=self.device, dtype=self.dtype), rest,
-                                           None if todo.calibrated else source)
+                                           None if todo.calibrated else source,
+                                           self._maxima(source).get(layer) if rest.quant == "w8a8-cpu" else None)
         return blocks, dropped & set(layers)
 
     def _commit_layers(self, blocks: dict[int, Block], dropped: set[int]) -> None:

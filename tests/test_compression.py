@@ -56,6 +56,36 @@ def test_int8_cpu_kernel_by_step_kind_and_batch_invariant():
         assert torch.equal(lin(pre[i:j, :n]), got[i:j, :n])
 
 
+def test_w8a8_cpu_smoothing_exact_ints_and_batch_invariant():
+    """An input channel 100x louder than the rest: smoothing by its calibration maximum cuts the
+    error of per-token int8 activations; the int32 products equal a float reference on the same
+    codes; a row's output does not depend on its batch (decode or prefill shaped)."""
+    from shards.quantize import Int8Embedding, W8A8CpuLinear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 384, bias=True)
+    x = torch.randn(6, 5, 256)
+    x[..., 7] *= 100
+    ref = lin(x)
+    act_max = x.reshape(-1, 256).abs().amax(0)
+    rel = {s: ((q(x) - ref).norm() / ref.norm()).item()
+           for s, q in (("plain", W8A8CpuLinear(lin)), ("smooth", W8A8CpuLinear(lin, act_max)))}
+    assert rel["smooth"] < 0.02 < rel["plain"] and rel["smooth"] < rel["plain"] / 2, rel
+    q = W8A8CpuLinear(lin, act_max)
+    x2 = x.reshape(-1, 256) * q.inv_s
+    sx = x2.abs().amax(1, keepdim=True) / 127
+    codes = torch.round(x2 / sx).clamp(-127, 127)
+    want = (codes.double() @ q.qweight.double().t()).float() * sx * q.scales + lin.bias
+    assert torch.equal(q(x).reshape(-1, 384), want)
+    full = q(x)
+    for i, j, n in ((0, 1, 1), (0, 6, 1), (2, 3, 5), (1, 4, 3)):
+        assert torch.equal(q(x[i:j, :n]), full[i:j, :n]) and torch.equal(q(x[i:j, 0]), full[i:j, 0])
+    # a tied table: W * s stored, rows read back as W (coarser: column 7's s is ~10x the rest)
+    emb = Int8Embedding(q)
+    assert ((emb(torch.arange(384)) - lin.weight).norm() / lin.weight.norm()).item() < 0.05
+    with pytest.raises(CompressionError, match="takes no other compression"):
+        parse("w8a8-cpu+wanda:0.5")
+
+
 def test_pruning_masks():
     torch.manual_seed(0)
     w = torch.randn(16, 64)
@@ -75,13 +105,14 @@ def test_import_shards_stays_light():
 
 
 def test_real_model_perplexity_short_windows(source):
-    """2 windows of 256 tokens: int8/nf4 stay near fp32, magnitude 90% collapses."""
+    """2 windows of 256 tokens: int8/w8a8/nf4 stay near fp32, magnitude 90% collapses."""
     from shards.perplexity import perplexity
-    res = {c: perplexity(source, c, seqlen=256, windows=2) for c in ("fp32", "int8-cpu", "nf4", "magnitude:0.9")}
+    res = {c: perplexity(source, c, seqlen=256, windows=2)
+           for c in ("fp32", "int8-cpu", "w8a8-cpu", "nf4", "magnitude:0.9")}
     base = res["fp32"].ppl
     print({c: round(r.ppl, 2) for c, r in res.items()})
     assert 5 < base < 100
-    assert res["int8-cpu"].ppl < 1.02 * base
+    assert res["int8-cpu"].ppl < 1.02 * base and res["w8a8-cpu"].ppl < 1.02 * base
     assert res["nf4"].ppl < 1.5 * base
     assert res["magnitude:0.9"].ppl > 20 * base
     assert res["nf4"].weight_bytes < 0.35 * res["fp32"].weight_bytes
