@@ -187,10 +187,20 @@ def _split(r: ShardReading, snap: Snapshot, cfg: ControllerConfig, why: str) -> 
                                f"(~{cost / MiB:.0f} MiB with its runtime)")
 
 
+# specs that store a ladder step's bytes with another kernel sit on that step: w8a8-cpu keeps
+# int8-cpu's int8 rows (the serve default, shards/smoothing.py)
+SAME_STEP = {"w8a8-cpu": "int8-cpu"}
+
+
+def _step(cfg: ControllerConfig, spec: str) -> int | None:
+    spec = SAME_STEP.get(spec, spec)
+    return cfg.ladder.index(spec) if spec in cfg.ladder else None
+
+
 def _raise(r: ShardReading, cfg: ControllerConfig, need: int, why: str) -> Recompress | None:
-    if r.compression not in cfg.ladder:
+    i = _step(cfg, r.compression)
+    if i is None:
         return None
-    i = cfg.ladder.index(r.compression)
     for j in range(i + 1, len(cfg.ladder)):
         saved = r.weight_bytes * (1 - cfg.ladder_bytes[j] / cfg.ladder_bytes[i])
         if saved >= need or j == len(cfg.ladder) - 1:
@@ -200,25 +210,24 @@ def _raise(r: ShardReading, cfg: ControllerConfig, need: int, why: str) -> Recom
 
 
 def _relax(snap: Snapshot, cfg: ControllerConfig, state: PolicyState) -> tuple[list[Action], PolicyState]:
-    """Lower one raised shard's compression one ladder step, if it would still fit."""
+    """Lower one raised shard's compression one ladder step (the last one back to the spec it
+    had, e.g. w8a8-cpu rather than int8-cpu), if it would still fit."""
     for r in snap.shards:
         orig = state.raised.get(r.name)
-        if orig is None or r.compression not in cfg.ladder or orig not in cfg.ladder:
-            continue
-        i = cfg.ladder.index(r.compression)
-        if i <= cfg.ladder.index(orig):
+        i, o = _step(cfg, r.compression), orig and _step(cfg, orig)
+        if orig is None or i is None or o is None or i <= o:
             continue
         grown = r.weight_bytes * (cfg.ladder_bytes[i - 1] / cfg.ladder_bytes[i] - 1)
         fits_budget = r.budget_bytes is None or r.used_bytes + grown <= cfg.low_watermark * r.budget_bytes
         if not fits_budget or r.node_available_bytes - grown < cfg.min_node_free_bytes:
             continue
         raised = dict(state.raised)
-        if cfg.ladder[i - 1] == orig:
+        to = orig if i - 1 == o else cfg.ladder[i - 1]
+        if to == orig:
             del raised[r.name]
         calm_for = snap.time - state.calm_since
-        action = Recompress(r.index, cfg.ladder[i - 1],
-                            f"no pressure for {calm_for:.0f} s: {r.compression} -> {cfg.ladder[i - 1]} "
-                            f"(+{grown / MiB:.0f} MiB fits)")
+        action = Recompress(r.index, to, f"no pressure for {calm_for:.0f} s: {r.compression} -> {to} "
+                                         f"(+{grown / MiB:.0f} MiB fits)")
         return [action], replace(state, last_action=snap.time, calm_since=snap.time, raised=raised)
     return [], state
 

@@ -15,7 +15,7 @@ def test_spec_grammar_and_presets():
     assert parse("nf4+wanda:0.5") == Compression("nf4", "wanda", 0.5)
     assert parse("int8-cpu+2:4").prune == "2:4"
     assert parse("cut-mlp:0.2+drop-layers:2") == Compression(cut_mlp=0.2, drop_layers=2)
-    assert parse("balanced") == parse("int4-cpu") and parse("fast").quant == "int8-cpu"
+    assert parse("balanced") == parse("int4-cpu") and parse("fast").quant == "w8a8-cpu"
     assert parse("magnitude:0.5").spec == "magnitude:0.5" and parse("fp32").spec == "fp32"
     for bad, msg in [("int3", "unknown compression 'int3'"), ("wanda:1.5", "fraction in"),
                      ("nf4+int8", "sets quant twice"), ("", "empty")]:
@@ -165,3 +165,28 @@ def test_embedding_policy_one_int8_table_for_embedding_and_head(source):
     assert p.shards[0].weight_bytes == st.weight_bytes() < 0.26 * fp32
     first = Stage(source, LayerRange(0, 1), kv_blocks=1, compression="fp32")
     assert isinstance(first.embed, torch.nn.Embedding)               # fp32 keeps fp32
+
+
+def test_w8a8_cpu_stage_maxima_cached_and_bytes_planned(source):
+    """w8a8-cpu on the real model: smoothed int8 x int8 projections and lm_head, down_proj
+    weight-only; the activation maxima come from the disk cache the second time; the plan's
+    bytes equal the built stage's."""
+    import time
+
+    from shards import LayerRange
+    from shards.memory import measure_costs
+    from shards.planner import plan
+    from shards.quantize import Int8CpuLinear, W8A8CpuLinear
+    from shards.smoothing import HEAD, activation_maxima
+    from shards.stage import Stage
+    st = Stage(source, LayerRange(0, 30), kv_blocks=1, compression="w8a8-cpu")
+    b = st.blocks["0"]
+    assert isinstance(st.lm_head, W8A8CpuLinear) and st.embed.table is st.lm_head
+    assert isinstance(b.qkv_proj, W8A8CpuLinear) and isinstance(b.down_proj, Int8CpuLinear)
+    assert not torch.equal(b.qkv_proj.inv_s, torch.ones(576))          # smoothed
+    t = time.perf_counter()
+    maxima = activation_maxima(source)
+    assert time.perf_counter() - t < 2 and set(maxima) == set(range(30)) | {HEAD}
+    assert maxima[29]["down_proj"].shape == (1536,) and maxima[HEAD].shape == (576,)
+    p = plan(measure_costs(source, "w8a8-cpu"), 1, None, 0, compression="w8a8-cpu")
+    assert p.shards[0].weight_bytes == st.weight_bytes()

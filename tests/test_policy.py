@@ -110,6 +110,21 @@ def test_raised_compression_comes_back_only_after_a_long_calm():
     assert acts[0][1][0] == Recompress(0, "fp32", acts[0][1][0].reason) and state.raised == {}
 
 
+def test_w8a8_cpu_sits_on_the_int8_step_and_comes_back_as_itself():
+    """The serve default stores int8-cpu's bytes: 160 MiB to free, int4-cpu saves 168 of its 600
+    MiB (int8-cpu would save nothing); relaxing returns to w8a8-cpu, not int8-cpu."""
+    cfg = ControllerConfig(readings=1, quiet_s=5, relax_s=60, actions=("recompress",))
+    hot = [ShardReading(**{**shard(0, 0, 19, 500 * MiB, budget=400 * MiB, comp="w8a8-cpu").__dict__,
+                           "weight_bytes": 600 * MiB}), shard(1, 19, 30, 250 * MiB)]
+    acts, state = run(cfg, [hot])
+    assert acts[0][1][0] == Recompress(0, "int4-cpu", acts[0][1][0].reason)
+    assert state.raised == {"shard-0": "w8a8-cpu"}
+    calm = [ShardReading(**{**shard(0, 0, 19, 200 * MiB, budget=2 * GiB, comp="int4-cpu").__dict__,
+                            "weight_bytes": 144 * MiB}), shard(1, 19, 30, 250 * MiB)]
+    acts, state = run(cfg, [calm] * 120, state, t0=10.0)
+    assert acts[0][1][0] == Recompress(0, "w8a8-cpu", acts[0][1][0].reason) and state.raised == {}
+
+
 def test_relax_waits_when_the_lighter_compression_would_not_fit():
     cfg = ControllerConfig(readings=1, relax_s=10)
     state = PolicyState(raised={"shard-0": "fp32"})
