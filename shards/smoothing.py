@@ -20,6 +20,7 @@ text: a restart, a re-shard or a recompress reads them in milliseconds.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 
@@ -48,11 +49,16 @@ def activation_maxima(source, data=None) -> dict:
     path = cache_dir() / "act-max" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
     if path.is_file():
         return torch.load(path)
-    maxima = _measure(source, data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(maxima, tmp)
-    os.replace(tmp, path)     # atomic: shards loading at once each write a whole file
+    # the shards of a node load at once: one measures, the others wait for its file
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            return torch.load(path)
+        maxima = _measure(source, data)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(maxima, tmp)
+        os.replace(tmp, path)
     return maxima
 
 

@@ -141,5 +141,11 @@ def test_prepared_artifact_round_trip(source, tmp_path):
     assert a.weight_bytes() == m["weight_bytes"]
     q = Stage(art, whole, kv_blocks=2, compression="int8-cpu")
     assert q.compression.spec == "int8-cpu+cut-mlp:0.2+drop-layers:1" and q.weight_bytes() < 0.5 * a.weight_bytes()
+    # w8a8-cpu smooths with the artifact's own activation maxima (its cut MLPs, its dropped layer)
+    w = Stage(art, whole, kv_blocks=2, compression="w8a8-cpu")
+    assert w.compression.spec == "w8a8-cpu+cut-mlp:0.2+drop-layers:1"
+    assert w.blocks["0"].gate_up_proj.inv_s.shape == (576,) and w.blocks["0"].down_proj.qweight.shape == (576, 1224)
+    ref, got = a(batch), w(batch)
+    assert ((got - ref).norm() / ref.norm()).item() < 0.1 and torch.equal(got.argmax(-1), ref.argmax(-1))
     with pytest.raises(CompressionError, match="prepared with cut-mlp:0.2"):
         Stage(art, whole, kv_blocks=2, compression="wanda:0.5")
