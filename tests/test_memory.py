@@ -37,7 +37,10 @@ def test_third_of_layers_peak_rss():
     print(f"peak RSS rise: whole {whole['rise'] / 2**20:.0f} MiB, layers [10, 20) "
           f"{third['rise'] / 2**20:.0f} MiB ({third['rise'] / whole['rise']:.0%})")
     assert third["rise"] <= 0.45 * whole["rise"]
-    assert whole["rise"] >= whole["weights"] * 0.9  # the probe sees the weights arrive
+    # the probe sees the weights arrive (a blind probe reads ~0). Not all of them: the load may
+    # reuse heap the warm-up stage freed (its fp32 lm_head is 108 MiB); 484-491 MiB of 513 here,
+    # once 457 (a fresh-clone run of session 9), so the bound is 0.8, not 0.9
+    assert whole["rise"] >= whole["weights"] * 0.8
 
 
 def test_estimate_equals_stage_bytes(source):
