@@ -241,8 +241,9 @@ def quantize_block(block: nn.Module, quant: str, grids: dict | None = None, maxi
     """Replace the block's projections in place; norms stay fp32 (they are 576 floats).
     grids: {projection: (d, m)} of a 4-bit source, for int4-cpu (see quantize_linear).
     maxima: {projection: act_max} for w8a8-cpu, whose down_proj is int8-cpu (shards/smoothing.py)."""
+    from shards.smoothing import SMOOTHED
     for name in LINEARS:
-        q = "int8-cpu" if quant == "w8a8-cpu" and name == "down_proj" else quant
+        q = "int8-cpu" if quant == "w8a8-cpu" and name not in SMOOTHED else quant
         setattr(block, name, quantize_linear(getattr(block, name), q, (grids or {}).get(name),
                                              (maxima or {}).get(name)))
     return block
