@@ -11,6 +11,12 @@ from pathlib import Path
 # TORCHINDUCTOR_CACHE_DIR, when set, wins.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.environ.get(
     "SHARDSERVE_COMPILE_CACHE", str(Path.home() / ".cache" / "shardserve" / "inductor")))
+# MKL's strict reproducible mode: its fp32 GEMM gives a row the same bits at any row count and
+# thread count. By default, at 2 threads a [rows, 1536] x [1536, 576] GEMM (down_proj) splits
+# differently for 57-192 rows, so a prompt's prefill changed with what it was batched with and
+# whether its step ran alone, and that flipped near-tie greedy answers under load (README,
+# "Batch-invariant numbers"). Measured cost: none past the noise. MKL reads it at its first call.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 from shards.errors import KVCacheFull, ModelSourceError, PlanError, RangeError, ShardServeError  # noqa: E402
 from shards.layer_range import LayerRange, split_even  # noqa: E402

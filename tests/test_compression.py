@@ -1,5 +1,6 @@
 """Compression: spec grammar (pure), quantizer error bounds and pruning masks on small
 matrices, byte accounting, and real-model perplexity on short windows."""
+import os
 import subprocess
 import sys
 
@@ -54,6 +55,27 @@ def test_int8_cpu_kernel_by_step_kind_and_batch_invariant():
     assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()   # fp32, not bf16 inputs
     for i, j, n in ((0, 1, 2), (0, 1, 7), (1, 3, 20), (2, 3, 40)):             # 2 .. 40 rows
         assert torch.equal(lin(pre[i:j, :n]), got[i:j, :n])
+
+
+def test_prefill_gemm_row_invariant_at_any_row_and_thread_count():
+    """down_proj's prefill GEMM ([rows, 1536] x [1536, 576], fp32): a row gets the same bits at
+    1 .. 200 rows and at 1 or 2 threads. Without MKL's strict mode (shards/__init__.py) MKL splits
+    this shape differently at 2 threads for 57 .. 192 rows."""
+    from shards import quantize as q
+    assert os.environ.get("MKL_CBWR") == "AUTO,STRICT"
+    torch.manual_seed(0)
+    lin = q.Int8CpuLinear(torch.nn.Linear(1536, 576, bias=False))
+    x = torch.randn(1, 200, 1536)
+    was = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = lin(x[:, :2])[0, 0]
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            bad = [n for n in range(2, 201) if not torch.equal(lin(x[:, :n])[0, 0], ref)]
+            assert not bad, f"{threads} thread(s): row 0 changes at {len(bad)} row counts, first {bad[:5]}"
+    finally:
+        torch.set_num_threads(was)
 
 
 def test_w8a8_cpu_smoothing_exact_ints_and_batch_invariant():

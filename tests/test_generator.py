@@ -46,3 +46,41 @@ def test_seeded_sampling_reproducible(source, tokenizer):
     a, b = gen.generate([ids], p)[0], gen.generate([ids], p)[0]
     greedy = gen.generate([ids], SamplingParams(max_tokens=16))[0]
     assert a == b and a != greedy
+
+
+def test_prefill_logits_do_not_depend_on_the_batch(source, tokenizer):
+    """The README's question is a near tie ("The" leads "L" by 0.08 logits at w8a8-cpu): under
+    load its prompt is prefilled next to longer ones (padded), in chunks, and alone (2 threads)
+    or not (1). Every way gives the same logits, bit for bit, so the answer cannot flip with
+    load. Padded next to a longer prompt at 2 threads it flipped before MKL's strict mode."""
+    from shards.step import StepBatch
+    ids = chat_ids(tokenizer, "What is the capital of France?")
+    other = chat_ids(tokenizer, "Write a long poem about the sea and the wind, please, in many verses.")
+    prompts_ = {"q": ids, "o": other}
+    gen = Generator(source, 2, compression="w8a8-cpu")
+
+    def prefill(*groups):
+        """groups: steps run in order, each [(prompt key, start, n)]; the logits of the question's
+        last token (its last step)."""
+        sids, out = {"q": 1, "o": 2}, None
+        for group in groups:
+            w = max(n for _, _, n in group)
+            toks = [prompts_[k][a:a + n] + [0] * (w - n) for k, a, n in group]
+            logits = gen.step(StepBatch([sids[k] for k, _, _ in group], [a for _, a, _ in group],
+                                        [n for _, _, n in group], tokens=torch.tensor(toks)))
+            out = next((lg for (k, _, _), lg in zip(group, logits) if k == "q"), out)
+        for s in sids.values():
+            gen.free(s)
+        return out
+    n, was = len(ids), torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = prefill([("q", 0, n)])
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.equal(prefill([("o", 0, len(other)), ("q", 0, n)]), ref)          # padded
+            assert torch.equal(prefill([("q", 0, 20)], [("o", 0, 30), ("q", 20, n - 20)]), ref)   # chunked
+            assert torch.equal(prefill([("q", 0, n)]), ref)
+    finally:
+        torch.set_num_threads(was)
+    assert tokenizer.decode([ref.argmax().item()]) == "The"
