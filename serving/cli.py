@@ -8,10 +8,9 @@ import sys
 
 from shards.errors import ShardServeError
 
-# `serve` / `bench` without --compression: `fast` = int8-cpu, the fastest spec within 1% of
-# fp32's ppl that keeps the greedy answers under load (int4-cpu, 1.001x ppl, and w8a8-cpu, 1.007x
-# and faster from batch 8, flip the near-tie first token of the README's question: "The" leads
-# "L" by 0.08 logits in fp32); see the README compression tables
+# `serve` / `bench` without --compression: `fast` = w8a8-cpu, the fastest spec within 1% of
+# fp32's ppl that keeps the greedy answers, under any load (int4-cpu, 1.001x ppl, flips the
+# near-tie first token of the README's question); see the README compression tables
 SERVE_DEFAULT = "fast"
 
 
@@ -21,7 +20,7 @@ def _add_model_args(p: argparse.ArgumentParser, shards: bool = True) -> None:
         p.add_argument("--shards", type=int, default=2, help="number of shards (layer ranges)")
     p.add_argument("--compression", default=None,
                    help="e.g. fp32, bf16, int8, nf4, int8-cpu, w8a8-cpu, nf4+wanda:0.5, cut-mlp:0.2, balanced "
-                        "(default: fast = int8-cpu for serve and bench, fp32 otherwise; a prepared "
+                        "(default: fast = w8a8-cpu for serve and bench, fp32 otherwise; a prepared "
                         "artifact: what it was made with)")
 
 

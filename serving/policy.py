@@ -188,7 +188,7 @@ def _split(r: ShardReading, snap: Snapshot, cfg: ControllerConfig, why: str) -> 
 
 
 # specs that store a ladder step's bytes with another kernel sit on that step: w8a8-cpu keeps
-# int8-cpu's int8 rows (shards/smoothing.py)
+# int8-cpu's int8 rows (the serve default, shards/smoothing.py)
 SAME_STEP = {"w8a8-cpu": "int8-cpu"}
 
 

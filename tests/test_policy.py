@@ -111,7 +111,7 @@ def test_raised_compression_comes_back_only_after_a_long_calm():
 
 
 def test_w8a8_cpu_sits_on_the_int8_step_and_comes_back_as_itself():
-    """w8a8-cpu stores int8-cpu's bytes: 160 MiB to free, int4-cpu saves 168 of its 600
+    """The serve default stores int8-cpu's bytes: 160 MiB to free, int4-cpu saves 168 of its 600
     MiB (int8-cpu would save nothing); relaxing returns to w8a8-cpu, not int8-cpu."""
     cfg = ControllerConfig(readings=1, quiet_s=5, relax_s=60, actions=("recompress",))
     hot = [ShardReading(**{**shard(0, 0, 19, 500 * MiB, budget=400 * MiB, comp="w8a8-cpu").__dict__,
