@@ -172,8 +172,9 @@ class Engine:
         return self.pipeline.paused or self._hold > 0 or self.down is not None
 
     def _launch_ready(self) -> None:
-        while not self._blocked and len(self._inflight) < self.sched.cfg.n_groups:
-            group, freed = self.sched.next_group()
+        while not self._blocked:
+            pre = sum(g.prefill for g in self._inflight.values())
+            group, freed = self.sched.next_group(pre, len(self._inflight) - pre)
             self._free(freed)
             if group is None:
                 return

@@ -174,3 +174,26 @@ def admitted_seq(admitted, sid):
 
 def eos_of(admitted, sid):
     return next(e for x, e, _ in admitted if x.id == sid)
+
+
+def test_a_prefill_flies_beside_a_full_set_of_decode_groups():
+    """n_groups decode groups in flight leave room for one prefill group (not a third decode);
+    n_groups prefills in flight leave room for one decode group; n_groups + 1 in all is the cap."""
+    s = Scheduler(SchedulerConfig(kv_blocks=64, block_size=4, max_batch=8, n_groups=2))
+    for i in range(4):
+        s.add(seq(i, 3, max_tokens=9))
+    g, _ = s.next_group()
+    s.complete(g, [7] * 4)                      # all four decode now
+    d1, _ = s.next_group(0, 0)
+    d2, _ = s.next_group(0, 1)
+    assert not d1.prefill and not d2.prefill and len(d1.seq_ids) == len(d2.seq_ids) == 2
+    s.add(seq(9, 5))
+    assert s.next_group(0, 2)[0].prefill         # the extra slot takes the new prompt
+    s.add(seq(10, 5))
+    assert s.next_group(1, 2)[0] is None         # 3 in flight: full
+    s.complete(d1, [7, 7])
+    assert s.next_group(1, 1)[0].prefill is False   # back to 2 decode groups
+    s2 = Scheduler(SchedulerConfig(kv_blocks=64, block_size=4, max_batch=1, n_groups=2, extra_groups=0))
+    for i in range(3):
+        s2.add(seq(i, 3))
+    assert s2.next_group(0, 0)[0] and s2.next_group(1, 0)[0] and s2.next_group(2, 0)[0] is None
