@@ -8,8 +8,9 @@ unless told), wmax_j the largest |W_ij|. Measured on the default model (WikiText
 512 x 8 windows; fp32 30.60), first simulated: per-token W8A8 on every projection and the
 lm_head, unsmoothed 31.82; smoothed at a = 0.3 / 0.4 / 0.5: 31.81 / 31.38 / 31.03; at 0.5 with
 down_proj kept weight-only 30.74 (its SiLU(gate) * up input has outliers smoothing does not
-tame: smoothing it too gave 30.97 at a = 0.5, 31.14 at 0.7, 30.95 at 0.85). So down_proj stays
-int8-cpu. Then as built, a = 0.45 / 0.5 / 0.55 / 0.6: 30.87 / 30.84 / 30.64 / 30.67; a = 0.55,
+tame: smoothing it too gave 30.97 at a = 0.5, 31.14 at 0.7, 30.95 at 0.85). So down_proj keeps
+int8-cpu's weights and prefill GEMM, and decodes with two int8 levels of its input
+(shards/quantize.py::two_level_mm). Then as built, a = 0.45 / 0.5 / 0.55 / 0.6: 30.87 / 30.84 / 30.64 / 30.67; a = 0.55,
 chosen on those windows, gives 1.007x fp32 over 32 windows and 1.009x on the 24 not used to
 choose it (README, "Where the time goes").
 
@@ -27,7 +28,7 @@ import os
 import torch
 
 ALPHA = 0.55
-SMOOTHED = ("qkv_proj", "o_proj", "gate_up_proj")   # down_proj stays weight-only int8 (above)
+SMOOTHED = ("qkv_proj", "o_proj", "gate_up_proj")   # down_proj: weight-only int8 codes (above)
 HEAD = "lm_head"
 
 
