@@ -228,7 +228,7 @@ def quantize_gptq(block, comp: Compression, cal: Calibrator, x: torch.Tensor, so
     grid and the grids stay on the block (`block.grids`) for quantize_block. A 4-bit source's
     own grid is kept where the weights are the source's (int4-cpu then changes nothing)."""
     from shards.gptq import DAMP, grid_for, gptq_
-    from shards.stage import int4_grids
+    from shards.block import int4_grids
     stats, _ = cal.stats(block, x, LINEARS)
     own = int4_grids(source, block.layer) if comp.quant == "int4-cpu" and comp.structure == Compression() else {}
     block.grids = {}

@@ -57,7 +57,8 @@ def module_bytes(module) -> int:
 
 def measure_costs(source, compression: str | None = None, use_cache: bool = True) -> ModelCosts:
     """Build every layer (one at a time, then dropped) and count its bytes."""
-    from shards.stage import compress_block, fp32_block, remaining
+    from shards.block import compress_block, fp32_block
+    from shards.stage import remaining
     cfg = source.config
     comp, todo = remaining(source, compression)
     key = f"costs-v2-{comp.spec}.json"   # v2: embedding / lm_head follow quantize.head_quant

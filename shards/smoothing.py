@@ -68,7 +68,7 @@ def _measure(source, data) -> dict:
     """One prefill of the calibration batch through every fp32 layer, one layer in memory at a
     time, with hooks recording each projection's input channel maxima."""
     from shards.calibration import Calibrator
-    from shards.stage import RMSNorm, fp32_block
+    from shards.block import RMSNorm, fp32_block
     cal = Calibrator(source, data)
     x = torch.nn.functional.embedding(cal.ids, source.tensor("model.embed_tokens.weight").float())
     maxima: dict = {}

@@ -10,7 +10,7 @@ from transformers import LlamaConfig
 from shards.compression import CompressionError
 from shards.cut import cut_heads, cut_mlp, keep_count, layers_to_drop
 from shards.layer_range import LayerRange
-from shards.stage import Block
+from shards.block import Block
 
 CFG = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                   num_hidden_layers=1, vocab_size=32)
