@@ -49,8 +49,8 @@ DEQUANT_CHUNK = 4096   # output channels dequantized at a time
 
 class Int8CpuLinear(nn.Module):
     """int8 weights [out, in] with one bf16 scale per output channel (symmetric, absmax).
-    two_level: decode steps multiply two int8 levels of the input instead of its bf16 copy
-    (w8a8-cpu's down_proj; `two_level_mm`)."""
+    two_level: prefill and decode steps multiply two int8 levels of the input instead of its
+    bf16 copy or the fp32 GEMM (w8a8-cpu's down_proj; `two_level_mm`)."""
 
     def __init__(self, lin: nn.Linear | None = None, *, qweight=None, scales=None, two_level: bool = False):
         super().__init__()
@@ -73,10 +73,10 @@ class Int8CpuLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if x.device.type != "cpu":  # the fused kernel is CPU/MPS only; elsewhere dequantize on the fly (gpt-fast)
             y = nn.functional.linear(x2.to(torch.bfloat16), self.qweight.to(torch.bfloat16)) * self.scales
+        elif self.two_level:   # prefill and decode alike: the same numbers for a row either way
+            y = two_level_mm(x2.float(), self.qweight) * self.scales.float()
         elif x.dim() == 3 and x.shape[1] > 1:    # a prefill step
             y = self._dequantized_mm(x2.float())
-        elif self.two_level:
-            y = two_level_mm(x2.float(), self.qweight) * self.scales.float()
         else:
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scales)
         y = y.reshape(*shape[:-1], -1).to(x.dtype)

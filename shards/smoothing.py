@@ -9,8 +9,9 @@ unless told), wmax_j the largest |W_ij|. Measured on the default model (WikiText
 lm_head, unsmoothed 31.82; smoothed at a = 0.3 / 0.4 / 0.5: 31.81 / 31.38 / 31.03; at 0.5 with
 down_proj kept weight-only 30.74 (its SiLU(gate) * up input has outliers smoothing does not
 tame: smoothing it too gave 30.97 at a = 0.5, 31.14 at 0.7, 30.95 at 0.85). So down_proj keeps
-int8-cpu's weights and prefill GEMM, and decodes with two int8 levels of its input
-(shards/quantize.py::two_level_mm). Then as built, a = 0.45 / 0.5 / 0.55 / 0.6: 30.87 / 30.84 / 30.64 / 30.67; a = 0.55,
+int8-cpu's weights and multiplies two int8 levels of its input, prefill and decode alike
+(shards/quantize.py::two_level_mm; 30.62 over 8 windows, 29.11 over 32). With an fp32 prefill
+GEMM instead (as built before session 11), a = 0.45 / 0.5 / 0.55 / 0.6: 30.87 / 30.84 / 30.64 / 30.67; a = 0.55,
 chosen on those windows, gives 1.007x fp32 over 32 windows and 1.009x on the 24 not used to
 choose it (README, "Where the time goes").
 
