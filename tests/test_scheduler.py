@@ -32,6 +32,23 @@ def test_chunked_prefill_then_decode_groups_split_across_slots():
     assert g4.prefill and g4.seq_ids == (1,) and g4.starts == (8,) and len(g4.inputs[0]) == 4
 
 
+def test_a_prompt_that_fits_a_group_is_never_cut():
+    """Budget 8: prompts of 5 and 6 tokens go in two groups, each whole (not 5 + 3, then 3);
+    one of 10 never fits a group: it waits to lead one and is chunked 8 + 2."""
+    s = Scheduler(SchedulerConfig(kv_blocks=64, block_size=4, prefill_tokens=8, n_groups=2))
+    for i, n in ((1, 5), (2, 6), (3, 10)):
+        s.add(seq(i, n))
+    g, _ = s.next_group()
+    assert g.seq_ids == (1,) and len(g.inputs[0]) == 5
+    g2, _ = s.next_group()
+    assert g2.seq_ids == (2,) and len(g2.inputs[0]) == 6 and g2.samples == (True,)
+    s.complete(g, [7])
+    s.complete(g2, [7])
+    s.next_group()                                     # a decode group (prefill and decode alternate)
+    g3, _ = s.next_group()
+    assert g3.seq_ids == (3,) and len(g3.inputs[0]) == 8 and g3.samples == (False,)
+
+
 def test_finish_on_eos_and_length_frees():
     s = Scheduler(SchedulerConfig(kv_blocks=64, block_size=4))
     s.add(seq(1, 3, max_tokens=2))
