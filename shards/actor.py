@@ -233,8 +233,8 @@ def _release_freed_memory() -> None:
 
 
 def _trim_heap() -> None:
-    """glibc keeps freed heap pages (its mmap threshold rises past 14 MiB weight tensors once
-    one is freed), so freed tensors would not lower RSS; malloc_trim hands them back."""
+    """glibc keeps freed heap pages mapped, so freed tensors would not lower RSS; malloc_trim
+    hands them back."""
     import ctypes
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
