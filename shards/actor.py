@@ -148,7 +148,8 @@ class ShardWorker:
             "budget_bytes": self.budget_bytes, "steps": self.steps,
             "layer_bytes": self._layer_bytes(), "node_available_bytes": psutil.virtual_memory().available,
             "step_ms_mean": 1000 * sum(times) / len(times) if times else 0.0,
-            "compiled": self.stage.runs_compiled, **self._compile_stats(),
+            "compiled": self.stage.runs_compiled, "attention_kernel": self.stage.attention_kernel,
+            **self._compile_stats(),
             "busy": list(self.busy),
         }
 

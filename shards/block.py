@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shards import attention
 from shards.compression import Compression
 from shards.kv_cache import PagedKV
 from shards.quantize import linear
@@ -97,6 +98,11 @@ class Block(nn.Module):
         b, q, _ = x.shape
         qh, k, v = self.qkv(x, *rope)                                  # [B, Q, heads | kv, hd]
         kv.write(self.layer, ctx.slots, k.reshape(b * q, self.n_kv, -1), v.reshape(b * q, self.n_kv, -1))
+        pool = kv.pools[self.layer]
+        if q == 1 and attention.supports(pool[0], self.n_heads, self.n_kv):   # reads the pool in place
+            a = torch.ops.shardserve.paged_decode_attention(qh[:, 0], *pool, ctx.block_ids, ctx.decode_lens,
+                                                            self.head_dim ** -0.5)
+            return self.out(x, a.reshape(b, q, -1))
         keys, values = kv.gather(self.layer, ctx.block_ids)           # [kv_heads, B, T, hd]
         if q == 1:
             a = decode_attention(qh[:, 0], keys, values, ctx.decode_bias)   # [B, heads, hd]

@@ -15,14 +15,15 @@ thread count, so each count a shard steps with gets its two graphs. Compiled gra
 inductor's on-disk cache ($TORCHINDUCTOR_CACHE_DIR, set in shards/__init__.py): a restart or a
 re-shard loads them in seconds.
 
-Attention reads the paged KV pool in place: scores and outputs are written as reductions over
-indexed pool elements, which inductor fuses into one loop nest reading the blocks where they
-lie, instead of copying every sequence's whole cache per layer (PagedKV.gather, the eager path).
-Blocks and slots within a block stay two axes of those reductions: with one flattened token
-axis, every vector load divided its token index by the block size (a symbolic size, so a real
-64-bit division) and took its remainder. Two axes halved the fused attention kernel (layers
-[0, 15), w8a8-cpu, batch 16, 300 tokens of KV, 1 thread: 2.23 -> 1.13 ms a layer) and took a
-step from 62.5 / 52.3 to 44.8 / 37.8 ms (batch 1: 16.4 / 14.9 -> 14.3 / 11.1; interleaved runs).
+Attention reads the paged KV pool in place, never copying a sequence's whole cache per layer
+(PagedKV.gather, the eager fallback). On CPU with fp32 KV it is shards/attention.py's kernel, an
+op in the graph; elsewhere (CUDA, bf16 KV, a head layout without a kernel) scores and outputs
+are written as reductions over indexed pool elements, which inductor fuses into one loop nest.
+There, blocks and slots within a block stay two axes of those reductions: with one flattened
+token axis, every vector load divided its token index by the block size (a symbolic size, so a
+real 64-bit division) and took its remainder. Two axes halved that fused kernel (layers [0, 15),
+w8a8-cpu, batch 16, 300 tokens of KV, 1 thread: 2.23 -> 1.13 ms a layer); the kernel takes
+0.43-0.63 ms there (the fused loop with its neighbours 0.87).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import time
 
 import torch
 
+from shards import attention
 from shards.errors import ShardServeError
 from shards.kv_cache import write_slots
 from shards.step_context import MIN_BLOCKS
@@ -42,17 +44,21 @@ WARM_SHAPES = ((1, MIN_BLOCKS), (3, MIN_BLOCKS + 3))   # (batch, blocks): distin
 CHECK_SHAPE = (2, MIN_BLOCKS + 1)                       # must run without compiling again
 
 
-def layer_decode(block, x, k_pool, v_pool, slots, block_ids, bias, cos, sin):
+def layer_decode(block, x, k_pool, v_pool, slots, block_ids, bias, lens, cos, sin, kernel: bool):
     """One token per sequence through one decoder layer.
 
     x: [B, hidden]; k_pool, v_pool: [kv_heads, blocks + 1, block_size, head_dim] (written in
-    place at `slots` [B]); block_ids: [B, nb]; bias: [B, 1, nb * block_size] (0 or -inf);
-    cos, sin: [B, 1, head_dim]. Returns [B, hidden]."""
+    place at `slots` [B]); block_ids: [B, nb]; bias: [B, 1, nb * block_size] (0 or -inf); lens:
+    [B] keys each sequence attends; cos, sin: [B, 1, head_dim]. kernel: attention through
+    shards/attention.py's kernel (else inductor's reductions below). Returns [B, hidden]."""
     b = x.shape[0]
     nh, nkv, hd = block.n_heads, block.n_kv, block.head_dim
     q, k, v = block.qkv(x, cos, sin)                                    # [B, heads | kv, hd]
     write_slots(k_pool, slots, k)
     write_slots(v_pool, slots, v)
+    if kernel:
+        a = torch.ops.shardserve.paged_decode_attention(q, k_pool, v_pool, block_ids, lens, hd ** -0.5)
+        return block.out(x, a.reshape(b, nh * hd))
     # [kv, B, nb, bs, hd], never materialized by inductor; blocks and slots stay two axes, since
     # one flattened token axis made every load divide its index by the (symbolic) block size
     keys, values = k_pool[:, block_ids], v_pool[:, block_ids]
@@ -85,14 +91,15 @@ class CompiledDecode:
         self.steps = 0          # decode steps run through the graphs
 
     def __call__(self, blocks, pools, *inputs) -> torch.Tensor:
-        """inputs: x, slots, block_ids, bias, cos, sin of layer_decode; returns x after every block."""
+        """inputs: x, slots, block_ids, bias, lens, cos, sin of layer_decode; returns x after
+        every block."""
         self.steps += 1
         return self._run(blocks, pools, *inputs)
 
-    def _run(self, blocks, pools, x, slots, block_ids, bias, cos, sin) -> torch.Tensor:
+    def _run(self, blocks, pools, x, slots, block_ids, bias, lens, cos, sin) -> torch.Tensor:
         with torch.compiler.set_stance("fail_on_recompile"):
             for block, (kp, vp) in zip(blocks, pools):
-                x = self.fn(block, x, kp, vp, slots, block_ids, bias, cos, sin)
+                x = self.fn(block, x, kp, vp, slots, block_ids, bias, lens, cos, sin, kernel_for(block, kp))
         return x
 
     def warm(self, blocks, pools, hidden: int, scratch_block: int, block_size: int,
@@ -127,18 +134,24 @@ class CompiledDecode:
                     for b, nb in WARM_SHAPES:
                         x, *rest = dummy(b, nb)
                         for block, (kp, vp) in zip(blocks, pools):
-                            self.fn(block, x, kp, vp, *rest)
+                            self.fn(block, x, kp, vp, *rest, kernel_for(block, kp))
                     self._run(blocks, pools, *dummy(*CHECK_SHAPE))
         finally:
             torch.set_num_threads(was)
 
 
+def kernel_for(block, k_pool) -> bool:
+    """Whether this layer's attention takes shards/attention.py's kernel (a constant of its graph)."""
+    return attention.supports(k_pool, block.n_heads, block.n_kv)
+
+
 def _dummy(b: int, nb: int, hidden: int, head_dim: int, scratch_block: int, block_size: int, dtype, device):
-    """(x, slots, block_ids, bias, cos, sin) of a decode step of b sequences over nb blocks, all
-    pointing at the pool's scratch block."""
+    """(x, slots, block_ids, bias, lens, cos, sin) of a decode step of b sequences over nb
+    blocks, all pointing at the pool's scratch block."""
     x = torch.zeros(b, hidden, dtype=dtype, device=device)
     slots = torch.full((b,), scratch_block * block_size, dtype=torch.long, device=device)
     block_ids = torch.full((b, nb), scratch_block, dtype=torch.long, device=device)
     bias = torch.zeros(b, 1, nb * block_size, dtype=dtype, device=device)
+    lens = torch.full((b,), block_size, dtype=torch.long, device=device)
     cos, sin = (torch.ones(b, 1, head_dim, dtype=dtype, device=device) for _ in range(2))  # distinct:
-    return x, slots, block_ids, bias, cos, sin      # dynamo would guard on `cos is sin`
+    return x, slots, block_ids, bias, lens, cos, sin      # dynamo would guard on `cos is sin`

@@ -229,6 +229,13 @@ class Stage(nn.Module):
         kernels trace (bitsandbytes' modules do not: nf4, fp4 and int8 run eager)."""
         return self.compiled is not None and self.compression.quant in COMPILABLE
 
+    @property
+    def attention_kernel(self) -> bool:
+        """Decode attention of every layer runs shards/attention.py's kernel (not the gather)."""
+        from shards import attention
+        return bool(self.blocks) and all(attention.supports(self.kv.pools[int(k)][0], b.n_heads, b.n_kv)
+                                         for k, b in self.blocks.items())
+
     def _warm(self) -> None:
         """Compile (or load from the cache) what the current layers need, before any request."""
         if self.compiled is None:
@@ -257,7 +264,7 @@ class Stage(nn.Module):
         if self.runs_compiled and batch.width == 1:
             # x: [B, 1, hidden] -> the graph's [B, hidden]; cos, sin: [B, 1, 1, hd] -> [B, 1, hd].
             # The copy makes a received hidden state an inference tensor, as the graphs were traced
-            x = self.compiled(*self._ordered(), x[:, 0].clone(), ctx.slots, ctx.block_ids, ctx.decode_bias,
+            x = self.compiled(*self._ordered(), x[:, 0].clone(), ctx.slots, ctx.block_ids, ctx.decode_bias, ctx.decode_lens,
                               ctx.rope[0][:, 0], ctx.rope[1][:, 0]).unsqueeze(1)
         else:
             for layer in sorted(int(k) for k in self.blocks):

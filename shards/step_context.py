@@ -46,6 +46,7 @@ class StepContext:
         if width == 1:                                                 # decode: additive mask
             self.decode_bias = torch.zeros(mask.shape, dtype=kv.dtype, device=dev).masked_fill_(
                 ~mask, float("-inf"))                                  # [B, 1, T]
+            self.decode_lens = starts[:, 0] + 1                        # [B] keys each query sees
         freqs = pos.unsqueeze(-1).float() * inv_freq                   # [B, Q, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)
         # [B, Q, 1, head_dim]: broadcast over the heads axis of [B, Q, heads, head_dim]

@@ -25,8 +25,13 @@ def src(tiny_folder):
     return HFFolderSource(tiny_folder)
 
 
-@pytest.mark.parametrize("compression", ["fp32", "int8-cpu", "w8a8-cpu"])
-def test_compiled_greedy_equals_eager(src, compression, monkeypatch):
+@pytest.mark.parametrize("compression, kernel", [("fp32", True), ("int8-cpu", True), ("w8a8-cpu", True),
+                                                 ("fp32", False)])
+def test_compiled_greedy_equals_eager(src, compression, kernel, monkeypatch):
+    """kernel: decode attention through shards/attention.py's kernel, else (as on CUDA or
+    without a compiler) the gather path eagerly and inductor's reductions compiled."""
+    if not kernel:
+        monkeypatch.setattr("shards.attention.supports", lambda *a: False)
     # the tiny model has no tokenizer: w8a8-cpu's smoothing calibrates on random ids instead
     monkeypatch.setattr(src, "tokenizer", lambda: None)
     monkeypatch.setattr("shards.calibration.calibration_ids",
