@@ -183,18 +183,21 @@ def cmd_bench(args) -> int:
     from pathlib import Path
 
     from serving import bench
-    from shards.data import read_prompts
+    from shards.data import read_prompts, with_context
     from shards.source import open_source
     result = {"model": args.model, "shards": args.shards, "compression": args.compression, "compile": args.compile,
-              "max_tokens": args.max_tokens, "shardserve": [], "hf_generate": [], "llama_server": None}
-    n = lambda c: args.requests or max(8, 2 * c)  # noqa: E731
+              "max_tokens": args.max_tokens, "context_tokens": args.context, "shardserve": [],
+              "hf_generate": [], "llama_server": None}
+    source = open_source(args.model)
+    tok = source.tokenizer() if args.context else None
+    prompts = lambda c: with_context(read_prompts(args.requests or max(8, 2 * c)), args.context, tok)  # noqa: E731
     handles, url = [], args.url
     try:
         if url is None:
             _, url, handles = start_service(args)
         for c in args.concurrency:
             since = time.time()
-            level = asyncio.run(bench.http_level(url, read_prompts(n(c)), c, args.max_tokens, args.api_key))
+            level = asyncio.run(bench.http_level(url, prompts(c), c, args.max_tokens, args.api_key))
             level["time_split"] = bench.time_split(url, level, since, args.api_key)
             result["shardserve"].append(level)
             print("shardserve", json.dumps(level), flush=True)
@@ -202,7 +205,6 @@ def cmd_bench(args) -> int:
     finally:
         if handles:
             stop_service(handles)
-    source = open_source(args.model)
     if "llama-server" in args.baselines and hasattr(source, "path"):
         started = bench.llama_server(str(source.path))
         if started is None:
@@ -210,7 +212,7 @@ def cmd_bench(args) -> int:
         else:
             proc, lurl = started
             try:
-                result["llama_server"] = [asyncio.run(bench.http_level(lurl, read_prompts(n(c)), c, args.max_tokens))
+                result["llama_server"] = [asyncio.run(bench.http_level(lurl, prompts(c), c, args.max_tokens))
                                           for c in args.concurrency]
             finally:
                 proc.kill()
@@ -221,8 +223,7 @@ def cmd_bench(args) -> int:
                  if hasattr(source, "path") else {"pretrained_model_name_or_path": source.folder})
         model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
         for c in args.concurrency:
-            result["hf_generate"].append(bench.hf_level(model, source.tokenizer(), read_prompts(n(c)), c,
-                                                        args.max_tokens))
+            result["hf_generate"].append(bench.hf_level(model, source.tokenizer(), prompts(c), c, args.max_tokens))
             print("hf_generate", json.dumps(result["hf_generate"][-1]), flush=True)
     print(bench.table(result))
     if args.json:
@@ -364,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=0, help="per level (default max(8, 2 x concurrency))")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--context", type=int, default=0,
+                   help="put a WikiText-2 passage of this many tokens before each prompt (long-context load)")
     p.add_argument("--baselines", nargs="*", default=["hf", "llama-server"], help="hf, llama-server")
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("--plot", default=None, help="PNG of tokens/s vs concurrency per system")

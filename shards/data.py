@@ -14,3 +14,15 @@ PROMPTS = DATA_DIR / "prompts-500.jsonl"
 def read_prompts(n: int, start: int = 0) -> list[str]:
     lines = PROMPTS.read_text().splitlines()
     return [json.loads(x)["prompt"] for x in lines[start:start + n]]
+
+
+
+def with_context(prompts: list[str], tokens: int, tokenizer) -> list[str]:
+    """Each prompt after a WikiText-2 passage of `tokens` tokens, a different one per prompt
+    (consecutive parts of the file, wrapping): load at long context, "<passage>\n\n<prompt>"."""
+    if tokens <= 0:
+        return prompts
+    ids = tokenizer(WIKITEXT.read_text())["input_ids"]        # ~300k tokens for SmolLM2's vocabulary
+    n = len(ids) // tokens
+    return [tokenizer.decode(ids[(i % n) * tokens:(i % n + 1) * tokens]).strip() + "\n\n" + p
+            for i, p in enumerate(prompts)]

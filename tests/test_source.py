@@ -86,3 +86,15 @@ def test_cli_plan_json():
     shards = json.loads(r.stdout)["shards"]
     assert [s["start"] for s in shards] == [0, 13, 26] and shards[-1]["end"] == 30
     assert all(s["weight_bytes"] > 0 and s["kv_tokens"] == 8192 for s in shards)
+
+
+def test_long_context_prompts_for_the_bench(tokenizer):
+    """`shardserve bench --context N`: each prompt after its own N-token WikiText-2 passage."""
+    from shards.data import read_prompts, with_context
+    base = read_prompts(3)
+    long = with_context(base, 500, tokenizer)
+    assert [p.endswith("\n\n" + b) for p, b in zip(long, base)] == [True] * 3
+    passages = [p[:-len(b)] for p, b in zip(long, base)]
+    assert len(set(passages)) == 3
+    assert all(490 <= len(tokenizer(x)["input_ids"]) <= 510 for x in passages)   # decode/encode may merge a few
+    assert with_context(base, 0, tokenizer) == base
