@@ -162,7 +162,8 @@ extern "C" {
 int paged_decode_attention_supports(int64_t g, int64_t hd) { return pick(g, hd) != nullptr; }
 
 // q, out: [B, nh, hd]; kp, vp: [nkv, nblk, 16, hd]; block_ids: [B, nb]; lens: [B] keys to
-// attend per sequence (<= nb * 16). Returns 0, or -1 for an unsupported shape.
+// attend per sequence (1 to nb * 16). Returns 0; -1 for an unsupported shape; -2 when a length
+// or a block id it would read lies outside those bounds (nothing is read or written then).
 int paged_decode_attention(const float *q, const float *kp, const float *vp,
                            const int64_t *block_ids, const int64_t *lens, float *out,
                            int64_t B, int64_t nh, int64_t nkv, int64_t hd, int64_t nb,
@@ -170,6 +171,11 @@ int paged_decode_attention(const float *q, const float *kp, const float *vp,
     const int64_t g = nh / nkv;
     const attend_fn f = pick(g, hd);
     if (f == nullptr || g * nkv != nh) return -1;
+    for (int64_t b = 0; b < B; b++) {       // a bad table must not become a wild read
+        if (lens[b] < 1 || lens[b] > nb * BS) return -2;
+        for (int64_t i = 0; i < (lens[b] + BS - 1) / BS; i++)
+            if (block_ids[b * nb + i] < 0 || block_ids[b * nb + i] >= nblk) return -2;
+    }
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t job = 0; job < B * nkv; job++) {
         const int64_t b = job / nkv, h = job % nkv, off = (b * nh + h * g) * hd;

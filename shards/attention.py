@@ -114,9 +114,12 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), block_ids.data_ptr(), lens.data_ptr(),
         out.data_ptr(), b, nh, k_pool.shape[0], hd, block_ids.shape[1], k_pool.shape[1], scale,
         torch.get_num_threads())
-    if rc != 0:
+    if rc == -1:
         raise ValueError(f"paged_decode_attention has no kernel for {nh} heads over {k_pool.shape[0]} "
                          f"KV heads of {hd} dims")
+    if rc != 0:
+        raise ValueError(f"paged_decode_attention: lengths {lens.tolist()} or block ids outside "
+                         f"{block_ids.shape[1]} blocks of 16 a sequence, {k_pool.shape[1]} in the pool")
     return out
 
 

@@ -75,6 +75,17 @@ def test_results_do_not_depend_on_the_thread_count():
     assert torch.equal(*outs)      # one (sequence, head) per job: the same sums whatever the split
 
 
+@needs_kernel
+def test_lengths_or_blocks_out_of_bounds_raise_instead_of_reading():
+    q, kp, vp, ids, lens, _ = case(3, 3, 64, [20, 40])
+    op = torch.ops.shardserve.paged_decode_attention
+    for bad_lens, bad_ids in [([20, ids.shape[1] * BS + 1], ids), ([0, 40], ids),
+                              ([20, 40], ids.masked_fill(ids == ids[1, 2], kp.shape[1])),
+                              ([20, 40], ids.masked_fill(ids == ids[0, 0], -1))]:
+        with pytest.raises(ValueError, match="outside"):
+            op(q, kp, vp, bad_ids, torch.tensor(bad_lens), 0.125)
+
+
 def test_shapes_without_a_template_take_the_gather_path():
     kp = torch.zeros(2, 9, BS, 24)
     assert not attention.supports(kp, 4, 2)                       # head_dim 24
