@@ -12,9 +12,10 @@ fused loop (with its neighbouring ops), the whole step 27.4 against 32.1 ms; bat
 threads 28-36 against 41-42 us. Both keep fp32 throughout; outputs agree to ~4e-7 (the kernel
 sums in another order and uses a polynomial exp).
 
-`available()` is False where no compiler or no CPU kernel exists (CUDA pools, bf16 KV, a group
-or head size without a template): the callers then use the gather path, and say so in a log line.
-SHARDSERVE_ATTENTION_KERNEL=0 turns the kernel off (A/B runs).
+`supports()` is False for CUDA pools, bf16 KV, a group or head size without a template, and
+where the kernel is not `available()` (no compiler: logged once): the callers then take the
+gather path (eager) or inductor's reductions (compiled). SHARDSERVE_ATTENTION_KERNEL=0 turns the
+kernel off (A/B runs).
 """
 from __future__ import annotations
 
@@ -96,10 +97,11 @@ def available() -> bool:
 
 def supports(pool: torch.Tensor, n_heads: int, n_kv: int) -> bool:
     """Whether the kernel serves decode attention over this pool for this head layout."""
+    if (pool.device.type != "cpu" or pool.dtype != torch.float32 or not pool.is_contiguous()
+            or n_heads % n_kv or pool.shape[2] != 16):
+        return False                   # checked first: a GPU node never builds the CPU kernel
     lib = _library()
-    return (lib is not None and pool.device.type == "cpu" and pool.dtype == torch.float32
-            and pool.is_contiguous() and n_heads % n_kv == 0 and pool.shape[2] == 16
-            and bool(lib.paged_decode_attention_supports(n_heads // n_kv, pool.shape[-1])))
+    return lib is not None and bool(lib.paged_decode_attention_supports(n_heads // n_kv, pool.shape[-1]))
 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
