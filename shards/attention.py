@@ -96,12 +96,19 @@ def available() -> bool:
 
 
 def supports(pool: torch.Tensor, n_heads: int, n_kv: int) -> bool:
-    """Whether the kernel serves decode attention over this pool for this head layout."""
-    if (pool.device.type != "cpu" or pool.dtype != torch.float32 or not pool.is_contiguous()
-            or n_heads % n_kv or pool.shape[2] != 16):
+    """Whether the kernel serves decode attention over this pool for this head layout. Asked
+    per layer and step: the answer for a layout is computed once."""
+    return _supports(pool.device.type, pool.dtype, pool.is_contiguous(), pool.shape[2], pool.shape[-1],
+                     n_heads, n_kv)
+
+
+@functools.cache
+def _supports(device: str, dtype: torch.dtype, contiguous: bool, block_size: int, head_dim: int,
+              n_heads: int, n_kv: int) -> bool:
+    if device != "cpu" or dtype != torch.float32 or not contiguous or n_heads % n_kv or block_size != 16:
         return False                   # checked first: a GPU node never builds the CPU kernel
     lib = _library()
-    return lib is not None and bool(lib.paged_decode_attention_supports(n_heads // n_kv, pool.shape[-1]))
+    return lib is not None and bool(lib.paged_decode_attention_supports(n_heads // n_kv, head_dim))
 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,

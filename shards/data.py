@@ -2,6 +2,7 @@
 WikiText-2 raw test for quality, prompts-500.jsonl for serving load. Read there, never copied."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -16,13 +17,19 @@ def read_prompts(n: int, start: int = 0) -> list[str]:
     return [json.loads(x)["prompt"] for x in lines[start:start + n]]
 
 
-
 def with_context(prompts: list[str], tokens: int, tokenizer) -> list[str]:
     """Each prompt after a WikiText-2 passage of `tokens` tokens, a different one per prompt
     (consecutive parts of the file, wrapping): load at long context, "<passage>\n\n<prompt>"."""
     if tokens <= 0:
         return prompts
-    ids = tokenizer(WIKITEXT.read_text())["input_ids"]        # ~300k tokens for SmolLM2's vocabulary
+    ids = _wikitext_ids(tokenizer)
     n = len(ids) // tokens
     return [tokenizer.decode(ids[(i % n) * tokens:(i % n + 1) * tokens]).strip() + "\n\n" + p
             for i, p in enumerate(prompts)]
+
+
+@functools.cache
+def _wikitext_ids(tokenizer) -> list[int]:
+    """The whole file's token ids (~300k for SmolLM2's vocabulary), once per tokenizer: the bench
+    asks at every concurrency level."""
+    return tokenizer(WIKITEXT.read_text())["input_ids"]

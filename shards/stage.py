@@ -11,6 +11,7 @@ import logging
 import torch
 from torch import nn
 
+from shards import attention
 from shards.block import Block, RMSNorm, compress_block, fp32_block
 from shards.compression import Compression, CompressionError
 from shards.compression import parse as parse_compression
@@ -232,7 +233,6 @@ class Stage(nn.Module):
     @property
     def attention_kernel(self) -> bool:
         """Decode attention of every layer runs shards/attention.py's kernel (not the gather)."""
-        from shards import attention
         return bool(self.blocks) and all(attention.supports(self.kv.pools[int(k)][0], b.n_heads, b.n_kv)
                                          for k, b in self.blocks.items())
 
