@@ -30,7 +30,11 @@ class ShardWorker:
     def __init__(self, model: str, spec: ShardSpec, kv_blocks: int, block_size: int = 16,
                  threads: int | None = None):
         # pipelined actors must not fight over the same cores: each gets its share, and all of
-        # them for a step no other group overlaps (StepBatch.alone)
+        # them for a prefill step no other group overlaps (StepBatch.alone). Decode steps keep
+        # the share even alone: at concurrency 1 a 2-thread step ran ~2x slower than a 1-thread
+        # one, since the other shard's OpenMP worker was still spinning on the second core
+        # (2 actors chained at c=1, 19 + 11 layers, w8a8-cpu, compiled: steps 13.1-13.8 + 11.7-12.5
+        # ms, 30-32 ms a token, against 7.3-9.5 + 6.7-8.5 ms, 19-23 ms a token)
         self.threads = threads or torch.get_num_threads()
         self.all_cores = max(self.threads, os.cpu_count() or 1)
         torch.set_num_threads(self.threads)
@@ -45,7 +49,7 @@ class ShardWorker:
         with _own_mmaps():
             self.stage = Stage(self.source, spec.layers, kv_blocks, block_size, device=self.device,
                                compression=spec.compression, compile=spec.compile,
-                               threads=(self.threads, self.all_cores))
+                               threads=(self.threads,))
         self.busy: deque[tuple[float, float]] = deque(maxlen=512)  # (start, end) wall clock, s
         self.decode_steps: deque[tuple[float, float]] = deque(maxlen=1024)  # (end, seconds) of decode steps
         self.steps = 0
@@ -65,7 +69,7 @@ class ShardWorker:
         if self.faults:
             raise ShardFault(f"shard {self.spec.index}: {self.faults.pop(0)}")
         if self.device == "cpu":
-            want = self.all_cores if batch.alone else self.threads
+            want = self.all_cores if batch.alone and batch.width > 1 else self.threads
             if torch.get_num_threads() != want:
                 torch.set_num_threads(want)
         out = self.stage(batch)

@@ -44,7 +44,8 @@ class StepBatch:
     # ordered before the step on every shard (a preempted sequence is re-prefilled later under
     # the same id, so a free that overtook or trailed a step would corrupt it)
     free: list[int] = field(default_factory=list)
-    # no other group is in flight: a CPU shard may use every core of its node for this step
+    # no other group is in flight: a CPU shard may use every core of its node for this step if
+    # it is a prefill (decode steps keep their share: shards/actor.py says why)
     # (at concurrency 1 the shards take turns; giving each all cores always would oversubscribe
     # them when groups overlap: measured 20 vs 50 tok/s at 32 concurrent requests)
     alone: bool = False
