@@ -21,57 +21,18 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
+from shards import kernels
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("attention.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-
-
-def cache_dir() -> Path:
-    """Beside inductor's cache (shards/__init__.py): built kernels persist across restarts."""
-    base = os.environ.get("SHARDSERVE_KERNEL_CACHE")
-    return Path(base) if base else Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).parent / "kernels"
-
-
-def _cpu_key() -> str:
-    """-march=native builds for this CPU: the cached library is keyed by its flags too (a cache
-    directory shared between nodes of different CPUs keeps one build per kind)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return platform.machine() + flags
-
-
-def _build() -> Path:
-    cxx = os.environ.get("CXX", "g++")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((cxx,) + FLAGS).encode() + _cpu_key().encode())
-    out = cache_dir() / f"attention-{key.hexdigest()[:16]}.so"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # built beside its final name and renamed: shard actors of one node may build at once
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        r = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
-        if r.returncode != 0:
-            raise OSError(f"{cxx} failed ({r.returncode}): {r.stderr.strip()[:500]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
 
 
 @functools.cache
@@ -80,8 +41,7 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("SHARDSERVE_ATTENTION_KERNEL", "1") == "0":
         return None
     try:
-        # linked against libgomp.so.1: the copy torch loaded already serves it (one OpenMP runtime)
-        lib = ctypes.CDLL(str(_build()))
+        lib = kernels.load(SOURCE)
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("decode attention kernel unavailable, decode gathers the KV instead: %s", e)
         return None
