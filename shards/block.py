@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shards import attention
-from shards.compression import Compression
+from shards.compression import FOUR_BIT, Compression
 from shards.kv_cache import PagedKV
 from shards.quantize import linear
 from shards.source import ModelSource, has_qkv_bias, layer_tensor_names, optional_tensor_names
@@ -117,13 +117,13 @@ def compress_block(block: Block, comp: Compression, source: ModelSource | None =
                    maxima: dict | None = None) -> Block:
     """Cut and prune (fp32 weights; ranked by weights alone, since calibrated blocks come from
     shards/calibration.py already cut), then quantize the block's projections, per `comp`.
-    With `source`, int4-cpu keeps a 4-bit source's own codes where the weights are unchanged.
+    With `source`, int4-cpu and w4a8-cpu keep a 4-bit source's own codes where the weights are unchanged.
     maxima: w8a8-cpu's {projection: act_max} for this layer (shards/smoothing.py)."""
     from shards.calibration import compress_structure
     compress_structure(block, comp)
     if comp.quant != "fp32":
         from shards.quantize import quantize_block
-        keep = comp.quant == "int4-cpu" and source is not None and comp.structure == Compression()
+        keep = comp.quant in FOUR_BIT and source is not None and comp.structure == Compression()
         # GPTQ (shards/calibration.py, or a prepared artifact) gave grids its weights lie on
         grids = getattr(block, "grids", None) or \
             (source.gptq_grids(block.layer) if source is not None and source.gptq_quant == comp.quant else None) or \

@@ -3,6 +3,8 @@
     fp32 | bf16 | int8 | nf4 | fp4 | int8-cpu | int4-cpu   quantization (int8/nf4/fp4: bitsandbytes)
     w8a8-cpu                                             int8 weights and activations (smoothed;
                                                          alone, or on a prepared artifact)
+    w4a8-cpu                                             int4-cpu's 4-bit weights, activations
+                                                         int8 per group of 32 (our kernel)
     magnitude:S | wanda:S | 2:4                          pruning, S = sparsity in (0, 1)
     sparsegpt:S | sparsegpt:2:4                          pruning with SparseGPT's weight update
     cut-mlp:F | cut-heads:F | drop-layers:N              structured cuts
@@ -16,12 +18,13 @@ from dataclasses import dataclass
 
 from shards.errors import ShardServeError
 
-QUANTS = ("fp32", "bf16", "int8", "nf4", "fp4", "int8-cpu", "int4-cpu", "w8a8-cpu")
+QUANTS = ("fp32", "bf16", "int8", "nf4", "fp4", "int8-cpu", "int4-cpu", "w8a8-cpu", "w4a8-cpu")
+FOUR_BIT = ("int4-cpu", "w4a8-cpu")   # group-wise 4-bit weights: a Q4 source's own codes are kept
 PRUNES = ("magnitude", "wanda", "2:4")
 CUTS = ("cut-mlp", "cut-heads", "drop-layers")
 PRESETS = {"fast": "w8a8-cpu", "balanced": "int4-cpu", "smallest": "nf4+cut-mlp:0.2"}
 GPTQ_QUANTS = ("int8-cpu", "int4-cpu", "nf4")
-VALID = ("fp32, bf16, int8, nf4, fp4, int8-cpu, int4-cpu, w8a8-cpu, gptq (with int8-cpu, int4-cpu or nf4), magnitude:S, wanda:S, 2:4, sparsegpt:S, "
+VALID = ("fp32, bf16, int8, nf4, fp4, int8-cpu, int4-cpu, w8a8-cpu, w4a8-cpu, gptq (with int8-cpu, int4-cpu or nf4), magnitude:S, wanda:S, 2:4, sparsegpt:S, "
          "sparsegpt:2:4, cut-mlp:F, cut-heads:F, drop-layers:N (S, F in (0, 1)), joined with '+'; presets: " + ", ".join(PRESETS))
 
 

@@ -72,10 +72,10 @@ def measure_costs(source, compression: str | None = None, use_cache: bool = True
     layers = [0 if i in dropped else module_bytes(compress_block(fp32_block(source, i), todo))
               for i in range(cfg.num_hidden_layers)]
     # embedding and lm_head at the policy of quantize.head_quant (the norm stays fp32)
-    from shards.quantize import head_quant, linear, quantize_linear
+    from shards.quantize import head_table
     embed = source.tensor("model.embed_tokens.weight")
     norm = source.tensor("model.norm.weight")
-    table = module_bytes(quantize_linear(linear(embed), head_quant(comp.quant)))
+    table = module_bytes(head_table(embed, comp.quant))
     mlp = 3 * cfg.hidden_size * cfg.intermediate_size
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     attn = cfg.hidden_size * head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)

@@ -166,15 +166,18 @@ def two_level_mm(x: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
 
 
 class Int8Embedding(nn.Module):
-    """Token embedding read from int8 rows with per-row scales. Tied models share the table
-    with their int8 lm_head (its per-output-channel scales are per-row here; a W8A8 head's
-    rows are W * s, so they are divided by s again)."""
+    """Token embedding read from int8 rows with per-row scales, or from w4a8-cpu's Q8 groups
+    (shards/qmatmul.py::Q8Linear). Tied models share the table with their int8 lm_head (its
+    per-output-channel scales are per-row here; a W8A8 head's rows are W * s, so they are
+    divided by s again)."""
 
-    def __init__(self, table: Int8CpuLinear | W8A8CpuLinear):
+    def __init__(self, table: nn.Module):
         super().__init__()
         self.table = table
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.table, "rows"):
+            return self.table.rows(ids)
         rows = self.table.qweight[ids].float() * self.table.scales[ids].float().unsqueeze(-1)
         return rows * self.table.inv_s if isinstance(self.table, W8A8CpuLinear) else rows
 
@@ -184,8 +187,19 @@ def head_quant(quant: str) -> str:
     stores the (tied, 49152 x 576) table as int8 rows with per-row scales. It is the largest
     tensor (28 M parameters: 108 MiB fp32) and the largest matmul of a decode step, and
     `_weight_int8pack_mm` is the fastest CPU kernel measured (DESIGN.md section 7); w8a8-cpu's
-    head is W8A8 too (its largest win: 17.2 -> 6.9 ms at 16 rows, eager, 1 thread)."""
-    return quant if quant in ("fp32", "bf16", "w8a8-cpu") else "int8-cpu"
+    head is W8A8 too (its largest win: 17.2 -> 6.9 ms at 16 rows, eager, 1 thread), and
+    w4a8-cpu's is 8-bit groups through its kernel (shards/qmatmul.py::Q8Linear: a Q8_0 source's
+    own table)."""
+    return quant if quant in ("fp32", "bf16", "w8a8-cpu", "w4a8-cpu") else "int8-cpu"
+
+
+def head_table(weight: torch.Tensor, quant: str) -> nn.Module:
+    """The embedding / lm_head table as `quant`'s policy stores it (the memory model's bytes)."""
+    q = head_quant(quant)
+    if q == "w4a8-cpu":
+        from shards.qmatmul import Q8Linear
+        return Q8Linear.from_rows(lambda a, b: weight[a:b].float(), weight.shape[0])
+    return quantize_linear(linear(weight), q)
 
 
 def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
@@ -230,6 +244,9 @@ def quantize_linear(lin: nn.Linear, quant: str, grid=None, act_max: torch.Tensor
     if quant == "int4-cpu":
         from shards.int4 import Int4CpuLinear
         return Int4CpuLinear(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), grid)
+    if quant == "w4a8-cpu":
+        from shards.qmatmul import W4A8CpuLinear
+        return W4A8CpuLinear(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), grid)
     if quant == "bf16":
         return CastLinear(lin, torch.bfloat16)
     if quant == "int8-cpu":

@@ -25,7 +25,8 @@ from shards.step import StepBatch
 from shards.step_context import StepContext, rope_params
 
 log = logging.getLogger(__name__)
-COMPILABLE = ("fp32", "bf16", "int8-cpu", "int4-cpu", "w8a8-cpu")   # quantizations whose modules dynamo traces
+INT8_TABLES = ("int8-cpu", "w8a8-cpu", "w4a8-cpu")   # head policies storing the table as int8 codes
+COMPILABLE = ("fp32", "bf16", "int8-cpu", "int4-cpu", "w8a8-cpu", "w4a8-cpu")   # quantizations whose modules dynamo traces
 
 
 def remaining(source: ModelSource, comp: Compression | None) -> tuple[Compression, Compression]:
@@ -84,16 +85,18 @@ class Stage(nn.Module):
         quantize.head_quant; a tied pair on one stage shares one table. Set only once all are
         built."""
         from shards.quantize import CastLinear, Int8CpuLinear, Int8Embedding, W8A8CpuLinear, head_quant
+        from shards.qmatmul import Q8Linear
         from shards.smoothing import HEAD
         q, cfg = head_quant(quant), self.config
         tied = self.is_first and self.is_last and cfg.tie_word_embeddings
         names = (["model.embed_tokens.weight"] if self.is_first else []) + \
                 (["lm_head.weight"] if self.is_last and not tied else [])
         head = "model.embed_tokens.weight" if tied else "lm_head.weight"
-        if q in ("int8-cpu", "w8a8-cpu"):   # read and quantize in row chunks: never the whole fp32 table
+        if q in INT8_TABLES:   # read and quantize in row chunks: never the whole fp32 table
             read = lambda n: lambda a, b: source.rows(n, a, b).to(self.device)  # noqa: E731
             tables = {n: W8A8CpuLinear.from_rows(read(n), cfg.vocab_size, self._maxima(source)[HEAD])
                       if q == "w8a8-cpu" and self.is_last and n == head else
+                      Q8Linear.from_rows(read(n), cfg.vocab_size) if q == "w4a8-cpu" else
                       Int8CpuLinear.from_rows(read(n), cfg.vocab_size) for n in names}
         else:
             tables = {n: linear(self._load(source, n)) for n in names}
@@ -102,7 +105,7 @@ class Stage(nn.Module):
         out = {}
         if self.is_first:
             t = tables["model.embed_tokens.weight"]
-            out["embed"] = Int8Embedding(t) if q in ("int8-cpu", "w8a8-cpu") else nn.Embedding.from_pretrained(t.weight)
+            out["embed"] = Int8Embedding(t) if q in INT8_TABLES else nn.Embedding.from_pretrained(t.weight)
         if self.is_last:
             out["norm"] = RMSNorm(self._load(source, "model.norm.weight"), cfg.rms_norm_eps)
             out["lm_head"] = tables[head]

@@ -26,7 +26,7 @@ def src(tiny_folder):
 
 
 @pytest.mark.parametrize("compression, kernel", [("fp32", True), ("int8-cpu", True), ("w8a8-cpu", True),
-                                                 ("fp32", False)])
+                                                 ("w4a8-cpu", True), ("fp32", False)])
 def test_compiled_greedy_equals_eager(src, compression, kernel, monkeypatch):
     """kernel: decode attention through shards/attention.py's kernel, else (as on CUDA or
     without a compiler) the gather path eagerly and inductor's reductions compiled."""

@@ -1,0 +1,146 @@
+"""Tier 1: w4a8-cpu's kernel (shards/qmatmul.cpp) against its formula, row by row whatever the
+batch, the portable path bit for bit; a Q4_1 / Q8_0 source's own weights kept exactly; the real
+model's w4a8-cpu stages against fp32."""
+import ctypes
+
+import pytest
+import torch
+
+from shards import kernels
+from shards.int4 import GROUP, codes_on, rtn_grid
+from shards.qmatmul import SOURCE, Q8Linear, W4A8CpuLinear, pack
+
+LEVEL_ERR = {1: 5e-2, 2: 2e-4}   # relative error against x @ W^T of its weights, an input channel 50x loud
+
+
+def formula(x: torch.Tensor, w_codes: torch.Tensor, d, m, levels: int) -> torch.Tensor:
+    """The kernel's definition in float64: x rounded per group of 32 to `levels` int8 levels
+    (round half to even on max|.| / 127), exact integer dots, then d a dot + m sum(x)."""
+    g = x.reshape(x.shape[0], -1, GROUP)
+    total = (g.double().sum(-1) @ m.double().t())                    # [B, N]: the minimum's term
+    u = w_codes.double().reshape(w_codes.shape[0], -1, GROUP)
+    r = g.clone()
+    for _ in range(levels):
+        amax = r.abs().amax(-1, keepdim=True)
+        inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+        q = torch.round(r * inv).clamp(-127, 127)
+        a = amax / 127
+        dot = torch.einsum("bgk,ngk->bng", q.double(), u)
+        total += (dot * d.double()[None] * a.double().squeeze(-1)[:, None, :]).sum(-1)
+        r = r - q * a
+    return total.float()
+
+
+def grid4(n: int, k: int, seed: int = 0):
+    torch.manual_seed(seed)
+    w = torch.randn(n, k) / 8
+    d, m = rtn_grid(w)
+    d, m = d.half().float(), m.half().float()
+    return w, codes_on(w, d, m), d, m
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize("n, k", [(48, 64), (32, 160)])
+def test_4bit_kernel_computes_its_formula(levels, n, k):
+    w, q, d, m = grid4(n, k)
+    lin = W4A8CpuLinear(w, levels=levels)
+    assert torch.equal(lin.codes(), q)
+    x = torch.randn(11, k)
+    x[:, 5] *= 50                                      # an outlier channel
+    got, want = lin(x), formula(x, q, d, m, levels)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    exact = x @ lin.dequantized().t()
+    assert (got - exact).norm() / exact.norm() < LEVEL_ERR[levels]
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_8bit_table_computes_its_formula_and_reads_rows(levels):
+    torch.manual_seed(1)
+    w = torch.randn(64, 96)
+    t = Q8Linear.from_rows(lambda a, b: w[a:b], 64, chunk=32)
+    t.levels = levels
+    g = w.view(64, -1, GROUP)
+    d = (g.abs().amax(-1) / 127).half().float()
+    q = torch.round(g / d[..., None]).clamp(-127, 127).view(64, 96)
+    assert torch.equal(t.codes(), (q + 128).int())
+    deq = (q.view(64, -1, GROUP) * d[..., None]).view(64, 96)
+    assert torch.equal(t.dequantized(), deq)
+    ids = torch.tensor([[3, 17, 63], [0, 16, 3]])
+    assert torch.equal(t.rows(ids), deq[ids])
+    x = torch.randn(9, 96)
+    got = t(x)
+    assert (got - formula(x, q + 128, d, -128 * d, levels)).abs().max() <= 1e-5 * got.abs().max()
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_a_rows_result_does_not_depend_on_its_batch(levels):
+    """Tiles of 8 (4 at two levels) activation rows share each weight vector: every batch size
+    up to 19 gives each row the bits it gets alone, 4-bit and 8-bit, 1 and 2 threads."""
+    w, *_ = grid4(64, 96, seed=2)
+    mods = [W4A8CpuLinear(w, levels=levels), Q8Linear.from_rows(lambda a, b: w[a:b], 64)]
+    mods[1].levels = levels
+    x = torch.randn(19, 96)
+    was = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for mod in mods:
+                alone = torch.cat([mod(x[i:i + 1]) for i in range(19)])
+                for b in (2, 5, 8, 9, 16, 19):
+                    assert torch.equal(mod(x[:b]), alone[:b]), (type(mod).__name__, threads, b)
+    finally:
+        torch.set_num_threads(was)
+
+
+def test_portable_path_gives_the_same_bits():
+    """The loops built without the AVX-512 VNNI path (SHARDSERVE_GENERIC) against the op."""
+    lib = kernels.load(SOURCE, ("-DSHARDSERVE_GENERIC",))
+    assert lib.qmatmul_fast() == 0
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.qmatmul.argtypes = [p, p, p, p, i64, i64, i64, i32, i32, i32]
+    w, *_ = grid4(48, 128, seed=3)
+    x = torch.randn(13, 128)
+    for mod in (W4A8CpuLinear(w), Q8Linear.from_rows(lambda a, b: w[a:b], 48)):
+        y = torch.empty(13, 48)
+        assert lib.qmatmul(x.data_ptr(), mod.packed.data_ptr(), mod.scales.data_ptr(), y.data_ptr(),
+                           13, 48, 128, mod.bits, mod.levels, 1) == 0
+        assert torch.equal(y, mod(x))
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="divisible by 32"):
+        W4A8CpuLinear(torch.ones(16, 40))
+    with pytest.raises(ValueError, match="by 16"):
+        W4A8CpuLinear(torch.ones(8, 32))
+    with pytest.raises(ValueError, match="16 x 32 multiples"):
+        Q8Linear.from_rows(lambda a, b: torch.ones(b - a, 32), 24)
+    packed, scales = pack(torch.zeros(16, 32, dtype=torch.int32), torch.ones(16, 1), torch.zeros(16, 1), 4)
+    with pytest.raises(ValueError, match="levels"):
+        torch.ops.shardserve.qmatmul(torch.ones(1, 32), packed, scales, 16, 4, 3)
+
+
+def test_source_weights_kept_exactly(source):
+    """The default GGUF: its Q4_1 projections and its Q8_0 embedding table come back bit for
+    bit from what w4a8-cpu stores."""
+    name = "model.layers.3.mlp.down_proj.weight"
+    w = source.tensor(name)
+    assert torch.equal(W4A8CpuLinear(w, None, source.int4_grid(name)).dequantized(), w)
+    rows = source.rows("model.embed_tokens.weight", 0, 4096)
+    assert torch.equal(Q8Linear.from_rows(lambda a, b: rows[a:b], 4096).dequantized(), rows)
+
+
+def test_w4a8_stages_match_fp32(source, tokenizer):
+    """Two w4a8-cpu stages of the default model against one fp32 stage: the same weights (the
+    file's), activations at ~15 bits, so logits agree closely and " Paris" follows; plan bytes
+    = built bytes."""
+    from shards.generator import Generator
+    from shards.memory import measure_costs
+    from shards.planner import shard_weight_bytes
+    from shards.step import StepBatch
+    ids = tokenizer.encode("The capital of France is")
+    batch = lambda: StepBatch([0], [0], [len(ids)], tokens=torch.tensor([ids]))  # noqa: E731
+    gen, ref = Generator(source, 2, compression="w4a8-cpu"), Generator(source, 1)
+    got, want = gen.step(batch()), ref.step(batch())
+    assert (got - want).abs().max() < 0.05 and tokenizer.decode([int(got.argmax())]) == " Paris"
+    costs = measure_costs(source, "w4a8-cpu")
+    assert [s.weight_bytes() for s in gen.stages] == [shard_weight_bytes(costs, s.layers) for s in gen.stages]
