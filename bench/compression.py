@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-SPECS = ["fp32", "bf16", "int8-cpu", "w8a8-cpu", "int8", "nf4", "fp4", "magnitude:0.5", "wanda:0.5", "2:4",
+SPECS = ["fp32", "bf16", "int8-cpu", "w8a8-cpu", "w4a8-cpu", "int8", "nf4", "fp4", "magnitude:0.5", "wanda:0.5", "2:4",
          "cut-mlp:0.2", "cut-heads:0.25", "drop-layers:2", "nf4+wanda:0.5", "fast", "balanced", "smallest"]
 
 

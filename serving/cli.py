@@ -8,9 +8,10 @@ import sys
 
 from shards.errors import ShardServeError
 
-# `serve` / `bench` without --compression: `fast` = w8a8-cpu, the fastest spec within 1% of
-# fp32's ppl that keeps the greedy answers, under any load (int4-cpu, 1.001x ppl, flips the
-# near-tie first token of the README's question); see the README compression tables
+# `serve` / `bench` without --compression: `fast` = w4a8-cpu, the fastest spec measured over
+# HTTP at concurrency 1 and 8 (w8a8-cpu ties it at 32), with fp32's perplexity (the file's own
+# weights, activations at ~15 bits) and answers that do not change with load (int4-cpu, 1.001x
+# ppl, flips the near-tie first token of the README's question); see the README's tables
 SERVE_DEFAULT = "fast"
 
 
@@ -19,8 +20,8 @@ def _add_model_args(p: argparse.ArgumentParser, shards: bool = True) -> None:
     if shards:
         p.add_argument("--shards", type=int, default=2, help="number of shards (layer ranges)")
     p.add_argument("--compression", default=None,
-                   help="e.g. fp32, bf16, int8, nf4, int8-cpu, w8a8-cpu, nf4+wanda:0.5, cut-mlp:0.2, balanced "
-                        "(default: fast = w8a8-cpu for serve and bench, fp32 otherwise; a prepared "
+                   help="e.g. fp32, bf16, int8, nf4, int8-cpu, w8a8-cpu, w4a8-cpu, nf4+wanda:0.5, cut-mlp:0.2, balanced "
+                        "(default: fast = w4a8-cpu for serve and bench, fp32 otherwise; a prepared "
                         "artifact: what it was made with)")
 
 

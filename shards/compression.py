@@ -22,7 +22,7 @@ QUANTS = ("fp32", "bf16", "int8", "nf4", "fp4", "int8-cpu", "int4-cpu", "w8a8-cp
 FOUR_BIT = ("int4-cpu", "w4a8-cpu")   # group-wise 4-bit weights: a Q4 source's own codes are kept
 PRUNES = ("magnitude", "wanda", "2:4")
 CUTS = ("cut-mlp", "cut-heads", "drop-layers")
-PRESETS = {"fast": "w8a8-cpu", "balanced": "int4-cpu", "smallest": "nf4+cut-mlp:0.2"}
+PRESETS = {"fast": "w4a8-cpu", "balanced": "int4-cpu", "smallest": "nf4+cut-mlp:0.2"}
 GPTQ_QUANTS = ("int8-cpu", "int4-cpu", "nf4")
 VALID = ("fp32, bf16, int8, nf4, fp4, int8-cpu, int4-cpu, w8a8-cpu, w4a8-cpu, gptq (with int8-cpu, int4-cpu or nf4), magnitude:S, wanda:S, 2:4, sparsegpt:S, "
          "sparsegpt:2:4, cut-mlp:F, cut-heads:F, drop-layers:N (S, F in (0, 1)), joined with '+'; presets: " + ", ".join(PRESETS))

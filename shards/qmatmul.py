@@ -83,6 +83,8 @@ class GroupQuantLinear(nn.Module):
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, k: int,
                  bias: torch.Tensor | None = None, levels: int = LEVELS):
         super().__init__()
+        if packed.device.type == "cpu":
+            _kernel()      # built (or found) at load: a node without a compiler fails here, not mid-request
         self.register_buffer("packed", packed)
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)

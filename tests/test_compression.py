@@ -16,7 +16,7 @@ def test_spec_grammar_and_presets():
     assert parse("nf4+wanda:0.5") == Compression("nf4", "wanda", 0.5)
     assert parse("int8-cpu+2:4").prune == "2:4"
     assert parse("cut-mlp:0.2+drop-layers:2") == Compression(cut_mlp=0.2, drop_layers=2)
-    assert parse("balanced") == parse("int4-cpu") and parse("fast").quant == "w8a8-cpu"
+    assert parse("balanced") == parse("int4-cpu") and parse("fast").quant == "w4a8-cpu"
     assert parse("magnitude:0.5").spec == "magnitude:0.5" and parse("fp32").spec == "fp32"
     for bad, msg in [("int3", "unknown compression 'int3'"), ("wanda:1.5", "fraction in"),
                      ("nf4+int8", "sets quant twice"), ("", "empty")]:

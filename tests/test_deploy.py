@@ -93,10 +93,10 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def test_presets_reach_the_shards_as_specs():
-    """`fast` (the serve default) is planned as w8a8-cpu: shards report the spec, and the
-    controller's compression ladder, written in specs, can step from it (on int8-cpu's step)."""
+    """`fast` (the serve default) is planned as w4a8-cpu: shards report the spec, and the
+    controller's compression ladder, written in specs, can step from it (on int4-cpu's step)."""
     from serving.launch import EngineConfig, make_plan
     from serving.policy import SAME_STEP, ControllerConfig
     p = make_plan(EngineConfig(compression="fast", placement=False))
-    assert {s.compression for s in p.shards} == {"w8a8-cpu"}
-    assert SAME_STEP["w8a8-cpu"] in ControllerConfig().ladder
+    assert {s.compression for s in p.shards} == {"w4a8-cpu"}
+    assert SAME_STEP["w4a8-cpu"] in ControllerConfig().ladder
