@@ -125,6 +125,13 @@ class ShardServe:
         self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self._encoder = None
 
+    def __del__(self):
+        """Serve shuts the replica down: its Compiled Graph (if any) must not outlive it on the
+        shard actors, or the next replica's could never start."""
+        b = self._build
+        if b is not None and b.done() and not b.cancelled() and b.exception() is None:
+            b.result().pipeline.close(wait=True)
+
     async def engine(self):
         """The engine, built once on first use (attaching to shard actors the CLI started).
 

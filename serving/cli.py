@@ -115,7 +115,8 @@ def start_service(args):
                               "use the model; pass --api-key (or SHARDSERVE_API_KEY), or --insecure")
     ray.init(address=args.address, namespace="shardserve", log_to_driver=False)
     config = {"model": args.model, "shards": args.shards, "kv_tokens": args.kv_tokens,
-              "compression": args.compression, "replicas": args.replicas, "compile": args.compile}
+              "compression": args.compression, "replicas": args.replicas, "compile": args.compile,
+              "compiled_graph": args.compiled_graph}
     cfg = app_config(config).engine()
     started = [(prefix, *start(dataclasses.replace(cfg, prefix=prefix))) for prefix in replica_prefixes(cfg)]
     for prefix, plan, hs, _ in started:   # every pipeline loads here, with progress bars
@@ -187,7 +188,7 @@ def cmd_bench(args) -> int:
     from shards.data import read_prompts, with_context
     from shards.source import open_source
     result = {"model": args.model, "shards": args.shards, "compression": args.compression, "compile": args.compile,
-              "max_tokens": args.max_tokens, "context_tokens": args.context, "shardserve": [],
+              "compiled_graph": args.compiled_graph, "max_tokens": args.max_tokens, "context_tokens": args.context, "shardserve": [],
               "hf_generate": [], "llama_server": None}
     source = open_source(args.model)
     tok = source.tokenizer() if args.context else None
@@ -307,6 +308,9 @@ def _add_service_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=1, help="data-parallel pipelines behind the endpoint")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="decode eagerly (default: the compiled decode step, compiled at load, cached on disk)")
+    p.add_argument("--compiled-graph", action="store_true",
+                   help="step the shards through a Ray Compiled Graph instead of .remote calls (~4 ms a token "
+                        "less at concurrency 1; one router per pipeline: README)")
     p.set_defaults(serve_default=SERVE_DEFAULT)
 
 

@@ -81,6 +81,7 @@ class AppConfig(BaseModel):
     replicas: int = Field(1, ge=1, le=64)
     placement: bool = True
     compile: bool = True                   # compiled decode steps (shards/compiled.py)
+    compiled_graph: bool = False           # steps through a Ray Compiled Graph (serving/pipeline.py)
     prefix: str = Field("", pattern=r"^[a-z0-9-]*$")
     control: bool = True
     controller: ControllerArgs | None = None
@@ -107,7 +108,7 @@ class AppConfig(BaseModel):
             prefill_tokens=self.prefill_tokens, compression=self.compression, device=self.device,
             prefix=self.prefix, max_waiting=self.max_waiting, timeout_s=self.timeout_s, control=self.control,
             controller=self.controller.settings() if self.controller else None, replicas=self.replicas,
-            placement=self.placement, compile=self.compile)
+            placement=self.placement, compile=self.compile, compiled_graph=self.compiled_graph)
 
     def key(self) -> str | None:
         return self.api_key or os.environ.get(self.api_key_env) or None

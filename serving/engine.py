@@ -178,8 +178,7 @@ class Engine:
             self._free(freed)
             if group is None:
                 return
-            ref = self._chain(group)
-            fut = asyncio.ensure_future(asyncio.wrap_future(ref.future()))
+            fut = self._chain(group)
             fut.launched = time.perf_counter()
             self._inflight[fut] = group
 
@@ -341,6 +340,7 @@ class Engine:
         for task in (self._loop_task, self._control_task, self._recovery):
             if task is not None:
                 task.cancel()
+        self.pipeline.close()
 
     async def timing(self, since: float = 0.0) -> dict:
         """Where a decode step's time goes, medians over decode groups that ended after `since`
@@ -351,7 +351,8 @@ class Engine:
         hop = 1000 * hops[len(hops) // 2] if hops else None
         compute = sum(shard) if hops and all(x is not None for x in shard) else None
         return {"decode_groups": len(hops), "decode_hop_ms_p50": hop, "shard_decode_ms_p50": shard,
-                "shard_compute_ms": compute, "ray_router_ms": None if compute is None else hop - compute}
+                "shard_compute_ms": compute, "ray_router_ms": None if compute is None else hop - compute,
+                "compiled_graph": self.pipeline.graph_active, "graph_steps": self.pipeline.graph_steps}
 
     async def stats(self) -> list[dict]:
         return await self.pipeline.stats()

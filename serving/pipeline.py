@@ -4,6 +4,15 @@ The router (serving/engine.py) only launches steps through `launch` and reports 
 `landed`; everything that changes the shards (move layers, split a shard, recompress one,
 replace a dead one) runs here between `pause` and `resume`, at a step boundary: no step is in
 flight, so no KV is half-written while it moves. Every change is recorded in `events`.
+
+With compiled_graph (opt-in), steps go through a Ray Compiled Graph over the shard actors
+(shared-memory channels, actor to actor, built at the first step and again after every
+change): at concurrency 1 a token's three
+Ray hops (router -> shard 0 -> shard 1 -> router) took ~4 ms less than as `.remote` calls
+(two shard actors chained, w4a8-cpu, compiled step: 19.7 against 23.1-23.5 ms a token). A
+shard's exception reaches the router as the step's error and the graph stays; anything else
+(a dead actor, a broken channel) drops the graph, and steps go by `.remote` calls until the
+next change rebuilds it (re-placing the dead shard is one).
 """
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 from collections import deque
 
@@ -19,6 +29,12 @@ from shards.plan import Action, MoveLayers, Plan, Recompress, ReplaceShard, Shar
 
 PING_TIMEOUT_S = 30.0     # a paused pipeline has nothing queued: a live actor answers at once
 NAME_RELEASE_S = 20.0     # how long a dead actor's name may stay registered
+WATCH_S = 2.0             # a graph step out this long checks that every shard still answers
+TEARDOWN_S = 30.0         # wait at most this for a graph's teardown before a change
+
+
+class ShardLost(RuntimeError):
+    """A shard stopped answering while a step was in flight through the graph."""
 
 
 class ActionError(RuntimeError):
@@ -49,7 +65,7 @@ async def _answers(handle) -> bool:
 
 class Pipeline:
     def __init__(self, model: str, plan: Plan, handles: list, kv_blocks: int, block_size: int,
-                 prefix: str = ""):
+                 prefix: str = "", compiled_graph: bool = False):
         self.model, self.plan, self.handles = model, plan, list(handles)
         self.names = [f"{prefix}shard-{s.index}" for s in plan.shards]
         self.kv_blocks, self.block_size, self.prefix = kv_blocks, block_size, prefix
@@ -60,16 +76,94 @@ class Pipeline:
         self._idle.set()
         self._lock = asyncio.Lock()     # one change at a time
         self.on_resume = lambda: None   # the router wakes up on it
+        self.compiled_graph = compiled_graph
+        self._graph = None              # the Compiled Graph over self.handles, once built
+        self._graph_ok = compiled_graph   # False after a failure, until the next change
+        self.graph_steps = 0            # steps that went through a graph (stats)
 
     # ---- steps ----------------------------------------------------------------------------
-    def launch(self, batch):
-        """Chain one step through every shard, actor to actor; returns the last ObjectRef."""
+    def launch(self, batch) -> asyncio.Future:
+        """Chain one step through every shard, actor to actor; returns the future of the last
+        shard's output (call in the router's event loop; steps run in launch order)."""
         self.inflight += 1
         self._idle.clear()
+        graph = self._graph_now()
+        if graph is not None:
+            self.graph_steps += 1
+            return asyncio.ensure_future(self._through(graph, batch))
         ref = batch
         for h in self.handles:
             ref = h.forward.remote(ref)
-        return ref
+        return asyncio.ensure_future(asyncio.wrap_future(ref.future()))
+
+    @property
+    def graph_active(self) -> bool:
+        """Steps go through the Compiled Graph now (it is built, or will be at the next step)."""
+        return self._graph is not None or self._graph_ok
+
+    def _graph_now(self):
+        if self._graph is None and self._graph_ok:
+            from ray.dag import InputNode
+            try:
+                with InputNode() as step:
+                    node = step
+                    for h in self.handles:
+                        node = h.forward.bind(node)
+                # asyncio: compiled in the loop that runs it; 4 steps in flight (the router keeps <= 3)
+                self._graph = node.experimental_compile(enable_asyncio=True, _max_inflight_executions=4)
+            except Exception as e:
+                self._graph_failed(e)
+        return self._graph
+
+    async def _through(self, graph, batch):
+        """One step through the graph (execute_async submits in call order: an asyncio lock)."""
+        from ray.exceptions import RayTaskError
+        try:
+            return await self._watched(await graph.execute_async(batch))
+        except RayTaskError:
+            raise           # a shard's own exception: the graph still runs
+        except Exception as e:
+            if graph is self._graph:
+                self._graph_failed(e)
+            raise
+
+    async def _watched(self, result):
+        """The graph's result. A shard that dies mid-step leaves it pending for good (Ray 2.60),
+        so a step still out after WATCH_S checks the shards every WATCH_S and raises once one
+        does not answer (a decode step takes tens of ms, a prefill chunk under a second here)."""
+        task = asyncio.ensure_future(result)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=WATCH_S)
+            if done:
+                return task.result()
+            lost = await self.dead()
+            if lost:
+                task.cancel()
+                raise ShardLost(f"shard(s) {lost} stopped answering with a step in flight")
+
+    def _graph_failed(self, err: Exception) -> None:
+        self.events.append({"time": time.time(), "action": "graph", "ok": False,
+                            "error": describe(err), "note": "steps go by .remote calls until the next change"})
+        self._graph_ok = False
+        self._drop_graph()
+
+    def _drop_graph(self) -> threading.Thread | None:
+        """Tear the graph down on a thread (with a dead actor it waits on it; the router's loop
+        must not); returns the thread, None when there was no graph."""
+        graph, self._graph = self._graph, None
+        if graph is None:
+            return None
+        t = threading.Thread(target=_teardown, args=(graph,), name="graph-teardown", daemon=True)
+        t.start()
+        return t
+
+    def close(self, wait: bool = False) -> None:
+        """Stop the graph's loops on the actors (they stay up, for plain calls or another router;
+        a graph left running would keep them polling its channels and block the next one)."""
+        self._graph_ok = False
+        t = self._drop_graph()
+        if wait and t is not None:
+            t.join(TEARDOWN_S)
 
     def landed(self) -> None:
         self.inflight -= 1
@@ -93,9 +187,13 @@ class Pipeline:
     async def _paused(self):
         """A step boundary for the body: no step in flight, none launched until it ends."""
         await self.pause()
+        t = self._drop_graph()   # a change may replace handles; the graph is rebuilt after it
+        if t is not None:        # an actor runs one graph at a time: the old one must be gone
+            await asyncio.to_thread(t.join, TEARDOWN_S)
         try:
             yield
         finally:
+            self._graph_ok = self.compiled_graph
             self.resume()
 
     # ---- reading --------------------------------------------------------------------------
@@ -266,4 +364,11 @@ def _kill(handle) -> None:
     try:
         ray.kill(handle)
     except Exception:   # already gone
+        pass
+
+
+def _teardown(graph) -> None:
+    try:
+        graph.teardown()
+    except Exception:   # a dead actor's loop cannot be cancelled: nothing is left to stop
         pass

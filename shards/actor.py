@@ -50,6 +50,8 @@ class ShardWorker:
             self.stage = Stage(self.source, spec.layers, kv_blocks, block_size, device=self.device,
                                compression=spec.compression, compile=spec.compile,
                                threads=(self.threads,))
+        # steps run on a Compiled Graph's thread (serving/pipeline.py), stats on the main one:
+        # readers copy these deques with list() (atomic) before iterating
         self.busy: deque[tuple[float, float]] = deque(maxlen=512)  # (start, end) wall clock, s
         self.decode_steps: deque[tuple[float, float]] = deque(maxlen=1024)  # (end, seconds) of decode steps
         self.steps = 0
@@ -126,7 +128,7 @@ class ShardWorker:
 
     def decode_ms(self, since: float = 0.0) -> float | None:
         """Median milliseconds of this shard's decode steps that ended after `since` (epoch s)."""
-        xs = sorted(d for t, d in self.decode_steps if t >= since)
+        xs = sorted(d for t, d in list(self.decode_steps) if t >= since)   # list(): one atomic copy
         return 1000 * xs[len(xs) // 2] if xs else None
 
     def inject_fault(self, steps: int = 1, message: str = "injected fault") -> None:
@@ -139,7 +141,7 @@ class ShardWorker:
         so RSS counts what the shard holds, as the controller and the plan's budget mean it:
         measured under load, 90 MiB of shard 0's RSS after a 9-layer move was such free heap."""
         _trim_heap()
-        times = [e - s for s, e in self.busy]
+        times = [e - s for s, e in list(self.busy)]   # steps append on the graph's thread
         node = _node()
         return {
             "start": self.stage.layers.start, "end": self.stage.layers.end,

@@ -22,6 +22,9 @@ class FakePipeline:
     def __init__(self):
         self.on_resume = None
 
+    def close(self) -> None:
+        pass
+
 
 def engine(**kw) -> Engine:
     return Engine(FakePipeline(), CharTokenizer(), eos={0}, **kw)
