@@ -4,7 +4,8 @@
     w8a8-cpu                                             int8 weights and activations (smoothed;
                                                          alone, or on a prepared artifact)
     w4a8-cpu                                             int4-cpu's 4-bit weights, activations
-                                                         int8 per group of 32 (our kernel)
+                                                         two int8 levels per group of 32 (our
+                                                         kernel, shards/qmatmul.py)
     magnitude:S | wanda:S | 2:4                          pruning, S = sparsity in (0, 1)
     sparsegpt:S | sparsegpt:2:4                          pruning with SparseGPT's weight update
     cut-mlp:F | cut-heads:F | drop-layers:N              structured cuts

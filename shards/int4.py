@@ -81,4 +81,3 @@ def q4_grid(raw, gtype: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     m = -8 * d if gtype == T.Q4_0 else blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
     return torch.from_numpy(d), torch.from_numpy(m)
-

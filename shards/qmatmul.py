@@ -6,11 +6,13 @@ instruction; portable loops elsewhere, the same bits), called as the torch op
 
 Why: at small batches a decode step streams every weight from memory, and 4.5 bits a weight
 stream faster than int8's 8 (one 3072 x 576 layer cycled with 39 others, beyond the L3, us at
-batch 1 / 4 / 8 / 16, 2 threads: 24 / 34 / 59 / 99 at one level against `_int_mm` 57 / 138 /
-146 / 177). Two levels, x ~ a1 xq1 + a2 xq2 per group (~15 bits), because one loses quality
-where inputs have outlier channels (WikiText-2, seqlen 512 x 8, fp32 30.60, int4-cpu's modules
-elsewhere: qkv_proj through one level 30.79, gate_up_proj 30.69, o_proj 30.65; every projection
-at one level 30.98, at two 30.64); they cost 40 / 51 / 115 / 172 us there. The embedding and
+batch 1 / 4 / 8 / 16, 2 threads: the kernel alone at one level 24 / 34 / 59 / 99 against
+`_int_mm` alone 57 / 138 / 146 / 177; this module, eager, at one level 34 / 41 / 68 / 105, at
+two 40 / 51 / 115 / 172, against W8A8CpuLinear's 88 / 180 / 205 / 230). Two levels, x ~ a1 xq1
++ a2 xq2 per group (~15 bits), because one loses quality where inputs have outlier channels
+(WikiText-2, seqlen 512 x 8, fp32 30.60, int4-cpu's modules elsewhere: qkv_proj through one
+level 30.79, gate_up_proj 30.69, o_proj 30.65; every projection at one level 30.98, at two
+30.64). The embedding and
 lm_head table is 8-bit (Q8Linear): the default GGUF stores it as Q8_0, whose codes and scales
 it keeps exactly, and 4 bits would be the table's first loss.
 """

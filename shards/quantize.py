@@ -82,6 +82,11 @@ class Int8CpuLinear(nn.Module):
         y = y.reshape(*shape[:-1], -1).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of token ids [...] -> [..., in] fp32 (per-output-channel scales are
+        per-row here)."""
+        return self.qweight[ids].float() * self.scales[ids].float().unsqueeze(-1)
+
     def _dequantized_mm(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 [rows, in] fp32 -> [rows, out] through fp32 GEMMs over DEQUANT_CHUNK output channels
         at a time (the fp32 copy of one chunk is the only temporary: 9 MiB for SmolLM2's head)."""
@@ -132,6 +137,10 @@ class W8A8CpuLinear(nn.Module):
         inv_s = torch.ones(parts[0][0].shape[1]) if s is None else 1 / s
         return cls(qweight=torch.cat([q for q, _ in parts]), scales=torch.cat([c for _, c in parts]), inv_s=inv_s)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of token ids: the stored rows are W * s, so divided by s again."""
+        return self.qweight[ids].float() * self.scales[ids].unsqueeze(-1) * self.inv_s
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         xq, sx = per_token_int8(x.reshape(-1, shape[-1]).float() * self.inv_s)
@@ -166,20 +175,15 @@ def two_level_mm(x: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
 
 
 class Int8Embedding(nn.Module):
-    """Token embedding read from int8 rows with per-row scales, or from w4a8-cpu's Q8 groups
-    (shards/qmatmul.py::Q8Linear). Tied models share the table with their int8 lm_head (its
-    per-output-channel scales are per-row here; a W8A8 head's rows are W * s, so they are
-    divided by s again)."""
+    """Token embedding read from an int8 table's own rows (`rows(ids)`: Int8CpuLinear,
+    W8A8CpuLinear, w4a8-cpu's Q8Linear). Tied models share the table with their lm_head."""
 
     def __init__(self, table: nn.Module):
         super().__init__()
         self.table = table
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.table, "rows"):
-            return self.table.rows(ids)
-        rows = self.table.qweight[ids].float() * self.table.scales[ids].float().unsqueeze(-1)
-        return rows * self.table.inv_s if isinstance(self.table, W8A8CpuLinear) else rows
+        return self.table.rows(ids)
 
 
 def head_quant(quant: str) -> str:
