@@ -25,9 +25,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", type=int, default=0, help="profile decode at this batch size")
+    ap.add_argument("--compile", action="store_true", help="the compiled decode step, as served")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    st = Stage(open_source(a.model), LayerRange(*a.layers), kv_blocks=32 * 10, compression=a.compression)
+    st = Stage(open_source(a.model), LayerRange(*a.layers), kv_blocks=32 * 10, compression=a.compression,
+               compile=a.compile, threads=(a.threads,))
 
     def inputs(b: int, q: int) -> dict:
         return {"tokens": torch.randint(100, 900, (b, q))} if st.is_first else {"hidden": torch.randn(b, q, 576)}
