@@ -50,8 +50,9 @@ def test_seeded_sampling_reproducible(source, tokenizer):
 
 @pytest.mark.parametrize("compression", ["w4a8-cpu", "w8a8-cpu"])
 def test_prefill_logits_do_not_depend_on_the_batch(source, tokenizer, compression):
-    """The README's question is a near tie ("The" leads "L" by 0.08 logits, fp32, w4a8-cpu (the
-    serve default) and w8a8-cpu alike): under
+    """The README's question is a near tie ("The" leads "L" by 0.09 logits, fp32 and w4a8-cpu, the
+    serve default; w8a8-cpu's smoothing maxima come from an fp32 pass whose last bits differ
+    between CPU models, and it has led with either, by up to 0.22): under
     load its prompt is prefilled next to longer ones (padded), in chunks, and alone (2 threads)
     or not (1). Every way gives the same logits, bit for bit, so the answer cannot flip with
     load. Padded next to a longer prompt at 2 threads it flipped before MKL's strict mode."""
@@ -85,4 +86,4 @@ def test_prefill_logits_do_not_depend_on_the_batch(source, tokenizer, compressio
             assert torch.equal(prefill([("q", 0, n)]), ref)
     finally:
         torch.set_num_threads(was)
-    assert tokenizer.decode([ref.argmax().item()]) == "The"
+    assert tokenizer.decode([ref.argmax().item()]) in (("The",) if compression == "w4a8-cpu" else ("The", "L"))
