@@ -13,7 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from serving.pipeline import ActionError, Pipeline, describe
 from serving.scheduler import Group, Scheduler, SchedulerConfig, Sequence
@@ -184,7 +184,7 @@ class Engine:
 
     def _chain(self, g: Group):
         width = max(map(len, g.inputs))
-        tokens = torch.tensor([list(x) + [0] * (width - len(x)) for x in g.inputs], dtype=torch.long)
+        tokens = np.array([list(x) + [0] * (width - len(x)) for x in g.inputs], dtype=np.int64)   # shards/step.py: to_wire
         batch = StepBatch(list(g.seq_ids), list(g.starts), [len(x) for x in g.inputs], tokens=tokens,
                           sampling=list(g.sampling), steps=list(g.steps), free=self._pending_free,
                           alone=not self._inflight)

@@ -21,7 +21,7 @@ from shards.plan import ShardSpec
 from shards.sampling import sample
 from shards.source import open_source
 from shards.stage import Stage
-from shards.step import StepBatch
+from shards.step import StepBatch, to_wire
 
 NAMESPACE = "shardserve"
 
@@ -79,7 +79,7 @@ class ShardWorker:
         if self.stage.is_last:
             out = sample(out.cpu(), batch.sampling, batch.steps).tolist()
         else:
-            out = batch.with_hidden(out.cpu())
+            out = batch.with_hidden(to_wire(out.cpu()))
         t1 = time.time()
         self.busy.append((t0, t1))
         if batch.width == 1:   # a decode step: one token per sequence

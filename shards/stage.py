@@ -21,7 +21,7 @@ from shards.layer_range import LayerRange
 from shards.memory import module_bytes
 from shards.quantize import linear
 from shards.source import ModelSource
-from shards.step import StepBatch
+from shards.step import StepBatch, from_wire
 from shards.step_context import StepContext, rope_params
 
 log = logging.getLogger(__name__)
@@ -261,9 +261,9 @@ class Stage(nn.Module):
         [B, vocab] at each sequence's last new token ([B, Q, vocab] with all_logits)."""
         ctx = StepContext(batch, self.kv, self.inv_freq, self.rope_scale)
         if self.is_first:
-            x = self.embed(batch.tokens.to(self.device)).to(self.dtype)
+            x = self.embed(from_wire(batch.tokens).to(self.device)).to(self.dtype)
         else:
-            x = batch.hidden.to(device=self.device, dtype=self.dtype)
+            x = from_wire(batch.hidden).to(device=self.device, dtype=self.dtype)
         if self.runs_compiled and batch.width == 1:
             # x: [B, 1, hidden] -> the graph's [B, hidden]; cos, sin: [B, 1, 1, hd] -> [B, 1, hd].
             # The copy makes a received hidden state an inference tensor, as the graphs were traced

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+import torch
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -58,3 +61,22 @@ class StepBatch:
         """The same step for the next stage, carrying hidden states instead of tokens."""
         return StepBatch(self.seq_ids, self.starts, self.q_lens, None, hidden, self.sampling, self.steps,
                          self.free, self.alone)
+
+
+# dtypes a step's tensors cross process boundaries in as numpy arrays
+_NUMPY = {torch.float32, torch.float16, torch.int64}
+
+
+def to_wire(t):
+    """A CPU tensor as Ray should carry it: a numpy array (pickled out of band), a tensor only for
+    dtypes numpy lacks (bf16). Measured here: a StepBatch with a [1, 1, 576] fp32 tensor took 244
+    us to serialize and 4.5-6.1 ms an actor round trip, with the same numpy array 63 us and 3.4-3.6
+    ms (without either, 3.0-3.3 ms); a token passes two such hops."""
+    return t.numpy() if isinstance(t, torch.Tensor) and t.dtype in _NUMPY else t
+
+
+def from_wire(x):
+    """to_wire's inverse: a tensor (Ray's arrays arrive read-only; a copy is made then)."""
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x if x.flags.writeable else x.copy())
+    return x
