@@ -72,3 +72,24 @@ def test_top_k_row_beside_an_uncut_row():
     ps = [SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0)]
     seen = {tuple(sample(logits, ps, [0, 0]).tolist())[0] for _ in range(300)}
     assert seen == {1, 3}
+
+
+def test_ranking_few_candidates_draws_what_a_whole_sort_draws():
+    """Cut rows rank their best 256, then 4096 tokens, sorting the row whole only when the
+    nucleus closes in neither: every tier gives the draw a whole sort gives for the same seed."""
+    from shards.sampling import _uniform, sorted_probs
+    g = torch.Generator().manual_seed(0)
+    peaked = -1.5 * torch.log(torch.arange(1, 5001).float())[torch.randperm(5000, generator=g)]
+    logits = torch.stack([peaked, peaked.roll(7), torch.randn(5000, generator=g) * 0.5, torch.zeros(5000)])
+    # row 0 closes within 256, row 1 (top_k 300) within 300, row 2 within 4096, row 3 (flat) in none
+    ps = [SamplingParams(temperature=0.8, top_p=0.9, seed=1), SamplingParams(temperature=1.0, top_k=300, seed=2),
+          SamplingParams(temperature=1.0, top_p=0.5, seed=3), SamplingParams(temperature=1.0, top_p=0.9, seed=4)]
+    assert [sorted_probs(logits[b:b + 1], [ps[b]], w)[2].item() for b, w in ((0, 256), (2, 256), (2, 4096), (3, 4096))] \
+        == [True, False, True, False]
+    for step in range(100):
+        want = []
+        for b, p in enumerate(ps):
+            probs, order, _ = sorted_probs(logits[b:b + 1], [p], None)
+            u = _uniform(p.seed, step) * probs.sum()
+            want.append(order[0, torch.searchsorted(probs.cumsum(-1)[0], u).clamp(max=probs.shape[1] - 1)].item())
+        assert sample(logits, ps, [step] * 4).tolist() == want
