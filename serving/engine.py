@@ -184,7 +184,8 @@ class Engine:
 
     def _chain(self, g: Group):
         width = max(map(len, g.inputs))
-        tokens = np.array([list(x) + [0] * (width - len(x)) for x in g.inputs], dtype=np.int64)   # shards/step.py: to_wire
+        # numpy, not a tensor: Ray serializes it ~4x faster (shards/step.py, to_wire)
+        tokens = np.array([list(x) + [0] * (width - len(x)) for x in g.inputs], dtype=np.int64)
         batch = StepBatch(list(g.seq_ids), list(g.starts), [len(x) for x in g.inputs], tokens=tokens,
                           sampling=list(g.sampling), steps=list(g.steps), free=self._pending_free,
                           alone=not self._inflight)

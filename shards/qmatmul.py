@@ -116,9 +116,10 @@ class GroupQuantLinear(nn.Module):
     def dequantized(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The weight [N, K] (or its `rows`) fp32 the kernel computes with: w = d u + m."""
         p, ng = self.scales.shape[:2]
-        sc = self.scales.view(p, ng, 2, PANEL)     # rows picked before the cast: an embedding
-        sc = (sc.permute(0, 3, 1, 2).reshape(p * PANEL, ng, 2) if rows is None   # lookup must not
-              else sc[rows // PANEL, :, :, rows % PANEL]).float()                 # convert the table
+        # rows picked before the fp32 cast: an embedding lookup must not convert the whole table
+        sc = self.scales.view(p, ng, 2, PANEL)
+        sc = (sc.permute(0, 3, 1, 2).reshape(p * PANEL, ng, 2) if rows is None
+              else sc[rows // PANEL, :, :, rows % PANEL]).float()
         u = self.codes(rows).float().reshape(-1, ng, GROUP)
         return (u * sc[..., :1] + sc[..., 1:]).reshape(-1, self.in_features)
 

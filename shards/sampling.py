@@ -35,16 +35,18 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int])
     u = {b: _uniform(params[b].seed, steps[b] if steps else 0) for b in hot}
     vocab = logits.shape[1]
     uncut = [b for b in hot if params[b].top_p == 1.0 and not 0 < params[b].top_k < vocab]
-    for rows, widths in ((uncut, [None]), ([b for b in hot if b not in uncut], list(WIDTHS))):
+    cut = sorted(set(hot) - set(uncut))
+    for rows, widths in ((uncut, [None]), (cut, list(WIDTHS))):
         while rows:
             probs, order, covered = sorted_probs(logits[rows], [params[b] for b in rows], widths.pop(0))
-            done = [i for i, c in enumerate(covered.tolist()) if c]
+            covered = covered.tolist()
+            done = [i for i, c in enumerate(covered) if c]
             if len(done) < len(rows):
                 probs, order = probs[done], order[done]
             uu = torch.tensor([u[rows[i]] for i in done], dtype=probs.dtype).unsqueeze(1)   # [H, 1]
             pick = torch.searchsorted(probs.cumsum(-1), uu * probs.sum(-1, keepdim=True))
             out[[rows[i] for i in done]] = order.gather(1, pick.clamp_(max=probs.shape[1] - 1)).squeeze(1)
-            rows = [rows[i] for i, c in enumerate(covered.tolist()) if not c]
+            rows = [b for b, c in zip(rows, covered) if not c]
     return out
 
 
