@@ -1,8 +1,8 @@
 """The router: continuous batching over shard actors, micro-batch groups pipelined (DESIGN.md 4).
 
-Runs in one asyncio loop (inside a Serve replica, or a test). A group's step is an ObjectRef
-chain s0.forward -> s1.forward -> ... ; hidden states go actor to actor through Ray's object
-store, only sampled token ids come back here.
+Runs in one asyncio loop (inside a Serve replica, or a test). A group's step goes through the
+Pipeline: over its step channels (shard 0, its hidden states on to shard 1, ...; the last
+shard's sampled token ids come back), or as an ObjectRef chain s0.forward -> s1.forward -> ...
 """
 from __future__ import annotations
 
@@ -151,6 +151,8 @@ class Engine:
 
     async def _run(self) -> None:
         while True:
+            if not self._inflight and not self._blocked and self.pipeline.needs_connect:
+                await self.pipeline.connect()   # no step in flight: none can be overtaken
             self._launch_ready()
             if not self._inflight:
                 if self._pending_free and not self._blocked:   # idle: free now, and wait so nothing overtakes it
@@ -353,7 +355,8 @@ class Engine:
         compute = sum(shard) if hops and all(x is not None for x in shard) else None
         return {"decode_groups": len(hops), "decode_hop_ms_p50": hop, "shard_decode_ms_p50": shard,
                 "shard_compute_ms": compute, "ray_router_ms": None if compute is None else hop - compute,
-                "compiled_graph": self.pipeline.graph_active, "graph_steps": self.pipeline.graph_steps}
+                "compiled_graph": self.pipeline.graph_active, "graph_steps": self.pipeline.graph_steps,
+                "channels": self.pipeline.channels_active, "channel_steps": self.pipeline.channel_steps}
 
     async def stats(self) -> list[dict]:
         return await self.pipeline.stats()

@@ -27,6 +27,7 @@ class EngineConfig:
     placement: bool = True               # pin each shard to a node chosen by memory (shards/placement.py)
     compile: bool = False                # compiled decode steps (shards/compiled.py; the CLI's default)
     compiled_graph: bool = False         # steps through a Ray Compiled Graph (serving/pipeline.py)
+    channels: bool = True                # steps over a socket per shard, not Ray calls (shards/channel.py)
 
 
 def make_plan(cfg: EngineConfig, nodes: list | None = None) -> Plan:
@@ -115,7 +116,8 @@ async def build_engine(cfg: EngineConfig, on_ready=None):
         controller = f"{cfg.prefix}controller"
     source = open_source(cfg.model)
     eos = source.config.eos_token_id
-    pipeline = Pipeline(cfg.model, p, handles, kv_blocks, cfg.block_size, cfg.prefix, cfg.compiled_graph)
+    pipeline = Pipeline(cfg.model, p, handles, kv_blocks, cfg.block_size, cfg.prefix, cfg.compiled_graph,
+                        cfg.channels)
     return Engine(pipeline, source.tokenizer(), set(eos if isinstance(eos, list) else [eos]),
                   cfg.max_batch, cfg.prefill_tokens, controller=controller, max_waiting=cfg.max_waiting,
                   timeout_s=cfg.timeout_s)

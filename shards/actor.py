@@ -8,12 +8,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 from collections import deque
 
 import psutil
 import torch
 
+from shards.channel import ChannelServer, decode_step, encode_reply
 from shards.compression import parse as parse_compression
 from shards.layer_range import LayerRange
 from shards.memory import module_bytes
@@ -57,6 +59,10 @@ class ShardWorker:
         self.steps = 0
         self.budget_bytes = spec.budget_bytes
         self.faults: list[str] = []   # inject_fault: the next len(faults) steps raise these
+        # steps arrive on channel threads (shards/channel.py) or a Compiled Graph's, changes and
+        # frees on Ray's: one at a time (re-entrant: a step frees what rides on it)
+        self._lock = threading.RLock()
+        self.channel: ChannelServer | None = None
 
     def ready(self) -> dict:
         return self.stats()
@@ -64,8 +70,23 @@ class ShardWorker:
     def ping(self) -> int:
         return os.getpid()
 
+    def open_channel(self) -> dict:
+        """Where routers send this shard's steps (shards/channel.py): host, port and the secret a
+        connection must present; one listening socket per actor, opened at the first call."""
+        if self.channel is None:
+            self.channel = ChannelServer(self._step_frame, _node()[0] or "127.0.0.1")
+        host, port = self.channel.address
+        return {"host": host, "port": port, "secret": self.channel.secret}
+
+    def _step_frame(self, header: dict, body) -> tuple[dict, bytes]:
+        return encode_reply(self.forward(decode_step(header, body)))
+
     def forward(self, batch: StepBatch):
         """Hidden states on to the next shard, or (last shard) sampled token ids."""
+        with self._lock:
+            return self._forward(batch)
+
+    def _forward(self, batch: StepBatch):
         t0 = time.time()
         self.free(batch.free)
         if self.faults:
@@ -88,8 +109,9 @@ class ShardWorker:
         return out
 
     def free(self, seq_ids: list[int]) -> None:
-        for sid in seq_ids:
-            self.stage.free(sid)
+        with self._lock:
+            for sid in seq_ids:
+                self.stage.free(sid)
 
     def free_all(self) -> int:
         """Free every sequence's KV (a new router attaching); returns how many there were."""
@@ -99,23 +121,23 @@ class ShardWorker:
 
     def grow(self, layers: LayerRange, handoff: dict) -> dict:
         """handoff: the giving shard's shrink() result (K/V of live sequences, dropped layers)."""
-        with _own_mmaps():
+        with self._lock, _own_mmaps():
             self.stage.grow(self.source, layers, handoff["kv"], handoff["dropped"])
         return self.stats()
 
     def shrink(self, layers: LayerRange) -> dict:
-        with _own_mmaps():   # the handoff's K/V copies too: freed with it once sent
+        with self._lock, _own_mmaps():   # the handoff's K/V copies too: freed with it once sent
             return self.stage.shrink(layers)
 
     def adopt(self, handoff: dict) -> dict:
         """A new actor (after a split) takes the live K/V of the layers it was built with."""
-        with _own_mmaps():
+        with self._lock, _own_mmaps():
             self.stage.import_kv(handoff["kv"])
         return self.stats()
 
     def recompress(self, compression: str) -> dict:
         """The same layers at another quantization (live KV kept); stats after."""
-        with _own_mmaps():
+        with self._lock, _own_mmaps():
             self.stage.recompress(self.source, compression)
         self.spec = dataclasses.replace(self.spec, compression=compression)
         return self.stats()

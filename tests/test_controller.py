@@ -120,17 +120,21 @@ def test_kill_shard_1_mid_generation_token_identical(loop, engine, reference):
         tasks = [asyncio.ensure_future(engine.complete(ids, SamplingParams(max_tokens=24))) for ids in inputs]
         await until(lambda: sum(len(s.generated) for s in engine.sched.running.values()) > 16, 120, "decoding")
         old_pid = (await engine.stats())[1]["pid"]
+        assert engine.pipeline.channels_active   # steps go over the step channels
         t0 = time.time()
         ray.kill(ray.get_actor(f"{PREFIX}shard-1", namespace="shardserve"))
         await until(lambda: any(e["action"] == "restart" and e["ok"] for e in engine.pipeline.events), 120,
                     "shard 1 re-placed")
         recovered = time.time() - t0
+        steps = engine.pipeline.channel_steps
         outs = await asyncio.wait_for(asyncio.gather(*tasks), 300)
-        return old_pid, recovered, time.time() - t0, outs
+        return old_pid, recovered, time.time() - t0, outs, steps
 
-    old_pid, recovered, total, outs = loop.run_until_complete(scenario())
+    old_pid, recovered, total, outs, steps = loop.run_until_complete(scenario())
     print(f"shard-1 killed: re-placed in {recovered:.1f} s, all 16 requests done {total:.1f} s after the kill")
     assert [d.token_ids for d in outs] == want
+    # reconnected to the new actor: the rest of the replies went over channels again
+    assert engine.pipeline.channels_active and engine.pipeline.channel_steps > steps
     stats = loop.run_until_complete(kv_drained(engine))
     assert stats[1]["pid"] != old_pid and engine.down is None
 
