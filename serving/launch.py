@@ -100,7 +100,9 @@ async def build_engine(cfg: EngineConfig, on_ready=None):
     from serving.engine import Engine
     from serving.pipeline import Pipeline
     from shards.source import open_source
-    p, handles, kv_blocks = start(cfg)
+    # planning reads the model file and measures costs (seconds of CPU): off the loop, which
+    # in a Serve replica must keep answering health checks and Serve's queue-length probes
+    p, handles, kv_blocks = await asyncio.to_thread(start, cfg)
 
     async def wait(k, h):
         st = await h.ready.remote()
@@ -116,8 +118,9 @@ async def build_engine(cfg: EngineConfig, on_ready=None):
         controller = f"{cfg.prefix}controller"
     source = open_source(cfg.model)
     eos = source.config.eos_token_id
+    tokenizer = await asyncio.to_thread(source.tokenizer)
     pipeline = Pipeline(cfg.model, p, handles, kv_blocks, cfg.block_size, cfg.prefix, cfg.compiled_graph,
                         cfg.channels)
-    return Engine(pipeline, source.tokenizer(), set(eos if isinstance(eos, list) else [eos]),
+    return Engine(pipeline, tokenizer, set(eos if isinstance(eos, list) else [eos]),
                   cfg.max_batch, cfg.prefill_tokens, controller=controller, max_waiting=cfg.max_waiting,
                   timeout_s=cfg.timeout_s)

@@ -58,6 +58,17 @@ def test_serve_run_yaml_with_two_replicas_both_serve(tmp_path):
             assert proc.poll() is None, (tmp_path / "serve-run.log").read_text()[-3000:]
             assert time.time() < deadline, "healthz never became 200"
             time.sleep(1)
+        # healthz answered by one replica: wait until the other's pipeline is loaded too (each
+        # builds its own at its first request), so the 12 requests can go to either
+        both = {}
+        while len(both) < 2 or not all(all("error" not in s for s in b["shards"]) for b in both.values()):
+            assert time.time() < deadline, f"both replicas never came up: {sorted(both)}"
+            try:
+                body = client.shards()
+            except Exception:   # a replica still building its pipeline (slow answer, or 503)
+                time.sleep(1)
+                continue
+            both[body["replica"]] = body
         with ThreadPoolExecutor(12) as pool:
             replies = list(pool.map(lambda _: client.chat(QUESTION, max_tokens=12, temperature=0), range(12)))
         assert len(set(replies)) == 1 and replies[0].startswith("The capital of France is")
