@@ -223,8 +223,11 @@ class StepChannel:
                 fut.set_exception(err)
 
     def close(self) -> None:
-        self._task.cancel()
-        self.writer.close()
+        try:
+            self._task.cancel()
+            self.writer.close()
+        except RuntimeError:   # its loop already closed (a replica shutting down): nothing to stop
+            pass
 
 
 async def _read_async(reader: asyncio.StreamReader) -> tuple[dict, bytes]:
