@@ -208,9 +208,13 @@ def cmd_bench(args) -> int:
         if handles:
             stop_service(handles)
     if "llama-server" in args.baselines and hasattr(source, "path"):
-        started = bench.llama_server(str(source.path))
+        try:
+            started = bench.llama_server(str(source.path))
+            note = "no llama-server binary ($LLAMA_SERVER, PATH, .llama/build/bin; deploy/build-llama-server.sh builds it)"
+        except RuntimeError as e:   # it never came up: the other rows still count
+            started, note = None, str(e)
         if started is None:
-            result["llama_server_note"] = "skipped: no llama-server binary ($LLAMA_SERVER, PATH, .llama/build/bin; deploy/build-llama-server.sh builds it)"
+            result["llama_server_note"] = f"skipped: {note}"
         else:
             proc, lurl = started
             try:
