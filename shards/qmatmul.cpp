@@ -20,7 +20,8 @@
 // fp16, (d, m) of the panel's 16 rows per group. A row's result is computed the same way
 // whatever the batch (tiles of up to 8 activation rows share each weight vector). The portable
 // path (no AVX-512 VNNI, or SHARDSERVE_GENERIC) does the same arithmetic in the same order, so
-// both give the same bits.
+// both give the same bits; so does the AMX path (qmatmul_amx below) that takes steps of 16
+// activation rows and more where the CPU has AMX-INT8: its integer sums are exact too.
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -32,10 +33,19 @@
 #else
 #define QM_FAST 0
 #endif
+#if QM_FAST && defined(__AMX_TILE__) && defined(__AMX_INT8__) && !defined(SHARDSERVE_NO_AMX)
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define QM_AMX 1
+#else
+#define QM_AMX 0
+#endif
 
 static const int64_t PANEL = 16;   // output rows per panel: the int32 lanes of a vector
 static const int64_t GROUP = 32;   // inputs per (d, m) and per activation scale
 static const int64_t TILE = 8;     // activation rows (x rows times levels) sharing a weight vector
+static const int64_t AMX_ROWS = 16; // activation rows from which AMX tiles take over (when on)
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t i16 __attribute__((vector_size(64)));
@@ -154,6 +164,122 @@ static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const f
 }
 #endif
 
+#if QM_AMX
+// AMX (session 16): one TDPBSUD multiplies 16 activation rows by a group's 32 inputs of 16
+// output rows (8192 products; vpdpbusd does 64), the int32 tile is stored and folded into y
+// with the same fp32 operations, in the same order, as tile() above, so the bits are the same.
+// Linux hands out the tile state on request (arch_prctl ARCH_REQ_XCOMP_PERM); a kernel that
+// refuses keeps the VNNI path, as do SHARDSERVE_AMX=0 and qmatmul_use_amx(0) (A/B runs, tests).
+static bool amx_granted() {
+    static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return granted;
+}
+
+static int amx_wanted = -1;          // -1: SHARDSERVE_AMX decides
+
+static bool amx_on() {
+    if (amx_wanted < 0) {
+        const char *e = getenv("SHARDSERVE_AMX");
+        amx_wanted = !(e && e[0] == '0');
+    }
+    return amx_wanted && amx_granted();
+}
+
+struct TileConfig { uint8_t palette, start; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; };
+
+static void amx_configure() {        // per thread: the tile configuration is thread state
+    TileConfig c = {};
+    c.palette = 1;
+    for (int t = 0; t < 2; t++) {        // two sets, for consecutive groups: one computes while
+        c.rows[3 * t] = 16, c.colsb[3 * t] = 64;          // the other folds. C: int32 sums [16 rows, 16 outputs]
+        c.rows[3 * t + 1] = 16, c.colsb[3 * t + 1] = 32;  // A: int8 activations [16 rows, a group's 32 inputs]
+        c.rows[3 * t + 2] = 8, c.colsb[3 * t + 2] = 64;   // B: codes [8 x 4 inputs, 16 outputs x 4] (VNNI order)
+    }
+    _tile_loadconfig(&c);
+}
+
+// acc[b] += group g's share for the tile's x rows b (sums: the tile's [16 rows, 16 outputs]),
+// the fp32 operations of tile() above, in its order
+template <int L>
+static inline void fold(__m512 *acc, const int32_t *sums, const uint16_t *sc, const float *a, const float *s,
+                        int64_t g, int64_t ng, int64_t b0, int nb) {
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * 32)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * 32 + 16)));
+    for (int b = 0; b < nb; b++) {
+        for (int l = 0; l < L; l++)
+            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums + (b * L + l) * 16)),
+                                     _mm512_mul_ps(d, _mm512_set1_ps(a[((b0 + b) * L + l) * ng + g])), acc[b]);
+        acc[b] = _mm512_fmadd_ps(m, _mm512_set1_ps(s[(b0 + b) * ng + g]), acc[b]);
+    }
+}
+
+// One panel of 16 outputs against all R = B * L activation rows (xq padded with zero rows to a
+// multiple of 16; 16 % L == 0, so a tile holds whole x rows). codes: the panel's codes in VNNI
+// order, a group per 512 bytes. y: the panel's first output column.
+template <int L>
+static void panel_amx(const uint8_t *codes, const uint16_t *sc, const int8_t *xq, const float *a, const float *s,
+                      int64_t K, int64_t B, float *y, int64_t N) {
+    const int64_t ng = K / GROUP, rows = 16 / L;
+    alignas(64) int32_t sums[2][16 * 16];
+    for (int64_t b0 = 0; b0 < B; b0 += rows) {
+        const int nb = B - b0 < rows ? (int)(B - b0) : (int)rows;
+        const int8_t *x = xq + b0 * L * K;
+        __m512 acc[16 / L];
+        for (int b = 0; b < rows; b++) acc[b] = _mm512_setzero_ps();
+        int64_t g = 0;
+        for (; g + 1 < ng; g += 2) {     // tile numbers are immediates: the pair is spelled out
+            _tile_zero(0); _tile_loadd(1, x + g * GROUP, K); _tile_loadd(2, codes + g * 512, 64);
+            _tile_zero(3); _tile_loadd(4, x + (g + 1) * GROUP, K); _tile_loadd(5, codes + (g + 1) * 512, 64);
+            _tile_dpbsud(0, 1, 2);
+            _tile_dpbsud(3, 4, 5);
+            _tile_stored(0, sums[0], 64);
+            fold<L>(acc, sums[0], sc, a, s, g, ng, b0, nb);
+            _tile_stored(3, sums[1], 64);
+            fold<L>(acc, sums[1], sc, a, s, g + 1, ng, b0, nb);
+        }
+        if (g < ng) {
+            _tile_zero(0); _tile_loadd(1, x + g * GROUP, K); _tile_loadd(2, codes + g * 512, 64);
+            _tile_dpbsud(0, 1, 2);
+            _tile_stored(0, sums[0], 64);
+            fold<L>(acc, sums[0], sc, a, s, g, ng, b0, nb);
+        }
+        for (int b = 0; b < nb; b++) _mm512_storeu_ps(y + (b0 + b) * N, acc[b]);
+    }
+}
+
+// a panel's codes in AMX's B layout, 512 bytes a group: 8-bit chunks are it already; a 4-bit
+// chunk's nibbles are two of its rows (inputs 8c + j and 8c + 4 + j)
+static const uint8_t *vnni_codes(const uint8_t *w, int bits, int64_t ng, uint8_t *buf) {
+    if (bits == 8) return w;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int64_t c = 0; c < ng * 4; c++) {
+        const __m512i v = _mm512_loadu_si512(w + c * 64);
+        _mm512_store_si512(buf + 2 * c * 64, _mm512_and_si512(v, low));
+        _mm512_store_si512(buf + (2 * c + 1) * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+    }
+    return buf;
+}
+
+static void qmatmul_amx(const uint8_t *packed, const uint16_t *scales, const int8_t *xq, const float *a,
+                        const float *s, float *y, int64_t B, int64_t N, int64_t K, int bits, int levels,
+                        int threads) {
+    const int64_t ng = K / GROUP, panel_bytes = K * PANEL * bits / 8;
+    #pragma omp parallel num_threads(threads)
+    {
+        amx_configure();
+        std::vector<uint8_t> buf(ng * 512 + 64);
+        uint8_t *aligned = buf.data() + (64 - (uintptr_t)buf.data() % 64) % 64;
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < N / PANEL; p++) {
+            const uint8_t *codes = vnni_codes(packed + p * panel_bytes, bits, ng, aligned);
+            (levels == 1 ? panel_amx<1> : panel_amx<2>)(codes, scales + p * ng * 32, xq, a, s, K, B,
+                                                        y + p * PANEL, N);
+        }
+        _tile_release();
+    }
+}
+#endif
+
 typedef void (*tile_fn)(const uint8_t *, const uint16_t *, const int8_t *, const float *, const float *,
                         int64_t, float *, int64_t);
 
@@ -167,6 +293,18 @@ extern "C" {
 
 int qmatmul_fast() { return QM_FAST; }
 
+// Whether steps of AMX_ROWS activation rows and more (x rows times levels) take the AMX path;
+// want 0 / 1 turns it off / on (where the CPU and kernel allow), -1 only asks
+int qmatmul_use_amx(int want) {
+#if QM_AMX
+    if (want >= 0) amx_wanted = want;
+    return amx_on();
+#else
+    (void)want;
+    return 0;
+#endif
+}
+
 // x [B, K] fp32, packed (layout above, `bits` 4 or 8), scales [N / 16, K / 32, 2, 16] fp16 ->
 // y [B, N] fp32, with x rounded to `levels` (1 or 2) int8 levels. Returns -1 when N is not a
 // multiple of 16, K of 32, bits is not 4 or 8, or levels not 1 or 2.
@@ -176,11 +314,17 @@ int qmatmul(const float *x, const uint8_t *packed, const uint16_t *scales, float
     const int64_t ng = K / GROUP, rows = TILE / levels, panel_bytes = K * PANEL * bits / 8;
     const tile_fn *tiles = bits == 4 ? (levels == 1 ? Tiles<4>::one : Tiles<4>::two)
                                      : (levels == 1 ? Tiles<8>::one : Tiles<8>::two);
-    std::vector<int8_t> xq(B * levels * K);
+    std::vector<int8_t> xq((B * levels + 15) / 16 * 16 * K);   // zero rows pad AMX's last tile
     std::vector<float> a(B * levels * ng), s(B * ng);
     #pragma omp parallel for schedule(static) num_threads(threads) if (B >= 16)
     for (int64_t b = 0; b < B; b++)
         quantize_row(x + b * K, K, levels, &xq[b * levels * K], &a[b * levels * ng], &s[b * ng]);
+#if QM_AMX
+    if (B * levels >= AMX_ROWS && amx_on()) {
+        qmatmul_amx(packed, scales, xq.data(), a.data(), s.data(), y, B, N, K, bits, levels, threads);
+        return 0;
+    }
+#endif
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t p = 0; p < N / PANEL; p++) {
         const uint8_t *w = packed + p * panel_bytes;

@@ -1,7 +1,8 @@
 """w4a8-cpu's matmuls: weights in groups of 32 inputs (4-bit codes as GGUF's Q4_1, or 8-bit as
 Q8_0, each group with an fp16 scale and minimum), activations rounded to two int8 levels per
 group, multiplied by our kernel (shards/qmatmul.cpp: AVX-512 VNNI, 16 output rows per
-instruction; portable loops elsewhere, the same bits), called as the torch op
+instruction, AMX tiles from 16 activation rows where the CPU has them; portable loops
+elsewhere; the same bits on every path), called as the torch op
 `shardserve::qmatmul` so the compiled decode graph holds it.
 
 Why: at small batches a decode step streams every weight from memory, and 4.5 bits a weight
@@ -42,12 +43,20 @@ def _kernel() -> ctypes.CDLL:
         raise OSError(f"w4a8-cpu needs its kernel, built with the node's C++ compiler: {e}") from e
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.qmatmul.argtypes = [p, p, p, p, i64, i64, i64, i32, i32, i32]
+    lib.qmatmul_use_amx.argtypes = [i32]
     return lib
 
 
 def vnni() -> bool:
     """Whether the kernel runs its AVX-512 VNNI path on this CPU (else portable loops)."""
     return bool(_kernel().qmatmul_fast())
+
+
+def amx(on: bool | None = None) -> bool:
+    """Whether steps of 16 activation rows and more (rows x levels) take AMX tiles (a CPU with
+    AMX-INT8 whose kernel grants the tile state; SHARDSERVE_AMX=0 turns it off); `on` switches
+    it for this process. The same bits either way."""
+    return bool(_kernel().qmatmul_use_amx(-1 if on is None else int(on)))
 
 
 def pack(u: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

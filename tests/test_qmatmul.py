@@ -92,6 +92,32 @@ def test_a_rows_result_does_not_depend_on_its_batch(levels):
         torch.set_num_threads(was)
 
 
+def test_amx_path_gives_the_vnni_paths_bits():
+    """Steps of 16 activation rows and more take AMX tiles where the CPU grants them (several
+    tiles, a part tile, 1 and 2 levels, 4-bit and 8-bit, 1 and 2 threads): each row gets the
+    bits it gets alone through the VNNI path. Elsewhere both calls run one path and agree."""
+    from shards.qmatmul import amx
+    w, *_ = grid4(96, 160, seed=4)
+    x = torch.randn(41, 160)
+    x[:, 7] *= 50
+    mods = [W4A8CpuLinear(w), W4A8CpuLinear(w, levels=1), Q8Linear.from_rows(lambda a, b: w[a:b], 96)]
+    was, on = torch.get_num_threads(), amx()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for mod in mods:
+                alone = torch.cat([mod(x[i:i + 1]) for i in range(41)])
+                amx(False)
+                vnni_rows = mod(x)
+                amx(True)
+                for b in (8, 16, 17, 41):
+                    assert torch.equal(mod(x[:b]), alone[:b]), (type(mod).__name__, mod.levels, threads, b)
+                assert torch.equal(vnni_rows, alone)
+    finally:
+        torch.set_num_threads(was)
+        amx(on)
+
+
 def test_portable_path_gives_the_same_bits():
     """The loops built without the AVX-512 VNNI path (SHARDSERVE_GENERIC) against the op."""
     lib = kernels.load(SOURCE, ("-DSHARDSERVE_GENERIC",))
