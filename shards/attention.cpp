@@ -36,10 +36,20 @@ static inline float hsum(v16 v) {
     return s;
 }
 
-static inline float hmax(v16 v) {
-    float m = v[0];
-    for (int i = 1; i < 16; i++) m = v[i] > m ? v[i] : m;
-    return m;
+static inline float hmax(v16 v) {        // a tree of vector maxima: max is exact in any order
+    const i16 hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+    const i16 hi4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+    const i16 hi2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+    const i16 hi1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+    v16 w = __builtin_shuffle(v, hi8);
+    v = v > w ? v : w;
+    w = __builtin_shuffle(v, hi4);
+    v = v > w ? v : w;
+    w = __builtin_shuffle(v, hi2);
+    v = v > w ? v : w;
+    w = __builtin_shuffle(v, hi1);
+    v = v > w ? v : w;
+    return v[0];
 }
 
 // exp(x) for x <= 0: Cephes' expf (range reduction by ln 2, degree-6 polynomial), relative
@@ -48,8 +58,10 @@ static inline v16 vexp(v16 x) {
     const v16 lo = x * 0.f - 87.f;
     x = x < lo ? lo : x;
     const v16 t = x * 1.44269504f + 0.5f;
-    v16 n;
-    for (int i = 0; i < 16; i++) n[i] = __builtin_floorf(t[i]);
+    // floor(t) in vectors (a lane-by-lane floorf compiled to 16 scalar rounds): truncate, then
+    // step down where that rounded up; exact for t in [-125, 1], all it sees
+    v16 n = __builtin_convertvector(__builtin_convertvector(t, i16), v16);
+    n = n > t ? n - 1.f : n;
     const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
     v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
