@@ -57,7 +57,8 @@ def test_a_step_needing_a_new_graph_raises_instead_of_compiling(src):
     was = torch.get_num_threads()
     torch.set_num_threads(3)           # graphs are traced per thread count: none for 3 here
     try:
-        with pytest.raises(RuntimeError, match="fail_on_recompile"):
+        # the message says which stance caught it: all guards, or only those telling graphs apart
+        with pytest.raises(RuntimeError, match="fail_on_recompile|Recompilation triggered with skip_guard_eval_unsafe"):
             stage(StepBatch([0], [5], [1], tokens=torch.tensor([[3]])))
     finally:
         torch.set_num_threads(was)
