@@ -83,6 +83,7 @@ class AppConfig(BaseModel):
     compile: bool = True                   # compiled decode steps (shards/compiled.py)
     compiled_graph: bool = False           # steps through a Ray Compiled Graph (serving/pipeline.py)
     channels: bool = True                  # steps over a socket per shard (shards/channel.py)
+    prefix_cache: bool = True              # prompts start after a cached block prefix (serving/prefix.py)
     prefix: str = Field("", pattern=r"^[a-z0-9-]*$")
     control: bool = True
     controller: ControllerArgs | None = None
@@ -110,7 +111,7 @@ class AppConfig(BaseModel):
             prefix=self.prefix, max_waiting=self.max_waiting, timeout_s=self.timeout_s, control=self.control,
             controller=self.controller.settings() if self.controller else None, replicas=self.replicas,
             placement=self.placement, compile=self.compile, compiled_graph=self.compiled_graph,
-            channels=self.channels)
+            channels=self.channels, prefix_cache=self.prefix_cache)
 
     def key(self) -> str | None:
         return self.api_key or os.environ.get(self.api_key_env) or None

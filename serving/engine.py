@@ -67,13 +67,14 @@ class Engine:
 
     def __init__(self, pipeline: Pipeline, tokenizer, eos: set[int], max_batch: int = 32,
                  prefill_tokens: int = 256, max_failures: int = 3, controller: str | None = None,
-                 max_waiting: int = 256, timeout_s: float = 600.0):
+                 max_waiting: int = 256, timeout_s: float = 600.0, prefix_cache: bool = True):
         self.pipeline, self.tokenizer = pipeline, tokenizer
         self._wake = asyncio.Event()
         pipeline.on_resume = self._wake.set
         self.eos = frozenset(eos)
         self.sched = Scheduler(SchedulerConfig(pipeline.kv_blocks, pipeline.block_size, max_batch,
-                                               prefill_tokens, n_groups=max(2, len(pipeline.handles))))
+                                               prefill_tokens, n_groups=max(2, len(pipeline.handles)),
+                                               prefix_cache=prefix_cache))
         self.max_failures = max_failures   # a sequence whose steps fail this often ends in error
         self.max_waiting = max_waiting     # queued, not admitted: beyond this, Overloaded (429)
         self.timeout_s = timeout_s         # a request still running after this is aborted
@@ -81,6 +82,7 @@ class Engine:
         # sequence ids from a random 64-bit base: a restarted router (or a second one on the same
         # shards) never reuses an id whose KV a shard may still hold
         self._ids = itertools.count(random.getrandbits(62) << 1)
+        self.sched.new_id = lambda: next(self._ids)   # prefix holders are sequences on the shards
         self._inflight: dict[asyncio.Future, Group] = {}
         self._hold = 0                       # > 0: a shard is being re-placed, launch nothing
         self._recovery: asyncio.Task | None = None
@@ -190,6 +192,7 @@ class Engine:
         tokens = np.array([list(x) + [0] * (width - len(x)) for x in g.inputs], dtype=np.int64)
         batch = StepBatch(list(g.seq_ids), list(g.starts), [len(x) for x in g.inputs], tokens=tokens,
                           sampling=list(g.sampling), steps=list(g.steps), free=self._pending_free,
+                          pins=[list(c) for c in g.pins], copies=[list(c) for c in g.copies],
                           alone=not self._inflight)
         self._pending_free = []
         return self.pipeline.launch(batch)
@@ -214,7 +217,7 @@ class Engine:
         shards (and re-place dead ones) before launching anything else."""
         why = describe(err)
         self.step_errors.append({"time": time.time(), "error": why, "sequences": len(group.seq_ids)})
-        freed = self.sched.requeue(group.seq_ids, failed=True)
+        freed = self.sched.requeue(group.seq_ids, failed=True) + self.sched.prefix_failed(group)
         for seq in [s for s in self.sched.waiting if s.id in group.seq_ids]:
             if seq.failures >= self.max_failures:
                 freed += self.sched.fail(seq.id)
@@ -261,6 +264,7 @@ class Engine:
             if isinstance(action, ReplaceShard) and "skipped" not in event:
                 self._free(self.sched.requeue_all())     # the new actor holds no KV
             self.sched.cfg.n_groups = max(2, len(self.pipeline.handles))
+            self._free(self.sched.clear_prefixes())   # holders were pinned on the old pipeline
             return event
         finally:
             if isinstance(action, ReplaceShard):
@@ -356,7 +360,14 @@ class Engine:
         return {"decode_groups": len(hops), "decode_hop_ms_p50": hop, "shard_decode_ms_p50": shard,
                 "shard_compute_ms": compute, "ray_router_ms": None if compute is None else hop - compute,
                 "compiled_graph": self.pipeline.graph_active, "graph_steps": self.pipeline.graph_steps,
-                "channels": self.pipeline.channels_active, "channel_steps": self.pipeline.channel_steps}
+                "channels": self.pipeline.channels_active, "channel_steps": self.pipeline.channel_steps,
+                **self.prefix_stats()}
+
+    def prefix_stats(self) -> dict:
+        """Prompts that started after a cached prefix, and the prompt tokens they did not compute."""
+        p = self.sched.prefix
+        return {"prefix_hits": p.hits if p else 0, "prefix_tokens": p.tokens_copied if p else 0,
+                "prefix_holders": len(p.holders) if p else 0}
 
     async def stats(self) -> list[dict]:
         return await self.pipeline.stats()

@@ -28,6 +28,7 @@ class EngineConfig:
     compile: bool = False                # compiled decode steps (shards/compiled.py; the CLI's default)
     compiled_graph: bool = False         # steps through a Ray Compiled Graph (serving/pipeline.py)
     channels: bool = True                # steps over a socket per shard, not Ray calls (shards/channel.py)
+    prefix_cache: bool = True            # prompts start after a cached block prefix (serving/prefix.py)
 
 
 def make_plan(cfg: EngineConfig, nodes: list | None = None) -> Plan:
@@ -123,4 +124,4 @@ async def build_engine(cfg: EngineConfig, on_ready=None):
                         cfg.channels)
     return Engine(pipeline, tokenizer, set(eos if isinstance(eos, list) else [eos]),
                   cfg.max_batch, cfg.prefill_tokens, controller=controller, max_waiting=cfg.max_waiting,
-                  timeout_s=cfg.timeout_s)
+                  timeout_s=cfg.timeout_s, prefix_cache=cfg.prefix_cache)

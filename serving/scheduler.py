@@ -7,10 +7,12 @@ later from their token history (prompt + generated so far).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from serving.prefix import PrefixCache
 from shards.step import SamplingParams
 
 
@@ -25,6 +27,7 @@ class SchedulerConfig:
     # instead of taking one's place (the decodes it displaced left the shards idle: c=32, 4
     # interleaved pairs, 136.4 -> 152.9 tok/s mean; README "Where the time goes")
     extra_groups: int = 1
+    prefix_cache: bool = True      # prompts start after a cached block prefix (serving/prefix.py)
 
 
 @dataclass
@@ -60,6 +63,10 @@ class Group:
     steps: tuple[int, ...]             # tokens generated so far (seeds the sampler)
     samples: tuple[bool, ...]          # this step ends at the sequence's last token: keep its sample
     prefill: bool
+    # serving/prefix.py: (holder, sequence, blocks) copied into a new holder before the step's
+    # frees, and (sequence, holder, blocks) copied into a sequence after them
+    pins: tuple[tuple[int, int, int], ...] = ()
+    copies: tuple[tuple[int, int, int], ...] = ()
 
 
 class Scheduler:
@@ -68,13 +75,17 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
         self._last_prefill = False
+        self.prefix = PrefixCache(cfg.block_size) if cfg.prefix_cache else None
+        self.new_id = itertools.count(-1, -1).__next__   # holder ids (the router sets its own)
+        self._pins: list[tuple[int, int, int]] = []      # ride on the next group launched
 
     def blocks(self, n_tokens: int) -> int:
         return math.ceil(n_tokens / self.cfg.block_size)
 
     @property
     def used_blocks(self) -> int:
-        return sum(self.blocks(s.cached + s.in_flight) for s in self.running.values())
+        held = self.prefix.blocks_held if self.prefix else 0
+        return held + sum(self.blocks(s.cached + s.in_flight) for s in self.running.values())
 
     def check(self, n_prompt: int, max_tokens: int = 1) -> None:
         """Refuse what could never fit the KV pool, with the numbers: a sequence that could not
@@ -111,7 +122,7 @@ class Scheduler:
         """The next group to launch (or None) and ids the shards must free first (preempted).
         *_flying: groups of each kind in the pipeline now (SchedulerConfig says how many may)."""
         freed: list[int] = []
-        self._admit()
+        self._admit(freed)
         n, total = self.cfg.n_groups, prefills_flying + decodes_flying
         if total >= n + self.cfg.extra_groups:
             return None, freed
@@ -120,27 +131,53 @@ class Scheduler:
         decodes = [s for s in idle if s.pending == 1] if decodes_flying < n else []
         use_prefill = bool(prefills) and (not decodes or not self._last_prefill)
         chosen = self._take_prefill(prefills) if use_prefill else self._take_decode(decodes)
-        picked = []
+        picked, copies = [], []
         for s, n in chosen:
             # a later member of `chosen` may have been evicted to make room for an earlier one
-            if s.id in self.running and self._fit(s, n, freed, keep=[x for x, _ in picked]):
+            if s.id not in self.running:
+                continue
+            hit = self._prefix_hit(s, n)
+            if hit:
+                s.cached, n = hit[1] * self.cfg.block_size, n - hit[1] * self.cfg.block_size
+            used = [c[1] for c in copies] + ([hit[0]] if hit else [])
+            if self._fit(s, n, freed, keep=[x for x, _ in picked], copied=hit[1] if hit else 0, holders=used):
                 s.in_flight = n              # counted in used_blocks from now on
                 picked.append((s, n))
+                if hit:
+                    copies.append((s.id, *hit))
+                    self.prefix.hits += 1
+                    self.prefix.tokens_copied += s.cached
+            elif hit:
+                s.cached = 0
         if not picked:
             return None, freed
         self._last_prefill = use_prefill
         toks = [s.tokens for s, _ in picked]
+        pins, self._pins = tuple(self._pins), []
         return Group(tuple(s.id for s, _ in picked), tuple(s.cached for s, _ in picked),
                      tuple(tuple(t[s.cached:s.cached + n]) for (s, n), t in zip(picked, toks)),
                      tuple(s.params for s, _ in picked), tuple(len(s.generated) for s, _ in picked),
-                     tuple(s.cached + n == len(t) for (s, n), t in zip(picked, toks)), use_prefill), freed
+                     tuple(s.cached + n == len(t) for (s, n), t in zip(picked, toks)), use_prefill,
+                     pins, tuple(copies)), freed
 
-    def _admit(self) -> None:
+    def _prefix_hit(self, s: Sequence, n: int) -> tuple[int, int] | None:
+        """(holder, blocks) to copy before s prefills its whole history from nothing, or None."""
+        if self.prefix is None or s.cached or n != s.pending:
+            return None
+        return self.prefix.lookup(s.tokens)
+
+    def _admit(self, freed: list[int]) -> None:
         while self.waiting:
             s = self.waiting[0]
             free = self.cfg.kv_blocks - self.used_blocks
-            if self.blocks(len(s.tokens) + 1) > free or len(self.running) >= 4 * self.cfg.max_batch:
+            if len(self.running) >= 4 * self.cfg.max_batch:
                 return
+            if self.blocks(len(s.tokens) + 1) > free:
+                gone = self.prefix.evict() if self.prefix else None   # holders yield to requests
+                if gone is None:
+                    return
+                freed.append(gone)
+                continue
             self.running[s.id] = self.waiting.popleft()
 
     def _take_prefill(self, prefills: list[Sequence]) -> list[tuple[Sequence, int]]:
@@ -166,10 +203,17 @@ class Scheduler:
         size = min(self.cfg.max_batch, max(1, math.ceil(active / self.cfg.n_groups)))
         return [(s, 1) for s in decodes[:size]]
 
-    def _fit(self, s: Sequence, n: int, freed: list[int], keep: list[Sequence]) -> bool:
-        """Reserve blocks for n more tokens of s, preempting the newest idle sequences if needed."""
-        extra = self.blocks(s.cached + n) - self.blocks(s.cached)
-        while self.cfg.kv_blocks - self.used_blocks < extra:
+    def _fit(self, s: Sequence, n: int, freed: list[int], keep: list[Sequence], copied: int = 0,
+             holders=()) -> bool:
+        """Reserve blocks for n more tokens of s (and `copied` blocks of a prefix copy), evicting
+        prefix holders (not `holders`, which this group copies from) and then the newest idle
+        sequences if needed."""
+        extra = self.blocks(s.cached + n) - self.blocks(s.cached) + copied
+        while self.cfg.kv_blocks - self.used_blocks + (self.blocks(s.cached) if copied else 0) < extra:
+            gone = self.prefix.evict(keep=holders) if self.prefix else None
+            if gone is not None:
+                freed.append(gone)
+                continue
             victims = [v for v in self.running.values()
                        if not v.in_flight and v is not s and v not in keep and v.cached > 0]
             if not victims:
@@ -185,12 +229,18 @@ class Scheduler:
         """Record a group's sampled tokens. Returns (sequences that gained a token or finished,
         ids whose KV the shards should free)."""
         changed, freed = [], []
+        if self.prefix:
+            self.prefix.confirm(h for h, _, _ in group.pins)
         for sid, n, keep, tok in zip(group.seq_ids, map(len, group.inputs), group.samples, tokens):
             s = self.running.get(sid)
             if s is None:
                 continue
             s.cached += n
             s.in_flight = 0
+            if self.prefix and group.prefill and s.cached - n < len(s.prompt) <= s.cached and not s.finished:
+                pin = self.prefix.offer(s.prompt, self.new_id, self.cfg.kv_blocks - self.used_blocks)
+                if pin:                  # copied on every shard before the next step's frees
+                    self._pins.append((pin[0], sid, pin[1]))
             if keep and not s.finished:
                 s.generated.append(tok)
                 if tok in s.eos:
@@ -228,6 +278,20 @@ class Scheduler:
             s.failures += failed
             self.waiting.appendleft(s)
         return freed
+
+    def prefix_failed(self, group: Group) -> list[int]:
+        """A failed group's holders (those it pinned, and those it copied from: a shard that
+        lacks one raised there) are dropped; returns the holder ids the shards should free."""
+        if self.prefix is None:
+            return []
+        return self.prefix.drop([h for h, _, _ in group.pins] + [h for _, h, _ in group.copies])
+
+    def clear_prefixes(self) -> list[int]:
+        """Every holder dropped (the pipeline changed); returns their ids for the shards to free."""
+        if self.prefix is None:
+            return []
+        self._pins = []
+        return self.prefix.clear()
 
     def requeue_all(self) -> list[int]:
         """Every running sequence recomputes (a replaced shard holds no KV)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -17,6 +18,7 @@ import torch
 
 from shards.channel import ChannelServer, decode_step, encode_reply
 from shards.compression import parse as parse_compression
+from shards.errors import KVCacheFull
 from shards.layer_range import LayerRange
 from shards.memory import module_bytes
 from shards.plan import ShardSpec
@@ -26,6 +28,8 @@ from shards.stage import Stage
 from shards.step import StepBatch, to_wire
 
 NAMESPACE = "shardserve"
+
+log = logging.getLogger(__name__)
 
 
 class ShardWorker:
@@ -63,6 +67,7 @@ class ShardWorker:
         # frees on Ray's: one at a time (re-entrant: a step frees what rides on it)
         self._lock = threading.RLock()
         self.channel: ChannelServer | None = None
+        self.holders: set[int] = set()   # prefix holders pinned here (serving/prefix.py): not requests
 
     def ready(self) -> dict:
         return self.stats()
@@ -88,7 +93,9 @@ class ShardWorker:
 
     def _forward(self, batch: StepBatch):
         t0 = time.time()
+        self._copy(batch.pins, must=False)   # before the frees: a pin may read a sequence freed here
         self.free(batch.free)
+        self._copy(batch.copies, must=True)  # after: a re-prefilled id is freed first
         if self.faults:
             raise ShardFault(f"shard {self.spec.index}: {self.faults.pop(0)}")
         if self.device == "cpu":
@@ -108,10 +115,26 @@ class ShardWorker:
         self.steps += 1
         return out
 
+    def _copy(self, copies, must: bool) -> None:
+        """Cached prompt prefixes (serving/prefix.py): [dst, src, blocks] each. A pin whose
+        sequence this shard no longer holds (aborted while its pin waited) is skipped: the
+        holder is then missing here, and a copy from it raises, so that group is recomputed and
+        the router drops the holder."""
+        for dst, src, n in copies:
+            try:
+                self.stage.kv.copy_prefix(dst, src, n)
+                if not must:
+                    self.holders.add(dst)
+            except (KeyError, KVCacheFull):
+                if must:
+                    raise
+                log.warning("shard %d: prefix pin %d from sequence %d skipped: not held here", self.spec.index, dst, src)
+
     def free(self, seq_ids: list[int]) -> None:
         with self._lock:
             for sid in seq_ids:
                 self.stage.free(sid)
+                self.holders.discard(sid)
 
     def free_all(self) -> int:
         """Free every sequence's KV (a new router attaching); returns how many there were."""
@@ -170,9 +193,8 @@ class ShardWorker:
             "device": self.device, "compression": self.spec.compression, "pid": os.getpid(),
             "node": node[0], "node_id": node[1], "rss_bytes": psutil.Process().memory_info().rss,
             "peak_rss_bytes": peak_rss(), "base_rss_bytes": self.base_rss,
-            "weight_bytes": self.stage.weight_bytes(), "kv_bytes_used": self.stage.kv.bytes_used(),
+            "weight_bytes": self.stage.weight_bytes(), **self._kv_use(),
             "kv_bytes_reserved": self.stage.kv.bytes_reserved(),
-            "kv_blocks_used": self.stage.kv.table.used_blocks, "live_sequences": len(self.stage.kv.table.lengths),
             "budget_bytes": self.budget_bytes, "steps": self.steps,
             "layer_bytes": self._layer_bytes(), "node_available_bytes": psutil.virtual_memory().available,
             "step_ms_mean": 1000 * sum(times) / len(times) if times else 0.0,
@@ -181,6 +203,16 @@ class ShardWorker:
             "busy": list(self.busy),
         }
 
+
+    def _kv_use(self) -> dict:
+        """KV held for requests, and apart from it what the prefix holders keep (a cache: the
+        router frees it under pressure), in blocks and bytes."""
+        kv, table = self.stage.kv, self.stage.kv.table
+        held = sum(len(table.blocks.get(h, [])) for h in self.holders)
+        per_block = kv.bytes_reserved() // kv.shape[1]
+        return {"kv_blocks_used": table.used_blocks - held, "kv_bytes_used": (table.used_blocks - held) * per_block,
+                "live_sequences": len(table.lengths) - len(self.holders & set(table.lengths)),
+                "prefix_holders": len(self.holders), "prefix_blocks": held}
 
     def _compile_stats(self) -> dict:
         """Seconds this shard spent compiling or loading graphs (at load and after each change of

@@ -44,7 +44,8 @@ class StepFailed(RuntimeError):
 def encode_step(batch: StepBatch) -> tuple[dict, bytes]:
     """A first-stage step (token ids) as (header, body)."""
     header = {"seq_ids": batch.seq_ids, "starts": batch.starts, "q_lens": batch.q_lens, "steps": batch.steps,
-              "free": batch.free, "alone": batch.alone,
+              "free": batch.free, "pins": [list(c) for c in batch.pins], "copies": [list(c) for c in batch.copies],
+              "alone": batch.alone,
               "sampling": [[p.temperature, p.top_p, p.top_k, p.seed, p.max_tokens, list(p.stop)]
                            for p in batch.sampling]}
     meta, body = encode_array(batch.tokens if batch.tokens is not None else batch.hidden)
@@ -58,7 +59,7 @@ def decode_step(header: dict, body) -> StepBatch:
     x = decode_array(header, body)
     tokens, hidden = (x, None) if header["array"] == "tokens" else (None, x)
     return StepBatch(header["seq_ids"], header["starts"], header["q_lens"], tokens, hidden, sampling,
-                     header["steps"], header["free"], header["alone"])
+                     header["steps"], header["free"], header["pins"], header["copies"], header["alone"])
 
 
 def encode_array(x) -> tuple[dict, bytes]:

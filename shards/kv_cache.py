@@ -111,6 +111,23 @@ class PagedKV:
         shape = (self.shape[0], b, nb * self.shape[2], self.shape[3])
         return kp[:, block_ids].view(shape), vp[:, block_ids].view(shape)
 
+    def copy_prefix(self, dst: int, src: int, n_blocks: int) -> None:
+        """Give dst, which holds nothing, a copy of src's first n_blocks blocks in every layer (a
+        cached prompt prefix, serving/prefix.py). Raises KeyError when src holds fewer, and
+        KVCacheFull when the pool has no room (nothing changes then)."""
+        bs, have = self.table.block_size, self.table.blocks.get(src, [])
+        if len(have) < n_blocks or self.table.lengths.get(src, 0) < n_blocks * bs:
+            raise KeyError(f"prefix copy: sequence {src} holds {self.table.lengths.get(src, 0)} tokens on "
+                           f"this shard, {n_blocks * bs} to copy into {dst}")
+        if dst in self.table.blocks:
+            raise KeyError(f"prefix copy: sequence {dst} already holds {self.table.lengths[dst]} tokens")
+        self.table.reserve(dst, n_blocks * bs)
+        s = torch.tensor(have[:n_blocks], device=self.device)
+        d = torch.tensor(self.table.blocks[dst], device=self.device)
+        for kp, vp in self.pools.values():
+            kp[:, d] = kp[:, s]
+            vp[:, d] = vp[:, s]
+
     def export(self, seq_id: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One sequence's stored K/V of one layer: [length, n_kv, head_dim] each (for moves)."""
         n = self.table.lengths[seq_id]

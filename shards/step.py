@@ -47,6 +47,10 @@ class StepBatch:
     # ordered before the step on every shard (a preempted sequence is re-prefilled later under
     # the same id, so a free that overtook or trailed a step would corrupt it)
     free: list[int] = field(default_factory=list)
+    # cached prompt prefixes (serving/prefix.py), [dst, src, blocks] each: pins copy a sequence's
+    # blocks into a holder before the frees, copies a holder's into a sequence after them
+    pins: list = field(default_factory=list)
+    copies: list = field(default_factory=list)
     # no other group is in flight: a CPU shard may use every core of its node for this step if
     # it is a prefill (decode steps keep their share: shards/actor.py says why)
     # (at concurrency 1 the shards take turns; giving each all cores always would oversubscribe
@@ -60,7 +64,7 @@ class StepBatch:
     def with_hidden(self, hidden) -> "StepBatch":
         """The same step for the next stage, carrying hidden states instead of tokens."""
         return StepBatch(self.seq_ids, self.starts, self.q_lens, None, hidden, self.sampling, self.steps,
-                         self.free, self.alone)
+                         self.free, self.pins, self.copies, self.alone)
 
 
 # dtypes a step's tensors cross process boundaries in as numpy arrays

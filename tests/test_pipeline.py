@@ -62,6 +62,25 @@ def engine2(loop):
     kill(engine)
 
 
+def test_prompts_after_a_cached_prefix_match_transformers(loop, reference, engine2):
+    """The chat template's system prompt fills a whole KV block: once the first prompt pinned
+    it, the others copy it on both shards and prefill only the rest, with transformers' greedy
+    tokens; holders are not requests' KV."""
+    inputs = [list(k) for k in reference][:8]
+    params = SamplingParams(max_tokens=N_TOKENS)
+    before = engine2.prefix_stats()
+    first = loop.run_until_complete(engine2.complete(inputs[0], params))
+    outs = [first] + loop.run_until_complete(run_all(engine2, inputs[1:], params))
+    after = engine2.prefix_stats()
+    assert after["prefix_hits"] - before["prefix_hits"] >= 7
+    assert after["prefix_tokens"] - before["prefix_tokens"] >= 7 * 16
+    for ids, d in zip(inputs, outs):
+        assert d.token_ids == reference[tuple(ids)]
+    stats = loop.run_until_complete(engine2.stats())
+    assert all(s["prefix_holders"] >= 1 and s["prefix_blocks"] >= 1 for s in stats)
+    assert all(s["kv_blocks_used"] == 0 and s["live_sequences"] == 0 for s in stats)
+
+
 def test_32_concurrent_different_lengths_then_kv_zero(loop, engine2, tokenizer):
     texts = [" ".join(prompts(1 + (i % 8) * 3, start=i)) for i in range(32)]
     inputs = [chat_ids(tokenizer, t) for t in texts]
@@ -70,7 +89,8 @@ def test_32_concurrent_different_lengths_then_kv_zero(loop, engine2, tokenizer):
     outs = loop.run_until_complete(run_all(engine2, inputs, SamplingParams(max_tokens=24)))
     assert all(d.finish_reason in ("stop", "length") and d.completion_tokens >= 1 for d in outs)
     stats = loop.run_until_complete(engine2.stats())
-    assert all(s["kv_bytes_used"] == 0 and s["live_sequences"] == 0 for s in stats)
+    assert all(s["kv_bytes_used"] == 0 and s["live_sequences"] == 0 for s in stats), \
+        [(s["kv_bytes_used"], s["live_sequences"], s["prefix_holders"], s["prefix_blocks"]) for s in stats]
 
 
 def test_shards_overlap_in_time(loop, engine2, tokenizer):

@@ -139,7 +139,9 @@ def test_requeue_all_skips_in_flight_and_fail_ends_anywhere():
 def test_property_every_sequence_finishes_and_the_pool_is_never_overcommitted():
     """Random arrivals, lengths, eos points, aborts and out-of-order group returns on a small
     pool: what is admitted always finishes, blocks used never exceed the pool, all free at
-    the end (the issue's stall: a sequence that could not grow held the pool forever)."""
+    the end but the prefix holders' (the issue's stall: a sequence that could not grow held the
+    pool forever). Prompts here share their first tokens, so with the prefix cache on, later
+    prompts copy a holder's blocks and holders are evicted under pressure."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
@@ -147,11 +149,12 @@ def test_property_every_sequence_finishes_and_the_pool_is_never_overcommitted():
                     st.booleans())   # arrival step, prompt, max_tokens, eos after, aborted
 
     @settings(max_examples=200, deadline=None)
-    @given(st.lists(req, min_size=1, max_size=25), st.integers(0, 2**16))
-    def check(reqs, order):
+    @given(st.lists(req, min_size=1, max_size=25), st.integers(0, 2**16), st.booleans())
+    def check(reqs, order, prefix):
         import random
         rnd = random.Random(order)
-        cfg = SchedulerConfig(kv_blocks=12, block_size=4, max_batch=4, prefill_tokens=16, n_groups=2)
+        cfg = SchedulerConfig(kv_blocks=12, block_size=4, max_batch=4, prefill_tokens=16, n_groups=2,
+                              prefix_cache=prefix)
         s, admitted, inflight, step = Scheduler(cfg), [], [], 0
         while step < 5000:
             for i, (at, n, m, eos_at, abort) in enumerate(reqs):
@@ -176,11 +179,15 @@ def test_property_every_sequence_finishes_and_the_pool_is_never_overcommitted():
                 toks = [2 if len(admitted_seq(admitted, sid).generated) + 1 >= eos else 7
                         for sid, eos in ((sid, eos_of(admitted, sid)) for sid in g.seq_ids)]
                 s.complete(g, toks)
+                assert s.used_blocks <= cfg.kv_blocks          # a prefix pin takes only free blocks
             elif step > 30 and not s.waiting and not s.running:
                 break
             step += 1
         assert all(x.finished for x, _, _ in admitted), "a sequence never finished"
-        assert s.used_blocks == 0 and not s.running and not s.waiting
+        assert not s.running and not s.waiting
+        assert s.used_blocks == (s.prefix.blocks_held if prefix else 0)
+        s.clear_prefixes()
+        assert s.used_blocks == 0
 
     check()
 
