@@ -182,8 +182,9 @@ class Engine:
             self._free(freed)
             if group is None:
                 return
+            rode = self._pending_free              # the frees this step carries
             fut = self._chain(group)
-            fut.launched = time.perf_counter()
+            fut.freed, fut.launched = rode, time.perf_counter()
             self._inflight[fut] = group
 
     def _chain(self, g: Group):
@@ -194,8 +195,9 @@ class Engine:
                           sampling=list(g.sampling), steps=list(g.steps), free=self._pending_free,
                           pins=[list(c) for c in g.pins], copies=[list(c) for c in g.copies],
                           alone=not self._inflight)
+        fut = self.pipeline.launch(batch)
         self._pending_free = []
-        return self.pipeline.launch(batch)
+        return fut
 
     def _finish_group(self, group: Group, fut: asyncio.Future) -> None:
         self.pipeline.landed()
@@ -203,21 +205,25 @@ class Engine:
         try:
             tokens = fut.result()
         except Exception as e:
-            self._group_failed(group, e)
+            self._group_failed(group, e, fut.freed)
             return
         changed, freed = self.sched.complete(group, tokens)
         for seq in changed:
             freed += self._emit(seq)
         self._free(freed)
 
-    def _group_failed(self, group: Group, err: Exception) -> None:
+    def _group_failed(self, group: Group, err: Exception, rode: list[int] = ()) -> None:
         """A step raised somewhere along the chain (a shard error, or a dead actor). Its
         sequences' KV may be half-written: drop it everywhere and recompute them from their
-        token history; one that failed max_failures times ends with an error. Then check the
+        token history; one that failed max_failures times ends with an error. The frees that
+        rode on it may not have reached the shards after the one that raised: sent again, but
+        not for an id whose KV is being rebuilt (a re-prefilled sequence). Then check the
         shards (and re-place dead ones) before launching anything else."""
         why = describe(err)
         self.step_errors.append({"time": time.time(), "error": why, "sequences": len(group.seq_ids)})
+        rebuilt = {s.id for s in self.sched.running.values() if s.cached or s.in_flight}
         freed = self.sched.requeue(group.seq_ids, failed=True) + self.sched.prefix_failed(group)
+        freed += [sid for sid in rode if sid not in rebuilt and sid not in freed]
         for seq in [s for s in self.sched.waiting if s.id in group.seq_ids]:
             if seq.failures >= self.max_failures:
                 freed += self.sched.fail(seq.id)

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from serving.engine import Engine, Overloaded, RequestTimeout, _stop_prefix_len
-from serving.scheduler import Sequence
+from serving.scheduler import Group, Sequence
 from shards.step import SamplingParams
 
 
@@ -91,3 +91,29 @@ def test_request_past_its_deadline_is_aborted():
         assert not e.sched.waiting and not e.sched.running and not e.requests
         e.close()
     asyncio.run(run())
+
+
+def test_frees_that_rode_on_a_failed_step_are_sent_again_unless_rebuilt():
+    """A step carried frees of 7 (done) and 8 (preempted, waiting, no KV yet) and of 9, which
+    was preempted and is being prefilled again: 7 and 8 go out again, 9 does not (its new KV
+    would be dropped), and the failed group's own sequence is freed and requeued."""
+    e = engine()
+    e._start_recovery = lambda why: None           # no shards to check here
+    e.pipeline.landed = lambda: None
+    rebuilding, waiting = Sequence(9, [5, 6], SamplingParams()), Sequence(8, [5], SamplingParams())
+    rebuilding.in_flight = 2
+    e.sched.running[9] = rebuilding
+    e.sched.waiting.append(waiting)
+    e.sched.running[1] = Sequence(1, [5, 6], SamplingParams())
+    e.sched.running[1].in_flight = 2
+    group = Group((1,), (0,), ((5, 6),), (SamplingParams(),), (0,), (True,), True)
+    loop = asyncio.new_event_loop()
+    try:
+        fut = loop.create_future()
+        fut.set_exception(RuntimeError("shard 0 raised"))
+        fut.freed, fut.launched = [7, 8, 9], 0.0
+        e._finish_group(group, fut)
+    finally:
+        loop.close()
+    assert sorted(e._pending_free) == [1, 7, 8]
+    assert [s.id for s in e.sched.waiting] == [1, 8] and 9 in e.sched.running
