@@ -137,18 +137,17 @@ class Scheduler:
             if s.id not in self.running:
                 continue
             hit = self._prefix_hit(s, n)
-            if hit:
-                s.cached, n = hit[1] * self.cfg.block_size, n - hit[1] * self.cfg.block_size
             used = [c[1] for c in copies] + ([hit[0]] if hit else [])
-            if self._fit(s, n, freed, keep=[x for x, _ in picked], copied=hit[1] if hit else 0, holders=used):
-                s.in_flight = n              # counted in used_blocks from now on
-                picked.append((s, n))
+            # a copy's blocks are s's own: its whole prompt is fitted, then the copied part cached
+            if self._fit(s, n, freed, keep=[x for x, _ in picked], holders=used):
                 if hit:
+                    s.cached = hit[1] * self.cfg.block_size
+                    n -= s.cached
                     copies.append((s.id, *hit))
                     self.prefix.hits += 1
                     self.prefix.tokens_copied += s.cached
-            elif hit:
-                s.cached = 0
+                s.in_flight = n              # counted in used_blocks from now on
+                picked.append((s, n))
         if not picked:
             return None, freed
         self._last_prefill = use_prefill
@@ -203,13 +202,11 @@ class Scheduler:
         size = min(self.cfg.max_batch, max(1, math.ceil(active / self.cfg.n_groups)))
         return [(s, 1) for s in decodes[:size]]
 
-    def _fit(self, s: Sequence, n: int, freed: list[int], keep: list[Sequence], copied: int = 0,
-             holders=()) -> bool:
-        """Reserve blocks for n more tokens of s (and `copied` blocks of a prefix copy), evicting
-        prefix holders (not `holders`, which this group copies from) and then the newest idle
-        sequences if needed."""
-        extra = self.blocks(s.cached + n) - self.blocks(s.cached) + copied
-        while self.cfg.kv_blocks - self.used_blocks + (self.blocks(s.cached) if copied else 0) < extra:
+    def _fit(self, s: Sequence, n: int, freed: list[int], keep: list[Sequence], holders=()) -> bool:
+        """Reserve blocks for n more tokens of s, evicting prefix holders (not `holders`, which
+        this group copies from) and then the newest idle sequences if needed."""
+        extra = self.blocks(s.cached + n) - self.blocks(s.cached)
+        while self.cfg.kv_blocks - self.used_blocks < extra:
             gone = self.prefix.evict(keep=holders) if self.prefix else None
             if gone is not None:
                 freed.append(gone)

@@ -116,7 +116,7 @@ class PagedKV:
         cached prompt prefix, serving/prefix.py). Raises KeyError when src holds fewer, and
         KVCacheFull when the pool has no room (nothing changes then)."""
         bs, have = self.table.block_size, self.table.blocks.get(src, [])
-        if len(have) < n_blocks or self.table.lengths.get(src, 0) < n_blocks * bs:
+        if self.table.lengths.get(src, 0) < n_blocks * bs:
             raise KeyError(f"prefix copy: sequence {src} holds {self.table.lengths.get(src, 0)} tokens on "
                            f"this shard, {n_blocks * bs} to copy into {dst}")
         if dst in self.table.blocks:

@@ -213,6 +213,11 @@ static inline void fold(__m512 *acc, const int32_t *sums, const uint16_t *sc, co
     }
 }
 
+// tile C = the tile's 16 activation rows (tile A, loaded from x) times a group's codes (tile W).
+// A macro: GCC's tile intrinsics paste their tile numbers into the assembly text
+#define GROUP_DOT(C, A, W, x, codes, K) \
+    do { _tile_zero(C); _tile_loadd(A, x, K); _tile_loadd(W, codes, 64); _tile_dpbsud(C, A, W); } while (0)
+
 // One panel of 16 outputs against all R = B * L activation rows (xq padded with zero rows to a
 // multiple of 16; 16 % L == 0, so a tile holds whole x rows). codes: the panel's codes in VNNI
 // order, a group per 512 bytes. y: the panel's first output column.
@@ -226,22 +231,16 @@ static void panel_amx(const uint8_t *codes, const uint16_t *sc, const int8_t *xq
         const int8_t *x = xq + b0 * L * K;
         __m512 acc[16 / L];
         for (int b = 0; b < rows; b++) acc[b] = _mm512_setzero_ps();
-        int64_t g = 0;
-        for (; g + 1 < ng; g += 2) {     // tile numbers are immediates: the pair is spelled out
-            _tile_zero(0); _tile_loadd(1, x + g * GROUP, K); _tile_loadd(2, codes + g * 512, 64);
-            _tile_zero(3); _tile_loadd(4, x + (g + 1) * GROUP, K); _tile_loadd(5, codes + (g + 1) * 512, 64);
-            _tile_dpbsud(0, 1, 2);
-            _tile_dpbsud(3, 4, 5);
+        for (int64_t g = 0; g < ng; g += 2) {   // two groups in flight: one folds while one computes
+            const bool pair = g + 1 < ng;
+            GROUP_DOT(0, 1, 2, x + g * GROUP, codes + g * 512, K);
+            if (pair) GROUP_DOT(3, 4, 5, x + (g + 1) * GROUP, codes + (g + 1) * 512, K);
             _tile_stored(0, sums[0], 64);
             fold<L>(acc, sums[0], sc, a, s, g, ng, b0, nb);
-            _tile_stored(3, sums[1], 64);
-            fold<L>(acc, sums[1], sc, a, s, g + 1, ng, b0, nb);
-        }
-        if (g < ng) {
-            _tile_zero(0); _tile_loadd(1, x + g * GROUP, K); _tile_loadd(2, codes + g * 512, 64);
-            _tile_dpbsud(0, 1, 2);
-            _tile_stored(0, sums[0], 64);
-            fold<L>(acc, sums[0], sc, a, s, g, ng, b0, nb);
+            if (pair) {
+                _tile_stored(3, sums[1], 64);
+                fold<L>(acc, sums[1], sc, a, s, g + 1, ng, b0, nb);
+            }
         }
         for (int b = 0; b < nb; b++) _mm512_storeu_ps(y + (b0 + b) * N, acc[b]);
     }
