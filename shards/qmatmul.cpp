@@ -27,13 +27,18 @@
 #include <string.h>
 #include <vector>
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(SHARDSERVE_GENERIC)
+// Paths (QM_PATH): 2 AVX-512 VNNI, 1 AVX2 (CPUs without AVX-512, as AMD Zen 2 / 3; built for
+// it on any AVX2 CPU with SHARDSERVE_AVX2), 0 portable loops (SHARDSERVE_GENERIC forces them)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(SHARDSERVE_GENERIC) && !defined(SHARDSERVE_AVX2)
 #include <immintrin.h>
-#define QM_FAST 1
+#define QM_PATH 2
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(SHARDSERVE_GENERIC)
+#include <immintrin.h>
+#define QM_PATH 1
 #else
-#define QM_FAST 0
+#define QM_PATH 0
 #endif
-#if QM_FAST && defined(__AMX_TILE__) && defined(__AMX_INT8__) && !defined(SHARDSERVE_NO_AMX)
+#if QM_PATH == 2 && defined(__AMX_TILE__) && defined(__AMX_INT8__) && !defined(SHARDSERVE_NO_AMX)
 #include <stdlib.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -95,7 +100,7 @@ template <int BITS> struct Layout {
 };
 
 // NB rows of x (NB * L activation rows, levels interleaved) against one panel of 16 output rows
-#if QM_FAST
+#if QM_PATH == 2
 template <int BITS, int NB, int L>
 static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const float *a, const float *s,
                  int64_t K, float *y, int64_t N) {
@@ -132,6 +137,69 @@ static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const f
         }
     }
     for (int b = 0; b < NB; b++) _mm512_storeu_ps(y + b * N, acc[b]);
+}
+#elif QM_PATH == 1
+// AVX2 has no vpdpbusd: vpmaddubsw multiplies unsigned weight bytes by signed activation bytes
+// and adds pairs into int16 lanes, which saturate, so it takes nibbles only (4-bit codes as
+// they are, 8-bit codes as u = 16 uh + ul): a lane's pair is at most 2 x 15 x 127 and a group
+// adds 8 pairs into it (30480 < 32767), so the int16 sums are exact; vpmaddwd then adds the
+// lane pairs of a row into its int32 dot. Each 64-byte chunk is two halves of 8 output rows.
+// A group's nibbles are unpacked once into `nib` (L1) and the activation rows, one at a time,
+// read them (unrolled over rows, GCC interleaved them and spilled products to the stack; two
+// rows at a time sharing each load measured slower still).
+template <int BITS, int NB, int L>
+static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const float *a, const float *s,
+                 int64_t K, float *y, int64_t N) {
+    typedef Layout<BITS> lay;
+    const int64_t ng = K / GROUP;
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[NB][2];
+    for (int b = 0; b < NB; b++) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
+    __m256i nib[lay::chunks][2][2];             // [chunk][low / high nibbles][half]
+    for (int64_t g = 0; g < ng; g++) {
+        for (int c = 0; c < lay::chunks; c++)
+            for (int h = 0; h < 2; h++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + (g * lay::chunks + c) * 64 + 32 * h));
+                nib[c][0][h] = _mm256_and_si256(v, low);
+                nib[c][1][h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            }
+        asm volatile("" : : "r"(nib) : "memory");   // nib stays in memory: rows load it
+        __m256 d[2], m[2];
+        for (int h = 0; h < 2; h++) {
+            d[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g * 32 + 8 * h)));
+            m[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g * 32 + 16 + 8 * h)));
+        }
+        #pragma GCC unroll 1
+        for (int r = 0; r < NB * L; r++) {
+            const int b = r / L;
+            const int8_t *q = xq + r * K + g * GROUP;
+            // [part][half]: 4-bit both nibbles' products in part 0; 8-bit ul's in 0, uh's in 1
+            __m256i p[2][2] = {{_mm256_setzero_si256(), _mm256_setzero_si256()},
+                               {_mm256_setzero_si256(), _mm256_setzero_si256()}};
+            for (int c = 0; c < lay::chunks; c++) {
+                int32_t q0, q1;
+                memcpy(&q0, q + c * lay::inputs, 4);
+                memcpy(&q1, q + c * lay::inputs + (BITS == 4 ? 4 : 0), 4);
+                const __m256i x0 = _mm256_set1_epi32(q0), x1 = _mm256_set1_epi32(q1);
+                for (int h = 0; h < 2; h++) {
+                    p[0][h] = _mm256_add_epi16(p[0][h], _mm256_maddubs_epi16(nib[c][0][h], x0));
+                    p[BITS == 8][h] = _mm256_add_epi16(p[BITS == 8][h], _mm256_maddubs_epi16(nib[c][1][h], x1));
+                }
+            }
+            for (int h = 0; h < 2; h++) {
+                __m256i dot = _mm256_madd_epi16(p[0][h], ones);
+                if (BITS == 8) dot = _mm256_add_epi32(dot, _mm256_slli_epi32(_mm256_madd_epi16(p[1][h], ones), 4));
+                acc[b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d[h], _mm256_set1_ps(a[r * ng + g])),
+                                            acc[b][h]);
+                if (r % L == L - 1)                 // the row's last level: its minimum's term
+                    acc[b][h] = _mm256_fmadd_ps(m[h], _mm256_set1_ps(s[b * ng + g]), acc[b][h]);
+            }
+        }
+    }
+    for (int b = 0; b < NB; b++) {
+        _mm256_storeu_ps(y + b * N, acc[b][0]);
+        _mm256_storeu_ps(y + b * N + 8, acc[b][1]);
+    }
 }
 #else
 template <int BITS, int NB, int L>
@@ -282,15 +350,15 @@ static void qmatmul_amx(const uint8_t *packed, const uint16_t *scales, const int
 typedef void (*tile_fn)(const uint8_t *, const uint16_t *, const int8_t *, const float *, const float *,
                         int64_t, float *, int64_t);
 
-template <int BITS> struct Tiles {   // [levels - 1][x rows - 1]
-    static constexpr tile_fn one[TILE] = {tile<BITS, 1, 1>, tile<BITS, 2, 1>, tile<BITS, 3, 1>, tile<BITS, 4, 1>,
+template <int BITS> struct Tiles {   // [levels - 1][x rows - 1], for tiles of up to 8 activation rows
+    static constexpr tile_fn one[8] = {tile<BITS, 1, 1>, tile<BITS, 2, 1>, tile<BITS, 3, 1>, tile<BITS, 4, 1>,
                                           tile<BITS, 5, 1>, tile<BITS, 6, 1>, tile<BITS, 7, 1>, tile<BITS, 8, 1>};
-    static constexpr tile_fn two[TILE / 2] = {tile<BITS, 1, 2>, tile<BITS, 2, 2>, tile<BITS, 3, 2>, tile<BITS, 4, 2>};
+    static constexpr tile_fn two[4] = {tile<BITS, 1, 2>, tile<BITS, 2, 2>, tile<BITS, 3, 2>, tile<BITS, 4, 2>};
 };
 
 extern "C" {
 
-int qmatmul_fast() { return QM_FAST; }
+int qmatmul_path() { return QM_PATH; }
 
 // Whether steps of AMX_ROWS activation rows and more (x rows times levels) take the AMX path;
 // want 0 / 1 turns it off / on (where the CPU and kernel allow), -1 only asks

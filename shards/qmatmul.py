@@ -1,8 +1,8 @@
 """w4a8-cpu's matmuls: weights in groups of 32 inputs (4-bit codes as GGUF's Q4_1, or 8-bit as
 Q8_0, each group with an fp16 scale and minimum), activations rounded to two int8 levels per
 group, multiplied by our kernel (shards/qmatmul.cpp: AVX-512 VNNI, 16 output rows per
-instruction, AMX tiles from 16 activation rows where the CPU has them; portable loops
-elsewhere; the same bits on every path), called as the torch op
+instruction, AMX tiles from 16 activation rows where the CPU has them; AVX2 on CPUs without
+AVX-512; portable loops elsewhere; the same bits on every path), called as the torch op
 `shardserve::qmatmul` so the compiled decode graph holds it.
 
 Why: at small batches a decode step streams every weight from memory, and 4.5 bits a weight
@@ -47,9 +47,12 @@ def _kernel() -> ctypes.CDLL:
     return lib
 
 
-def vnni() -> bool:
-    """Whether the kernel runs its AVX-512 VNNI path on this CPU (else portable loops)."""
-    return bool(_kernel().qmatmul_fast())
+PATHS = ("portable", "avx2", "avx512-vnni")
+
+
+def path() -> str:
+    """The kernel's path on this CPU: avx512-vnni, avx2 (no AVX-512) or portable loops."""
+    return PATHS[_kernel().qmatmul_path()]
 
 
 def amx(on: bool | None = None) -> bool:

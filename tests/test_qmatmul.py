@@ -2,6 +2,7 @@
 batch, the portable path bit for bit; a Q4_1 / Q8_0 source's own weights kept exactly; the real
 model's w4a8-cpu stages against fp32."""
 import ctypes
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,19 +119,30 @@ def test_amx_path_gives_the_vnni_paths_bits():
         amx(on)
 
 
-def test_portable_path_gives_the_same_bits():
-    """The loops built without the AVX-512 VNNI path (SHARDSERVE_GENERIC) against the op."""
-    lib = kernels.load(SOURCE, ("-DSHARDSERVE_GENERIC",))
-    assert lib.qmatmul_fast() == 0
+AVX2 = "avx2" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+
+
+@pytest.mark.parametrize("flag, path", [
+    ("-DSHARDSERVE_GENERIC", 0),
+    pytest.param("-DSHARDSERVE_AVX2", 1, marks=pytest.mark.skipif(not AVX2, reason="the CPU has no AVX2")),
+])
+def test_other_paths_give_the_same_bits(flag, path):
+    """The portable loops (SHARDSERVE_GENERIC) and the AVX2 path (SHARDSERVE_AVX2, for CPUs
+    without AVX-512) built beside the op's own path: the same bits, 4-bit and 8-bit, 1 and 2
+    levels, an outlier channel, 13 rows (whole and part tiles), 1 and 2 threads."""
+    lib = kernels.load(SOURCE, (flag,))
+    assert lib.qmatmul_path() == path
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.qmatmul.argtypes = [p, p, p, p, i64, i64, i64, i32, i32, i32]
     w, *_ = grid4(48, 128, seed=3)
     x = torch.randn(13, 128)
-    for mod in (W4A8CpuLinear(w), Q8Linear.from_rows(lambda a, b: w[a:b], 48)):
-        y = torch.empty(13, 48)
-        assert lib.qmatmul(x.data_ptr(), mod.packed.data_ptr(), mod.scales.data_ptr(), y.data_ptr(),
-                           13, 48, 128, mod.bits, mod.levels, 1) == 0
-        assert torch.equal(y, mod(x))
+    x[:, 9] *= 50
+    for mod in (W4A8CpuLinear(w), W4A8CpuLinear(w, levels=1), Q8Linear.from_rows(lambda a, b: w[a:b], 48)):
+        for threads in (1, 2):
+            y = torch.empty(13, 48)
+            assert lib.qmatmul(x.data_ptr(), mod.packed.data_ptr(), mod.scales.data_ptr(), y.data_ptr(),
+                               13, 48, 128, mod.bits, mod.levels, threads) == 0
+            assert torch.equal(y, mod(x)), (type(mod).__name__, mod.levels, threads)
 
 
 def test_bad_shapes_are_refused():
