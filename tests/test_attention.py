@@ -92,3 +92,28 @@ def test_shapes_without_a_template_take_the_gather_path():
     assert not attention.supports(torch.zeros(2, 9, BS, 64), 18, 2)   # group of 9
     assert not attention.supports(torch.zeros(2, 9, BS, 64, dtype=torch.bfloat16), 4, 2)
     assert not attention.supports(torch.zeros(2, 9, 8, 64), 4, 2)    # blocks of 8 keys
+
+
+@needs_kernel
+@pytest.mark.parametrize("hd", [16, 64, 128])
+@pytest.mark.parametrize("g", [1, 3])
+def test_8_and_16_lane_paths_give_the_same_bits(g, hd):
+    """attend (16 lanes, AVX-512 CPUs) and attend8 (8 lanes, the others) built side by side: the
+    same sums in the same order, so a sequence's bits do not depend on the node's CPU."""
+    import ctypes
+
+    from shards import kernels
+    q, kp, vp, ids, lens, _ = case(g, 2, hd, [1, 15, 16, 17, 100, 311], seed=5)
+    outs = []
+    for flag, lanes in (("-DSHARDSERVE_ATTN8", 8), ("-DSHARDSERVE_ATTN16", 16)):
+        lib = kernels.load(attention.SOURCE, (flag,))
+        assert lib.paged_decode_attention_lanes() == lanes
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.paged_decode_attention.argtypes = [p] * 6 + [i64] * 6 + [ctypes.c_float, ctypes.c_int]
+        out = torch.empty_like(q)
+        assert lib.paged_decode_attention(q.data_ptr(), kp.data_ptr(), vp.data_ptr(), ids.data_ptr(),
+                                          lens.data_ptr(), out.data_ptr(), *q.shape[:2], kp.shape[0], hd,
+                                          ids.shape[1], kp.shape[1], hd ** -0.5, 1) == 0
+        outs.append(out)
+    assert torch.equal(*outs)
+    assert torch.equal(outs[0], torch.ops.shardserve.paged_decode_attention(q, kp, vp, ids, lens, hd ** -0.5))
