@@ -203,12 +203,21 @@ static inline v8 vexp8(v8 x) {     // vexp in 8 lanes: the same operations
     return p * s;
 }
 
-// attend, one query at a time: its scores of a block (q from L1), then its accumulator row
-// (2C registers) over the block's values; rows and probabilities live in memory between
+// a power of two dividing C2 (a row's 8-lane chunks) with G x it accumulators in 12 registers
+constexpr int row_chunks(int G, int C2) {
+    int n = 1;
+    while (2 * n * G <= 12 && 2 * n <= C2) n *= 2;
+    return n;
+}
+
+// attend in 8 lanes: the G queries' scores of a block first (q from L1), their softmax updates
+// (independent chains side by side), then the values in passes of CC chunks of every query's
+// row (G x CC accumulators in registers); rows and probabilities live in memory between
 template <int G, int C>
 static void attend8(const float *q_in, const float *kp, const float *vp, const int64_t *ids,
                     int64_t T, float *o, float scale) {
     const int64_t hd = 16 * C, be = BS * hd, nbl = (T + BS - 1) / BS;
+    constexpr int CC = row_chunks(G, 2 * C);
     float q[G][16 * C], acc[G][16 * C], m[G], l[G];
     for (int j = 0; j < G; j++) {
         for (int d = 0; d < hd; d++) q[j][d] = q_in[j * hd + d] * scale, acc[j][d] = q[j][d] * 0.f;
@@ -222,37 +231,46 @@ static void attend8(const float *q_in, const float *kp, const float *vp, const i
             prefetch(vp + ids[i + 1] * be, be);
         }
         const int64_t tn = T - BS * i < BS ? T - BS * i : BS;
+        v8 s[G][2];
         for (int j = 0; j < G; j++) {
-            v8 s[2] = {scores8<C>(q[j], kb, hd), scores8<C>(q[j], kb + 8 * hd, hd)};
-            for (int64_t u = tn; u < BS; u++) s[u / 8][u % 8] = -3.0e38f;
-            const v8 mx2 = s[0] > s[1] ? s[0] : s[1];
+            s[j][0] = scores8<C>(q[j], kb, hd);
+            s[j][1] = scores8<C>(q[j], kb + 8 * hd, hd);
+            for (int64_t u = tn; u < BS; u++) s[j][u / 8][u % 8] = -3.0e38f;
+        }
+        alignas(32) float p[G][BS];
+        float alpha[G];
+        for (int j = 0; j < G; j++) {
+            const v8 mx2 = s[j][0] > s[j][1] ? s[j][0] : s[j][1];
             float bm = mx2[0];
             for (int u = 1; u < 8; u++) bm = mx2[u] > bm ? mx2[u] : bm;
             const float nm = bm > m[j] ? bm : m[j];
-            alignas(32) float p[BS];
             for (int h = 0; h < 2; h++) {
-                const v8 e = vexp8(s[h] - nm);
-                memcpy(p + 8 * h, &e, 32);
+                const v8 e = vexp8(s[j][h] - nm);
+                memcpy(p[j] + 8 * h, &e, 32);
             }
             v8 d = {};
             d += m[j] - nm;
-            const float alpha = vexp8(d)[0];
+            alpha[j] = vexp8(d)[0];
             m[j] = nm;
             float ps = 0.f;
-            for (int u = 0; u < BS; u++) ps += p[u];
-            l[j] = l[j] * alpha + ps;
-            v8 a[2 * C];
-            for (int c = 0; c < 2 * C; c++) {
-                memcpy(&a[c], acc[j] + 8 * c, 32);
-                a[c] *= alpha;
-            }
-            for (int64_t u = 0; u < tn; u++)
-                for (int c = 0; c < 2 * C; c++) {
-                    v8 v;
-                    memcpy(&v, vb + u * hd + 8 * c, 32);
-                    a[c] += p[u] * v;
+            for (int u = 0; u < BS; u++) ps += p[j][u];
+            l[j] = l[j] * alpha[j] + ps;
+        }
+        for (int c0 = 0; c0 < 2 * C; c0 += CC) {
+            v8 a[G][CC];
+            for (int j = 0; j < G; j++)
+                for (int c = 0; c < CC; c++) {
+                    memcpy(&a[j][c], acc[j] + 8 * (c0 + c), 32);
+                    a[j][c] *= alpha[j];
                 }
-            for (int c = 0; c < 2 * C; c++) memcpy(acc[j] + 8 * c, &a[c], 32);
+            for (int64_t u = 0; u < tn; u++)
+                for (int c = 0; c < CC; c++) {
+                    v8 v;
+                    memcpy(&v, vb + u * hd + 8 * (c0 + c), 32);
+                    for (int j = 0; j < G; j++) a[j][c] += p[j][u] * v;
+                }
+            for (int j = 0; j < G; j++)
+                for (int c = 0; c < CC; c++) memcpy(acc[j] + 8 * (c0 + c), &a[j][c], 32);
         }
     }
     for (int j = 0; j < G; j++)

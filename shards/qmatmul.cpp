@@ -49,7 +49,9 @@
 
 static const int64_t PANEL = 16;   // output rows per panel: the int32 lanes of a vector
 static const int64_t GROUP = 32;   // inputs per (d, m) and per activation scale
-static const int64_t TILE = 8;     // activation rows (x rows times levels) sharing a weight vector
+// activation rows (x rows times levels) sharing a weight vector; AVX2's 16 registers hold 4 rows'
+// int16 sums beside a chunk's nibbles (8: ~40% slower at 4 rows, spilling)
+static const int64_t TILE = QM_PATH == 1 ? 4 : 8;
 static const int64_t AMX_ROWS = 16; // activation rows from which AMX tiles take over (when on)
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -144,55 +146,54 @@ static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const f
 // they are, 8-bit codes as u = 16 uh + ul): a lane's pair is at most 2 x 15 x 127 and a group
 // adds 8 pairs into it (30480 < 32767), so the int16 sums are exact; vpmaddwd then adds the
 // lane pairs of a row into its int32 dot. Each 64-byte chunk is two halves of 8 output rows.
-// A group's nibbles are unpacked once into `nib` (L1) and the activation rows, one at a time,
-// read them (unrolled over rows, GCC interleaved them and spilled products to the stack; two
-// rows at a time sharing each load measured slower still).
+// A chunk's nibbles stay in 4 registers while each of the tile's rows adds its products into
+// its 2 (4-bit) or 4 (8-bit) int16 sums; the empty asm pins each sum in a register after its add,
+// so GCC can not hoist every product first and spill them (it did: 1.8x slower on one core).
+#define PIN(v) asm volatile("" : "+x"(v))
 template <int BITS, int NB, int L>
 static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const float *a, const float *s,
                  int64_t K, float *y, int64_t N) {
     typedef Layout<BITS> lay;
+    constexpr int R = NB * L, P = BITS == 4 ? 1 : 2;
     const int64_t ng = K / GROUP;
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     __m256 acc[NB][2];
     for (int b = 0; b < NB; b++) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
-    __m256i nib[lay::chunks][2][2];             // [chunk][low / high nibbles][half]
     for (int64_t g = 0; g < ng; g++) {
-        for (int c = 0; c < lay::chunks; c++)
+        __m256i p[R][P][2];
+        for (int r = 0; r < R; r++)
+            for (int q = 0; q < P; q++) p[r][q][0] = p[r][q][1] = _mm256_setzero_si256();
+        for (int c = 0; c < lay::chunks; c++) {
+            const uint8_t *v = w + (g * lay::chunks + c) * 64;
+            __m256i nb[2][2];
             for (int h = 0; h < 2; h++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + (g * lay::chunks + c) * 64 + 32 * h));
-                nib[c][0][h] = _mm256_and_si256(v, low);
-                nib[c][1][h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(v + 32 * h));
+                nb[0][h] = _mm256_and_si256(x, low);
+                nb[1][h] = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
             }
-        asm volatile("" : : "r"(nib) : "memory");   // nib stays in memory: rows load it
-        __m256 d[2], m[2];
-        for (int h = 0; h < 2; h++) {
-            d[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g * 32 + 8 * h)));
-            m[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g * 32 + 16 + 8 * h)));
-        }
-        #pragma GCC unroll 1
-        for (int r = 0; r < NB * L; r++) {
-            const int b = r / L;
-            const int8_t *q = xq + r * K + g * GROUP;
-            // [part][half]: 4-bit both nibbles' products in part 0; 8-bit ul's in 0, uh's in 1
-            __m256i p[2][2] = {{_mm256_setzero_si256(), _mm256_setzero_si256()},
-                               {_mm256_setzero_si256(), _mm256_setzero_si256()}};
-            for (int c = 0; c < lay::chunks; c++) {
+            for (int r = 0; r < R; r++) {
+                const int8_t *q = xq + r * K + g * GROUP + c * lay::inputs;
                 int32_t q0, q1;
-                memcpy(&q0, q + c * lay::inputs, 4);
-                memcpy(&q1, q + c * lay::inputs + (BITS == 4 ? 4 : 0), 4);
+                memcpy(&q0, q, 4);
+                memcpy(&q1, q + (BITS == 4 ? 4 : 0), 4);
                 const __m256i x0 = _mm256_set1_epi32(q0), x1 = _mm256_set1_epi32(q1);
                 for (int h = 0; h < 2; h++) {
-                    p[0][h] = _mm256_add_epi16(p[0][h], _mm256_maddubs_epi16(nib[c][0][h], x0));
-                    p[BITS == 8][h] = _mm256_add_epi16(p[BITS == 8][h], _mm256_maddubs_epi16(nib[c][1][h], x1));
+                    p[r][0][h] = _mm256_add_epi16(p[r][0][h], _mm256_maddubs_epi16(nb[0][h], x0));
+                    PIN(p[r][0][h]);
+                    p[r][P - 1][h] = _mm256_add_epi16(p[r][P - 1][h], _mm256_maddubs_epi16(nb[1][h], x1));
+                    PIN(p[r][P - 1][h]);
                 }
             }
-            for (int h = 0; h < 2; h++) {
-                __m256i dot = _mm256_madd_epi16(p[0][h], ones);
-                if (BITS == 8) dot = _mm256_add_epi32(dot, _mm256_slli_epi32(_mm256_madd_epi16(p[1][h], ones), 4));
-                acc[b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d[h], _mm256_set1_ps(a[r * ng + g])),
-                                            acc[b][h]);
-                if (r % L == L - 1)                 // the row's last level: its minimum's term
-                    acc[b][h] = _mm256_fmadd_ps(m[h], _mm256_set1_ps(s[b * ng + g]), acc[b][h]);
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g * 32 + 8 * h)));
+            const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g * 32 + 16 + 8 * h)));
+            for (int r = 0; r < R; r++) {
+                const int b = r / L;
+                __m256i dot = _mm256_madd_epi16(p[r][0][h], ones);
+                if (BITS == 8) dot = _mm256_add_epi32(dot, _mm256_slli_epi32(_mm256_madd_epi16(p[r][P - 1][h], ones), 4));
+                acc[b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(a[r * ng + g])), acc[b][h]);
+                if (r % L == L - 1) acc[b][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(s[b * ng + g]), acc[b][h]);
             }
         }
     }

@@ -75,7 +75,7 @@ def test_8bit_table_computes_its_formula_and_reads_rows(levels):
 
 @pytest.mark.parametrize("levels", [1, 2])
 def test_a_rows_result_does_not_depend_on_its_batch(levels):
-    """Tiles of 8 (4 at two levels) activation rows share each weight vector: every batch size
+    """Tiles of activation rows (8, or 4 on AVX2; half at two levels) share each weight vector: every batch size
     up to 19 gives each row the bits it gets alone, 4-bit and 8-bit, 1 and 2 threads."""
     w, *_ = grid4(64, 96, seed=2)
     mods = [W4A8CpuLinear(w, levels=levels), Q8Linear.from_rows(lambda a, b: w[a:b], 64)]
