@@ -322,8 +322,9 @@ def test_shards_report_where_decode_time_goes(url):
     c.chat(QUESTION, max_tokens=16, temperature=0)
     t = httpx.get(url + "/v1/shards", params={"since": since}, timeout=30).json()["timing"]
     assert t["decode_groups"] >= 5   # the answer is 8 tokens
-    assert all(x > 0 for x in t["shard_decode_ms_p50"])
-    assert 0 < sum(t["shard_decode_ms_p50"]) < t["decode_hop_ms_p50"]
+    # every hop holds each shard's step, so each shard's median is under the hop's median; the
+    # sum of medians is not the median of sums (CI once saw 45.6 + 39.4 > 83.0 on a loaded VM)
+    assert all(0 < x < t["decode_hop_ms_p50"] for x in t["shard_decode_ms_p50"])
     assert abs(t["ray_router_ms"] - (t["decode_hop_ms_p50"] - sum(t["shard_decode_ms_p50"]))) < 1e-6
     later = httpx.get(url + "/v1/shards", params={"since": _time.time() + 60}, timeout=30).json()["timing"]
     assert later["decode_groups"] == 0 and later["decode_hop_ms_p50"] is None
