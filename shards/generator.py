@@ -18,12 +18,12 @@ from shards.step import SamplingParams, StepBatch
 class Generator:
     def __init__(self, source: ModelSource, ranges: list[LayerRange] | int = 1,
                  kv_blocks: int = 256, block_size: int = 16, dtype: torch.dtype = torch.float32,
-                 compression: str = "fp32", compile: bool = False, calibration=None):
+                 compression: str = "fp32", compile: bool = False, calibration=None, device: str = "cpu"):
         if isinstance(ranges, int):
             ranges = split_even(source.n_layers, ranges)
         self.source = source
-        self.stages = [Stage(source, r, kv_blocks, block_size, dtype, compression=compression, compile=compile,
-                             calibration=calibration) for r in ranges]
+        self.stages = [Stage(source, r, kv_blocks, block_size, dtype, device, compression=compression,
+                             compile=compile, calibration=calibration) for r in ranges]
         eos = source.config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self._ids = itertools.count()
