@@ -144,6 +144,18 @@ class Engine:
         return Delta("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
                      last.error)
 
+    async def warm_up(self, prompt_ids: list[int], max_tokens: int = 2) -> Delta:
+        """One request through the whole path (router, step channels, every shard's prefill and
+        decode) before the endpoint takes traffic, outside the config's admission limit and
+        timeout: a config of max_waiting 0 or a 10 ms timeout must still start. Nothing else
+        reaches the engine before it returns."""
+        limits = self.max_waiting, self.timeout_s
+        self.max_waiting, self.timeout_s = max(self.max_waiting, 1), max(self.timeout_s, 600.0)
+        try:
+            return await self.complete(prompt_ids, SamplingParams(max_tokens=max_tokens))
+        finally:
+            self.max_waiting, self.timeout_s = limits
+
     # ---- the loop -------------------------------------------------------------------------
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():

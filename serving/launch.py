@@ -125,15 +125,8 @@ async def build_engine(cfg: EngineConfig, on_ready=None):
     engine = Engine(pipeline, tokenizer, set(eos if isinstance(eos, list) else [eos]),
                     cfg.max_batch, cfg.prefill_tokens, controller=controller, max_waiting=cfg.max_waiting,
                     timeout_s=cfg.timeout_s, prefix_cache=cfg.prefix_cache)
-    await warm_up(engine)
+    # the first request after a start took 268 ms against 55-58 for the next ones (2 shards, in
+    # process, 1 generated token): the path's first use, paid here. A prompt under one KV block,
+    # so the prefix cache pins nothing
+    await engine.warm_up(tokenizer.encode("Hello, world")[:cfg.block_size - 1])
     return engine
-
-
-async def warm_up(engine) -> None:
-    """One short request through the whole path (tokenizer, router, step channels, every shard's
-    prefill and decode) before the endpoint takes traffic: the first request after a start took
-    268 ms against 55-58 for the next ones (2 shards, in process, 1 generated token). Under one
-    KV block of prompt, so the prefix cache pins nothing."""
-    from shards.step import SamplingParams
-    ids = engine.tokenizer.encode("Hello, world")[:engine.pipeline.block_size - 1]
-    await engine.complete(ids, SamplingParams(max_tokens=2))

@@ -44,6 +44,8 @@ async def run_all(engine, prompts_ids, params):
 def test_concurrent_greedy_matches_transformers(loop, reference, shards):
     engine = make_engine(loop, shards, f"eq{shards}-")
     try:
+        # built means warm: one short request has run a prefill and a decode step on every shard
+        assert all(s["steps"] >= 2 for s in loop.run_until_complete(engine.stats()))
         inputs = [list(k) for k in reference]
         outs = loop.run_until_complete(run_all(engine, inputs, SamplingParams(max_tokens=N_TOKENS)))
         for ids, d in zip(inputs, outs):
