@@ -142,27 +142,33 @@ def main() -> None:
     ids, batch = prompts(1, PROMPT_LEN)[0], prompts(4, 16, seed=3)
     ref_logits, ref_tokens = hf_reference(model, ids, batch)
     del model
-    report["rows"] = []
     bf16 = torch.bfloat16
     runs = [(q, False, torch.float32) for q in args.quants] + [("bf16", False, bf16)]
     runs += [] if args.no_compile else [("fp32", True, torch.float32), ("bf16", True, bf16)]
+    report["rows"] = []
     t0 = time.perf_counter()
     for quant, compile, dtype in runs:
         if compile and time.perf_counter() - t0 > args.compile_by_s:
             print(json.dumps({"quant": quant, "compiled": True, "skipped": "--compile-by-s passed"}), flush=True)
             continue
-        try:
-            row = check(src, quant, ref_logits, ref_tokens, ids, batch, compile, dtype)
-        except Exception as e:   # one path failing must not hide the others' numbers
-            row = {"quant": quant, "dtype": str(dtype)[6:], "compiled": compile,
-                   "error": f"{type(e).__name__}: {e}"[:600]}
-        if compile and "tokens" in row:
-            eager = next((r for r in report["rows"] if r["quant"] == quant and r["dtype"] == row["dtype"]
-                          and not r["compiled"]), {})
-            row["greedy_equal_eager"] = sum(a == b for a, b in zip(row["tokens"], eager.get("tokens", [])))
+        row = checked(src, quant, ref_logits, ref_tokens, ids, batch, compile, dtype, report["rows"])
         print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
         report["rows"].append(row)
         Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+def checked(src, quant, ref_logits, ref_tokens, ids, batch, compile, dtype, done: list[dict]) -> dict:
+    """check(), its failure as a row (one path failing must not hide the others' numbers), and
+    for a compiled row how many greedy replies equal the eager row's of the same spec."""
+    try:
+        row = check(src, quant, ref_logits, ref_tokens, ids, batch, compile, dtype)
+    except Exception as e:
+        return {"quant": quant, "dtype": str(dtype)[6:], "compiled": compile, "error": f"{type(e).__name__}: {e}"[:600]}
+    if compile:
+        eager = next((r for r in done if r["quant"] == quant and r.get("dtype") == row["dtype"]
+                      and not r["compiled"]), {})
+        row["greedy_equal_eager"] = sum(a == b for a, b in zip(row["tokens"], eager.get("tokens", [])))
+    return row
 
 
 if __name__ == "__main__":
