@@ -103,3 +103,37 @@ def test_a_failed_compile_says_how_to_serve_without(src):
         Stage(src, LayerRange(0, 2), kv_blocks=8, compile=True, threads=(7,))   # 7: no cached graph
     # the compiler restored, the same graphs compile (a later test would otherwise fail to)
     assert Stage(src, LayerRange(0, 2), kv_blocks=8, compile=True, threads=(7,)).compiled.graphs == 2
+
+
+def test_chunks_of_layers_equal_eager_and_follow_a_move(src, monkeypatch):
+    """Runs of CHUNK layers take one graph call (here CHUNK 2): [0, 3) is a chunk and a layer,
+    then a move makes it [0, 2) (a chunk) and [2, 4) (a chunk); tokens equal eager stages', and
+    decode compiles nothing after the warm-up."""
+    monkeypatch.setattr("shards.compiled.CHUNK", 2)
+    pipes = [[Stage(src, r, kv_blocks=16, compile=c, threads=(5,)) for r in (LayerRange(0, 3), LayerRange(3, 4))]
+             for c in (False, True)]
+    # 5 threads: graphs no earlier test built; a layer and a chunk graph, each for batch 1 and more
+    assert pipes[1][0].compiled.graphs == 4
+
+    def step(stages, batch):
+        x = None
+        for s in stages:
+            x = s(batch if x is None else batch.with_hidden(x))
+        return x
+    outs, was = [], torch.get_num_threads()
+    torch.set_num_threads(5)
+    try:
+        for a, b in pipes:
+            logits = step((a, b), StepBatch([0, 1], [0, 0], [5, 5], tokens=torch.tensor([PROMPTS[0], PROMPTS[2][:5]])))
+            toks = []
+            for i in range(8):
+                if i == 3:
+                    b.grow(src, LayerRange(2, 3), **a.shrink(LayerRange(2, 3)))
+                toks.append(logits.argmax(-1).tolist())
+                before = graphs()
+                logits = step((a, b), StepBatch([0, 1], [5 + i] * 2, [1, 1], tokens=torch.tensor(toks[-1]).unsqueeze(1)))
+                assert graphs() == before
+            outs.append(toks)
+    finally:
+        torch.set_num_threads(was)
+    assert outs[0] == outs[1] and pipes[1][1].layers == LayerRange(2, 4)
