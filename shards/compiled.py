@@ -103,15 +103,15 @@ class CompileError(ShardServeError):
 class CompiledDecode:
     """The compiled layer_decode of one stage, with its warm-up and counters."""
 
-    def __init__(self, threads: tuple[int, ...], chunk: int | None = None):
-        # graphs live on layer_decode's code object, shared by every stage of the process: one per
-        # (model shape, head count of a cut layer, kernel module, thread count, batch 1 or more).
+    def __init__(self, threads: tuple[int, ...]):
+        # graphs live on layer_decode's and chunk_decode's code objects, shared by every stage of
+        # the process: one per (model shape, head counts, kernel flags, thread count, batch 1 or more).
         # Past the limit dynamo would run eager silently; it raises instead.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
         torch._dynamo.config.fail_on_recompile_limit_hit = True
         self.fn = torch.compile(layer_decode, dynamic=True, fullgraph=True)
         self.chunk_fn = torch.compile(chunk_decode, dynamic=True, fullgraph=True)
-        self.chunk = chunk or CHUNK
+        self.chunk = CHUNK      # read here, not at import: tests set a smaller one
         # dynamo guards on torch's thread count: one set of graphs for each count steps use
         self.threads = sorted(set(threads))
         self.warm_s = 0.0       # seconds spent in warm-ups (compiling or loading from the cache)
