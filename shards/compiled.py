@@ -23,6 +23,13 @@ two graph kinds (chunk, layer) serve any layer count and a re-shard compiles not
 against 8.7-9.0 ms for 19 layer calls (4 interleaved rounds of 20 steps), but needs a new graph
 for every layer count.
 
+The stage's own layer count takes a third graph, compiled at load: the whole stage in one call
+(chunk_decode over every layer), since even chunks leave ~0.1 ms of lookup and wrappers per call
+([0, 19) is 2 chunks and 3 layers). Layers [0, 19), w4a8-cpu, batch 1, 1 thread, 12 interleaved
+rounds of 30 steps in one process: median 5.31 against 6.12 ms a step with chunks of 8. A
+re-shard (or a recompress) changes what that graph was traced for, so from then on the stage
+runs chunks and layers again: it compiles nothing new while requests wait.
+
 Attention reads the paged KV pool in place, never copying a sequence's whole cache per layer
 (PagedKV.gather, the eager fallback). On CPU with fp32 KV it is shards/attention.py's kernel, an
 op in the graph; elsewhere (CUDA, bf16 KV, a head layout without a kernel) scores and outputs
@@ -112,6 +119,7 @@ class CompiledDecode:
         self.fn = torch.compile(layer_decode, dynamic=True, fullgraph=True)
         self.chunk_fn = torch.compile(chunk_decode, dynamic=True, fullgraph=True)
         self.chunk = CHUNK      # read here, not at import: tests set a smaller one
+        self.whole: int | None = None   # the layer count the whole-stage graph was warmed for
         # dynamo guards on torch's thread count: one set of graphs for each count steps use
         self.threads = sorted(set(threads))
         self.warm_s = 0.0       # seconds spent in warm-ups (compiling or loading from the cache)
@@ -129,7 +137,11 @@ class CompiledDecode:
             return self._layers(blocks, pools, *inputs)
 
     def _layers(self, blocks, pools, x, *rest) -> torch.Tensor:
-        """Whole chunks through the chunk graph, the remaining layers one at a time."""
+        """The whole stage in one call where its graph was warmed for these layers; else whole
+        chunks through the chunk graph and the remaining layers one at a time."""
+        if len(blocks) == self.whole:
+            return self.chunk_fn(tuple(blocks), tuple(pools), x, *rest,
+                                 tuple(kernel_for(b, kp) for b, (kp, _) in zip(blocks, pools)))
         whole = len(blocks) - len(blocks) % self.chunk
         for i in range(0, whole, self.chunk):
             bs, ps = tuple(blocks[i:i + self.chunk]), tuple(pools[i:i + self.chunk])
@@ -139,15 +151,17 @@ class CompiledDecode:
         return x
 
     def warm(self, blocks, pools, hidden: int, scratch_block: int, block_size: int,
-             dtype: torch.dtype, device) -> None:
+             dtype: torch.dtype, device, whole: bool = False) -> None:
         """Compile (or load) every graph the stage's layers need, on the pool's scratch block
-        (no sequence's KV is touched), then prove a third shape runs without compiling."""
+        (no sequence's KV is touched), then prove a third shape runs without compiling. whole:
+        also the graph of all these layers in one call (at load; a re-shard passes False)."""
         from torch._dynamo.utils import counters
+        self.whole = None
         t0, before = time.time(), counters["stats"]["unique_graphs"]
         head_dim = pools[0][0].shape[-1] if pools else 1
         dummy = lambda b, nb: _dummy(b, nb, hidden, head_dim, scratch_block, block_size, dtype, device)  # noqa: E731
         try:
-            self._trace(blocks, pools, dummy, device.type == "cpu")
+            self._trace(blocks, pools, dummy, device.type == "cpu", whole and len(blocks) not in (1, self.chunk))
         except Exception as e:
             # e.g. no C++ compiler on the node (inductor builds its CPU kernels with g++)
             first = str(e).strip().splitlines()[0][:300]
@@ -159,10 +173,11 @@ class CompiledDecode:
         self.warm_s += time.time() - t0
         log.info("compiled decode: %d new graph(s) for %d layer(s) in %.1f s", new, len(blocks), time.time() - t0)
 
-    def _trace(self, blocks, pools, dummy, cpu: bool) -> None:
-        """Every layer at every warm shape, alone and in the stage's chunks, for each thread
-        count (CPU), then the check shape under fail_on_recompile. Every layer alone: a re-shard
-        may leave any of them outside a chunk."""
+    def _trace(self, blocks, pools, dummy, cpu: bool, whole: bool) -> None:
+        """Every layer at every warm shape, alone and in the stage's chunks (and, `whole`, all
+        in one call), for each thread count (CPU), then the check shape under fail_on_recompile
+        (through the whole-stage graph where there is one). Every layer alone and the chunks: a
+        re-shard may leave any layer outside a chunk, and any run of layers in one."""
         was = torch.get_num_threads()
         try:
             for n in self.threads if cpu else [was]:
@@ -172,7 +187,11 @@ class CompiledDecode:
                         x, *rest = dummy(b, nb)
                         for block, (kp, vp) in zip(blocks, pools):
                             self.fn(block, x, kp, vp, *rest, kernel_for(block, kp))
+                        self.whole = None
                         self._layers(blocks, pools, x, *rest)
+                        if whole:
+                            self.whole = len(blocks)
+                            self._layers(blocks, pools, x, *rest)
                     self._run(blocks, pools, *dummy(*CHECK_SHAPE))
         finally:
             torch.set_num_threads(was)

@@ -78,7 +78,7 @@ class Stage(nn.Module):
         if compile:
             from shards.compiled import CompiledDecode
             self.compiled = CompiledDecode(threads or (torch.get_num_threads(),))
-            self._warm()
+            self._warm(whole=True)
 
     def _add_ends(self, source: ModelSource, quant: str) -> None:
         """Embedding (first stage), final norm + lm_head (last), at the policy of
@@ -220,6 +220,8 @@ class Stage(nn.Module):
             self.kv.drop_layer(layer)
         gone = sorted(self.dropped & set(layers))
         self.dropped -= set(gone)
+        if self.compiled is not None:
+            self.compiled.whole = None    # its whole-stage graph was of the old layers: chunks now
         return {"kv": out, "dropped": gone}
 
     def _ordered(self) -> tuple[list[Block], list]:
@@ -239,8 +241,9 @@ class Stage(nn.Module):
         return bool(self.blocks) and all(attention.supports(self.kv.pools[int(k)][0], b.n_heads, b.n_kv)
                                          for k, b in self.blocks.items())
 
-    def _warm(self) -> None:
-        """Compile (or load from the cache) what the current layers need, before any request."""
+    def _warm(self, whole: bool = False) -> None:
+        """Compile (or load from the cache) what the current layers need, before any request;
+        whole (at load only): also the graph of the whole stage (shards/compiled.py)."""
         if self.compiled is None:
             return
         if not self.runs_compiled:
@@ -249,7 +252,7 @@ class Stage(nn.Module):
             return
         blocks, pools = self._ordered()
         self.compiled.warm(blocks, pools, self.config.hidden_size, self.kv.table.n_blocks,
-                           self.kv.table.block_size, self.dtype, self.device)
+                           self.kv.table.block_size, self.dtype, self.device, whole)
 
     def _load(self, source: ModelSource, name: str) -> torch.Tensor:
         """One tensor, straight to this stage's device and dtype (CPU peak: one tensor)."""

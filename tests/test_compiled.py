@@ -102,18 +102,21 @@ def test_a_failed_compile_says_how_to_serve_without(src):
             pytest.raises(CompileError, match="InvalidCxxCompiler.*--no-compile"):
         Stage(src, LayerRange(0, 2), kv_blocks=8, compile=True, threads=(7,))   # 7: no cached graph
     # the compiler restored, the same graphs compile (a later test would otherwise fail to)
-    assert Stage(src, LayerRange(0, 2), kv_blocks=8, compile=True, threads=(7,)).compiled.graphs == 2
+    # a layer graph and the whole stage's (2 layers in one call), each for batch 1 and more
+    assert Stage(src, LayerRange(0, 2), kv_blocks=8, compile=True, threads=(7,)).compiled.graphs == 4
 
 
 def test_chunks_of_layers_equal_eager_and_follow_a_move(src, monkeypatch):
-    """Runs of CHUNK layers take one graph call (here CHUNK 2): [0, 3) is a chunk and a layer,
-    then a move makes it [0, 2) (a chunk) and [2, 4) (a chunk); tokens equal eager stages', and
-    decode compiles nothing after the warm-up."""
+    """Runs of CHUNK layers take one graph call (here CHUNK 2): [0, 3) runs as one graph of its
+    3 layers, then a move makes it [0, 2) (a chunk) and [2, 4) (a chunk, where that stage's whole
+    graph was of 1 layer); tokens equal eager stages', and decode compiles nothing after the
+    warm-up."""
     monkeypatch.setattr("shards.compiled.CHUNK", 2)
     pipes = [[Stage(src, r, kv_blocks=16, compile=c, threads=(5,)) for r in (LayerRange(0, 3), LayerRange(3, 4))]
              for c in (False, True)]
-    # 5 threads: graphs no earlier test built; a layer and a chunk graph, each for batch 1 and more
-    assert pipes[1][0].compiled.graphs == 4
+    # 5 threads: graphs no earlier test built; a layer, a chunk and a 3-layer graph, each for
+    # batch 1 and more
+    assert pipes[1][0].compiled.graphs == 6 and pipes[1][0].compiled.whole == 3
 
     def step(stages, batch):
         x = None
@@ -137,3 +140,4 @@ def test_chunks_of_layers_equal_eager_and_follow_a_move(src, monkeypatch):
     finally:
         torch.set_num_threads(was)
     assert outs[0] == outs[1] and pipes[1][1].layers == LayerRange(2, 4)
+    assert pipes[1][0].compiled.whole is None and pipes[1][1].compiled.whole is None   # chunks since the move
