@@ -103,6 +103,18 @@ def chunk_decode(blocks: tuple, pools: tuple, x, slots, block_ids, bias, lens, c
     return x
 
 
+def stage_decode(blocks: tuple, pools: tuple, x, slots, block_ids, bias, lens, cos, sin, kernels: tuple):
+    """chunk_decode for the whole stage, as its own code object: dynamo keeps graphs per code
+    object, so a step's lookup walks only this stage's graphs, not the chunk graphs' too. Layers
+    [0, 19), 3 alternating runs of 10 x 30 steps: median 7.33, 7.20, 7.02 against 7.54, 8.07, 7.94
+    ms through chunk_decode. The lookup still checks every tensor input's guard (skip_guard_
+    eval_unsafe keeps tensor guards; dynamo's recursive dict tags were slower here): ~0.4 ms a
+    call at 19 layers, by the profiler."""
+    for block, (k_pool, v_pool), kernel in zip(blocks, pools, kernels):
+        x = layer_decode(block, x, k_pool, v_pool, slots, block_ids, bias, lens, cos, sin, kernel)
+    return x
+
+
 class CompileError(ShardServeError):
     """The decode step could not be compiled at load."""
 
@@ -118,6 +130,7 @@ class CompiledDecode:
         torch._dynamo.config.fail_on_recompile_limit_hit = True
         self.fn = torch.compile(layer_decode, dynamic=True, fullgraph=True)
         self.chunk_fn = torch.compile(chunk_decode, dynamic=True, fullgraph=True)
+        self.stage_fn = torch.compile(stage_decode, dynamic=True, fullgraph=True)
         self.chunk = CHUNK      # read here, not at import: tests set a smaller one
         self.whole: int | None = None   # the layer count the whole-stage graph was warmed for
         # dynamo guards on torch's thread count: one set of graphs for each count steps use
@@ -140,7 +153,7 @@ class CompiledDecode:
         """The whole stage in one call where its graph was warmed for these layers; else whole
         chunks through the chunk graph and the remaining layers one at a time."""
         if len(blocks) == self.whole:
-            return self.chunk_fn(tuple(blocks), tuple(pools), x, *rest,
+            return self.stage_fn(tuple(blocks), tuple(pools), x, *rest,
                                  tuple(kernel_for(b, kp) for b, (kp, _) in zip(blocks, pools)))
         whole = len(blocks) - len(blocks) % self.chunk
         for i in range(0, whole, self.chunk):
