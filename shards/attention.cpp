@@ -334,12 +334,17 @@ int paged_decode_attention(const float *q, const float *kp, const float *vp,
         for (int64_t i = 0; i < (lens[b] + BS - 1) / BS; i++)
             if (block_ids[b * nb + i] < 0 || block_ids[b * nb + i] >= nblk) return -2;
     }
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t job = 0; job < B * nkv; job++) {
-        const int64_t b = job / nkv, h = job % nkv, off = (b * nh + h * g) * hd;
+    auto job = [&](int64_t j) {
+        const int64_t b = j / nkv, h = j % nkv, off = (b * nh + h * g) * hd;
         f(q + off, kp + h * nblk * BS * hd, vp + h * nblk * BS * hd, block_ids + b * nb, lens[b],
           out + off, scale);
+    };
+    if (threads <= 1) {       // no OpenMP region at all: entering one cost more than the jobs
+        for (int64_t j = 0; j < B * nkv; j++) job(j);
+        return 0;
     }
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t j = 0; j < B * nkv; j++) job(j);
     return 0;
 }
 

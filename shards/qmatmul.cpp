@@ -384,17 +384,21 @@ int qmatmul(const float *x, const uint8_t *packed, const uint16_t *scales, float
                                      : (levels == 1 ? Tiles<8>::one : Tiles<8>::two);
     std::vector<int8_t> xq((B * levels + 15) / 16 * 16 * K);   // zero rows pad AMX's last tile
     std::vector<float> a(B * levels * ng), s(B * ng);
-    #pragma omp parallel for schedule(static) num_threads(threads) if (B >= 16)
-    for (int64_t b = 0; b < B; b++)
-        quantize_row(x + b * K, K, levels, &xq[b * levels * K], &a[b * levels * ng], &s[b * ng]);
+    if (B >= 16 && threads > 1) {
+        #pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t b = 0; b < B; b++)
+            quantize_row(x + b * K, K, levels, &xq[b * levels * K], &a[b * levels * ng], &s[b * ng]);
+    } else {
+        for (int64_t b = 0; b < B; b++)
+            quantize_row(x + b * K, K, levels, &xq[b * levels * K], &a[b * levels * ng], &s[b * ng]);
+    }
 #if QM_AMX
     if (B * levels >= AMX_ROWS && amx_on()) {
         qmatmul_amx(packed, scales, xq.data(), a.data(), s.data(), y, B, N, K, bits, levels, threads);
         return 0;
     }
 #endif
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t p = 0; p < N / PANEL; p++) {
+    auto panel = [&](int64_t p) {
         const uint8_t *w = packed + p * panel_bytes;
         const uint16_t *sc = scales + p * ng * 32;
         for (int64_t b0 = 0; b0 < B; b0 += rows) {
@@ -402,7 +406,13 @@ int qmatmul(const float *x, const uint8_t *packed, const uint16_t *scales, float
             tiles[nb - 1](w, sc, &xq[b0 * levels * K], &a[b0 * levels * ng], &s[b0 * ng], K,
                           y + b0 * N + p * PANEL, N);
         }
+    };
+    if (threads <= 1) {
+        for (int64_t p = 0; p < N / PANEL; p++) panel(p);
+        return 0;
     }
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t p = 0; p < N / PANEL; p++) panel(p);
     return 0;
 }
 }
