@@ -42,9 +42,11 @@ w8a8-cpu, batch 16, 300 tokens of KV, 1 thread: 2.23 -> 1.13 ms a layer); the ke
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
+import types
 
 import torch
 
@@ -66,6 +68,7 @@ CHECK_SHAPE = (2, MIN_BLOCKS + 1)                       # must run without compi
 # against 8.26 ms a step. SHARDSERVE_SKIP_GUARDS=0 checks them all (A/B runs).
 SKIP_GUARDS = os.environ.get("SHARDSERVE_SKIP_GUARDS", "1") != "0"
 CHUNK = 8   # layers per call of the chunk graph
+_STAGES = itertools.count()   # names each CompiledDecode's own copy of stage_decode
 
 
 def layer_decode(block, x, k_pool, v_pool, slots, block_ids, bias, lens, cos, sin, kernel: bool):
@@ -104,8 +107,9 @@ def chunk_decode(blocks: tuple, pools: tuple, x, slots, block_ids, bias, lens, c
 
 
 def stage_decode(blocks: tuple, pools: tuple, x, slots, block_ids, bias, lens, cos, sin, kernels: tuple):
-    """chunk_decode for the whole stage, as its own code object: dynamo keeps graphs per code
-    object, so a step's lookup walks only this stage's graphs, not the chunk graphs' too. Layers
+    """chunk_decode for the whole stage, as a code object of each stage's own (CompiledDecode):
+    dynamo keeps graphs per code object, so a step's lookup walks only this stage's graphs, not
+    the chunk graphs' too, and a change of the stage's layers frees exactly them. Layers
     [0, 19), 3 alternating runs of 10 x 30 steps: median 7.33, 7.20, 7.02 against 7.54, 8.07, 7.94
     ms through chunk_decode. The lookup still checks every tensor input's guard (skip_guard_
     eval_unsafe keeps tensor guards; dynamo's recursive dict tags were slower here): ~0.4 ms a
@@ -137,7 +141,11 @@ class CompiledDecode:
         inductor.size_asserts = False
         self.fn = torch.compile(layer_decode, dynamic=True, fullgraph=True)
         self.chunk_fn = torch.compile(chunk_decode, dynamic=True, fullgraph=True)
-        self.stage_fn = torch.compile(stage_decode, dynamic=True, fullgraph=True)
+        # its own code object (a distinct name: code objects compare by value), so drop_whole()
+        # can free this stage's whole-stage graphs and no other stage's
+        self._stage_code = stage_decode.__code__.replace(co_name=f"stage_decode_{next(_STAGES)}")
+        self.stage_fn = torch.compile(types.FunctionType(self._stage_code, stage_decode.__globals__),
+                                      dynamic=True, fullgraph=True)
         self.chunk = CHUNK      # read here, not at import: tests set a smaller one
         self.whole: int | None = None   # the layer count the whole-stage graph was warmed for
         # dynamo guards on torch's thread count: one set of graphs for each count steps use
@@ -170,13 +178,20 @@ class CompiledDecode:
             x = self.fn(block, x, kp, vp, *rest, kernel_for(block, kp))
         return x
 
+    def drop_whole(self) -> None:
+        """The stage's layers changed: steps run chunks and layers, and the whole-stage graphs go
+        (dynamo's cache of this stage's code object), so a move frees their memory too: a
+        controller that moves layers to meet a budget sees RSS fall by what the graphs held."""
+        self.whole = None
+        torch._C._dynamo.eval_frame.reset_code(self._stage_code)
+
     def warm(self, blocks, pools, hidden: int, scratch_block: int, block_size: int,
              dtype: torch.dtype, device, whole: bool = False) -> None:
         """Compile (or load) every graph the stage's layers need, on the pool's scratch block
         (no sequence's KV is touched), then prove a third shape runs without compiling. whole:
         also the graph of all these layers in one call (at load; a re-shard passes False)."""
         from torch._dynamo.utils import counters
-        self.whole = None
+        self.drop_whole()
         t0, before = time.time(), counters["stats"]["unique_graphs"]
         head_dim = pools[0][0].shape[-1] if pools else 1
         dummy = lambda b, nb: _dummy(b, nb, hidden, head_dim, scratch_block, block_size, dtype, device)  # noqa: E731

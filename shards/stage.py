@@ -221,7 +221,7 @@ class Stage(nn.Module):
         gone = sorted(self.dropped & set(layers))
         self.dropped -= set(gone)
         if self.compiled is not None:
-            self.compiled.whole = None    # its whole-stage graph was of the old layers: chunks now
+            self.compiled.drop_whole()    # its whole-stage graph was of the old layers: chunks now
         return {"kv": out, "dropped": gone}
 
     def _ordered(self) -> tuple[list[Block], list]:
