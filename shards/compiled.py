@@ -42,7 +42,6 @@ w8a8-cpu, batch 16, 300 tokens of KV, 1 thread: 2.23 -> 1.13 ms a layer); the ke
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
@@ -68,7 +67,6 @@ CHECK_SHAPE = (2, MIN_BLOCKS + 1)                       # must run without compi
 # against 8.26 ms a step. SHARDSERVE_SKIP_GUARDS=0 checks them all (A/B runs).
 SKIP_GUARDS = os.environ.get("SHARDSERVE_SKIP_GUARDS", "1") != "0"
 CHUNK = 8   # layers per call of the chunk graph
-_STAGES = itertools.count()   # names each CompiledDecode's own copy of stage_decode
 
 
 def layer_decode(block, x, k_pool, v_pool, slots, block_ids, bias, lens, cos, sin, kernel: bool):
@@ -106,17 +104,14 @@ def chunk_decode(blocks: tuple, pools: tuple, x, slots, block_ids, bias, lens, c
     return x
 
 
-def stage_decode(blocks: tuple, pools: tuple, x, slots, block_ids, bias, lens, cos, sin, kernels: tuple):
-    """chunk_decode for the whole stage, as a code object of each stage's own (CompiledDecode):
-    dynamo keeps graphs per code object, so a step's lookup walks only this stage's graphs, not
-    the chunk graphs' too, and a change of the stage's layers drops exactly them. Layers
-    [0, 19), 3 alternating runs of 10 x 30 steps: median 7.33, 7.20, 7.02 against 7.54, 8.07, 7.94
-    ms through chunk_decode. The lookup still checks every tensor input's guard (skip_guard_
-    eval_unsafe keeps tensor guards; dynamo's recursive dict tags were slower here): ~0.4 ms a
-    call at 19 layers, by the profiler."""
-    for block, (k_pool, v_pool), kernel in zip(blocks, pools, kernels):
-        x = layer_decode(block, x, k_pool, v_pool, slots, block_ids, bias, lens, cos, sin, kernel)
-    return x
+# The whole-stage graph: chunk_decode under a code object of its own, since dynamo keeps graphs per
+# code object, so a step's lookup walks only whole-stage graphs, not the chunk graphs too. Layers
+# [0, 19), 3 alternating runs of 10 x 30 steps: median 7.33, 7.20, 7.02 against 7.54, 8.07, 7.94 ms
+# through chunk_decode's cache. The lookup still checks every tensor input's guard (skip_guard_
+# eval_unsafe keeps tensor guards; dynamo's recursive dict tags were slower here): ~0.4 ms a call
+# at 19 layers, by the profiler. Another name: code objects compare by value.
+stage_decode = types.FunctionType(chunk_decode.__code__.replace(co_name="stage_decode"), chunk_decode.__globals__,
+                                  "stage_decode")
 
 
 class CompileError(ShardServeError):
@@ -141,11 +136,7 @@ class CompiledDecode:
         inductor.size_asserts = False
         self.fn = torch.compile(layer_decode, dynamic=True, fullgraph=True)
         self.chunk_fn = torch.compile(chunk_decode, dynamic=True, fullgraph=True)
-        # its own code object (a distinct name: code objects compare by value), so drop_whole()
-        # drops this stage's whole-stage graphs and no other stage's
-        self._stage_code = stage_decode.__code__.replace(co_name=f"stage_decode_{next(_STAGES)}")
-        self.stage_fn = torch.compile(types.FunctionType(self._stage_code, stage_decode.__globals__),
-                                      dynamic=True, fullgraph=True)
+        self.stage_fn = torch.compile(stage_decode, dynamic=True, fullgraph=True)
         self.chunk = CHUNK      # read here, not at import: tests set a smaller one
         self.whole: int | None = None   # the layer count the whole-stage graph was warmed for
         # dynamo guards on torch's thread count: one set of graphs for each count steps use
@@ -179,11 +170,8 @@ class CompiledDecode:
         return x
 
     def drop_whole(self) -> None:
-        """The stage's layers changed: steps run chunks and layers, and dynamo drops the whole-
-        stage graphs (the cache of this stage's code object). That frees ~2 MiB ([0, 19) in
-        process): the graphs' compiled kernels stay loaded."""
+        """The stage's layers changed: steps run chunks and layers until the next load."""
         self.whole = None
-        torch._C._dynamo.eval_frame.reset_code(self._stage_code)
 
     def warm(self, blocks, pools, hidden: int, scratch_block: int, block_size: int,
              dtype: torch.dtype, device, whole: bool = False) -> None:
