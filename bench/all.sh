@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Regenerate every measured table and plot in the README (about 40 minutes on 2 cores).
+# Regenerate every result under bench/results/ (docs/benchmarks.md; about 40 minutes on 2 cores).
 # Run from the repository root after deploy/setup.sh; prints the markdown tables as it goes.
 set -euo pipefail
 PY=.venv/bin/python
-$PY bench/compression.py --seqlen 512 --windows 8 --json bench/compression.json --plot bench/compression.png
-$PY bench/memory.py --shards 1 2 3 --compression fp32 int8-cpu nf4 --json bench/memory.json --plot bench/memory.png
-for c in fp32 fast; do
-  .venv/bin/shardserve bench --shards 2 --compression "$c" --json "bench/http-$c.json" --plot "bench/http-$c.png"
+$PY bench/compression.py --seqlen 512 --windows 8 --json bench/results/compression-quality-memory.json --plot bench/results/compression-quality-memory.png
+$PY bench/memory.py --shards 1 2 3 --compression fp32 w8a16 nf4 --json bench/results/shard-memory-vs-plan.json --plot bench/results/shard-memory-vs-plan.png
+for c in fp32 w4a8x2; do
+  .venv/bin/shardserve bench --shards 2 --compression "$c" --json "bench/results/http-serving-$c.json" --plot "bench/results/http-serving-$c.png"
 done

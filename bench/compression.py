@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/compression.py --seqlen 512 --windows 8 --json bench/compression.json --plot bench/compression.png
 
-Per spec: WikiText-2 perplexity (DESIGN.md section 8, same windows for all), measured resident
+Per spec: WikiText-2 perplexity (docs/benchmarks.md, "Protocols"; the same windows for all), measured resident
 weight bytes of the whole model, ratios to fp32, and decode speed of one stage holding all
 30 layers (batch 1 and 8, 128-token prompts, 32 decode steps, this process's threads).
 The fp32 baseline is the GGUF's Q4_1 weights dequantized to fp32.
@@ -14,7 +14,9 @@ import json
 import time
 from pathlib import Path
 
-SPECS = ["fp32", "bf16", "int8-cpu", "w8a8-cpu", "w4a8-cpu", "int8", "nf4", "fp4", "magnitude:0.5", "wanda:0.5", "2:4",
+from serving.stamp import stamp
+
+SPECS = ["fp32", "bf16", "w8a16", "w8a8", "w4a8x2", "llm-int8", "nf4", "fp4", "magnitude:0.5", "wanda:0.5", "2:4",
          "cut-mlp:0.2", "cut-heads:0.25", "drop-layers:2", "nf4+wanda:0.5", "fast", "balanced", "smallest"]
 
 
@@ -22,7 +24,7 @@ def decode_speed(stage, batch: int, prompt: int = 128, steps: int = 32) -> float
     """Tokens/s of `steps` batched decode steps after a prefill of `prompt` tokens each."""
     import torch
 
-    from shards.step import StepBatch
+    from shards.model.step import StepBatch
     sids = list(range(batch))
     stage(StepBatch(sids, [0] * batch, [prompt] * batch, tokens=torch.randint(100, 1000, (batch, prompt))))
     t = time.perf_counter()
@@ -35,9 +37,9 @@ def decode_speed(stage, batch: int, prompt: int = 128, steps: int = 32) -> float
 
 
 def measure(source, spec: str, seqlen: int, windows: int) -> dict:
-    from shards.layer_range import LayerRange
-    from shards.perplexity import perplexity
-    from shards.stage import Stage
+    from shards.compress.perplexity import perplexity
+    from shards.model.stage import Stage
+    from shards.plan.layer_range import LayerRange
     r = perplexity(source, spec, seqlen, windows)
     stage = Stage(source, LayerRange(0, source.n_layers), kv_blocks=8 * 10, compression=spec)
     return {**r.to_dict(), "spec": spec, "decode_tok_s_b1": decode_speed(stage, 1),
@@ -82,7 +84,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
-    from shards.source import open_source
+    from shards.model.source import open_source
     source = open_source(args.model)
     rows = []
     for spec in args.specs:
@@ -90,7 +92,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"meta": stamp(), "model": args.model, "rows": rows}, indent=2))
     if args.plot:
         plot(rows, args.plot)
 

@@ -9,7 +9,7 @@ pressure through the same path as `PATCH /v1/shards/{k}`:
   2. shard 1's budget to 80% of its use, with shard 0 left no room -> a split onto a new actor;
   3. `ray.kill` of shard-1                          -> the router re-places it, sequences recompute;
   4. the last shard's budget to 80% of its use, no room anywhere, max_shards reached
-                                                    -> its compression is raised to int8-cpu;
+                                                    -> its compression is raised to w8a16;
   5. every budget lifted                            -> after relax_s calm, back to fp32.
 Every request must complete (the script exits 1 otherwise).
 """
@@ -21,12 +21,14 @@ import json
 import time
 from pathlib import Path
 
+from serving.stamp import stamp
+
 CONTROL = {"readings": 3, "quiet_s": 8, "relax_s": 20, "max_shards": 3,
            "actions": ["move", "split", "recompress"]}
 
 
 async def load(engine, prompts, stop: asyncio.Event, concurrency: int, results: list) -> None:
-    from shards.step import SamplingParams
+    from shards.model.step import SamplingParams
 
     async def worker(k):
         i = k
@@ -97,9 +99,9 @@ async def scenario(engine) -> None:
 
 async def main_async(args) -> dict:
     from serving.launch import EngineConfig, build_engine
-    from shards.actor import stop_pipeline
     from shards.data import read_prompts
-    from shards.source import chat_prompt_ids
+    from shards.model.source import chat_prompt_ids
+    from shards.runtime.actor import stop_pipeline
     engine = await build_engine(EngineConfig(shards=2, prefix="bench-", kv_tokens=4096, controller=CONTROL))
     try:
         prompts = [chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": p}]) for p in read_prompts(64)]
@@ -159,7 +161,7 @@ def main() -> int:
         shape = " ".join(f"[{x['start']},{x['end']}){x['compression']}" for x in e["after"])
         print(f"  t={e['t']:5.1f}s {e['action']:10s} {e['name']:14s} {e['seconds']:4.1f}s -> {shape}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        Path(args.json).write_text(json.dumps({"meta": stamp(), **result}, indent=1))
     if args.plot:
         plot(result, args.plot)
     return 1 if result["failed"] else 0

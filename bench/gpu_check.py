@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shards.generator import Generator  # noqa: E402
-from shards.source import HFFolderSource  # noqa: E402
-from shards.step import SamplingParams, StepBatch  # noqa: E402
+from shards.model.generator import Generator  # noqa: E402
+from shards.model.source import HFFolderSource  # noqa: E402
+from shards.model.step import SamplingParams, StepBatch  # noqa: E402
 
-QUANTS = ("fp32", "bf16", "int8", "nf4", "fp4")
+QUANTS = ("fp32", "bf16", "llm-int8", "nf4", "fp4")
 DEV = "cuda"      # --device cpu: a dry run of this script on a machine without a GPU
 PROMPT_LEN, NEW = 64, 32
 

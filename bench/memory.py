@@ -1,13 +1,13 @@
 """Peak RSS per shard actor against the plan, for 1/2/3 shards and several compressions:
 
-    .venv/bin/python bench/memory.py --shards 1 2 3 --compression fp32 int8-cpu nf4 \
-        --json bench/memory.json --plot bench/memory.png
+    .venv/bin/python bench/memory.py --shards 1 2 3 --compression fp32 w8a16 nf4 \
+        --json bench/results/shard-memory-vs-plan.json --plot bench/results/shard-memory-vs-plan.png
 
 Each configuration starts its shard actors on a local Ray, runs 16 concurrent chat requests
 (prompts-500, 32 new tokens) through the router so KV pools and activations are touched, then
 reads every actor's peak RSS (VmHWM), its RSS before loading anything (the runtime: Python,
-torch, Ray's worker) and the plan's estimate (weights + KV pool + workspace, DESIGN.md
-section 5). The plan budgets the shard's tensors, not the runtime, so the comparison is
+torch, Ray's worker) and the plan's estimate (weights + KV pool + workspace,
+docs/design.md, "Memory model"). The plan budgets the shard's tensors, not the runtime, so the comparison is
 (peak - runtime) against the plan.
 """
 from __future__ import annotations
@@ -17,13 +17,15 @@ import asyncio
 import json
 from pathlib import Path
 
+from serving.stamp import stamp
+
 
 async def one_config(shards: int, compression: str, kv_tokens: int) -> list[dict]:
     from serving.launch import EngineConfig, build_engine
     from shards.data import read_prompts
-    from shards.planner import WORKSPACE_BYTES
-    from shards.source import chat_prompt_ids
-    from shards.step import SamplingParams
+    from shards.model.source import chat_prompt_ids
+    from shards.model.step import SamplingParams
+    from shards.plan.planner import WORKSPACE_BYTES
     engine = await build_engine(EngineConfig(shards=shards, compression=compression, kv_tokens=kv_tokens,
                                              prefix=f"mem{shards}-{compression}-"))
     try:
@@ -31,7 +33,7 @@ async def one_config(shards: int, compression: str, kv_tokens: int) -> list[dict
         await asyncio.gather(*(engine.complete(i, SamplingParams(max_tokens=32)) for i in ids))
         stats = await engine.stats()
     finally:
-        from shards.actor import stop_pipeline
+        from shards.runtime.actor import stop_pipeline
         engine.close()
         stop_pipeline(engine.pipeline.prefix)
     rows = []
@@ -84,7 +86,7 @@ def plot(rows: list[dict], path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shards", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--compression", nargs="+", default=["fp32", "int8-cpu", "nf4"])
+    ap.add_argument("--compression", nargs="+", default=["fp32", "w8a16", "nf4"])
     ap.add_argument("--kv-tokens", type=int, default=4096)
     ap.add_argument("--json")
     ap.add_argument("--plot")
@@ -99,7 +101,7 @@ def main() -> None:
     ray.shutdown()
     print(table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"meta": stamp(), "rows": rows}, indent=2))
     if args.plot:
         plot(rows, args.plot)
 

@@ -1,6 +1,6 @@
 """Per-step decode time of one stage and where it goes (torch.profiler), as a shard runs it:
 
-    .venv/bin/python bench/profile_stage.py --compression int8-cpu --layers 0 19 --batch 1 8 32 --profile 32
+    .venv/bin/python bench/profile_stage.py --compression w8a16 --layers 0 19 --batch 1 8 32 --profile 32
 
 Builds layers [start, end) (+ embedding / lm_head at the ends), prefills 100 tokens for each of
 `batch` sequences, then times 10 decode steps at 1 thread (a shard's share of this 2-core node).
@@ -14,10 +14,10 @@ import time
 def main() -> None:
     import torch
 
-    from shards.layer_range import LayerRange
-    from shards.source import open_source
-    from shards.stage import Stage
-    from shards.step import StepBatch
+    from shards.model.source import open_source
+    from shards.model.stage import Stage
+    from shards.model.step import StepBatch
+    from shards.plan.layer_range import LayerRange
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--compression", default="fp32")

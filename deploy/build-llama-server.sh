@@ -11,7 +11,7 @@ mkdir -p .llama/src
 [ -d ".llama/src/llama_cpp_python-$VERSION" ] || tar xzf ".llama/src/llama_cpp_python-$VERSION.tar.gz" -C .llama/src
 # ggml's AMX kernels are off: on this machine kind (a Firecracker guest) cpuid and XCR0 report AMX
 # tiles and the kernel grants them, yet ggml's first `tilezero` raised SIGILL at "threadpool init"
-# (session 16, gdb); -march=native would turn them on. LLAMA_AMX=1 keeps them.
+# (seen with gdb); -march=native would turn them on. LLAMA_AMX=1 keeps them.
 NO_AMX=$([ "${LLAMA_AMX:-0}" = 1 ] || echo "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
 cmake -B .llama/build ".llama/src/llama_cpp_python-$VERSION/vendor/llama.cpp" -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX"

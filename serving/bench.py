@@ -1,5 +1,5 @@
-"""`shardserve bench`: drive a live OpenAI-compatible endpoint the way users do (DESIGN.md
-section 8) and put the baselines beside it in the same run.
+"""`shardserve bench`: drive a live OpenAI-compatible endpoint the way users do
+(docs/benchmarks.md, "Protocols") and put the baselines beside it in the same run.
 
 Prompts from prompts-500.jsonl through the chat template, streaming, max_tokens 64,
 temperature 0, at each concurrency level. Per level: aggregate completion tokens/s, p50/p99
@@ -74,7 +74,7 @@ def hf_level(model, tok, prompts: list[str], batch: int, max_tokens: int = 64) -
     """transformers generate, greedy, left-padded batches of `batch` prompts, in this process."""
     import torch
 
-    from shards.source import chat_prompt_ids
+    from shards.model.source import chat_prompt_ids
     ids = [chat_prompt_ids(tok, [{"role": "user", "content": p}]) for p in prompts]
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])

@@ -8,9 +8,9 @@ import sys
 
 from shards.errors import ShardServeError
 
-# `serve` / `bench` without --compression: `fast` = w4a8-cpu, the fastest spec measured over
-# HTTP at concurrency 1 and 8 (w8a8-cpu ties it at 32), with fp32's perplexity (the file's own
-# weights, activations at ~15 bits) and answers that do not change with load (int4-cpu, 1.001x
+# `serve` / `bench` without --compression: `fast` = w4a8x2, the fastest spec measured over
+# HTTP at concurrency 1 and 8 (w8a8 ties it at 32), with fp32's perplexity (the file's own
+# weights, activations at ~15 bits) and answers that do not change with load (w4a16, 1.001x
 # ppl, flips the near-tie first token of the README's question); see the README's tables
 SERVE_DEFAULT = "fast"
 
@@ -20,8 +20,8 @@ def _add_model_args(p: argparse.ArgumentParser, shards: bool = True) -> None:
     if shards:
         p.add_argument("--shards", type=int, default=2, help="number of shards (layer ranges)")
     p.add_argument("--compression", default=None,
-                   help="e.g. fp32, bf16, int8, nf4, int8-cpu, w8a8-cpu, w4a8-cpu, nf4+wanda:0.5, cut-mlp:0.2, balanced "
-                        "(default: fast = w4a8-cpu for serve and bench, fp32 otherwise; a prepared "
+                   help="e.g. fp32, bf16, int8, nf4, w8a16, w8a8, w4a8x2, nf4+wanda:0.5, cut-mlp:0.2, balanced "
+                        "(default: fast = w4a8x2 for serve and bench, fp32 otherwise; a prepared "
                         "artifact: what it was made with)")
 
 
@@ -67,9 +67,9 @@ def cmd_plan(args) -> int:
 
 def cmd_generate(args) -> int:
     """Generate in one process through the chained stages (no Ray)."""
-    from shards.generator import Generator
-    from shards.source import chat_prompt_ids, open_source
-    from shards.step import SamplingParams
+    from shards.model.generator import Generator
+    from shards.model.source import chat_prompt_ids, open_source
+    from shards.model.step import SamplingParams
     source = open_source(args.model)
     tok = source.tokenizer()
     ids = chat_prompt_ids(tok, [{"role": "user", "content": args.prompt}])
@@ -105,8 +105,8 @@ def start_service(args):
     import ray
     from ray import serve
 
-    from serving.app import ShardServe
-    from serving.client import Client
+    from serving.api.app import ShardServe
+    from serving.api.client import Client
     from serving.config import app_config
     from serving.launch import replica_prefixes, start
     args.api_key = args.api_key or os.environ.get("SHARDSERVE_API_KEY")
@@ -149,7 +149,7 @@ def stop_service(handles) -> None:
     import ray
     from ray import serve
 
-    from shards.actor import stop_pipeline
+    from shards.runtime.actor import stop_pipeline
     serve.shutdown()
     # detached actors outlive us unless killed; by the pipeline's names, not our handles: the
     # router may have replaced a dead shard or split one onto a new actor since
@@ -186,7 +186,7 @@ def cmd_bench(args) -> int:
 
     from serving import bench
     from shards.data import read_prompts, with_context
-    from shards.source import open_source
+    from shards.model.source import open_source
     result = {"model": args.model, "shards": args.shards, "compression": args.compression, "compile": args.compile,
               "compiled_graph": args.compiled_graph, "channels": args.channels, "prefix_cache": args.prefix_cache,
               "max_tokens": args.max_tokens,
@@ -234,7 +234,8 @@ def cmd_bench(args) -> int:
             print("hf_generate", json.dumps(result["hf_generate"][-1]), flush=True)
     print(bench.table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        from serving.stamp import stamp
+        Path(args.json).write_text(json.dumps({"meta": stamp(), **result}, indent=2))
     if args.plot:
         bench.plot(result, args.plot)
     return 0
@@ -242,8 +243,8 @@ def cmd_bench(args) -> int:
 
 def cmd_prepare(args) -> int:
     """Compress and calibrate once, measure, write an artifact folder with a manifest."""
-    from shards.artifact import prepare
-    from shards.source import open_source
+    from shards.compress.artifact import prepare
+    from shards.model.source import open_source
     m = prepare(open_source(args.model), args.compression, args.out, args.seqlen, args.windows,
                 progress=not args.json, calibration=calibration_data(args))
     if args.json:
@@ -256,14 +257,14 @@ def cmd_prepare(args) -> int:
 
 
 def calibration_data(args):
-    from shards.calibration import CalibrationData
+    from shards.compress.calibration import CalibrationData
     return CalibrationData(args.calibration, args.calibration_tokens) if args.calibration else None
 
 
 def cmd_eval(args) -> int:
     """WikiText-2 perplexity of the model under one compression."""
-    from shards.perplexity import DEFAULT_TEXT, perplexity
-    from shards.source import open_source
+    from shards.compress.perplexity import DEFAULT_TEXT, perplexity
+    from shards.model.source import open_source
     r = perplexity(open_source(args.model), args.compression, args.seqlen, args.windows,
                    args.text or DEFAULT_TEXT, progress=not args.json, calibration=calibration_data(args))
     if args.json:
@@ -280,7 +281,7 @@ def cmd_stop(args) -> int:
     import ray
     from ray import serve
 
-    from shards.actor import stop_pipeline
+    from shards.runtime.actor import stop_pipeline
     ray.init(address=args.address, log_to_driver=False)
     if not args.keep_serve:
         serve.shutdown()
@@ -292,7 +293,7 @@ def cmd_stop(args) -> int:
 
 def cmd_budget(args) -> int:
     """Set one shard's memory budget on a running endpoint."""
-    from serving.client import Client
+    from serving.api.client import Client
     from serving.units import parse_bytes
     budget = None if args.bytes.lower() == "none" else parse_bytes(args.bytes)
     st = Client(args.url, api_key=args.api_key or os.environ.get("SHARDSERVE_API_KEY")).set_budget(args.shard, budget)
@@ -321,7 +322,7 @@ def _add_service_args(p: argparse.ArgumentParser) -> None:
                         "~0.08 ms a hop here: README)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="prefill every prompt whole, even where an earlier prompt began with the same KV blocks "
-                        "(serving/prefix.py)")
+                        "(serving/router/prefix.py)")
     p.set_defaults(serve_default=SERVE_DEFAULT)
 
 
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "compression", "") is None:
-            from shards.source import open_source
+            from shards.model.source import open_source
             source = open_source(args.model)
             # serve / bench: the fastest compression within 1% of fp32's perplexity (README);
             # a prepared artifact serves what it was made with

@@ -1,7 +1,7 @@
 """The running Ray cluster as the planner sees it: alive nodes, their memory, CPUs and GPUs."""
 from __future__ import annotations
 
-from shards.placement import Node
+from shards.plan.placement import Node
 
 # A node may say how many bytes shards may use there (`ray start --resources='{"shardserve_bytes":
 # 64e9}'`): on a GPU node that is the GPU's memory, which Ray's resources do not show. Once any

@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from serving.control.policy import ControllerConfig
 from serving.launch import EngineConfig
-from serving.policy import ControllerConfig
 from serving.units import parse_bytes
 from shards.errors import ShardServeError
 
@@ -25,7 +25,7 @@ def _bytes(v: int | str | None) -> int | None:
 
 
 class ControllerArgs(BaseModel):
-    """serving.policy.ControllerConfig's settings; omitted ones keep its defaults."""
+    """serving.control.policy.ControllerConfig's settings; omitted ones keep its defaults."""
 
     model_config = ConfigDict(extra="forbid")
     high_watermark: float | None = Field(None, gt=0, le=1)
@@ -35,8 +35,8 @@ class ControllerArgs(BaseModel):
     relax_s: float | None = Field(None, ge=0)
     min_node_free_bytes: int | str | None = None
     actions: list[Literal["move", "split", "recompress"]] | None = None
-    ladder: list[str] | None = None
-    ladder_bytes: list[float] | None = None   # weight bytes / fp32 at each ladder step
+    ladder: list[str] | None = None           # default: the registry's, ordered by measured bytes
+    ladder_bytes: list[float] | None = None   # with ladder: a layer's bytes at each step / the first's
     max_shards: int | None = Field(None, ge=1)
 
     @field_validator("min_node_free_bytes")
@@ -47,7 +47,7 @@ class ControllerArgs(BaseModel):
     @field_validator("ladder")
     @classmethod
     def _ladder(cls, v):
-        from shards.compression import parse
+        from shards.compress.spec import parse
         for spec in v or []:
             parse(spec)
         return v
@@ -69,7 +69,7 @@ class AppConfig(BaseModel):
     model: str = "default"
     model_name: str | None = None          # the id /v1/models shows (default shardserve-<model>)
     shards: int | Literal["auto"] = Field(2, description="layer ranges per pipeline; auto: one per node")
-    compression: str | None = None         # shards/compression.py spec or preset
+    compression: str | None = None         # shards/compress/spec.py spec or preset
     budgets: list[int | str] | None = None  # per shard: bytes or "300MiB"
     kv_tokens: int = Field(8192, ge=16)
     block_size: int = Field(16, ge=1, le=1024)
@@ -80,10 +80,10 @@ class AppConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     replicas: int = Field(1, ge=1, le=64)
     placement: bool = True
-    compile: bool = True                   # compiled decode steps (shards/compiled.py)
-    compiled_graph: bool = False           # steps through a Ray Compiled Graph (serving/pipeline.py)
-    channels: bool = True                  # steps over a socket per shard (shards/channel.py)
-    prefix_cache: bool = True              # prompts start after a cached block prefix (serving/prefix.py)
+    compile: bool = True                   # compiled decode steps (shards/model/compiled.py)
+    compiled_graph: bool = False           # steps through a Ray Compiled Graph (serving/control/pipeline.py)
+    channels: bool = True                  # steps over a socket per shard (shards/runtime/channel.py)
+    prefix_cache: bool = True              # prompts start after a cached block prefix (serving/router/prefix.py)
     prefix: str = Field("", pattern=r"^[a-z0-9-]*$")
     control: bool = True
     controller: ControllerArgs | None = None
@@ -94,7 +94,7 @@ class AppConfig(BaseModel):
     @classmethod
     def _compression(cls, v):
         if v is not None:
-            from shards.compression import parse
+            from shards.compress.spec import parse
             parse(v)
         return v
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shards.plan import Plan
+from shards.plan.plan import Plan
 
 
 @dataclass
@@ -15,20 +15,20 @@ class EngineConfig:
     block_size: int = 16
     max_batch: int = 32
     prefill_tokens: int = 256
-    compression: str | None = None       # spec for every shard (shards/compression.py);
+    compression: str | None = None       # spec for every shard (shards/compress/spec.py);
                                          # None: fp32, or a prepared artifact's own
     device: str = "auto"                 # auto: cuda when the node has a GPU, else cpu
     prefix: str = ""                     # actor names are <prefix>shard-<k>, <prefix>controller
     max_waiting: int = 256               # requests queued beyond the running ones; more get 429
     timeout_s: float = 600.0             # a request still running after this is aborted (504)
-    control: bool = True                 # run the controller (serving/controller.py)
-    controller: dict | None = None       # its settings: serving.policy.ControllerConfig fields
+    control: bool = True                 # run the controller (serving/control/controller.py)
+    controller: dict | None = None       # its settings: serving.control.policy.ControllerConfig fields
     replicas: int = 1                    # data-parallel pipelines behind the endpoint
-    placement: bool = True               # pin each shard to a node chosen by memory (shards/placement.py)
-    compile: bool = False                # compiled decode steps (shards/compiled.py; the CLI's default)
-    compiled_graph: bool = False         # steps through a Ray Compiled Graph (serving/pipeline.py)
-    channels: bool = True                # steps over a socket per shard, not Ray calls (shards/channel.py)
-    prefix_cache: bool = True            # prompts start after a cached block prefix (serving/prefix.py)
+    placement: bool = True               # pin each shard to a node chosen by memory (shards/plan/placement.py)
+    compile: bool = False                # compiled decode steps (shards/model/compiled.py; the CLI's default)
+    compiled_graph: bool = False         # steps through a Ray Compiled Graph (serving/control/pipeline.py)
+    channels: bool = True                # steps over a socket per shard, not Ray calls (shards/runtime/channel.py)
+    prefix_cache: bool = True            # prompts start after a cached block prefix (serving/router/prefix.py)
 
 
 def make_plan(cfg: EngineConfig, nodes: list | None = None) -> Plan:
@@ -36,10 +36,10 @@ def make_plan(cfg: EngineConfig, nodes: list | None = None) -> Plan:
     (`nodes`: the cluster's, read from the connected Ray when not given)."""
     import dataclasses
 
-    from shards.compression import parse
-    from shards.memory import measure_costs
-    from shards.planner import plan
-    from shards.source import open_source
+    from shards.compress.costs import measure_costs
+    from shards.compress.spec import parse
+    from shards.model.source import open_source
+    from shards.plan.planner import plan
     source = open_source(cfg.model)
     # a preset resolved to its spec: shards report it, and the controller's ladder is written in specs
     comp = parse(cfg.compression or source.default_compression).spec
@@ -47,7 +47,7 @@ def make_plan(cfg: EngineConfig, nodes: list | None = None) -> Plan:
     if not cfg.placement:
         device = "cpu" if cfg.device == "auto" else cfg.device
         return _compiled(plan(costs, cfg.shards, cfg.budgets, cfg.kv_tokens, compression=comp, device=device), cfg)
-    from shards.placement import place
+    from shards.plan.placement import place
     if nodes is None:
         from serving.cluster import cluster_nodes
         nodes = cluster_nodes()
@@ -73,7 +73,7 @@ def replica_prefixes(cfg: EngineConfig) -> list[str]:
 def start(cfg: EngineConfig) -> tuple[Plan, list, int]:
     """Plan, then start (or attach to, by name) one actor per shard. Returns (plan, handles,
     KV blocks per shard). Deterministic, so the CLI and a Serve replica get the same actors."""
-    from shards.actor import start_shards
+    from shards.runtime.actor import start_shards
     threads = None
     if cfg.placement:
         from serving.cluster import cluster_nodes
@@ -84,6 +84,18 @@ def start(cfg: EngineConfig) -> tuple[Plan, list, int]:
         p = make_plan(cfg)
     kv_blocks = min(s.kv_tokens for s in p.shards) // cfg.block_size
     return p, start_shards(cfg.model, list(p.shards), kv_blocks, cfg.block_size, cfg.prefix, threads), kv_blocks
+
+
+def measured_ladder(model: str, served: str) -> dict:
+    """The controller's compression ladder for this model: the registry's ladder methods and the
+    served spec, ordered by the bytes of one layer at each, measured here (lightest compression
+    first), as ControllerConfig's `ladder` and `ladder_bytes` (bytes / the first's)."""
+    from shards.compress import registry
+    from shards.compress.costs import ladder_bytes
+    from shards.model.source import open_source
+    measured = ladder_bytes(open_source(model), registry.ladder(served))
+    order = sorted(measured, key=measured.get, reverse=True)
+    return {"ladder": tuple(order), "ladder_bytes": tuple(measured[s] / measured[order[0]] for s in order)}
 
 
 def _threads(p: Plan, nodes: list, replicas: int) -> list[int]:
@@ -98,9 +110,9 @@ async def build_engine(cfg: EngineConfig, on_ready=None):
     on_ready(k, stats) is called as each shard finishes loading (progress bars)."""
     import asyncio
 
-    from serving.engine import Engine
-    from serving.pipeline import Pipeline
-    from shards.source import open_source
+    from serving.control.pipeline import Pipeline
+    from serving.router.engine import Engine
+    from shards.model.source import open_source
     # planning reads the model file and measures costs (seconds of CPU): off the loop, which
     # in a Serve replica must keep answering health checks and Serve's queue-length probes
     p, handles, kv_blocks = await asyncio.to_thread(start, cfg)
@@ -114,8 +126,9 @@ async def build_engine(cfg: EngineConfig, on_ready=None):
     await asyncio.gather(*(h.free_all.remote() for h in handles))
     controller = None
     if cfg.control:
-        from serving.controller import start_controller
-        start_controller(cfg.prefix, cfg.controller)
+        from serving.control.controller import start_controller
+        ladder = await asyncio.to_thread(measured_ladder, cfg.model, p.shards[0].compression)
+        start_controller(cfg.prefix, {**ladder, **(cfg.controller or {})})
         controller = f"{cfg.prefix}controller"
     source = open_source(cfg.model)
     eos = source.config.eos_token_id

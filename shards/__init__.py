@@ -6,7 +6,7 @@ those load where they are used.
 import os
 from pathlib import Path
 
-# where the compiled decode graphs persist (shards/compiled.py). Set before torch is imported:
+# where the compiled decode graphs persist (shards/model/compiled.py). Set before torch is imported:
 # inductor fixes its cache directory on first use, and loading a model already uses it.
 # TORCHINDUCTOR_CACHE_DIR, when set, wins.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.environ.get(
@@ -19,7 +19,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.environ.get(
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 from shards.errors import KVCacheFull, ModelSourceError, PlanError, RangeError, ShardServeError  # noqa: E402
-from shards.layer_range import LayerRange, split_even  # noqa: E402
+from shards.plan.layer_range import LayerRange, split_even  # noqa: E402
 
 __all__ = [
     "LayerRange", "split_even", "ShardServeError", "RangeError", "ModelSourceError",

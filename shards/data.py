@@ -33,3 +33,10 @@ def _wikitext_ids(tokenizer) -> list[int]:
     """The whole file's token ids (~300k for SmolLM2's vocabulary), once per tokenizer: the bench
     asks at every concurrency level."""
     return tokenizer(WIKITEXT.read_text())["input_ids"]
+
+
+def wikitext_ids(tokenizer, path: str | os.PathLike = WIKITEXT) -> list[int]:
+    """Token ids of a raw text file as the perplexity reader packs it (docs/compression.md,
+    "Quality"): one row per line, whitespace-only rows empty, rows joined with blank lines."""
+    rows = [line if line.strip() else "" for line in Path(path).read_text(encoding="utf-8").split("\n")]
+    return tokenizer("\n\n".join(rows), add_special_tokens=False)["input_ids"]

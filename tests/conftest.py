@@ -5,15 +5,26 @@ import pytest
 
 from shards.data import read_prompts as prompts  # noqa: F401  (tests import it from here)
 
+TIERS = ("unit", "model", "ray", "slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test names its tier (README, "Development"): `unit` needs no model and no Ray,
+    `model` loads the default model or builds a kernel, `ray` starts a local Ray cluster,
+    `slow` is a bench or a soak. A test with none is refused, so the tiers stay true."""
+    bare = [item.nodeid for item in items if not any(item.get_closest_marker(m) for m in TIERS)]
+    if bare:
+        raise pytest.UsageError(f"tests without a tier marker ({', '.join(TIERS)}): {', '.join(bare)}")
+
 
 def chat_ids(tok, text: str) -> list[int]:
-    from shards.source import chat_prompt_ids
+    from shards.model.source import chat_prompt_ids
     return chat_prompt_ids(tok, [{"role": "user", "content": text}])
 
 
 @pytest.fixture(scope="session")
 def source():
-    from shards.source import open_source
+    from shards.model.source import open_source
     return open_source("default")
 
 

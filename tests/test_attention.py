@@ -1,11 +1,13 @@
-"""Tier 1: the paged decode attention kernel (shards/attention.py) against the gather path
+"""Tier 1: the paged decode attention kernel (shards/model/attention.py) against the gather path
 (block.decode_attention) over the same pool: every group and head size it has a template for,
 KV lengths on and off block edges, scattered blocks, and nothing read past a sequence's length."""
 import pytest
 import torch
 
-from shards import attention
-from shards.block import decode_attention
+from shards.model import attention
+from shards.model.block import decode_attention
+
+pytestmark = pytest.mark.model
 
 BS = 16
 
@@ -102,7 +104,7 @@ def test_8_and_16_lane_paths_give_the_same_bits(g, hd):
     same sums in the same order, so a sequence's bits do not depend on the node's CPU."""
     import ctypes
 
-    from shards import kernels
+    from shards.runtime import kernels
     q, kp, vp, ids, lens, _ = case(g, 2, hd, [1, 15, 16, 17, 100, 311], seed=5)
     outs = []
     for flag, lanes in (("-DSHARDSERVE_ATTN8", 8), ("-DSHARDSERVE_ATTN16", 16)):

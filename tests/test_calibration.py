@@ -4,8 +4,10 @@ import json
 
 import pytest
 
-from shards.calibration import CalibrationData, calibration_ids, held_out
-from shards.sparsegpt import damp_for
+from shards.compress.calibration import CalibrationData, calibration_ids, held_out
+from shards.compress.sparsegpt import damp_for
+
+pytestmark = pytest.mark.unit
 
 
 class CharTokenizer:

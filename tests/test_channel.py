@@ -1,4 +1,4 @@
-"""Tier 1: the step channel (shards/channel.py) without Ray: the wire format, and a server with a
+"""Tier 1: the step channel (shards/runtime/channel.py) without Ray: the wire format, and a server with a
 stand-in handler over a real localhost socket."""
 import asyncio
 import socket
@@ -7,9 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from shards.channel import (ChannelBroken, ChannelServer, StepChannel, decode_step, encode_reply, encode_step,
-                            frame, next_step)
-from shards.step import SamplingParams, StepBatch, from_wire
+from shards.model.step import SamplingParams, StepBatch, from_wire
+from shards.runtime.channel import (
+    ChannelBroken,
+    ChannelServer,
+    StepChannel,
+    decode_step,
+    encode_reply,
+    encode_step,
+    frame,
+    next_step,
+)
+
+pytestmark = pytest.mark.unit
 
 
 def _batch(**kw) -> StepBatch:
@@ -94,7 +104,7 @@ def test_a_wrong_secret_is_refused():
 
 SLOW_SHARD = """
 import sys, time
-from shards.channel import ChannelServer
+from shards.runtime.channel import ChannelServer
 server = ChannelServer(lambda header, body: time.sleep(60))
 print(server.address[1], server.secret, flush=True)
 time.sleep(60)

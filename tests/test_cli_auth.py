@@ -1,5 +1,9 @@
 """Tier 1: the CLI refuses to expose an unauthenticated endpoint beyond loopback."""
+import pytest
+
 from serving.cli import _loopback, main
+
+pytestmark = pytest.mark.unit
 
 
 def test_non_loopback_host_needs_a_key(capsys, monkeypatch):

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from serving.client import Client
-from shards.step import SamplingParams
+from serving.api.client import Client
+from shards.model.step import SamplingParams
 from tests.conftest import chat_ids
 from tests.test_serve import QUESTION, free_port
 
@@ -30,7 +30,7 @@ def cluster():
     yield c.address, {k: n.node_id for k, n in nodes.items()}
     from ray import serve
 
-    from shards.actor import stop_pipeline
+    from shards.runtime.actor import stop_pipeline
     serve.shutdown()
     stop_pipeline(CONFIG["prefix"])
     ray.shutdown()
@@ -58,9 +58,9 @@ def test_plan_cli_shows_the_node_of_every_shard(cluster):
 def test_served_shards_run_on_their_planned_nodes_and_answer_exactly(cluster, source, tokenizer):
     from ray import serve
 
-    from serving.app import ShardServe
+    from serving.api.app import ShardServe
     from serving.launch import EngineConfig, make_plan
-    from shards.generator import Generator
+    from shards.model.generator import Generator
     planned = [s.node for s in make_plan(EngineConfig(**CONFIG)).shards]
     port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})

@@ -1,15 +1,17 @@
-"""Tier 1: the compiled decode step (shards/compiled.py) on a tiny random model: the same tokens
+"""Tier 1: the compiled decode step (shards/model/compiled.py) on a tiny random model: the same tokens
 as the eager path, no compile at request time (it raises instead), and it follows run-time
 changes of the stage. The real model's compiled path is checked against transformers in
 test_generator.py and over HTTP in test_serve.py."""
 import pytest
 import torch
 
-from shards.generator import Generator
-from shards.layer_range import LayerRange
-from shards.source import HFFolderSource
-from shards.stage import Stage
-from shards.step import SamplingParams, StepBatch
+from shards.model.generator import Generator
+from shards.model.source import HFFolderSource
+from shards.model.stage import Stage
+from shards.model.step import SamplingParams, StepBatch
+from shards.plan.layer_range import LayerRange
+
+pytestmark = pytest.mark.model
 
 # lengths that cross block boundaries (16 tokens) at different steps, so batches mix KV lengths
 PROMPTS = [[3, 1, 4, 1, 5], list(range(1, 30)), [7] * 15, list(range(40, 57))]
@@ -25,16 +27,16 @@ def src(tiny_folder):
     return HFFolderSource(tiny_folder)
 
 
-@pytest.mark.parametrize("compression, kernel", [("fp32", True), ("int8-cpu", True), ("w8a8-cpu", True),
-                                                 ("w4a8-cpu", True), ("fp32", False)])
+@pytest.mark.parametrize("compression, kernel", [("fp32", True), ("w8a16", True), ("w8a8", True),
+                                                 ("w4a8x2", True), ("fp32", False)])
 def test_compiled_greedy_equals_eager(src, compression, kernel, monkeypatch):
-    """kernel: decode attention through shards/attention.py's kernel, else (as on CUDA or
+    """kernel: decode attention through shards/model/attention.py's kernel, else (as on CUDA or
     without a compiler) the gather path eagerly and inductor's reductions compiled."""
     if not kernel:
-        monkeypatch.setattr("shards.attention.supports", lambda *a: False)
-    # the tiny model has no tokenizer: w8a8-cpu's smoothing calibrates on random ids instead
+        monkeypatch.setattr("shards.model.attention.supports", lambda *a: False)
+    # the tiny model has no tokenizer: w8a8's smoothing calibrates on random ids instead
     monkeypatch.setattr(src, "tokenizer", lambda: None)
-    monkeypatch.setattr("shards.calibration.calibration_ids",
+    monkeypatch.setattr("shards.compress.calibration.calibration_ids",
                         lambda tok, data=None, gptq=False: torch.arange(128).view(4, 32))
     eager = Generator(src, 2, kv_blocks=32, compression=compression)
     compiled = Generator(src, 2, kv_blocks=32, compression=compression, compile=True)
@@ -65,7 +67,7 @@ def test_a_step_needing_a_new_graph_raises_instead_of_compiling(src):
 
 
 def test_compiled_stages_follow_a_move_and_a_recompress(src):
-    """Layers [0, 2) + [2, 4) -> [0, 3) + [3, 4), then the second at int8-cpu: the compiled
+    """Layers [0, 2) + [2, 4) -> [0, 3) + [3, 4), then the second at w8a16: the compiled
     pipeline's next tokens equal an eager pipeline's after the same changes."""
     pipes = [[Stage(src, r, kv_blocks=16, compile=c) for r in (LayerRange(0, 2), LayerRange(2, 4))]
              for c in (False, True)]
@@ -80,13 +82,13 @@ def test_compiled_stages_follow_a_move_and_a_recompress(src):
         steps = b.compiled.steps if b.compiled else 0
         logits = step((a, b), StepBatch([0], [0], [5], tokens=torch.tensor([PROMPTS[0]])))
         a.grow(src, LayerRange(2, 3), **b.shrink(LayerRange(2, 3)))
-        b.recompress(src, "int8-cpu")
+        b.recompress(src, "w8a16")
         toks = []
         for i in range(6):
             toks.append(int(logits.argmax(-1)))
             logits = step((a, b), StepBatch([0], [5 + i], [1], tokens=torch.tensor([[toks[-1]]])))
         outs.append(toks)
-        assert a.layers == LayerRange(0, 3) and b.compression.quant == "int8-cpu"
+        assert a.layers == LayerRange(0, 3) and b.compression.quant == "w8a16"
     assert outs[0] == outs[1]
     a, b = pipes[1]
     assert a.runs_compiled and b.runs_compiled and b.compiled.steps == steps + 6   # not eager
@@ -96,7 +98,8 @@ def test_a_failed_compile_says_how_to_serve_without(src):
     """No C++ compiler on the node (inductor builds its CPU kernels with one): the shard fails
     at load with the way out, not at the first request."""
     import torch._inductor.config as inductor
-    from shards.compiled import CompileError
+
+    from shards.model.compiled import CompileError
     # config.patch restores the setting after (monkeypatch's undo deletes it from the config)
     with inductor.patch({"cpp.cxx": ("/nonexistent/g++",)}), \
             pytest.raises(CompileError, match="InvalidCxxCompiler.*--no-compile"):
@@ -111,7 +114,7 @@ def test_chunks_of_layers_equal_eager_and_follow_a_move(src, monkeypatch):
     3 layers, then a move makes it [0, 2) (a chunk) and [2, 4) (a chunk, where that stage's whole
     graph was of 1 layer); tokens equal eager stages', and decode compiles nothing after the
     warm-up."""
-    monkeypatch.setattr("shards.compiled.CHUNK", 2)
+    monkeypatch.setattr("shards.model.compiled.CHUNK", 2)
     pipes = [[Stage(src, r, kv_blocks=16, compile=c, threads=(5,)) for r in (LayerRange(0, 3), LayerRange(3, 4))]
              for c in (False, True)]
     # 5 threads: graphs no earlier test built; a layer, a chunk and a 3-layer graph, each for

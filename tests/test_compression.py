@@ -7,16 +7,18 @@ import sys
 import pytest
 import torch
 
-from shards.compression import Compression, CompressionError, parse
-from shards.prune import magnitude_mask, two_four_mask
-from shards.quantize import quantize_linear
+from shards.compress.prune import magnitude_mask, two_four_mask
+from shards.compress.quantize import quantize_linear
+from shards.compress.spec import Compression, CompressionError, parse
+
+pytestmark = pytest.mark.model
 
 
 def test_spec_grammar_and_presets():
     assert parse("nf4+wanda:0.5") == Compression("nf4", "wanda", 0.5)
-    assert parse("int8-cpu+2:4").prune == "2:4"
+    assert parse("w8a16+2:4").prune == "2:4"
     assert parse("cut-mlp:0.2+drop-layers:2") == Compression(cut_mlp=0.2, drop_layers=2)
-    assert parse("balanced") == parse("int4-cpu") and parse("fast").quant == "w4a8-cpu"
+    assert parse("balanced") == parse("w4a16") and parse("fast").quant == "w4a8x2"
     assert parse("magnitude:0.5").spec == "magnitude:0.5" and parse("fp32").spec == "fp32"
     for bad, msg in [("int3", "unknown compression 'int3'"), ("wanda:1.5", "fraction in"),
                      ("nf4+int8", "sets quant twice"), ("", "empty")]:
@@ -25,7 +27,7 @@ def test_spec_grammar_and_presets():
         assert "valid:" in str(e.value) or msg == "sets quant twice"
 
 
-@pytest.mark.parametrize("quant,bound", [("bf16", 0.01), ("int8-cpu", 0.03), ("int8", 0.03),
+@pytest.mark.parametrize("quant,bound", [("bf16", 0.01), ("w8a16", 0.03), ("llm-int8", 0.03),
                                          ("nf4", 0.12), ("fp4", 0.15)])
 def test_quantizer_relative_error(quant, bound):
     torch.manual_seed(0)
@@ -42,7 +44,7 @@ def test_int8_cpu_kernel_by_step_kind_and_batch_invariant():
     """Decode inputs ([B, in], [B, 1, in]): the packed kernel (bf16 activations), bit-for-bit.
     Prefill ([B, Q > 1, in]): an fp32 GEMM on the dequantized weight, chunked over output
     channels, and each row's result does not depend on the rows batched with it."""
-    from shards import quantize as q
+    from shards.compress import quantize as q
     torch.manual_seed(0)
     lin = q.Int8CpuLinear(torch.nn.Linear(96, q.DEQUANT_CHUNK + 40, bias=False))   # two chunks
     deq = lin.qweight.float() * lin.scales.float()[:, None]
@@ -58,10 +60,10 @@ def test_int8_cpu_kernel_by_step_kind_and_batch_invariant():
 
 
 def test_two_level_more_exact_than_bf16_and_batch_invariant():
-    """w8a8-cpu's down_proj multiplies two int8 levels of its input: on an input with a 100x
+    """w8a8's down_proj multiplies two int8 levels of its input: on an input with a 100x
     outlier channel its error is under a third of the packed kernel's (bf16 input), and a row's
     bits depend neither on its batch nor on whether the step is a prefill or a decode."""
-    from shards import quantize as q
+    from shards.compress import quantize as q
     torch.manual_seed(0)
     lin = torch.nn.Linear(1536, 576, bias=False)
     two, one = q.Int8CpuLinear(lin, two_level=True), q.Int8CpuLinear(lin)
@@ -79,7 +81,7 @@ def test_prefill_gemm_row_invariant_at_any_row_and_thread_count():
     """down_proj's prefill GEMM ([rows, 1536] x [1536, 576], fp32): a row gets the same bits at
     1 .. 200 rows and at 1 or 2 threads. Without MKL's strict mode (shards/__init__.py) MKL splits
     this shape differently at 2 threads for 57 .. 192 rows."""
-    from shards import quantize as q
+    from shards.compress import quantize as q
     assert os.environ.get("MKL_CBWR") == "AUTO,STRICT"
     torch.manual_seed(0)
     lin = q.Int8CpuLinear(torch.nn.Linear(1536, 576, bias=False))
@@ -100,7 +102,7 @@ def test_w8a8_cpu_smoothing_exact_ints_and_batch_invariant():
     """An input channel 100x louder than the rest: smoothing by its calibration maximum cuts the
     error of per-token int8 activations; the int32 products equal a float reference on the same
     codes; a row's output does not depend on its batch (decode or prefill shaped)."""
-    from shards.quantize import Int8Embedding, W8A8CpuLinear
+    from shards.compress.quantize import Int8Embedding, W8A8CpuLinear
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 384, bias=True)
     x = torch.randn(6, 5, 256)
@@ -123,7 +125,7 @@ def test_w8a8_cpu_smoothing_exact_ints_and_batch_invariant():
     emb = Int8Embedding(q)
     assert ((emb(torch.arange(384)) - lin.weight).norm() / lin.weight.norm()).item() < 0.05
     with pytest.raises(CompressionError, match="takes no other compression"):
-        parse("w8a8-cpu+wanda:0.5")
+        parse("w8a8+wanda:0.5")
 
 
 def test_pruning_masks():
@@ -138,7 +140,7 @@ def test_pruning_masks():
 
 
 def test_import_shards_stays_light():
-    code = "import sys, shards, shards.compression, shards.plan, shards.planner; " \
+    code = "import sys, shards, shards.compress.spec, shards.plan.plan, shards.plan.planner; " \
            "print(any(m in sys.modules for m in ('bitsandbytes', 'ray', 'torch')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -146,13 +148,13 @@ def test_import_shards_stays_light():
 
 def test_real_model_perplexity_short_windows(source):
     """2 windows of 256 tokens: int8/w8a8/nf4 stay near fp32, magnitude 90% collapses."""
-    from shards.perplexity import perplexity
+    from shards.compress.perplexity import perplexity
     res = {c: perplexity(source, c, seqlen=256, windows=2)
-           for c in ("fp32", "int8-cpu", "w8a8-cpu", "nf4", "magnitude:0.9")}
+           for c in ("fp32", "w8a16", "w8a8", "nf4", "magnitude:0.9")}
     base = res["fp32"].ppl
     print({c: round(r.ppl, 2) for c, r in res.items()})
     assert 5 < base < 100
-    assert res["int8-cpu"].ppl < 1.02 * base and res["w8a8-cpu"].ppl < 1.02 * base
+    assert res["w8a16"].ppl < 1.02 * base and res["w8a8"].ppl < 1.02 * base
     assert res["nf4"].ppl < 1.5 * base
     assert res["magnitude:0.9"].ppl > 20 * base
     assert res["nf4"].weight_bytes < 0.35 * res["fp32"].weight_bytes
@@ -171,7 +173,7 @@ def test_wanda_mask_keeps_small_weights_on_loud_inputs():
 def test_calibrated_methods_on_real_model(source):
     """2 windows of 256 tokens, calibration on the prompts: Wanda far better than magnitude at
     50%; cut-mlp and drop-layers shrink bytes and stay usable."""
-    from shards.perplexity import perplexity
+    from shards.compress.perplexity import perplexity
     specs = ("fp32", "magnitude:0.5", "wanda:0.5", "cut-mlp:0.2", "drop-layers:2")
     res = {c: perplexity(source, c, seqlen=256, windows=2) for c in specs}
     print({c: (round(r.ppl, 2), r.weight_bytes) for c, r in res.items()})
@@ -181,7 +183,7 @@ def test_calibrated_methods_on_real_model(source):
     assert res["cut-mlp:0.2"].ppl < 2.5 * base.ppl
     assert res["cut-mlp:0.2"].weight_bytes < 0.89 * base.weight_bytes
     assert res["drop-layers:2"].ppl < 2 * base.ppl
-    from shards.memory import measure_costs
+    from shards.compress.costs import measure_costs
     layer = measure_costs(source).layer_bytes[0]          # every fp32 layer has the same shapes
     assert base.weight_bytes - res["drop-layers:2"].weight_bytes == 2 * layer
 
@@ -190,17 +192,17 @@ def test_embedding_policy_one_int8_table_for_embedding_and_head(source):
     """Quantized specs store the tied table once as int8 rows: the embedding reads the lm_head's
     rows; rows stay within int8 error; the plan's bytes equal the built stage's."""
     from shards import LayerRange
-    from shards.memory import measure_costs
-    from shards.planner import plan
-    from shards.quantize import Int8CpuLinear, Int8Embedding
-    from shards.stage import Stage
-    st = Stage(source, LayerRange(0, 30), kv_blocks=1, compression="int8-cpu")
+    from shards.compress.costs import measure_costs
+    from shards.compress.quantize import Int8CpuLinear, Int8Embedding
+    from shards.model.stage import Stage
+    from shards.plan.planner import plan
+    st = Stage(source, LayerRange(0, 30), kv_blocks=1, compression="w8a16")
     assert isinstance(st.embed, Int8Embedding) and isinstance(st.lm_head, Int8CpuLinear)
     assert st.embed.table is st.lm_head
     ids = torch.tensor([1, 500, 20000, 49151])
     ref = source.tensor("model.embed_tokens.weight")[ids]
     assert ((st.embed(ids) - ref).norm(dim=-1) / ref.norm(dim=-1)).max() < 0.02
-    p = plan(measure_costs(source, "int8-cpu"), 1, None, 0, compression="int8-cpu")
+    p = plan(measure_costs(source, "w8a16"), 1, None, 0, compression="w8a16")
     fp32 = plan(measure_costs(source), 1, None, 0).shards[0].weight_bytes
     assert p.shards[0].weight_bytes == st.weight_bytes() < 0.26 * fp32
     first = Stage(source, LayerRange(0, 1), kv_blocks=1, compression="fp32")
@@ -208,18 +210,19 @@ def test_embedding_policy_one_int8_table_for_embedding_and_head(source):
 
 
 def test_w8a8_cpu_stage_maxima_cached_and_bytes_planned(source):
-    """w8a8-cpu on the real model: smoothed int8 x int8 projections and lm_head, down_proj
+    """w8a8 on the real model: smoothed int8 x int8 projections and lm_head, down_proj
     weight-only; the activation maxima come from the disk cache the second time; the plan's
     bytes equal the built stage's."""
     import time
 
     from shards import LayerRange
-    from shards.memory import measure_costs
-    from shards.planner import plan
-    from shards.quantize import Int8CpuLinear, W8A8CpuLinear
-    from shards.smoothing import HEAD, activation_maxima
-    from shards.stage import Stage
-    st = Stage(source, LayerRange(0, 30), kv_blocks=1, compression="w8a8-cpu")
+    from shards.compress.costs import measure_costs
+    from shards.compress.maxima import activation_maxima
+    from shards.compress.quantize import Int8CpuLinear, W8A8CpuLinear
+    from shards.compress.smoothing import HEAD
+    from shards.model.stage import Stage
+    from shards.plan.planner import plan
+    st = Stage(source, LayerRange(0, 30), kv_blocks=1, compression="w8a8")
     b = st.blocks["0"]
     assert isinstance(st.lm_head, W8A8CpuLinear) and st.embed.table is st.lm_head
     assert isinstance(b.qkv_proj, W8A8CpuLinear) and isinstance(b.down_proj, Int8CpuLinear) and b.down_proj.two_level
@@ -228,5 +231,5 @@ def test_w8a8_cpu_stage_maxima_cached_and_bytes_planned(source):
     maxima = activation_maxima(source)
     assert time.perf_counter() - t < 2 and set(maxima) == set(range(30)) | {HEAD}
     assert maxima[29]["down_proj"].shape == (1536,) and maxima[HEAD].shape == (576,)
-    p = plan(measure_costs(source, "w8a8-cpu"), 1, None, 0, compression="w8a8-cpu")
+    p = plan(measure_costs(source, "w8a8"), 1, None, 0, compression="w8a8")
     assert p.shards[0].weight_bytes == st.weight_bytes()

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from serving.launch import EngineConfig, build_engine
-from shards.plan import Recompress
-from shards.step import SamplingParams
+from shards.model.step import SamplingParams
+from shards.plan.plan import Recompress
 from tests.conftest import chat_ids, prompts
 
 pytestmark = pytest.mark.ray
@@ -21,7 +21,7 @@ CONTROL = {"readings": 2, "quiet_s": 5, "relax_s": 3600, "actions": ["move", "sp
 
 @pytest.fixture(scope="module")
 def engine(loop):
-    from shards.actor import stop_pipeline
+    from shards.runtime.actor import stop_pipeline
     e = loop.run_until_complete(build_engine(EngineConfig(shards=2, prefix=PREFIX, kv_tokens=4096,
                                                           controller=CONTROL)))
     yield e
@@ -32,7 +32,7 @@ def engine(loop):
 @pytest.fixture(scope="module")
 def reference(source, tokenizer):
     """Greedy outputs of the one-process generator for 32 prompts, 24 tokens each."""
-    from shards.generator import Generator
+    from shards.model.generator import Generator
     inputs = [chat_ids(tokenizer, p) for p in prompts(32, start=200)]
     return inputs, Generator(source, 1).generate(inputs, SamplingParams(max_tokens=24))
 
@@ -88,15 +88,15 @@ def test_budget_below_use_controller_moves_layers_outputs_identical(loop, engine
 
 
 def test_recompress_one_shard_under_load(loop, engine, reference, source):
-    from shards.memory import measure_costs
-    from shards.planner import shard_weight_bytes
+    from shards.compress.costs import measure_costs
+    from shards.plan.planner import shard_weight_bytes
     inputs = reference[0][:16]
 
     async def scenario():
         tasks = [asyncio.ensure_future(engine.complete(ids, SamplingParams(max_tokens=24))) for ids in inputs]
         await until(lambda: sum(len(s.generated) for s in engine.sched.running.values()) > 8, 120, "decoding")
         before = (await engine.stats())[1]
-        event = await engine.apply(Recompress(1, "int8-cpu", "test"))
+        event = await engine.apply(Recompress(1, "w8a16", "test"))
         outs = await asyncio.wait_for(asyncio.gather(*tasks), 300)
         return before, event, outs
 
@@ -105,13 +105,13 @@ def test_recompress_one_shard_under_load(loop, engine, reference, source):
     after = loop.run_until_complete(kv_drained(engine))[1]
     rng = engine.plan.shards[1].layers
     want_fp32 = shard_weight_bytes(measure_costs(source, "fp32"), rng)
-    want_int8 = shard_weight_bytes(measure_costs(source, "int8-cpu"), rng)
+    want_int8 = shard_weight_bytes(measure_costs(source, "w8a16"), rng)
     assert (before["weight_bytes"], after["weight_bytes"]) == (want_fp32, want_int8)
     saved, rss_drop = want_fp32 - want_int8, before["rss_bytes"] - after["rss_bytes"]
-    print(f"shard 1 {rng} fp32 -> int8-cpu in {event['seconds']:.1f} s: weights {want_fp32 / 2**20:.0f} -> "
+    print(f"shard 1 {rng} fp32 -> w8a16 in {event['seconds']:.1f} s: weights {want_fp32 / 2**20:.0f} -> "
           f"{want_int8 / 2**20:.0f} MiB (x{want_int8 / want_fp32:.2f}), RSS {before['rss_bytes'] / 2**20:.0f} -> "
           f"{after['rss_bytes'] / 2**20:.0f} MiB (-{rss_drop / 2**20:.0f})")
-    assert after["compression"] == "int8-cpu" == engine.plan.shards[1].compression
+    assert after["compression"] == "w8a16" == engine.plan.shards[1].compression
     assert rss_drop > 0.8 * saved
     loop.run_until_complete(engine.apply(Recompress(1, "fp32", "test: back")))
 
@@ -204,7 +204,7 @@ def test_compiled_graph_steps_and_survives_a_killed_shard(loop, reference):
     the new actor, and every output equals the one-process reference."""
     import ray
 
-    from shards.actor import stop_pipeline
+    from shards.runtime.actor import stop_pipeline
     e = loop.run_until_complete(build_engine(EngineConfig(shards=2, prefix="ctlg-", kv_tokens=4096,
                                                           control=False, compiled_graph=True)))
     inputs, want = reference[0][:8], reference[1][:8]

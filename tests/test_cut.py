@@ -7,10 +7,12 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from shards.compression import CompressionError
-from shards.cut import cut_heads, cut_mlp, keep_count, layers_to_drop
-from shards.layer_range import LayerRange
-from shards.block import Block
+from shards.compress.cut import cut_heads, cut_mlp, keep_count, layers_to_drop
+from shards.compress.spec import CompressionError
+from shards.model.block import Block
+from shards.plan.layer_range import LayerRange
+
+pytestmark = pytest.mark.model
 
 CFG = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                   num_hidden_layers=1, vocab_size=32)
@@ -73,9 +75,9 @@ def test_cut_heads_respects_kv_groups():
     assert keep.view(2, 16)[:, 0].tolist() == [16, 32]  # heads 1 and 2: one per group
     assert b.qkv_proj.weight.shape == (32 + 2 * 32, 64) and b.o_proj.weight.shape == (64, 32)
     assert (b.n_heads, b.n_kv) == (2, 2)
-    from shards.kv_cache import PagedKV
-    from shards.step_context import StepContext, rope_params
-    from shards.step import StepBatch
+    from shards.model.kv_cache import PagedKV
+    from shards.model.step import StepBatch
+    from shards.model.step_context import StepContext, rope_params
     kv = PagedKV([0], 4, 16, 2, 16)
     ctx = StepContext(StepBatch([0], [0], [5]), kv, *rope_params(CFG, "cpu"))
     assert b(torch.randn(1, 5, 64), ctx.rope, kv, ctx).shape == (1, 5, 64)
@@ -95,9 +97,9 @@ def test_layer_drop_ranking_and_bounds():
 def test_dropped_layer_stays_dropped_across_a_move(tiny_folder, tmp_path):
     """Prepared tiny model with layer 1 dropped: move [1, 2) from shard 0 to 1 mid-generation;
     the receiving shard does not load it, and greedy output matches the unmoved pipeline."""
-    from shards.generator import Generator
-    from shards.source import HFFolderSource
-    from shards.step import StepBatch
+    from shards.model.generator import Generator
+    from shards.model.source import HFFolderSource
+    from shards.model.step import StepBatch
     folder = tmp_path / "tiny-drop"
     shutil.copytree(tiny_folder, folder)
     (folder / "manifest.json").write_text(json.dumps({"compression": "drop-layers:1", "dropped_layers": [1]}))
@@ -123,9 +125,9 @@ def test_dropped_layer_stays_dropped_across_a_move(tiny_folder, tmp_path):
 def test_prepared_artifact_round_trip(source, tmp_path):
     """prepare writes weights + manifest; the artifact serves the same logits as compressing at
     load, takes a quantization on top, and refuses a different structure."""
-    from shards.artifact import prepare
-    from shards.source import open_source
-    from shards.stage import Stage
+    from shards.compress.artifact import prepare
+    from shards.model.source import open_source
+    from shards.model.stage import Stage
     out = tmp_path / "art"
     m = prepare(source, "cut-mlp:0.2+drop-layers:1", out, seqlen=128, windows=1)
     saved = json.loads((out / "manifest.json").read_text())
@@ -135,15 +137,15 @@ def test_prepared_artifact_round_trip(source, tmp_path):
     whole = LayerRange(0, 30)
     a = Stage(art, whole, kv_blocks=2)
     b = Stage(source, whole, kv_blocks=2, compression="cut-mlp:0.2+drop-layers:1")
-    from shards.step import StepBatch
+    from shards.model.step import StepBatch
     batch = StepBatch([0], [0], [20], tokens=torch.arange(100, 120).unsqueeze(0))
     assert a.dropped == b.dropped and (a(batch) - b(batch)).abs().max() < 1e-4
     assert a.weight_bytes() == m["weight_bytes"]
-    q = Stage(art, whole, kv_blocks=2, compression="int8-cpu")
-    assert q.compression.spec == "int8-cpu+cut-mlp:0.2+drop-layers:1" and q.weight_bytes() < 0.5 * a.weight_bytes()
-    # w8a8-cpu smooths with the artifact's own activation maxima (its cut MLPs, its dropped layer)
-    w = Stage(art, whole, kv_blocks=2, compression="w8a8-cpu")
-    assert w.compression.spec == "w8a8-cpu+cut-mlp:0.2+drop-layers:1"
+    q = Stage(art, whole, kv_blocks=2, compression="w8a16")
+    assert q.compression.spec == "w8a16+cut-mlp:0.2+drop-layers:1" and q.weight_bytes() < 0.5 * a.weight_bytes()
+    # w8a8 smooths with the artifact's own activation maxima (its cut MLPs, its dropped layer)
+    w = Stage(art, whole, kv_blocks=2, compression="w8a8")
+    assert w.compression.spec == "w8a8+cut-mlp:0.2+drop-layers:1"
     assert w.blocks["0"].gate_up_proj.inv_s.shape == (576,) and w.blocks["0"].down_proj.qweight.shape == (576, 1224)
     ref, got = a(batch), w(batch)
     assert ((got - ref).norm() / ref.norm()).item() < 0.1 and torch.equal(got.argmax(-1), ref.argmax(-1))

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.client import Client
+from serving.api.client import Client
 from tests.test_serve import QUESTION, free_port
+
+pytestmark = pytest.mark.model
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_YAML = ROOT / "deploy" / "serve.yaml"
@@ -23,7 +25,7 @@ def app_args() -> dict:
 
 
 def test_serve_yaml_args_are_valid_and_bad_ones_named():
-    from serving.app import build_app
+    from serving.api.app import build_app
     from shards.errors import ShardServeError
     build_app(app_args())
     with pytest.raises(ShardServeError, match=r"shard: Extra inputs are not permitted"):
@@ -104,10 +106,15 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def test_presets_reach_the_shards_as_specs():
-    """`fast` (the serve default) is planned as w4a8-cpu: shards report the spec, and the
-    controller's compression ladder, written in specs, can step from it (on int4-cpu's step)."""
-    from serving.launch import EngineConfig, make_plan
-    from serving.policy import SAME_STEP, ControllerConfig
+    """`fast` (the serve default) is planned as w4a8x2: shards report the spec, and the
+    controller's compression ladder, measured on the model, holds it between the lighter and
+    the heavier compressions by bytes."""
+    from serving.control.policy import ControllerConfig
+    from serving.launch import EngineConfig, make_plan, measured_ladder
     p = make_plan(EngineConfig(compression="fast", placement=False))
-    assert {s.compression for s in p.shards} == {"w4a8-cpu"}
-    assert SAME_STEP["w4a8-cpu"] in ControllerConfig().ladder
+    assert {s.compression for s in p.shards} == {"w4a8x2"}
+    ladder = measured_ladder("default", "w4a8x2")
+    ControllerConfig(**ladder)   # lengths agree
+    steps, ratio = ladder["ladder"], ladder["ladder_bytes"]
+    assert steps[0] == "fp32" and ratio[0] == 1.0 and list(ratio) == sorted(ratio, reverse=True)
+    assert "fp32" != steps[-1] and steps.index("w8a16") < steps.index("w4a8x2") < steps.index("nf4")

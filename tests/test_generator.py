@@ -2,9 +2,11 @@
 import pytest
 import torch
 
-from shards.generator import Generator
-from shards.step import SamplingParams
+from shards.model.generator import Generator
+from shards.model.step import SamplingParams
 from tests.conftest import chat_ids, prompts
+
+pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +50,15 @@ def test_seeded_sampling_reproducible(source, tokenizer):
     assert a == b and a != greedy
 
 
-@pytest.mark.parametrize("compression", ["w4a8-cpu", "w8a8-cpu"])
+@pytest.mark.parametrize("compression", ["w4a8x2", "w8a8"])
 def test_prefill_logits_do_not_depend_on_the_batch(source, tokenizer, compression):
-    """The README's question is a near tie ("The" leads "L" by 0.09 logits, fp32 and w4a8-cpu, the
-    serve default; w8a8-cpu's smoothing maxima come from an fp32 pass whose last bits differ
+    """The README's question is a near tie ("The" leads "L" by 0.09 logits, fp32 and w4a8x2, the
+    serve default; w8a8's smoothing maxima come from an fp32 pass whose last bits differ
     between CPU models, and it has led with either, by up to 0.22): under
     load its prompt is prefilled next to longer ones (padded), in chunks, and alone (2 threads)
     or not (1). Every way gives the same logits, bit for bit, so the answer cannot flip with
     load. Padded next to a longer prompt at 2 threads it flipped before MKL's strict mode."""
-    from shards.step import StepBatch
+    from shards.model.step import StepBatch
     ids = chat_ids(tokenizer, "What is the capital of France?")
     other = chat_ids(tokenizer, "Write a long poem about the sea and the wind, please, in many verses.")
     prompts_ = {"q": ids, "o": other}
@@ -86,4 +88,4 @@ def test_prefill_logits_do_not_depend_on_the_batch(source, tokenizer, compressio
             assert torch.equal(prefill([("q", 0, n)]), ref)
     finally:
         torch.set_num_threads(was)
-    assert tokenizer.decode([ref.argmax().item()]) in (("The",) if compression == "w4a8-cpu" else ("The", "L"))
+    assert tokenizer.decode([ref.argmax().item()]) in (("The",) if compression == "w4a8x2" else ("The", "L"))

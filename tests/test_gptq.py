@@ -3,10 +3,12 @@ calibration data, and every compensated weight exactly where the serving kernel 
 import pytest
 import torch
 
-from shards.gptq import grid_for, gptq_
-from shards.quantize import linear, quantize_linear
+from shards.compress.gptq import gptq_, grid_for
+from shards.compress.quantize import linear, quantize_linear
 
-QUANTS = ["int8-cpu", "int4-cpu", "nf4"]
+pytestmark = pytest.mark.model
+
+QUANTS = ["w8a16", "w4a16", "nf4"]
 
 
 def layer(out=64, inp=256, tokens=2048, seed=0):
@@ -47,9 +49,9 @@ def test_kernel_computes_with_exactly_the_gptq_weights(quant):
 
 
 def _kernel_weight(module, quant) -> torch.Tensor:
-    if quant == "int4-cpu":
+    if quant == "w4a16":
         return module.dequantized()
-    if quant == "int8-cpu":
+    if quant == "w8a16":
         return module(torch.eye(module.qweight.shape[1])).T
     import bitsandbytes.functional as bnbf
     return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
@@ -57,7 +59,7 @@ def _kernel_weight(module, quant) -> torch.Tensor:
 
 def test_grid_column_is_round_to_nearest_without_compensation():
     w, _ = layer(out=16, inp=64, seed=2)
-    grid = grid_for(w, "int4-cpu")
+    grid = grid_for(w, "w4a16")
     on = torch.stack([grid.column(j, w[:, j]) for j in range(64)], 1)
     # every value is within half a step of its original
     step = grid.scale.repeat_interleave(32, dim=1)
@@ -72,12 +74,12 @@ def test_prepared_gptq_artifact_serves_the_calibrated_codes(source, tmp_path):
 
     import bitsandbytes.functional as bnbf
 
-    import shards.calibration as cal
-    from shards.artifact import prepare
+    import shards.compress.calibration as cal
+    from shards.compress.artifact import prepare
     from shards.data import WIKITEXT
-    from shards.layer_range import LayerRange
-    from shards.source import open_source
-    from shards.stage import Stage
+    from shards.model.source import open_source
+    from shards.model.stage import Stage
+    from shards.plan.layer_range import LayerRange
     out = tmp_path / "art"
     m = prepare(source, "nf4+gptq", out, seqlen=128, windows=1,
                 calibration=cal.CalibrationData(str(WIKITEXT), tokens=2048))
@@ -102,12 +104,12 @@ def test_prepared_gptq_artifact_serves_the_calibrated_codes(source, tmp_path):
 
 
 def test_group_grids_refuse_widths_off_their_groups():
-    from shards.compression import CompressionError
+    from shards.compress.spec import CompressionError
     w = torch.randn(16, 40)
-    for quant in ("int4-cpu", "nf4"):
+    for quant in ("w4a16", "nf4"):
         with pytest.raises(CompressionError, match="divisible by 32.*got 40"):
             grid_for(w, quant)
-    grid_for(w, "int8-cpu")
+    grid_for(w, "w8a16")
 
 
 def test_mean_correction_removes_the_output_mean_shift():
@@ -116,7 +118,8 @@ def test_mean_correction_removes_the_output_mean_shift():
     gets none."""
     from types import SimpleNamespace
 
-    from shards.calibration import Stats, correct_means
+    from shards.compress.calibration import correct_means
+    from shards.compress.structure import Stats
     w, x = layer(inp=256)
     x = x + torch.linspace(-1, 2, 256)                         # inputs with a mean
     block = SimpleNamespace(o_proj=linear(w.clone()), down_proj=linear(w.clone()))
@@ -135,7 +138,7 @@ def test_mean_correction_removes_the_output_mean_shift():
 
 @pytest.mark.parametrize("quant", QUANTS)
 def test_refit_of_the_grid_lowers_the_output_error_and_keeps_the_codes(quant):
-    """int4-cpu and nf4 refit a number per group of 32; int8-cpu's one bf16 scale per row is
+    """w4a16 and nf4 refit a number per group of 32; w8a16's one bf16 scale per row is
     already at its best to bf16's resolution, so there the refit must only not hurt."""
     w, x = layer(seed=3)
     plain_grid, refit_grid = grid_for(w, quant), grid_for(w, quant)
@@ -144,7 +147,7 @@ def test_refit_of_the_grid_lowers_the_output_error_and_keeps_the_codes(quant):
     e_plain, e_refit = output_error(plain, w, x), output_error(refit, w, x)
     print(f"{quant}: output MSE gptq {e_plain:.3e}, with the refit grid {e_refit:.3e}")
     assert torch.equal(refit_grid.codes(refit), plain_grid.codes(plain))
-    if quant == "int8-cpu":
+    if quant == "w8a16":
         assert e_refit <= e_plain * (1 + 1e-6)
     else:
         assert e_refit < 0.97 * e_plain

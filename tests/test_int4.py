@@ -1,8 +1,10 @@
-"""int4-cpu: the kernel computes exactly with its grid; a Q4_1 source's own codes are kept."""
+"""w4a16: the kernel computes exactly with its grid; a Q4_1 source's own codes are kept."""
 import pytest
 import torch
 
-from shards.int4 import Int4CpuLinear, codes_on, rtn_grid
+from shards.compress.int4 import Int4CpuLinear, codes_on, rtn_grid
+
+pytestmark = pytest.mark.model
 
 
 def test_kernel_computes_with_the_grid():
@@ -46,19 +48,19 @@ def test_q4_1_source_codes_kept_exactly(source, name):
 
 
 def test_int4_stages_close_to_fp32(source, tokenizer):
-    """Two int4-cpu stages of the default model against one fp32 stage: logits within the
+    """Two w4a16 stages of the default model against one fp32 stage: logits within the
     kernel's bf16 error (the chat answer's first token is a near-tie, 25.33 vs 25.24 in fp32,
     that bf16 can flip), " Paris" after "The capital of France is"; plan bytes = built bytes."""
     import torch
 
-    from shards.generator import Generator
-    from shards.memory import measure_costs
-    from shards.planner import shard_weight_bytes
-    from shards.step import StepBatch
+    from shards.compress.costs import measure_costs
+    from shards.model.generator import Generator
+    from shards.model.step import StepBatch
+    from shards.plan.planner import shard_weight_bytes
     ids = tokenizer.encode("The capital of France is")
     batch = lambda: StepBatch([0], [0], [len(ids)], tokens=torch.tensor([ids]))  # noqa: E731
-    gen, ref = Generator(source, 2, compression="int4-cpu"), Generator(source, 1)
+    gen, ref = Generator(source, 2, compression="w4a16"), Generator(source, 1)
     got, want = gen.step(batch()), ref.step(batch())
     assert (got - want).abs().mean() < 0.15 and tokenizer.decode([int(got.argmax())]) == " Paris"
-    costs = measure_costs(source, "int4-cpu")
+    costs = measure_costs(source, "w4a16")
     assert [s.weight_bytes() for s in gen.stages] == [shard_weight_bytes(costs, s.layers) for s in gen.stages]

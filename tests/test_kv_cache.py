@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from shards import KVCacheFull
-from shards.kv_cache import BlockTable, PagedKV
+from shards.model.kv_cache import BlockTable, PagedKV
+
+pytestmark = pytest.mark.unit
 
 
 def test_reserve_slots_free():

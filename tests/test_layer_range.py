@@ -2,6 +2,8 @@ import pytest
 
 from shards import LayerRange, RangeError, split_even
 
+pytestmark = pytest.mark.unit
+
 
 def test_half_open_and_contains():
     r = LayerRange(3, 7)

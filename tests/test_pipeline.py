@@ -6,7 +6,7 @@ import torch
 
 from serving.launch import EngineConfig, build_engine
 from shards import LayerRange
-from shards.step import SamplingParams
+from shards.model.step import SamplingParams
 from tests.conftest import chat_ids, prompts
 
 pytestmark = pytest.mark.ray
@@ -19,7 +19,7 @@ def make_engine(loop, shards, prefix, **kw):
 
 
 def kill(engine):
-    from shards.actor import stop_pipeline
+    from shards.runtime.actor import stop_pipeline
     engine.close()
     stop_pipeline(engine.pipeline.prefix)
 
@@ -115,7 +115,7 @@ def test_shards_overlap_in_time(loop, engine2, tokenizer):
 
 
 def test_move_layers_mid_generation_token_identical(loop, tokenizer, source):
-    from shards.generator import Generator
+    from shards.model.generator import Generator
     inputs = [chat_ids(tokenizer, p) for p in prompts(8, start=60)]
     params = SamplingParams(max_tokens=40)
     want = Generator(source, 1).generate(inputs, params)
@@ -143,18 +143,18 @@ def test_move_layers_mid_generation_token_identical(loop, tokenizer, source):
 
 
 def test_compressed_shards(loop, tokenizer, source):
-    """Shards quantized at load (int8-cpu): stats report it, bytes match the plan, answer holds."""
-    from shards.memory import measure_costs
-    from shards.planner import shard_weight_bytes
-    engine = make_engine(loop, 2, "q8-", compression="int8-cpu")
+    """Shards quantized at load (w8a16): stats report it, bytes match the plan, answer holds."""
+    from shards.compress.costs import measure_costs
+    from shards.plan.planner import shard_weight_bytes
+    engine = make_engine(loop, 2, "q8-", compression="w8a16")
     try:
         ids = chat_ids(tokenizer, "What is the capital of France?")
         d = loop.run_until_complete(engine.complete(ids, SamplingParams(max_tokens=16)))
         assert d.text.strip() == "The capital of France is Paris."
         stats = loop.run_until_complete(engine.stats())
-        costs = measure_costs(source, "int8-cpu")
+        costs = measure_costs(source, "w8a16")
         for s, spec in zip(stats, engine.plan.shards):
-            assert s["compression"] == "int8-cpu"
+            assert s["compression"] == "w8a16"
             assert s["weight_bytes"] == shard_weight_bytes(costs, spec.layers) == spec.weight_bytes
     finally:
         kill(engine)
@@ -165,7 +165,7 @@ def test_a_router_attaching_frees_what_a_dead_one_left(loop):
     (a restarted Serve replica) frees it before serving, so no id of the old one lingers."""
     import ray
 
-    from shards.step import StepBatch
+    from shards.model.step import StepBatch
     first = make_engine(loop, 2, "att-", control=False)
     h0 = first.shards[0]
     ray.get(h0.forward.remote(StepBatch([123], [0], [4], tokens=torch.tensor([[1, 2, 3, 4]]))))

@@ -4,10 +4,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shards import PlanError
-from shards.memory import ModelCosts
-from shards.placement import Node, assign_shards, layer_counts, place
-from shards.plan import MiB
-from shards.planner import plan
+from shards.plan.memory import ModelCosts
+from shards.plan.placement import Node, assign_shards, layer_counts, place
+from shards.plan.plan import MiB
+from shards.plan.planner import plan
+
+pytestmark = pytest.mark.unit
 
 GiB = 1 << 30
 

@@ -4,9 +4,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shards import LayerRange, PlanError, RangeError
-from shards.memory import ModelCosts
-from shards.plan import MiB, MoveLayers, Plan, Recompress, ShardSpec, diff
-from shards.planner import WORKSPACE_BYTES, plan, shard_weight_bytes
+from shards.plan.memory import ModelCosts
+from shards.plan.plan import MiB, MoveLayers, Plan, Recompress, ShardSpec, diff
+from shards.plan.planner import WORKSPACE_BYTES, plan, shard_weight_bytes
+
+pytestmark = pytest.mark.unit
 
 
 def costs(n_layers=30, layer=14 * MiB, embed=108 * MiB, head_compute=8.0, tied=True):

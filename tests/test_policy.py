@@ -1,9 +1,19 @@
 """Tier 1: the controller's pure policy, driven by a fake clock."""
 import pytest
 
-from serving.policy import ControllerConfig, PolicyState, ShardReading, Snapshot, acted, decide, pressure
+from serving.control.policy import ControllerConfig, PolicyState, ShardReading, Snapshot, acted, decide, pressure
 from shards import LayerRange
-from shards.plan import MoveLayers, Recompress, SplitShard
+from shards.plan.plan import MoveLayers, Recompress, SplitShard
+
+pytestmark = pytest.mark.unit
+
+# a ladder as serving/launch.py::measured_ladder measures it on the default model (a layer's
+# bytes at each step / fp32's)
+LADDER = {"ladder": ("fp32", "w8a16", "w4a16", "nf4"), "ladder_bytes": (1.00, 0.25, 0.18, 0.16)}
+
+
+def config(**kw) -> ControllerConfig:
+    return ControllerConfig(**{**LADDER, **kw})
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -28,7 +38,7 @@ def run(cfg, readings, state=None, t0=0.0, dt=1.0):
 
 
 def test_pressure_names_the_numbers():
-    cfg = ControllerConfig()
+    cfg = config()
     assert pressure(shard(0, 0, 19, 300 * MiB, budget=400 * MiB), cfg) is None
     why = pressure(shard(0, 0, 19, 500 * MiB, budget=400 * MiB), cfg)
     assert "500 MiB of its 400 MiB" in why and "125%" in why
@@ -36,7 +46,7 @@ def test_pressure_names_the_numbers():
 
 
 def test_acts_after_k_readings_and_moves_to_the_neighbour_with_room():
-    cfg = ControllerConfig(readings=3)
+    cfg = config(readings=3)
     hot = [shard(0, 0, 19, 500 * MiB, budget=400 * MiB), shard(1, 19, 30, 250 * MiB)]
     acts, _ = run(cfg, [hot] * 5)
     assert [t for t, _ in acts] == [2.0]       # the third reading, not before
@@ -47,7 +57,7 @@ def test_acts_after_k_readings_and_moves_to_the_neighbour_with_room():
 
 
 def test_a_reading_under_the_watermark_resets_the_count():
-    cfg = ControllerConfig(readings=3)
+    cfg = config(readings=3)
     hot = [shard(0, 0, 19, 500 * MiB, budget=400 * MiB), shard(1, 19, 30, 250 * MiB)]
     cool = [shard(0, 0, 19, 300 * MiB, budget=400 * MiB), shard(1, 19, 30, 250 * MiB)]
     acts, _ = run(cfg, [hot, hot, cool, hot, hot, cool] * 5)
@@ -57,7 +67,7 @@ def test_a_reading_under_the_watermark_resets_the_count():
 def test_hovering_at_the_watermark_at_most_one_action_per_quiet_period():
     """Use that sits just over the watermark and never falls (the action does not help, as with
     a budget set below the runtime): one action, then nothing until the quiet period is over."""
-    cfg = ControllerConfig(readings=2, quiet_s=20)
+    cfg = config(readings=2, quiet_s=20)
     budget = 400 * MiB
     over = [shard(0, 0, 19, int(0.951 * budget), budget=budget), shard(1, 19, 30, 250 * MiB)]
     under = [shard(0, 0, 19, int(0.949 * budget), budget=budget), shard(1, 19, 30, 250 * MiB)]
@@ -68,7 +78,7 @@ def test_hovering_at_the_watermark_at_most_one_action_per_quiet_period():
 
 
 def test_quiet_period_counts_from_the_end_of_the_action():
-    cfg = ControllerConfig(readings=1, quiet_s=10)
+    cfg = config(readings=1, quiet_s=10)
     hot = [shard(0, 0, 19, 500 * MiB, budget=400 * MiB), shard(1, 19, 30, 250 * MiB)]
     acts, state = run(cfg, [hot])
     state = acted(state, 30.0)                      # the action took 30 s
@@ -79,16 +89,16 @@ def test_quiet_period_counts_from_the_end_of_the_action():
 def test_no_neighbour_room_splits_then_recompresses():
     full = shard(1, 19, 30, 390 * MiB, budget=400 * MiB)
     hot = [shard(0, 0, 19, 500 * MiB, budget=400 * MiB), full]
-    (_, (a,)), = run(ControllerConfig(readings=1), [hot])[0]
+    (_, (a,)), = run(config(readings=1), [hot])[0]
     assert isinstance(a, SplitShard) and a.shard == 0 and "no neighbour has room" in a.reason
-    cfg = ControllerConfig(readings=1, actions=("move", "recompress"))
+    cfg = config(readings=1, actions=("move", "recompress"))
     (_, (a,)), = run(cfg, [hot])[0]
-    # 160 MiB to free; int8-cpu saves 0.75 of 266 MiB of weights: one ladder step is enough
-    assert a == Recompress(0, "int8-cpu", a.reason) and "fp32 -> int8-cpu" in a.reason
+    # 160 MiB to free; w8a16 saves 0.75 of 266 MiB of weights: one ladder step is enough
+    assert a == Recompress(0, "w8a16", a.reason) and "fp32 -> w8a16" in a.reason
 
 
 def test_node_pressure_needs_another_node():
-    cfg = ControllerConfig(readings=1, actions=("move",))
+    cfg = config(readings=1, actions=("move",))
     low = 400 * MiB    # 112 MiB under the 512 MiB floor: 6 layers of 20 MiB
     same = [shard(0, 0, 19, 500 * MiB, free=low), shard(1, 19, 30, 250 * MiB, free=low)]
     assert run(cfg, [same])[0] == []
@@ -98,52 +108,57 @@ def test_node_pressure_needs_another_node():
 
 
 def test_raised_compression_comes_back_only_after_a_long_calm():
-    cfg = ControllerConfig(readings=1, quiet_s=5, relax_s=60, actions=("recompress",))
+    cfg = config(readings=1, quiet_s=5, relax_s=60, actions=("recompress",))
     hot = [shard(0, 0, 19, 500 * MiB, budget=400 * MiB), shard(1, 19, 30, 250 * MiB)]
     (_, (a,)), state = run(cfg, [hot])[0][0], run(cfg, [hot])[1]
-    assert a.compression == "int8-cpu" and state.raised == {"shard-0": "fp32"}
+    assert a.compression == "w8a16" and state.raised == {"shard-0": "fp32"}
     # the budget is lifted: int8 weights (0.25 of fp32) and plenty of room to go back
-    calm = [shard(0, 0, 19, 200 * MiB, budget=2 * GiB, comp="int8-cpu"), shard(1, 19, 30, 250 * MiB)]
+    calm = [shard(0, 0, 19, 200 * MiB, budget=2 * GiB, comp="w8a16"), shard(1, 19, 30, 250 * MiB)]
     calm[0] = ShardReading(**{**calm[0].__dict__, "weight_bytes": 66 * MiB})
     acts, state = run(cfg, [calm] * 120, state, t0=10.0)
     assert [t for t, _ in acts] == [10.0 + 60]
     assert acts[0][1][0] == Recompress(0, "fp32", acts[0][1][0].reason) and state.raised == {}
 
 
-def test_w8a8_cpu_sits_on_the_int8_step_and_comes_back_as_itself():
-    """The serve default stores int8-cpu's bytes: 160 MiB to free, int4-cpu saves 168 of its 600
-    MiB (int8-cpu would save nothing); relaxing returns to w8a8-cpu, not int8-cpu."""
-    cfg = ControllerConfig(readings=1, quiet_s=5, relax_s=60, actions=("recompress",))
-    hot = [ShardReading(**{**shard(0, 0, 19, 500 * MiB, budget=400 * MiB, comp="w8a8-cpu").__dict__,
+def test_served_spec_joins_the_ladder_by_its_bytes_and_comes_back_as_itself():
+    """A served spec off the registry's ladder (w8a8) sits on it by its measured bytes: 160 MiB
+    to free of 600, w8a16 saves only 23 MiB, w4a16 185; relaxing steps back through w8a16 to
+    w8a8 itself, one step per calm spell."""
+    ladder = {"ladder": ("fp32", "w8a8", "w8a16", "w4a16", "nf4"), "ladder_bytes": (1.00, 0.26, 0.25, 0.18, 0.16)}
+    cfg = config(readings=1, quiet_s=5, relax_s=60, actions=("recompress",), **ladder)
+    hot = [ShardReading(**{**shard(0, 0, 19, 500 * MiB, budget=400 * MiB, comp="w8a8").__dict__,
                            "weight_bytes": 600 * MiB}), shard(1, 19, 30, 250 * MiB)]
     acts, state = run(cfg, [hot])
-    assert acts[0][1][0] == Recompress(0, "int4-cpu", acts[0][1][0].reason)
-    assert state.raised == {"shard-0": "w8a8-cpu"}
-    calm = [ShardReading(**{**shard(0, 0, 19, 200 * MiB, budget=2 * GiB, comp="int4-cpu").__dict__,
+    assert acts[0][1][0] == Recompress(0, "w4a16", acts[0][1][0].reason)
+    assert state.raised == {"shard-0": "w8a8"}
+    calm = [ShardReading(**{**shard(0, 0, 19, 200 * MiB, budget=2 * GiB, comp="w4a16").__dict__,
                             "weight_bytes": 144 * MiB}), shard(1, 19, 30, 250 * MiB)]
     acts, state = run(cfg, [calm] * 120, state, t0=10.0)
-    assert acts[0][1][0] == Recompress(0, "w8a8-cpu", acts[0][1][0].reason) and state.raised == {}
+    assert acts[0][1][0] == Recompress(0, "w8a16", acts[0][1][0].reason) and state.raised == {"shard-0": "w8a8"}
+    calm = [ShardReading(**{**calm[0].__dict__, "compression": "w8a16", "weight_bytes": 200 * MiB}), calm[1]]
+    acts, state = run(cfg, [calm] * 120, state, t0=200.0)
+    assert acts[0][1][0] == Recompress(0, "w8a8", acts[0][1][0].reason) and state.raised == {}
 
 
 def test_relax_waits_when_the_lighter_compression_would_not_fit():
-    cfg = ControllerConfig(readings=1, relax_s=10)
+    cfg = config(readings=1, relax_s=10)
     state = PolicyState(raised={"shard-0": "fp32"})
     # 300 MiB used of 400; fp32 would add 3 x 66 MiB = 198 MiB: over the low watermark
-    tight = [ShardReading(**{**shard(0, 0, 19, 300 * MiB, budget=400 * MiB, comp="int8-cpu").__dict__,
+    tight = [ShardReading(**{**shard(0, 0, 19, 300 * MiB, budget=400 * MiB, comp="w8a16").__dict__,
                              "weight_bytes": 66 * MiB}), shard(1, 19, 30, 250 * MiB)]
     assert run(cfg, [tight] * 100, state)[0] == []
 
 
 def test_bad_config_refused():
     with pytest.raises(ValueError, match="watermarks"):
-        ControllerConfig(low_watermark=0.9, high_watermark=0.8)
+        config(low_watermark=0.9, high_watermark=0.8)
     with pytest.raises(ValueError, match="unknown controller actions"):
-        ControllerConfig(actions=("move", "teleport"))
+        config(actions=("move", "teleport"))
 
 
 def test_action_sized_by_the_least_use_of_the_streak():
     """A prefill spike in the first reading must not move more layers than the lasting use asks."""
-    cfg = ControllerConfig(readings=2)
+    cfg = config(readings=2)
     spike = [shard(0, 0, 19, 700 * MiB, budget=400 * MiB), shard(1, 19, 30, 250 * MiB)]
     hot = [shard(0, 0, 19, 500 * MiB, budget=400 * MiB), shard(1, 19, 30, 250 * MiB)]
     (_, (a,)), = run(cfg, [spike, hot])[0]

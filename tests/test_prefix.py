@@ -1,13 +1,15 @@
-"""Tier 1: the prompt-prefix cache (serving/prefix.py) and its scheduler and KV sides: a prompt
+"""Tier 1: the prompt-prefix cache (serving/router/prefix.py) and its scheduler and KV sides: a prompt
 after a pinned, confirmed block prefix starts after it with a copy; holders count their blocks,
 yield to requests, and drop with a failed group; the KV copy moves every layer's blocks."""
 import pytest
 import torch
 
-from serving.prefix import MIN_PIECE, PrefixCache
-from serving.scheduler import Scheduler, SchedulerConfig, Sequence
-from shards.kv_cache import PagedKV
-from shards.step import SamplingParams
+from serving.router.prefix import MIN_PIECE, PrefixCache
+from serving.router.scheduler import Scheduler, SchedulerConfig, Sequence
+from shards.model.kv_cache import PagedKV
+from shards.model.step import SamplingParams
+
+pytestmark = pytest.mark.unit
 
 BS = 4
 SYSTEM = list(range(100, 109))          # 9 shared tokens: two whole blocks of 4

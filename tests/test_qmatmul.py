@@ -1,15 +1,17 @@
-"""Tier 1: w4a8-cpu's kernel (shards/qmatmul.cpp) against its formula, row by row whatever the
+"""Tier 1: w4a8x2's kernel (shards/compress/qmatmul.cpp) against its formula, row by row whatever the
 batch, the portable path bit for bit; a Q4_1 / Q8_0 source's own weights kept exactly; the real
-model's w4a8-cpu stages against fp32."""
+model's w4a8x2 stages against fp32."""
 import ctypes
 from pathlib import Path
 
 import pytest
 import torch
 
-from shards import kernels
-from shards.int4 import GROUP, codes_on, rtn_grid
-from shards.qmatmul import SOURCE, Q8Linear, W4A8CpuLinear, pack
+from shards.compress.int4 import GROUP, codes_on, rtn_grid
+from shards.compress.qmatmul import SOURCE, Q8Linear, W4A8CpuLinear, pack
+from shards.runtime import kernels
+
+pytestmark = pytest.mark.model
 
 LEVEL_ERR = {1: 5e-2, 2: 2e-4}   # relative error against x @ W^T of its weights, an input channel 50x loud
 
@@ -97,7 +99,7 @@ def test_amx_path_gives_the_vnni_paths_bits():
     """Steps of 16 activation rows and more take AMX tiles where the CPU grants them (several
     tiles, a part tile, 1 and 2 levels, 4-bit and 8-bit, 1 and 2 threads): each row gets the
     bits it gets alone through the VNNI path. Elsewhere both calls run one path and agree."""
-    from shards.qmatmul import amx
+    from shards.compress.qmatmul import amx
     w, *_ = grid4(96, 160, seed=4)
     x = torch.randn(41, 160)
     x[:, 7] *= 50
@@ -159,7 +161,7 @@ def test_bad_shapes_are_refused():
 
 def test_source_weights_kept_exactly(source):
     """The default GGUF: its Q4_1 projections and its Q8_0 embedding table come back bit for
-    bit from what w4a8-cpu stores."""
+    bit from what w4a8x2 stores."""
     name = "model.layers.3.mlp.down_proj.weight"
     w = source.tensor(name)
     assert torch.equal(W4A8CpuLinear(w, None, source.int4_grid(name)).dequantized(), w)
@@ -168,17 +170,17 @@ def test_source_weights_kept_exactly(source):
 
 
 def test_w4a8_stages_match_fp32(source, tokenizer):
-    """Two w4a8-cpu stages of the default model against one fp32 stage: the same weights (the
+    """Two w4a8x2 stages of the default model against one fp32 stage: the same weights (the
     file's), activations at ~15 bits, so logits agree closely and " Paris" follows; plan bytes
     = built bytes."""
-    from shards.generator import Generator
-    from shards.memory import measure_costs
-    from shards.planner import shard_weight_bytes
-    from shards.step import StepBatch
+    from shards.compress.costs import measure_costs
+    from shards.model.generator import Generator
+    from shards.model.step import StepBatch
+    from shards.plan.planner import shard_weight_bytes
     ids = tokenizer.encode("The capital of France is")
     batch = lambda: StepBatch([0], [0], [len(ids)], tokens=torch.tensor([ids]))  # noqa: E731
-    gen, ref = Generator(source, 2, compression="w4a8-cpu"), Generator(source, 1)
+    gen, ref = Generator(source, 2, compression="w4a8x2"), Generator(source, 1)
     got, want = gen.step(batch()), ref.step(batch())
     assert (got - want).abs().max() < 0.05 and tokenizer.decode([int(got.argmax())]) == " Paris"
-    costs = measure_costs(source, "w4a8-cpu")
+    costs = measure_costs(source, "w4a8x2")
     assert [s.weight_bytes() for s in gen.stages] == [shard_weight_bytes(costs, s.layers) for s in gen.stages]

@@ -4,9 +4,11 @@ import asyncio
 
 import pytest
 
-from serving.engine import Engine, Overloaded, RequestTimeout, _stop_prefix_len
-from serving.scheduler import Group, Sequence
-from shards.step import SamplingParams
+from serving.router.engine import Engine, Overloaded, RequestTimeout, _stop_prefix_len
+from serving.router.scheduler import Group, Sequence
+from shards.model.step import SamplingParams
+
+pytestmark = pytest.mark.unit
 
 
 class CharTokenizer:
@@ -32,7 +34,7 @@ def engine(**kw) -> Engine:
 
 def emit_all(e: Engine, text: str, stop=(), max_tokens=100):
     """Feed text one character per step through _emit; returns the deltas' texts and the last."""
-    from serving.engine import _Request
+    from serving.router.engine import _Request
     seq = Sequence(1, [5], SamplingParams(max_tokens=max_tokens, stop=tuple(stop)))
     req = e.requests[1] = _Request(seq)
     e.sched.running[1] = seq

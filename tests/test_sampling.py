@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from shards.sampling import filtered_probs, sample
-from shards.step import SamplingParams
+from shards.model.sampling import filtered_probs, sample
+from shards.model.step import SamplingParams
+
+pytestmark = pytest.mark.unit
 
 
 def test_greedy_and_top_k_1_pick_argmax():
@@ -77,7 +79,7 @@ def test_top_k_row_beside_an_uncut_row():
 def test_ranking_few_candidates_draws_what_a_whole_sort_draws():
     """Cut rows rank their best 256, then 4096 tokens, sorting the row whole only when the
     nucleus closes in neither: every tier gives the draw a whole sort gives for the same seed."""
-    from shards.sampling import _uniform, sorted_probs
+    from shards.model.sampling import _uniform, sorted_probs
     g = torch.Generator().manual_seed(0)
     peaked = -1.5 * torch.log(torch.arange(1, 5001).float())[torch.randperm(5000, generator=g)]
     logits = torch.stack([peaked, peaked.roll(7), torch.randn(5000, generator=g) * 0.5, torch.zeros(5000)])

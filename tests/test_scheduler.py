@@ -1,6 +1,10 @@
 """Scheduler core, pure: admission, grouping, chunked prefill, preemption, finishing."""
-from serving.scheduler import Scheduler, SchedulerConfig, Sequence
-from shards.step import SamplingParams
+import pytest
+
+from serving.router.scheduler import Scheduler, SchedulerConfig, Sequence
+from shards.model.step import SamplingParams
+
+pytestmark = pytest.mark.unit
 
 
 def seq(i, n_prompt, max_tokens=4):

@@ -2,7 +2,9 @@
 import pytest
 from pydantic import ValidationError
 
-from serving.schemas import ChatCompletionRequest, CompletionRequest
+from serving.api.schemas import ChatCompletionRequest, CompletionRequest
+
+pytestmark = pytest.mark.unit
 
 MSG = [{"role": "user", "content": "hi"}]
 

@@ -6,8 +6,8 @@ import time
 import httpx
 import pytest
 
-from serving.client import Client, HandleClient, ShardServeError
-from shards.step import SamplingParams
+from serving.api.client import Client, HandleClient, ShardServeError
+from shards.model.step import SamplingParams
 from tests.conftest import chat_ids
 
 pytestmark = pytest.mark.ray
@@ -24,7 +24,7 @@ def free_port() -> int:
 def deploy(config: dict, url: str) -> None:
     from ray import serve
 
-    from serving.app import ShardServe
+    from serving.api.app import ShardServe
     serve.run(ShardServe.bind(config), name="shardserve", route_prefix="/", blocking=False)
     deadline = time.time() + 300
     while not Client(url).healthy():
@@ -47,7 +47,7 @@ def url():
     base = f"http://127.0.0.1:{port}"
     deploy(CONFIG, base)
     yield base
-    from shards.actor import stop_pipeline
+    from shards.runtime.actor import stop_pipeline
     serve.shutdown()
     stop_pipeline(CONFIG["prefix"])
     ray.shutdown()
@@ -56,7 +56,7 @@ def url():
 def test_openai_sdk_chat_equals_reference_generator(url, source, tokenizer):
     from openai import OpenAI
 
-    from shards.generator import Generator
+    from shards.model.generator import Generator
     sdk = OpenAI(base_url=url + "/v1", api_key="unused")
     r = sdk.chat.completions.create(model="shardserve-default", messages=QUESTION, max_tokens=24, temperature=0)
     want = Generator(source, 1).generate([chat_ids(tokenizer, QUESTION[0]["content"])], SamplingParams(max_tokens=24))[0]

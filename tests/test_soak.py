@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from serving.launch import EngineConfig, build_engine
-from shards.step import SamplingParams
+from shards.model.step import SamplingParams
 from tests.conftest import chat_ids, prompts
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -32,7 +32,7 @@ async def at_concurrency(engine, inputs, c, params):
 def test_200_requests_at_32_with_a_shard_killed(loop, tokenizer):
     import ray
 
-    from shards.actor import stop_pipeline
+    from shards.runtime.actor import stop_pipeline
     inputs = [chat_ids(tokenizer, p) for p in prompts(200, start=100)]
     params = SamplingParams(max_tokens=32)
     engine = pipeline(loop, "load-")
@@ -65,7 +65,7 @@ def test_soak_1000_requests_memory_flat(loop, tokenizer):
     and after 1,000 requests: flat within 5%; KV blocks 0 at the end."""
     import ray
 
-    from shards.actor import stop_pipeline
+    from shards.runtime.actor import stop_pipeline
     inputs = [chat_ids(tokenizer, p) for p in prompts(500)] * 2
     params = SamplingParams(max_tokens=16)
     engine = pipeline(loop, "soak-")

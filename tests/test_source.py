@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from shards import LayerRange, ModelSourceError
-from shards.generator import Generator
-from shards.source import GGUFSource, HFFolderSource, open_source
+from shards.model.generator import Generator
+from shards.model.source import GGUFSource, HFFolderSource, open_source
+
+pytestmark = pytest.mark.model
 
 
 def test_default_source_config(source):

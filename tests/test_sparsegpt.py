@@ -1,10 +1,13 @@
 """SparseGPT on a random layer with correlated inputs: lower output error than magnitude at the
 same sparsity, the exact sparsity / 2:4 pattern, and the spec grammar."""
+import pytest
 import torch
 
-from shards.compression import parse
-from shards.prune import magnitude_mask, two_four_mask
-from shards.sparsegpt import sparsegpt_
+from shards.compress.prune import magnitude_mask, two_four_mask
+from shards.compress.sparsegpt import sparsegpt_
+from shards.compress.spec import parse
+
+pytestmark = pytest.mark.unit
 
 
 def layer_and_inputs(seed=0):
@@ -41,5 +44,5 @@ def test_sparsegpt_2_4_pattern_and_error():
 
 def test_grammar():
     assert parse("sparsegpt:0.5").prune == "sparsegpt" and parse("sparsegpt:0.5").sparsity == 0.5
-    c = parse("int8-cpu+sparsegpt:2:4")
-    assert c.prune == "sparsegpt-2:4" and c.spec == "int8-cpu+sparsegpt:2:4" and c.calibrated
+    c = parse("w8a16+sparsegpt:2:4")
+    assert c.prune == "sparsegpt-2:4" and c.spec == "w8a16+sparsegpt:2:4" and c.calibrated

@@ -3,10 +3,12 @@ import pytest
 import torch
 
 from shards import LayerRange
-from shards.generator import Generator
-from shards.planner import plan
-from shards.memory import measure_costs
+from shards.compress.costs import measure_costs
+from shards.model.generator import Generator
+from shards.plan.planner import plan
 from tests.conftest import chat_ids, prompts
+
+pytestmark = pytest.mark.model
 
 ATOL = 2e-3  # logits are O(10); fp32 sums in another order differ by ~1e-4
 
@@ -32,7 +34,7 @@ def test_stages_match_transformers(source, hf_model, inputs, n_stages):
 
 def test_chunked_prefill_equals_one_shot(source):
     """Feeding a prompt in chunks through the KV cache gives the same last logits."""
-    from shards.step import StepBatch
+    from shards.model.step import StepBatch
     gen = Generator(source, [LayerRange(0, 12), LayerRange(12, 30)])
     ids = list(range(100, 170))
     whole = gen.logits(ids)[-1]

@@ -3,11 +3,13 @@ recompressed stage equals one built at that compression, KV adopted by a fresh s
 import pytest
 import torch
 
-from shards.compression import CompressionError
-from shards.layer_range import LayerRange
-from shards.source import HFFolderSource
-from shards.stage import Stage
-from shards.step import StepBatch
+from shards.compress.spec import CompressionError
+from shards.model.source import HFFolderSource
+from shards.model.stage import Stage
+from shards.model.step import StepBatch
+from shards.plan.layer_range import LayerRange
+
+pytestmark = pytest.mark.model
 
 PROMPT = torch.tensor([[5, 9, 2, 7, 1]])
 
@@ -38,14 +40,14 @@ def test_recompressed_stage_equals_one_built_at_that_compression(tiny_folder):
     src = HFFolderSource(tiny_folder)
     stage = Stage(src, LayerRange(0, 4), kv_blocks=8)
     fp32 = prefill(stage, 1)
-    stage.recompress(src, "int8-cpu")
-    assert stage.compression.quant == "int8-cpu"
-    assert torch.equal(prefill(stage, 2), prefill(Stage(src, LayerRange(0, 4), kv_blocks=8, compression="int8-cpu")))
+    stage.recompress(src, "w8a16")
+    assert stage.compression.quant == "w8a16"
+    assert torch.equal(prefill(stage, 2), prefill(Stage(src, LayerRange(0, 4), kv_blocks=8, compression="w8a16")))
     assert stage.kv.table.lengths[1] == 5          # live KV kept across the rebuild
     stage.recompress(src, "fp32")
     assert torch.equal(prefill(stage, 3), fp32)
     with pytest.raises(CompressionError, match="quantization only"):
-        stage.recompress(src, "int8-cpu+magnitude:0.5")
+        stage.recompress(src, "w8a16+magnitude:0.5")
 
 
 def test_new_stage_adopts_the_kv_of_a_split(tiny_folder):

@@ -1,10 +1,13 @@
-"""Tier 1: what a step carries between processes (shards/step.py)."""
+"""Tier 1: what a step carries between processes (shards/model/step.py)."""
 import pickle
 
 import numpy as np
+import pytest
 import torch
 
-from shards.step import from_wire, to_wire
+from shards.model.step import from_wire, to_wire
+
+pytestmark = pytest.mark.unit
 
 
 def test_tensors_cross_as_numpy_and_come_back_equal():

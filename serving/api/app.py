@@ -1,0 +1,312 @@
+"""Ray Serve application: an OpenAI-compatible FastAPI ingress over the shard pipeline.
+
+    serve run serving.api.app:build_app model=default shards=2
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (stream or not), GET /v1/models,
+GET /v1/shards, GET /healthz (200 only when every shard is loaded and answers).
+"""
+# No `from __future__ import annotations` here: Serve pickles this class by value, and string
+# annotations would be resolved against globals that cloudpickle only fills with names the code
+# uses, so FastAPI would lose the `Request` type of route parameters. For the same reason every
+# helper the class calls is defined above it (one defined below was a NameError in the replica).
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from serving.api.schemas import ChatCompletionRequest, CompletionRequest, ShardPatch
+from serving.config import app_config
+from serving.launch import replica_prefixes
+
+log = logging.getLogger(__name__)
+
+api = FastAPI(title="shardserve")
+MAX_BODY_BYTES = 1 << 20     # 1 MiB: far above the longest prompt the KV pools can hold
+DOC_PATHS = ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
+
+
+def _error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
+                        status_code=status)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException):
+    kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
+            503: "service_unavailable", 504: "timeout"}.get(exc.status_code, "invalid_request_error")
+    resp = _error(exc.status_code, str(exc.detail), kind)
+    if exc.status_code in (429, 503):
+        resp.headers["Retry-After"] = "1"
+    return resp
+
+
+@api.middleware("http")
+async def _guard_docs(request: Request, call_next):
+    """With an API key set, the schema and docs pages need it too."""
+    if request.url.path in DOC_PATHS and not _key_ok(request):
+        return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
+    return await call_next(request)
+
+
+async def _parse(request: Request, model):
+    """The JSON body as `model`: 413 over MAX_BODY_BYTES, else a 400 in OpenAI's error shape."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise HTTPException(413, f"request body of {declared} bytes is over the {MAX_BODY_BYTES}-byte limit")
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise HTTPException(413, f"request body of {len(raw)} bytes is over the {MAX_BODY_BYTES}-byte limit")
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        if not isinstance(data, dict):
+            raise ValueError(f"the body must be a JSON object, not {type(data).__name__}")
+        return model.model_validate(data)
+    except ValueError as e:  # bad UTF-8, JSONDecodeError and pydantic's ValidationError are ValueErrors
+        errors = getattr(e, "errors", None)
+        msg = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errors()) if errors else str(e)
+        raise HTTPException(400, f"invalid request body: {msg[:1000]}") from e
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _key_ok(request: Request) -> bool:
+    key = request.app.state.api_key
+    if not key:
+        return True
+    sent = request.headers.get("authorization", "").encode()
+    return hmac.compare_digest(sent, f"Bearer {key}".encode())   # constant time
+
+
+def _check_key(request: Request) -> None:
+    if not _key_ok(request):
+        raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+async def _first(gen):
+    """The next Delta, with the engine's refusals as HTTP errors."""
+    from serving.router.engine import Overloaded, PipelineDown, RequestTimeout
+    try:
+        return await gen.__anext__()
+    except Overloaded as e:
+        raise HTTPException(429, f"server busy: {e}; retry shortly") from e
+    except PipelineDown as e:
+        raise HTTPException(503, f"pipeline down: {e}") from e
+    except RequestTimeout as e:
+        raise HTTPException(504, str(e)) from e
+
+
+def _replica_rank() -> int:
+    """This Serve replica's rank among its deployment's replicas (0 .. replicas - 1)."""
+    rank = serve.get_replica_context().rank
+    return getattr(rank, "rank", rank)
+
+
+@serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class ShardServe:
+    def __init__(self, config: dict | None = None):
+        args = app_config(config or {})
+        api.state.api_key = args.key()
+        self.model_name = args.model_name or "shardserve-" + args.model
+        self.cfg = args.engine()
+        # data parallel: each Serve replica routes its own pipeline, `<prefix>r<rank>-shard-<k>`
+        self.replica = _replica_rank() if args.replicas > 1 else 0
+        self.cfg.prefix = replica_prefixes(self.cfg)[self.replica]
+        self._build = None  # asyncio.Future of the Engine
+        self.created = int(time.time())
+        # tokenization and chat templates run off the event loop, one at a time, on their own
+        # tokenizer (the router's detokenizes on the loop meanwhile)
+        self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self._encoder = None
+
+    def __del__(self):
+        """Serve shuts the replica down: its Compiled Graph (if any) must not outlive it on the
+        shard actors, or the next replica's could never start."""
+        b = self._build
+        if b is not None and b.done() and not b.cancelled() and b.exception() is None:
+            b.result().pipeline.close(wait=True)
+
+    async def engine(self):
+        """The engine, built once on first use (attaching to shard actors the CLI started).
+
+        The build runs as its own task, shielded: a request that times out or disconnects must
+        not cancel it half-way (its actor handles would be dropped and the shards die)."""
+        if self._build is None or (self._build.done() and self._build.exception() is not None):
+            self._build = asyncio.ensure_future(self._build_engine())
+        return await asyncio.shield(self._build)
+
+    async def _build_engine(self):
+        """build_engine (which warms the pipeline), then this replica's tokenizer copy and chat
+        template: the first request paid them, ~105 ms (copy 102, first render 5 against 0.2)."""
+        from serving.launch import build_engine
+        from shards.model.source import chat_prompt_ids
+        engine = await build_engine(self.cfg)
+        try:
+            await self._encode(engine, chat_prompt_ids, [{"role": "user", "content": "Hello"}])
+        except HTTPException as e:   # e.g. a model without a chat template: its requests say so
+            log.info("chat template not warmed: %s", e.detail)
+        return engine
+
+    @api.get("/healthz")
+    async def healthz(self):
+        try:
+            engine = await asyncio.wait_for(self.engine(), timeout=600)
+            if engine.down:
+                return _error(503, f"pipeline down: {engine.down}", "service_unavailable")
+            stats = await asyncio.wait_for(engine.stats(), timeout=10)
+        except Exception as e:  # any shard missing, dead or slow: not healthy
+            return _error(503, f"not ready: {type(e).__name__}: {e}", "service_unavailable")
+        return {"status": "ok", "shards": len(stats)}
+
+    @api.get("/v1/models", dependencies=[Depends(_check_key)])
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                            "created": self.created, "owned_by": "shardserve"}]}
+
+    @api.get("/v1/shards", dependencies=[Depends(_check_key)])
+    async def shards(self, since: float = 0.0):
+        """The plan, each shard's measured numbers, the controller's actions (newest last), and
+        where decode time goes (steps that ended after `since`, epoch seconds)."""
+        engine = await self.engine()
+        pipe = engine.pipeline
+        stats = await pipe.stats_or_errors()
+        out = []
+        for spec, name, st in zip(pipe.plan.shards, pipe.names, stats):
+            st = {k: v for k, v in st.items() if k != "busy"}
+            out.append({"index": spec.index, "name": name, "kv_tokens": spec.kv_tokens, **st})
+        return {"model": self.model_name, "n_layers": pipe.plan.n_layers, "plan": pipe.plan.to_dict(),
+                "shards": out, "events": list(pipe.events), "down": engine.down,
+                "timing": await engine.timing(since),
+                "replica": self.replica, "replicas": self.cfg.replicas}
+
+    @api.patch("/v1/shards/{index}", dependencies=[Depends(_check_key)])
+    async def patch_shard(self, index: int, request: Request):
+        """{"budget_bytes": N} (or null): the bytes shard `index` may hold; the controller acts
+        when its measured use goes over the watermark."""
+        body = await _parse(request, ShardPatch)
+        engine = await self.engine()
+        try:
+            st = await engine.set_budget(index, body.budget_bytes)
+        except IndexError as e:
+            raise HTTPException(404, str(e)) from e
+        return {k: v for k, v in st.items() if k != "busy"}
+
+    @api.post("/v1/chat/completions", dependencies=[Depends(_check_key)])
+    async def chat(self, request: Request):
+        return await self._chat(await _parse(request, ChatCompletionRequest))
+
+    async def _chat(self, body: ChatCompletionRequest):
+        from shards.model.source import chat_prompt_ids
+        engine = await self._engine_for(body)
+        ids = await self._encode(engine, chat_prompt_ids, body.chat())
+        return await self._respond(engine, ids, body, chat=True)
+
+    @api.post("/v1/completions", dependencies=[Depends(_check_key)])
+    async def completions(self, request: Request):
+        body = await _parse(request, CompletionRequest)
+        engine = await self._engine_for(body)
+        ids = await self._encode(engine, lambda tok, text: tok.encode(text), body.prompt)
+        return await self._respond(engine, ids, body, chat=False)
+
+    async def chat_handle(self, body: dict) -> dict:
+        """In-cluster entry for DeploymentHandle callers: an OpenAI chat body in, response out."""
+        req = ChatCompletionRequest(**{**body, "stream": False})
+        resp = await self._chat(req)
+        return json.loads(resp.body)
+
+    async def _engine_for(self, body):
+        if body.model not in (None, self.model_name):
+            raise HTTPException(404, f"model {body.model!r} does not exist; this server has {self.model_name!r}")
+        return await self.engine()
+
+    async def _encode(self, engine, fn, arg) -> list[int]:
+        """Token ids, computed in the tokenizer thread; a template or tokenizer error is a 400."""
+        if self._encoder is None:
+            import copy
+            self._encoder = copy.deepcopy(engine.tokenizer)
+        try:
+            ids = await asyncio.get_running_loop().run_in_executor(self._tokenize, fn, self._encoder, arg)
+        except Exception as e:
+            raise HTTPException(400, f"could not tokenize the request: {type(e).__name__}: {str(e)[:300]}") from e
+        if not ids:
+            raise HTTPException(400, "the prompt is empty after tokenization")
+        return ids
+
+    async def _respond(self, engine, ids, body, chat: bool):
+        try:
+            params = body.sampling()
+            engine.sched.check(len(ids), params.max_tokens)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from e
+        gen = engine.generate(ids, params)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        try:
+            first = await _first(gen)     # 429 / 503 / 504 before any byte is sent
+            if body.stream:
+                return StreamingResponse(self._sse(first, gen, rid, chat), media_type="text/event-stream")
+            text, last = [first.text], first
+            while not last.finish_reason:
+                last = await _first(gen)
+                text.append(last.text)
+        finally:
+            if not body.stream:
+                await gen.aclose()   # a client gone mid-request aborts it and frees its KV
+        if last.finish_reason == "error":
+            raise HTTPException(503, last.error)
+        return JSONResponse(self._body(rid, chat, "".join(text), last))
+
+    def _body(self, rid, chat, text, last) -> dict:
+        usage = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
+                 "total_tokens": last.prompt_tokens + last.completion_tokens}
+        choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": self.model_name, "choices": [choice], "usage": usage}
+
+    async def _sse(self, first, gen, rid, chat):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        d = first
+        try:
+            while True:
+                if d.finish_reason == "error":   # OpenAI streams an error as a final error chunk
+                    yield f"data: {json.dumps({'error': {'message': d.error, 'type': 'service_unavailable'}})}\n\n"
+                    break
+                piece = {"role": "assistant", "content": d.text} if d is first else {"content": d.text}
+                choice = {"index": 0, "finish_reason": d.finish_reason, "logprobs": None}
+                choice.update({"delta": piece} if chat else {"text": d.text})
+                chunk = {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name,
+                         "choices": [choice]}
+                if d.finish_reason:
+                    chunk["usage"] = {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
+                                      "total_tokens": d.prompt_tokens + d.completion_tokens}
+                yield f"data: {json.dumps(chunk)}\n\n"
+                if d.finish_reason:
+                    break
+                d = await _first(gen)
+            yield "data: [DONE]\n\n"
+        except HTTPException as e:    # timed out, or the pipeline went down mid-stream
+            yield f"data: {json.dumps({'error': {'message': str(e.detail), 'type': 'service_unavailable'}})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            await gen.aclose()  # client gone mid-stream: the engine aborts and frees its KV
+
+
+def build_app(args: dict) -> serve.Application:
+    """`serve run deploy/serve.yaml`, or `serve run serving.api.app:build_app model=default shards=2`:
+    args are validated (serving/config.py) before anything starts; `replicas` Serve replicas,
+    each routing its own pipeline, balanced by Serve's router (fewest ongoing requests of two)."""
+    # `serve run ... shards=2` passes strings, a YAML file typed values: pydantic takes both
+    cfg = app_config(args)
+    return ShardServe.options(num_replicas=cfg.replicas).bind(cfg.model_dump(exclude_defaults=True))

@@ -1,0 +1,104 @@
+"""OpenAI-compatible request bodies (pydantic only here, at the HTTP boundary)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shards.model.step import SamplingParams
+
+MAX_TOKENS_LIMIT = 4096
+MAX_STOP_CHARS = 256
+# OpenAI fields this server does not implement: refused by name, never silently ignored
+# (a value equal to OpenAI's default is accepted: SDKs send some of them unasked)
+UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None,
+               "logprobs": False, "top_logprobs": None, "response_format": None, "logit_bias": None,
+               "presence_penalty": 0, "frequency_penalty": 0, "audio": None, "modalities": None,
+               "prediction": None, "best_of": None, "echo": False, "suffix": None}
+# accepted and without effect here (bookkeeping fields of the OpenAI API)
+IGNORED = {"user", "stream_options", "metadata", "store", "parallel_tool_calls", "service_tier"}
+
+
+class TextPart(BaseModel):
+    """One part of a list-of-parts message content; only text parts are served."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v):
+        for part in v if isinstance(v, list) else ():
+            if isinstance(part, dict) and part.get("type") not in ("text", None):
+                raise ValueError(f"content parts of type {part.get('type')!r} are not supported (text only)")
+        return v
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = Field(0, ge=0, le=1 << 20)
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v):
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop strings")
+        if any(not x or len(x) > MAX_STOP_CHARS for x in stops):
+            raise ValueError(f"stop strings must be 1 to {MAX_STOP_CHARS} characters")
+        return v
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED:
+                if value != UNSUPPORTED[name]:
+                    raise ValueError(f"field {name!r} is not supported by this server")
+            elif name not in IGNORED:
+                raise ValueError(f"unknown field {name!r}")
+        return self
+
+    def sampling(self, default_max: int = 256) -> SamplingParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              seed=self.seed, max_tokens=self.max_completion_tokens or self.max_tokens
+                              or default_max, stop=stop)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+
+    def chat(self) -> list[dict]:
+        """Messages as the chat template takes them (text parts joined)."""
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(_Sampling):
+    prompt: str
+
+
+class ShardPatch(BaseModel):
+    """PATCH /v1/shards/{k}: the bytes shard k may hold for its tensors (null: no budget)."""
+
+    model_config = {"extra": "forbid"}
+    budget_bytes: int | None = Field(..., ge=0)

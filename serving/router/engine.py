@@ -1,0 +1,399 @@
+"""The router: continuous batching over shard actors, micro-batch groups pipelined (docs/design.md, "Router").
+
+Runs in one asyncio loop (inside a Serve replica, or a test). A group's step goes through the
+Pipeline: over its step channels (shard 0, its hidden states on to shard 1, ...; the last
+shard's sampled token ids come back), or as an ObjectRef chain s0.forward -> s1.forward -> ...
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from serving.control.pipeline import ActionError, Pipeline, describe
+from serving.router.scheduler import Group, Scheduler, SchedulerConfig, Sequence
+from shards.model.step import SamplingParams, StepBatch
+from shards.plan.layer_range import LayerRange
+from shards.plan.plan import MoveLayers, Plan, ReplaceShard
+
+
+@dataclass
+class Delta:
+    """What a request's stream yields: new text and token ids; finish_reason on the last."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None    # stop | length | abort | error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None            # with finish_reason "error": why
+
+
+class Overloaded(RuntimeError):
+    """The waiting queue is full (HTTP 429): try again shortly."""
+
+
+class RequestTimeout(RuntimeError):
+    """A request ran past its deadline; it was aborted and its KV freed."""
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    text: str = ""        # text sent so far
+    held: str = ""        # decoded, not sent: could still be the start of a stop string
+    sent: int = 0         # generated tokens sent so far
+    prefix_at: int = 0    # detokenization window: decode from here ...
+    read_at: int = 0      # ... text up to here was already sent
+
+
+CONTROL_PERIOD_S = 1.0   # how often the router syncs with the controller actor
+
+
+class PipelineDown(RuntimeError):
+    """The pipeline cannot serve (a shard could not be re-placed); says why."""
+
+
+class Engine:
+    """The router: admission and grouping (Scheduler), steps through the Pipeline, tokens back
+    to each request's stream. A step that fails never stops it: the group's sequences are
+    recomputed, and a dead shard is re-placed before anything else is launched."""
+
+    def __init__(self, pipeline: Pipeline, tokenizer, eos: set[int], max_batch: int = 32,
+                 prefill_tokens: int = 256, max_failures: int = 3, controller: str | None = None,
+                 max_waiting: int = 256, timeout_s: float = 600.0, prefix_cache: bool = True):
+        self.pipeline, self.tokenizer = pipeline, tokenizer
+        self._wake = asyncio.Event()
+        pipeline.on_resume = self._wake.set
+        self.eos = frozenset(eos)
+        self.sched = Scheduler(SchedulerConfig(pipeline.kv_blocks, pipeline.block_size, max_batch,
+                                               prefill_tokens, n_groups=max(2, len(pipeline.handles)),
+                                               prefix_cache=prefix_cache))
+        self.max_failures = max_failures   # a sequence whose steps fail this often ends in error
+        self.max_waiting = max_waiting     # queued, not admitted: beyond this, Overloaded (429)
+        self.timeout_s = timeout_s         # a request still running after this is aborted
+        self.requests: dict[int, _Request] = {}
+        # sequence ids from a random 64-bit base: a restarted router (or a second one on the same
+        # shards) never reuses an id whose KV a shard may still hold
+        self._ids = itertools.count(random.getrandbits(62) << 1)
+        self.sched.new_id = lambda: next(self._ids)   # prefix holders are sequences on the shards
+        self._inflight: dict[asyncio.Future, Group] = {}
+        self._hold = 0                       # > 0: a shard is being re-placed, launch nothing
+        self._recovery: asyncio.Task | None = None
+        self.down: str | None = None         # why the pipeline cannot serve, when it cannot
+        self._pending_free: list[int] = []   # sent with the next step, or on their own when idle
+        self._loop_task: asyncio.Task | None = None
+        self._control_task: asyncio.Task | None = None
+        self.controller = controller         # the controller actor's name (serving/control/controller.py)
+        # per group: (time.time() when it landed, seconds from launch to tokens back, prefill?)
+        self.hops: deque[tuple[float, float, bool]] = deque(maxlen=1024)
+        self.step_errors: deque[dict] = deque(maxlen=256)  # steps that raised: time, error, sequences
+
+    @property
+    def plan(self) -> Plan:
+        return self.pipeline.plan
+
+    @property
+    def shards(self) -> list:
+        return self.pipeline.handles
+
+    # ---- requests -------------------------------------------------------------------------
+    async def generate(self, prompt_ids: list[int], params: SamplingParams):
+        """Async iterator of Delta for one request; closing it early aborts the request.
+        Raises PipelineDown when the pipeline cannot serve and a new recovery fails too,
+        Overloaded when max_waiting requests already wait, RequestTimeout past timeout_s."""
+        self._ensure_loop()
+        if self.down:
+            await self._recover(self.down)
+            if self.down:
+                raise PipelineDown(self.down)
+        if len(self.sched.waiting) >= self.max_waiting:
+            raise Overloaded(f"{len(self.sched.waiting)} requests are waiting (max_waiting {self.max_waiting})")
+        req = _Request(Sequence(next(self._ids), list(prompt_ids), params, self.eos))
+        self.sched.add(req.seq)
+        self.requests[req.seq.id] = req
+        self._wake.set()
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            while True:
+                try:
+                    delta = await asyncio.wait_for(req.queue.get(), deadline - time.monotonic())
+                except asyncio.TimeoutError:
+                    raise RequestTimeout(f"request ran past its {self.timeout_s:g} s timeout") from None
+                yield delta
+                if delta.finish_reason:
+                    return
+        finally:
+            if req.seq.finished is None:     # client went away: free its KV everywhere
+                self._free(self.sched.abort(req.seq.id))
+            self.requests.pop(req.seq.id, None)
+
+    async def complete(self, prompt_ids: list[int], params: SamplingParams) -> Delta:
+        """Whole reply at once."""
+        text, ids, last = [], [], None
+        async for d in self.generate(prompt_ids, params):
+            text.append(d.text)
+            ids += d.token_ids
+            last = d
+        return Delta("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
+                     last.error)
+
+    async def warm_up(self, prompt_ids: list[int], max_tokens: int = 2) -> Delta:
+        """One request through the whole path (router, step channels, every shard's prefill and
+        decode) before the endpoint takes traffic, outside the config's admission limit and
+        timeout: a config of max_waiting 0 or a 10 ms timeout must still start. Nothing else
+        reaches the engine before it returns."""
+        limits = self.max_waiting, self.timeout_s
+        self.max_waiting, self.timeout_s = max(self.max_waiting, 1), max(self.timeout_s, 600.0)
+        try:
+            return await self.complete(prompt_ids, SamplingParams(max_tokens=max_tokens))
+        finally:
+            self.max_waiting, self.timeout_s = limits
+
+    # ---- the loop -------------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        if self.controller and (self._control_task is None or self._control_task.done()):
+            self._control_task = asyncio.get_running_loop().create_task(self._control())
+
+    async def _run(self) -> None:
+        while True:
+            if not self._inflight and not self._blocked and self.pipeline.needs_connect:
+                await self.pipeline.connect()   # no step in flight: none can be overtaken
+            self._launch_ready()
+            if not self._inflight:
+                if self._pending_free and not self._blocked:   # idle: free now, and wait so nothing overtakes it
+                    ids, self._pending_free = self._pending_free, []
+                    try:
+                        await asyncio.gather(*(s.free.remote(ids) for s in self.shards))
+                    except Exception as e:   # a dead shard: its KV is gone anyway
+                        self._start_recovery(f"free failed: {type(e).__name__}: {e}")
+                    continue
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            done, _ = await asyncio.wait(list(self._inflight), return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                self._finish_group(self._inflight.pop(fut), fut)
+
+    @property
+    def _blocked(self) -> bool:
+        return self.pipeline.paused or self._hold > 0 or self.down is not None
+
+    def _launch_ready(self) -> None:
+        while not self._blocked:
+            pre = sum(g.prefill for g in self._inflight.values())
+            group, freed = self.sched.next_group(pre, len(self._inflight) - pre)
+            self._free(freed)
+            if group is None:
+                return
+            rode = self._pending_free              # the frees this step carries
+            fut = self._chain(group)
+            fut.freed, fut.launched = rode, time.perf_counter()
+            self._inflight[fut] = group
+
+    def _chain(self, g: Group):
+        width = max(map(len, g.inputs))
+        # numpy, not a tensor: Ray serializes it ~4x faster (shards/model/step.py, to_wire)
+        tokens = np.array([list(x) + [0] * (width - len(x)) for x in g.inputs], dtype=np.int64)
+        batch = StepBatch(list(g.seq_ids), list(g.starts), [len(x) for x in g.inputs], tokens=tokens,
+                          sampling=list(g.sampling), steps=list(g.steps), free=self._pending_free,
+                          pins=[list(c) for c in g.pins], copies=[list(c) for c in g.copies],
+                          alone=not self._inflight)
+        fut = self.pipeline.launch(batch)
+        self._pending_free = []
+        return fut
+
+    def _finish_group(self, group: Group, fut: asyncio.Future) -> None:
+        self.pipeline.landed()
+        self.hops.append((time.time(), time.perf_counter() - fut.launched, group.prefill))
+        try:
+            tokens = fut.result()
+        except Exception as e:
+            self._group_failed(group, e, fut.freed)
+            return
+        changed, freed = self.sched.complete(group, tokens)
+        for seq in changed:
+            freed += self._emit(seq)
+        self._free(freed)
+
+    def _group_failed(self, group: Group, err: Exception, rode: list[int] = ()) -> None:
+        """A step raised somewhere along the chain (a shard error, or a dead actor). Its
+        sequences' KV may be half-written: drop it everywhere and recompute them from their
+        token history; one that failed max_failures times ends with an error. The frees that
+        rode on it may not have reached the shards after the one that raised: sent again, but
+        not for an id whose KV is being rebuilt (a re-prefilled sequence). Then check the
+        shards (and re-place dead ones) before launching anything else."""
+        why = describe(err)
+        self.step_errors.append({"time": time.time(), "error": why, "sequences": len(group.seq_ids)})
+        rebuilt = {s.id for s in self.sched.running.values() if s.cached or s.in_flight}
+        freed = self.sched.requeue(group.seq_ids, failed=True) + self.sched.prefix_failed(group)
+        freed += [sid for sid in rode if sid not in rebuilt and sid not in freed]
+        for seq in [s for s in self.sched.waiting if s.id in group.seq_ids]:
+            if seq.failures >= self.max_failures:
+                freed += self.sched.fail(seq.id)
+                self._end(seq.id, f"a step failed {seq.failures} times, last: {why}")
+        self._free(freed)
+        self._start_recovery(why)
+
+    def _end(self, seq_id: int, error: str) -> None:
+        req = self.requests.get(seq_id)
+        if req is not None:
+            req.queue.put_nowait(Delta("", [], "error", len(req.seq.prompt), len(req.seq.generated), error))
+
+    # ---- recovery and control --------------------------------------------------------------
+    def _start_recovery(self, why: str) -> None:
+        if self._recovery is None or self._recovery.done():
+            self._hold += 1     # nothing launches until the shards are checked
+            self._recovery = asyncio.get_running_loop().create_task(self._recover(why, held=True))
+
+    async def _recover(self, why: str, held: bool = False) -> None:
+        """Re-place every dead shard (its sequences recompute); when that is impossible, end
+        every request with an error and mark the pipeline down."""
+        if not held:
+            self._hold += 1
+        try:
+            await self.pipeline.drained()
+            for k in await self.pipeline.dead():
+                await self.apply(ReplaceShard(k, f"shard {k} unreachable after: {why}"))
+            self.down = None
+        except Exception as e:
+            self.down = f"shard lost and not re-placed ({type(e).__name__}: {e}); after: {why}"
+            for sid in [s.id for s in self.sched.waiting] + list(self.sched.running):
+                self._free(self.sched.fail(sid))
+                self._end(sid, self.down)
+        finally:
+            self._hold -= 1
+            self._wake.set()
+
+    async def apply(self, action) -> dict:
+        """Carry out one controller action at a step boundary (Pipeline.apply); returns its event."""
+        if isinstance(action, ReplaceShard):
+            self._hold += 1
+        try:
+            event = await self.pipeline.apply(action)
+            if isinstance(action, ReplaceShard) and "skipped" not in event:
+                self._free(self.sched.requeue_all())     # the new actor holds no KV
+            self.sched.cfg.n_groups = max(2, len(self.pipeline.handles))
+            self._free(self.sched.clear_prefixes())   # holders were pinned on the old pipeline
+            return event
+        finally:
+            if isinstance(action, ReplaceShard):
+                self._hold -= 1
+                self._wake.set()
+
+    async def _control(self) -> None:
+        """Every second: tell the controller actor what the pipeline looks like and what was
+        done, take its actions and carry them out. A dead controller is looked up again (Ray
+        restarts it; it re-adopts the pipeline from this sync)."""
+        import ray
+
+        from serving.control.controller import NAMESPACE
+        done: list[dict] = []
+        handle = None
+        while True:
+            await asyncio.sleep(CONTROL_PERIOD_S)
+            p = self.pipeline
+            try:
+                handle = handle or ray.get_actor(self.controller, namespace=NAMESPACE)
+                actions = await handle.sync.remote(p.prefix, list(p.names), p.plan.n_layers, done)
+                done = []
+            except Exception:   # restarting, or gone: look it up again next time
+                handle = None
+                continue
+            for a in actions:
+                try:
+                    done.append(await self.apply(a))
+                except ActionError as e:
+                    done.append(e.event)
+
+    async def set_budget(self, k: int, budget_bytes: int | None) -> dict:
+        return await self.pipeline.set_budget(k, budget_bytes)
+
+    def _emit(self, seq: Sequence) -> list[int]:
+        """Push new text and token ids to the request's stream; apply stop strings.
+        Returns ids to free. Detokenizes incrementally (a window from the last emitted point,
+        as vLLM does), never the whole reply per token."""
+        req = self.requests.get(seq.id)
+        if req is None:
+            return self.sched.finish(seq.id, "abort")
+        gen = seq.generated
+        before = self.tokenizer.decode(gen[req.prefix_at:req.read_at], skip_special_tokens=True)
+        window = self.tokenizer.decode(gen[req.prefix_at:], skip_special_tokens=True)
+        if window.endswith("\ufffd") and not seq.finished:
+            return []  # half a multi-byte character: wait for the rest
+        new, freed = window[len(before):], []
+        text = req.text + req.held + new          # everything decoded so far
+        cut = len(text)                            # send up to here
+        if seq.params.stop:
+            # search only where a stop string could newly appear: the tail of the sent text + new
+            tail = max(0, len(req.text) - max(map(len, seq.params.stop)) + 1)
+            hits = [i for i in (text.find(x, tail) for x in seq.params.stop) if i >= 0]
+            if hits:             # also on a last token (length / eos): the stop string wins
+                cut = min(hits)
+                if seq.finished:
+                    seq.finished = "stop"
+                else:
+                    freed = self.sched.finish(seq.id, "stop")
+            elif not seq.finished:   # hold back a tail that may still become a stop string (as vLLM does)
+                cut = len(text) - _stop_prefix_len(text, seq.params.stop)
+        req.prefix_at, req.read_at = req.read_at, len(gen)
+        new, req.held = text[len(req.text):cut], ("" if seq.finished else text[cut:])
+        req.text += new
+        ids, req.sent = gen[req.sent:], len(gen)
+        req.queue.put_nowait(Delta(new, ids, seq.finished, len(seq.prompt), len(gen)))
+        return freed
+
+    def _free(self, seq_ids: list[int]) -> None:
+        if seq_ids:
+            self._pending_free += seq_ids
+            self._wake.set()
+
+    async def move_layers(self, src: int, dst: int, layers: LayerRange) -> dict:
+        """Move boundary layers between neighbouring shards with their live KV; no request fails."""
+        return await self.apply(MoveLayers(src, dst, layers, "requested"))
+
+    def close(self) -> None:
+        """Stop the router loop (the shard actors are the caller's to keep or kill)."""
+        for task in (self._loop_task, self._control_task, self._recovery):
+            if task is not None:
+                task.cancel()
+        self.pipeline.close()
+
+    async def timing(self, since: float = 0.0) -> dict:
+        """Where a decode step's time goes, medians over decode groups that ended after `since`
+        (epoch s): launch to tokens back in the router, each shard's own compute, and the rest
+        (Ray hops, object store, the router's wake-up)."""
+        hops = sorted(h for t, h, prefill in self.hops if t >= since and not prefill)
+        shard = await asyncio.gather(*(h.decode_ms.remote(since) for h in self.shards))
+        hop = 1000 * hops[len(hops) // 2] if hops else None
+        compute = sum(shard) if hops and all(x is not None for x in shard) else None
+        return {"decode_groups": len(hops), "decode_hop_ms_p50": hop, "shard_decode_ms_p50": shard,
+                "shard_compute_ms": compute, "ray_router_ms": None if compute is None else hop - compute,
+                "compiled_graph": self.pipeline.graph_active, "graph_steps": self.pipeline.graph_steps,
+                "channels": self.pipeline.channels_active, "channel_steps": self.pipeline.channel_steps,
+                **self.prefix_stats()}
+
+    def prefix_stats(self) -> dict:
+        """Prompts that started after a cached prefix, and the prompt tokens they did not compute."""
+        p = self.sched.prefix
+        return {"prefix_hits": p.hits if p else 0, "prefix_tokens": p.tokens_copied if p else 0,
+                "prefix_holders": len(p.holders) if p else 0}
+
+    async def stats(self) -> list[dict]:
+        return await self.pipeline.stats()
+
+
+def _stop_prefix_len(text: str, stops) -> int:
+    """Length of the longest tail of text that is a proper prefix of some stop string."""
+    for n in range(min(len(text), max(map(len, stops)) - 1), 0, -1):
+        if any(x.startswith(text[-n:]) for x in stops):
+            return n
+    return 0

@@ -1,0 +1,117 @@
+"""Every private API of torch, transformers and bitsandbytes shardserve uses, in one place.
+
+Each accessor checks that the library is at least the version the code was written against
+and that the name still exists; when either fails it raises an error that names the library,
+the version installed, the version needed and what uses it, instead of an AttributeError deep
+in a load. Call sites import from here, never the private name itself; kernels that run inside
+compiled graphs read the op once at import (a module constant), so tracing sees a plain op.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+
+from shards.errors import ShardServeError
+
+# lowest versions with every name below (torch: set_stance with skip_guard_eval_unsafe, the
+# `_for_cpu` int4 ops; transformers: GGUF tensor processors with `config=`)
+NEEDS = {"torch": (2, 6), "transformers": (4, 56), "bitsandbytes": (0, 45)}
+
+
+class CompatError(ShardServeError, ImportError):
+    pass
+
+
+def _version(lib: str) -> tuple[int, ...]:
+    try:
+        text = version(lib)
+    except PackageNotFoundError:
+        raise CompatError(f"{lib} is not installed; shardserve needs {lib} >= {_dotted(NEEDS[lib])}") from None
+    return tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+def _dotted(v: tuple[int, ...]) -> str:
+    return ".".join(map(str, v))
+
+
+@functools.cache
+def require(lib: str) -> None:
+    """Raise CompatError unless `lib` is at least NEEDS[lib]."""
+    have = _version(lib)
+    if have < NEEDS[lib]:
+        raise CompatError(f"{lib} {version(lib)} is installed; shardserve needs {lib} >= {_dotted(NEEDS[lib])} "
+                          f"(see pyproject.toml)")
+
+
+@functools.cache
+def private(lib: str, path: str, used_for: str):
+    """The object at dotted `path` (e.g. 'torch.ops.aten._weight_int4pack_mm_for_cpu'), after the
+    version check; a missing name is an error that says what needs it."""
+    require(lib)
+    mod_name, obj = path, None
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):     # the longest importable prefix, then attributes
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+            mod_name = ".".join(parts[:i])
+            break
+        except ImportError:
+            continue
+    try:
+        for attr in parts[len(mod_name.split(".")):]:
+            obj = getattr(obj, attr)
+    except AttributeError:
+        raise CompatError(f"{lib} {version(lib)} has no {path}, which {used_for} needs; shardserve is tested "
+                          f"with the versions in README.md, \"Requirements\"") from None
+    return obj
+
+
+# torch: CPU kernels without a public API
+def int8pack_mm():
+    return private("torch", "torch._weight_int8pack_mm", "w8a16's decode matmul")
+
+
+def int_mm():
+    return private("torch", "torch._int_mm", "w8a8's int8 GEMM")
+
+
+def int4pack_convert():
+    return private("torch", "torch.ops.aten._convert_weight_to_int4pack_for_cpu", "w4a16's weight packing")
+
+
+def int4pack_mm():
+    return private("torch", "torch.ops.aten._weight_int4pack_mm_for_cpu", "w4a16's matmul")
+
+
+# torch: the compiler's knobs and counters
+def dynamo_config():
+    return private("torch", "torch._dynamo.config", "the compiled decode step's recompile limit")
+
+
+def inductor_config():
+    return private("torch", "torch._inductor.config", "the compiled decode step's kernel asserts")
+
+
+def dynamo_counters():
+    return private("torch", "torch._dynamo.utils.counters", "counting compiled graphs")
+
+
+def set_stance():
+    return private("torch", "torch.compiler.set_stance", "decode steps that must not recompile")
+
+
+# transformers: the GGUF reader's internals and Llama's RoPE
+def gguf_tensor_processors():
+    """(TENSOR_PROCESSORS, TensorProcessor): per-architecture GGUF tensor fixes (Q/K permutes)."""
+    return (private("transformers", "transformers.modeling_gguf_pytorch_utils.TENSOR_PROCESSORS", "GGUF loading"),
+            private("transformers", "transformers.modeling_gguf_pytorch_utils.TensorProcessor", "GGUF loading"))
+
+
+def gguf_read_field():
+    return private("transformers", "transformers.modeling_gguf_pytorch_utils.read_field", "GGUF metadata")
+
+
+def llama_rotary_embedding():
+    return private("transformers", "transformers.models.llama.modeling_llama.LlamaRotaryEmbedding",
+                   "RoPE frequencies as transformers computes them")

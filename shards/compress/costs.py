@@ -1,0 +1,48 @@
+"""Measured bytes of a model's layers at a compression: the memory model's input
+(shards/plan/memory.py::ModelCosts). Builds each layer as a stage would and counts the bytes
+of its real tensors, once per model + compression, cached beside the source's metadata."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from shards.compress.apply import compress_block, remaining
+from shards.compress.quantize import head_table
+from shards.model.block import fp32_block
+from shards.plan.memory import ModelCosts, head_dim, kv_bytes_per_token_layer, module_bytes
+
+
+def measure_costs(source, compression: str | None = None, use_cache: bool = True) -> ModelCosts:
+    """Build every layer (one at a time, then dropped) and count its bytes."""
+    cfg = source.config
+    comp, todo = remaining(source, compression)
+    key = f"costs-v4-{comp.spec}.json"   # v4: registry names, tables by the registry
+    cache = getattr(source, "cache", None)
+    if use_cache and cache is not None and (cache / key).is_file():
+        d = json.loads((cache / key).read_text())
+        return ModelCosts(**{**d, "model": source.label, "layer_bytes": tuple(d["layer_bytes"])})
+    # Wanda and cuts ranked by weights alone give the calibrated shapes and bytes; layers a raw
+    # source would drop are unknown before calibration, so counted (an upper bound)
+    dropped = set(getattr(source, "dropped_layers", ()))
+    layers = [0 if i in dropped else module_bytes(compress_block(fp32_block(source, i), todo))
+              for i in range(cfg.num_hidden_layers)]
+    # embedding and lm_head as the method stores its tables (the norm stays fp32)
+    embed = source.tensor("model.embed_tokens.weight")
+    norm = source.tensor("model.norm.weight")
+    table = module_bytes(head_table(embed, comp.quant))
+    mlp = 3 * cfg.hidden_size * cfg.intermediate_size
+    attn = cfg.hidden_size * head_dim(cfg) * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    costs = ModelCosts(
+        model=source.label, n_layers=cfg.num_hidden_layers, layer_bytes=tuple(layers),
+        embed_bytes=table, norm_bytes=norm.nbytes, head_bytes=table,
+        tied=bool(cfg.tie_word_embeddings), kv_bytes_per_token_layer=kv_bytes_per_token_layer(cfg),
+        head_compute=cfg.vocab_size * cfg.hidden_size / (mlp + attn))
+    if use_cache and cache is not None:
+        (cache / key).write_text(json.dumps(asdict(costs)))
+    return costs
+
+
+def ladder_bytes(source, specs: tuple[str, ...], layer: int = 0) -> dict[str, int]:
+    """{spec: resident bytes of decoder layer `layer` at that spec}, measured on this model (the
+    controller orders its compression ladder by them; every layer of a model has one shape)."""
+    return {s: module_bytes(compress_block(fp32_block(source, layer), remaining(source, s)[1])) for s in specs}

@@ -1,0 +1,419 @@
+// y = x W^T with W in groups of 32 inputs (4-bit codes, as GGUF's Q4_1, or 8-bit, as Q8_0) and x
+// rounded to int8 per group: llama.cpp's Q4_1 x Q8_1 and Q8_0 x Q8_0 dot products, laid out so
+// that one AVX-512 VNNI instruction serves 16 output rows at once (shards/compress/qmatmul.py loads and
+// calls it; shards/runtime/kernels.py builds it).
+//
+// W [N, K]: per output row and group of 32 inputs, unsigned codes u (0..15, or 0..255), a scale
+// d and a minimum m (fp16, as the GGUF stores them): w = d u + m (Q4_1 as it is; Q8_0's signed
+// q as u = q + 128, m = -128 d). x [B, K] fp32: per row and group, xq = round(x / a) with
+// a = max|x| / 127, and the group's fp32 sum s. Then
+//     y[b, n] = sum over groups g of  d[n, g] a[b, g] sum_k u[n, k] xq[b, k]  +  m[n, g] s[b, g],
+// the integer sums exact (vpdpbusd: unsigned weight bytes times signed activation bytes).
+// With levels = 2 the residual of x's rounding is rounded to int8 per group again, x ~ a1 xq1 +
+// a2 xq2 (~15 bits a group), and both products are summed.
+//
+// Packed weights: panels of 16 output rows. 4-bit: [N / 16, K / 8, 64] bytes, byte 4 r + j of
+// chunk c holding u[16 p + r, 8 c + j] in its low nibble and u[16 p + r, 8 c + 4 + j] in its
+// high one; 8-bit: [N / 16, K / 4, 64], byte 4 r + j of chunk c holding u[16 p + r, 4 c + j]. So
+// a 64-byte load gives (4-bit: after an and / shift) the 16 rows x 4 inputs one dpbusd takes,
+// against one broadcast 4-byte word of xq: no horizontal sums. Scales: [N / 16, K / 32, 2, 16]
+// fp16, (d, m) of the panel's 16 rows per group. A row's result is computed the same way
+// whatever the batch (tiles of up to 8 activation rows share each weight vector). The portable
+// path (no AVX-512 VNNI, or SHARDSERVE_GENERIC) does the same arithmetic in the same order, so
+// both give the same bits; so does the AMX path (qmatmul_amx below) that takes steps of 16
+// activation rows and more where the CPU has AMX-INT8: its integer sums are exact too.
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <vector>
+
+// Paths (QM_PATH): 2 AVX-512 VNNI, 1 AVX2 (CPUs without AVX-512, as AMD Zen 2 / 3; built for
+// it on any AVX2 CPU with SHARDSERVE_AVX2), 0 portable loops (SHARDSERVE_GENERIC forces them)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(SHARDSERVE_GENERIC) && !defined(SHARDSERVE_AVX2)
+#include <immintrin.h>
+#define QM_PATH 2
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(SHARDSERVE_GENERIC)
+#include <immintrin.h>
+#define QM_PATH 1
+#else
+#define QM_PATH 0
+#endif
+#if QM_PATH == 2 && defined(__AMX_TILE__) && defined(__AMX_INT8__) && !defined(SHARDSERVE_NO_AMX)
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define QM_AMX 1
+#else
+#define QM_AMX 0
+#endif
+
+static const int64_t PANEL = 16;   // output rows per panel: the int32 lanes of a vector
+static const int64_t GROUP = 32;   // inputs per (d, m) and per activation scale
+// activation rows (x rows times levels) sharing a weight vector; AVX2's 16 registers hold 4 rows'
+// int16 sums beside a chunk's nibbles (8: ~40% slower at 4 rows, spilling)
+static const int64_t TILE = QM_PATH == 1 ? 4 : 8;
+static const int64_t AMX_ROWS = 16; // activation rows from which AMX tiles take over (when on)
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+typedef int8_t c16 __attribute__((vector_size(16)));
+
+// one row x [K] -> per level l: xq [l][K] int8 (rows K apart), a [l][K / 32] (scales, rows
+// ng apart); s [K / 32] the group's sum, in a fixed order. GCC vector extensions: the same
+// code, and bits, in both paths.
+static void quantize_row(const float *x, int64_t K, int levels, int8_t *xq, float *a, float *s) {
+    const int64_t ng = K / GROUP;
+    const v16 magic = v16{} + 12582912.f;        // 1.5 * 2^23: adding it rounds to nearest even
+    for (int64_t g = 0; g < ng; g++) {
+        v16 u, v;
+        memcpy(&u, x + g * GROUP, 64);
+        memcpy(&v, x + g * GROUP + 16, 64);
+        const v16 t = u + v;
+        float h[8];
+        for (int i = 0; i < 8; i++) h[i] = t[i] + t[i + 8];
+        for (int i = 0; i < 4; i++) h[i] += h[i + 4];
+        s[g] = (h[0] + h[2]) + (h[1] + h[3]);
+        for (int l = 0; l < levels; l++) {
+            const v16 au = u < 0 ? -u : u, av = v < 0 ? -v : v;
+            const v16 mx = au > av ? au : av;
+            float amax = 0.f;
+            for (int i = 0; i < 16; i++) amax = mx[i] > amax ? mx[i] : amax;
+            const float inv = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
+            const v16 ru = (u * inv + magic) - magic, rv = (v * inv + magic) - magic;
+            const c16 qu = __builtin_convertvector(__builtin_convertvector(ru, i16), c16);
+            const c16 qv = __builtin_convertvector(__builtin_convertvector(rv, i16), c16);
+            memcpy(xq + l * K + g * GROUP, &qu, 16);
+            memcpy(xq + l * K + g * GROUP + 16, &qv, 16);
+            a[l * ng + g] = scale;
+            u = u - ru * scale;                      // the residual, for the next level
+            v = v - rv * scale;
+        }
+    }
+}
+
+static inline float half_to_float(uint16_t h) {
+    return (float)*reinterpret_cast<const _Float16 *>(&h);
+}
+
+// 64-byte weight chunks per group, and inputs each chunk covers
+template <int BITS> struct Layout {
+    static const int chunks = BITS == 4 ? 4 : 8;
+    static const int inputs = GROUP / chunks;
+};
+
+// NB rows of x (NB * L activation rows, levels interleaved) against one panel of 16 output rows
+#if QM_PATH == 2
+template <int BITS, int NB, int L>
+static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const float *a, const float *s,
+                 int64_t K, float *y, int64_t N) {
+    typedef Layout<BITS> lay;
+    const int64_t ng = K / GROUP;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 acc[NB];
+    for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m512i dot[NB * L];
+        for (int r = 0; r < NB * L; r++) dot[r] = _mm512_setzero_si512();
+        for (int c = 0; c < lay::chunks; c++) {
+            const __m512i v = _mm512_loadu_si512(w + (g * lay::chunks + c) * 64);
+            const __m512i lo = BITS == 4 ? _mm512_and_si512(v, low) : v;
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            for (int r = 0; r < NB * L; r++) {
+                const int8_t *q = xq + r * K + g * GROUP + c * lay::inputs;
+                int32_t q0, q1;
+                memcpy(&q0, q, 4);
+                dot[r] = _mm512_dpbusd_epi32(dot[r], lo, _mm512_set1_epi32(q0));
+                if (BITS == 4) {
+                    memcpy(&q1, q + 4, 4);
+                    dot[r] = _mm512_dpbusd_epi32(dot[r], hi, _mm512_set1_epi32(q1));
+                }
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * 32)));
+        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * 32 + 16)));
+        for (int b = 0; b < NB; b++) {
+            for (int l = 0; l < L; l++)
+                acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[b * L + l]),
+                                         _mm512_mul_ps(d, _mm512_set1_ps(a[(b * L + l) * ng + g])), acc[b]);
+            acc[b] = _mm512_fmadd_ps(m, _mm512_set1_ps(s[b * ng + g]), acc[b]);
+        }
+    }
+    for (int b = 0; b < NB; b++) _mm512_storeu_ps(y + b * N, acc[b]);
+}
+#elif QM_PATH == 1
+// AVX2 has no vpdpbusd: vpmaddubsw multiplies unsigned weight bytes by signed activation bytes
+// and adds pairs into int16 lanes, which saturate, so it takes nibbles only (4-bit codes as
+// they are, 8-bit codes as u = 16 uh + ul): a lane's pair is at most 2 x 15 x 127 and a group
+// adds 8 pairs into it (30480 < 32767), so the int16 sums are exact; vpmaddwd then adds the
+// lane pairs of a row into its int32 dot. Each 64-byte chunk is two halves of 8 output rows.
+// A chunk's nibbles stay in 4 registers while each of the tile's rows adds its products into
+// its 2 (4-bit) or 4 (8-bit) int16 sums; the empty asm pins each sum in a register after its add,
+// so GCC can not hoist every product first and spill them (it did: 1.8x slower on one core).
+#define PIN(v) asm volatile("" : "+x"(v))
+template <int BITS, int NB, int L>
+static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const float *a, const float *s,
+                 int64_t K, float *y, int64_t N) {
+    typedef Layout<BITS> lay;
+    constexpr int R = NB * L, P = BITS == 4 ? 1 : 2;
+    const int64_t ng = K / GROUP;
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[NB][2];
+    for (int b = 0; b < NB; b++) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m256i p[R][P][2];
+        for (int r = 0; r < R; r++)
+            for (int q = 0; q < P; q++) p[r][q][0] = p[r][q][1] = _mm256_setzero_si256();
+        for (int c = 0; c < lay::chunks; c++) {
+            const uint8_t *v = w + (g * lay::chunks + c) * 64;
+            __m256i nb[2][2];
+            for (int h = 0; h < 2; h++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(v + 32 * h));
+                nb[0][h] = _mm256_and_si256(x, low);
+                nb[1][h] = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
+            }
+            for (int r = 0; r < R; r++) {
+                const int8_t *q = xq + r * K + g * GROUP + c * lay::inputs;
+                int32_t q0, q1;
+                memcpy(&q0, q, 4);
+                memcpy(&q1, q + (BITS == 4 ? 4 : 0), 4);
+                const __m256i x0 = _mm256_set1_epi32(q0), x1 = _mm256_set1_epi32(q1);
+                for (int h = 0; h < 2; h++) {
+                    p[r][0][h] = _mm256_add_epi16(p[r][0][h], _mm256_maddubs_epi16(nb[0][h], x0));
+                    PIN(p[r][0][h]);
+                    p[r][P - 1][h] = _mm256_add_epi16(p[r][P - 1][h], _mm256_maddubs_epi16(nb[1][h], x1));
+                    PIN(p[r][P - 1][h]);
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g * 32 + 8 * h)));
+            const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g * 32 + 16 + 8 * h)));
+            for (int r = 0; r < R; r++) {
+                const int b = r / L;
+                __m256i dot = _mm256_madd_epi16(p[r][0][h], ones);
+                if (BITS == 8) dot = _mm256_add_epi32(dot, _mm256_slli_epi32(_mm256_madd_epi16(p[r][P - 1][h], ones), 4));
+                acc[b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(a[r * ng + g])), acc[b][h]);
+                if (r % L == L - 1) acc[b][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(s[b * ng + g]), acc[b][h]);
+            }
+        }
+    }
+    for (int b = 0; b < NB; b++) {
+        _mm256_storeu_ps(y + b * N, acc[b][0]);
+        _mm256_storeu_ps(y + b * N + 8, acc[b][1]);
+    }
+}
+#else
+template <int BITS, int NB, int L>
+static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const float *a, const float *s,
+                 int64_t K, float *y, int64_t N) {
+    typedef Layout<BITS> lay;
+    const int64_t ng = K / GROUP;
+    float acc[NB][PANEL] = {};
+    for (int64_t g = 0; g < ng; g++) {
+        int32_t dot[NB * L][PANEL] = {};
+        for (int c = 0; c < lay::chunks; c++) {
+            const uint8_t *v = w + (g * lay::chunks + c) * 64;
+            for (int r = 0; r < NB * L; r++) {
+                const int8_t *q = xq + r * K + g * GROUP + c * lay::inputs;
+                for (int n = 0; n < PANEL; n++)
+                    for (int j = 0; j < 4; j++)
+                        dot[r][n] += BITS == 4 ? (v[4 * n + j] & 15) * q[j] + (v[4 * n + j] >> 4) * q[4 + j]
+                                               : v[4 * n + j] * q[j];
+            }
+        }
+        for (int b = 0; b < NB; b++)
+            for (int n = 0; n < PANEL; n++) {
+                const float d = half_to_float(sc[g * 32 + n]), m = half_to_float(sc[g * 32 + 16 + n]);
+                for (int l = 0; l < L; l++)
+                    acc[b][n] = fmaf((float)dot[b * L + l][n], d * a[(b * L + l) * ng + g], acc[b][n]);
+                acc[b][n] = fmaf(m, s[b * ng + g], acc[b][n]);
+            }
+    }
+    for (int b = 0; b < NB; b++) memcpy(y + b * N, acc[b], sizeof acc[b]);
+}
+#endif
+
+#if QM_AMX
+// AMX: one TDPBSUD multiplies 16 activation rows by a group's 32 inputs of 16
+// output rows (8192 products; vpdpbusd does 64), the int32 tile is stored and folded into y
+// with the same fp32 operations, in the same order, as tile() above, so the bits are the same.
+// Linux hands out the tile state on request (arch_prctl ARCH_REQ_XCOMP_PERM); a kernel that
+// refuses keeps the VNNI path, as do SHARDSERVE_AMX=0 and qmatmul_use_amx(0) (A/B runs, tests).
+static bool amx_granted() {
+    static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return granted;
+}
+
+static int amx_wanted = -1;          // -1: SHARDSERVE_AMX decides
+
+static bool amx_on() {
+    if (amx_wanted < 0) {
+        const char *e = getenv("SHARDSERVE_AMX");
+        amx_wanted = !(e && e[0] == '0');
+    }
+    return amx_wanted && amx_granted();
+}
+
+struct TileConfig { uint8_t palette, start; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; };
+
+static void amx_configure() {        // per thread: the tile configuration is thread state
+    TileConfig c = {};
+    c.palette = 1;
+    for (int t = 0; t < 2; t++) {        // two sets, for consecutive groups: one computes while
+        c.rows[3 * t] = 16, c.colsb[3 * t] = 64;          // the other folds. C: int32 sums [16 rows, 16 outputs]
+        c.rows[3 * t + 1] = 16, c.colsb[3 * t + 1] = 32;  // A: int8 activations [16 rows, a group's 32 inputs]
+        c.rows[3 * t + 2] = 8, c.colsb[3 * t + 2] = 64;   // B: codes [8 x 4 inputs, 16 outputs x 4] (VNNI order)
+    }
+    _tile_loadconfig(&c);
+}
+
+// acc[b] += group g's share for the tile's x rows b (sums: the tile's [16 rows, 16 outputs]),
+// the fp32 operations of tile() above, in its order
+template <int L>
+static inline void fold(__m512 *acc, const int32_t *sums, const uint16_t *sc, const float *a, const float *s,
+                        int64_t g, int64_t ng, int64_t b0, int nb) {
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * 32)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * 32 + 16)));
+    for (int b = 0; b < nb; b++) {
+        for (int l = 0; l < L; l++)
+            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums + (b * L + l) * 16)),
+                                     _mm512_mul_ps(d, _mm512_set1_ps(a[((b0 + b) * L + l) * ng + g])), acc[b]);
+        acc[b] = _mm512_fmadd_ps(m, _mm512_set1_ps(s[(b0 + b) * ng + g]), acc[b]);
+    }
+}
+
+// tile C = the tile's 16 activation rows (tile A, loaded from x) times a group's codes (tile W).
+// A macro: GCC's tile intrinsics paste their tile numbers into the assembly text
+#define GROUP_DOT(C, A, W, x, codes, K) \
+    do { _tile_zero(C); _tile_loadd(A, x, K); _tile_loadd(W, codes, 64); _tile_dpbsud(C, A, W); } while (0)
+
+// One panel of 16 outputs against all R = B * L activation rows (xq padded with zero rows to a
+// multiple of 16; 16 % L == 0, so a tile holds whole x rows). codes: the panel's codes in VNNI
+// order, a group per 512 bytes. y: the panel's first output column.
+template <int L>
+static void panel_amx(const uint8_t *codes, const uint16_t *sc, const int8_t *xq, const float *a, const float *s,
+                      int64_t K, int64_t B, float *y, int64_t N) {
+    const int64_t ng = K / GROUP, rows = 16 / L;
+    alignas(64) int32_t sums[2][16 * 16];
+    for (int64_t b0 = 0; b0 < B; b0 += rows) {
+        const int nb = B - b0 < rows ? (int)(B - b0) : (int)rows;
+        const int8_t *x = xq + b0 * L * K;
+        __m512 acc[16 / L];
+        for (int b = 0; b < rows; b++) acc[b] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ng; g += 2) {   // two groups in flight: one folds while one computes
+            const bool pair = g + 1 < ng;
+            GROUP_DOT(0, 1, 2, x + g * GROUP, codes + g * 512, K);
+            if (pair) GROUP_DOT(3, 4, 5, x + (g + 1) * GROUP, codes + (g + 1) * 512, K);
+            _tile_stored(0, sums[0], 64);
+            fold<L>(acc, sums[0], sc, a, s, g, ng, b0, nb);
+            if (pair) {
+                _tile_stored(3, sums[1], 64);
+                fold<L>(acc, sums[1], sc, a, s, g + 1, ng, b0, nb);
+            }
+        }
+        for (int b = 0; b < nb; b++) _mm512_storeu_ps(y + (b0 + b) * N, acc[b]);
+    }
+}
+
+// a panel's codes in AMX's B layout, 512 bytes a group: 8-bit chunks are it already; a 4-bit
+// chunk's nibbles are two of its rows (inputs 8c + j and 8c + 4 + j)
+static const uint8_t *vnni_codes(const uint8_t *w, int bits, int64_t ng, uint8_t *buf) {
+    if (bits == 8) return w;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int64_t c = 0; c < ng * 4; c++) {
+        const __m512i v = _mm512_loadu_si512(w + c * 64);
+        _mm512_store_si512(buf + 2 * c * 64, _mm512_and_si512(v, low));
+        _mm512_store_si512(buf + (2 * c + 1) * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+    }
+    return buf;
+}
+
+static void qmatmul_amx(const uint8_t *packed, const uint16_t *scales, const int8_t *xq, const float *a,
+                        const float *s, float *y, int64_t B, int64_t N, int64_t K, int bits, int levels,
+                        int threads) {
+    const int64_t ng = K / GROUP, panel_bytes = K * PANEL * bits / 8;
+    #pragma omp parallel num_threads(threads)
+    {
+        amx_configure();
+        std::vector<uint8_t> buf(ng * 512 + 64);
+        uint8_t *aligned = buf.data() + (64 - (uintptr_t)buf.data() % 64) % 64;
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < N / PANEL; p++) {
+            const uint8_t *codes = vnni_codes(packed + p * panel_bytes, bits, ng, aligned);
+            (levels == 1 ? panel_amx<1> : panel_amx<2>)(codes, scales + p * ng * 32, xq, a, s, K, B,
+                                                        y + p * PANEL, N);
+        }
+        _tile_release();
+    }
+}
+#endif
+
+typedef void (*tile_fn)(const uint8_t *, const uint16_t *, const int8_t *, const float *, const float *,
+                        int64_t, float *, int64_t);
+
+template <int BITS> struct Tiles {   // [levels - 1][x rows - 1], for tiles of up to 8 activation rows
+    static constexpr tile_fn one[8] = {tile<BITS, 1, 1>, tile<BITS, 2, 1>, tile<BITS, 3, 1>, tile<BITS, 4, 1>,
+                                          tile<BITS, 5, 1>, tile<BITS, 6, 1>, tile<BITS, 7, 1>, tile<BITS, 8, 1>};
+    static constexpr tile_fn two[4] = {tile<BITS, 1, 2>, tile<BITS, 2, 2>, tile<BITS, 3, 2>, tile<BITS, 4, 2>};
+};
+
+extern "C" {
+
+int qmatmul_path() { return QM_PATH; }
+
+// Whether steps of AMX_ROWS activation rows and more (x rows times levels) take the AMX path;
+// want 0 / 1 turns it off / on (where the CPU and kernel allow), -1 only asks
+int qmatmul_use_amx(int want) {
+#if QM_AMX
+    if (want >= 0) amx_wanted = want;
+    return amx_on();
+#else
+    (void)want;
+    return 0;
+#endif
+}
+
+// x [B, K] fp32, packed (layout above, `bits` 4 or 8), scales [N / 16, K / 32, 2, 16] fp16 ->
+// y [B, N] fp32, with x rounded to `levels` (1 or 2) int8 levels. Returns -1 when N is not a
+// multiple of 16, K of 32, bits is not 4 or 8, or levels not 1 or 2.
+int qmatmul(const float *x, const uint8_t *packed, const uint16_t *scales, float *y,
+            int64_t B, int64_t N, int64_t K, int bits, int levels, int threads) {
+    if (N % PANEL || K % GROUP || B < 0 || (bits != 4 && bits != 8) || (levels != 1 && levels != 2)) return -1;
+    const int64_t ng = K / GROUP, rows = TILE / levels, panel_bytes = K * PANEL * bits / 8;
+    const tile_fn *tiles = bits == 4 ? (levels == 1 ? Tiles<4>::one : Tiles<4>::two)
+                                     : (levels == 1 ? Tiles<8>::one : Tiles<8>::two);
+    std::vector<int8_t> xq((B * levels + 15) / 16 * 16 * K);   // zero rows pad AMX's last tile
+    std::vector<float> a(B * levels * ng), s(B * ng);
+    auto quantize = [&](int64_t b) {
+        quantize_row(x + b * K, K, levels, &xq[b * levels * K], &a[b * levels * ng], &s[b * ng]);
+    };
+    if (B >= 16 && threads > 1) {
+        #pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t b = 0; b < B; b++) quantize(b);
+    } else {               // no OpenMP region on one thread (libgomp had 12% of a decode step's samples)
+        for (int64_t b = 0; b < B; b++) quantize(b);
+    }
+#if QM_AMX
+    if (B * levels >= AMX_ROWS && amx_on()) {
+        qmatmul_amx(packed, scales, xq.data(), a.data(), s.data(), y, B, N, K, bits, levels, threads);
+        return 0;
+    }
+#endif
+    auto panel = [&](int64_t p) {
+        const uint8_t *w = packed + p * panel_bytes;
+        const uint16_t *sc = scales + p * ng * 32;
+        for (int64_t b0 = 0; b0 < B; b0 += rows) {
+            const int64_t nb = B - b0 < rows ? B - b0 : rows;
+            tiles[nb - 1](w, sc, &xq[b0 * levels * K], &a[b0 * levels * ng], &s[b0 * ng], K,
+                          y + b0 * N + p * PANEL, N);
+        }
+    };
+    if (threads <= 1) {
+        for (int64_t p = 0; p < N / PANEL; p++) panel(p);
+        return 0;
+    }
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t p = 0; p < N / PANEL; p++) panel(p);
+    return 0;
+}
+}

@@ -1,0 +1,238 @@
+"""The compiled decode step: one decoder layer's decode through torch.compile (inductor).
+
+One graph serves every layer of a stage: dynamo takes a block's weights as graph inputs (it
+inlines nn modules), so the 15 layers of a shard, and layers a re-shard moves in later, all run
+the graph traced once. Measured here (15 w8a16 layers, batch 1, 2 threads): cold compile
+8.6 s per layer graph vs 34.5 s for the whole stage as one graph, the same step time (9.4 vs
+9.5 ms; eager 11.5 ms).
+
+Shapes are dynamic (batch, KV length), so two graphs cover every decode step: batch 1 and batch
+>= 2 (dynamo specializes size-1 dimensions; StepContext pads a sequence's block list to at
+least MIN_BLOCKS so the KV length never does). Both are compiled at load (`warm`); requests run
+under the stance `fail_on_recompile`, so a step that would need a new graph raises instead of
+compiling for minutes mid-request or falling back to eager unseen. Dynamo also guards on torch's
+thread count, so each count a shard steps with gets its two graphs. Compiled graphs persist in
+inductor's on-disk cache ($TORCHINDUCTOR_CACHE_DIR, set in shards/__init__.py): a restart or a
+re-shard loads them in seconds.
+
+Runs of CHUNK layers take a second graph, of CHUNK layers at once: each graph call costs ~100
+us of dynamo lookup and wrappers besides its kernels, 19 calls a step on the first shard. A
+stage of n layers makes n // CHUNK chunk calls and runs the rest one layer at a time, so still
+two graph kinds (chunk, layer) serve any layer count and a re-shard compiles nothing new. Layers
+[0, 19), w4a8x2, batch 1, 1 thread: one graph for all 19 layers took 6.7-7.3 ms a step
+against 8.7-9.0 ms for 19 layer calls (4 interleaved rounds of 20 steps), but needs a new graph
+for every layer count.
+
+The stage's own layer count takes a third graph, compiled at load: the whole stage in one call
+(chunk_decode over every layer), since even chunks leave ~0.1 ms of lookup and wrappers per call
+([0, 19) is 2 chunks and 3 layers). Layers [0, 19), w4a8x2, batch 1, 1 thread, 12 interleaved
+rounds of 30 steps in one process: median 5.31 against 6.12 ms a step with chunks of 8. A
+re-shard (or a recompress) changes what that graph was traced for, so from then on the stage
+runs chunks and layers again: it compiles nothing new while requests wait.
+
+Attention reads the paged KV pool in place, never copying a sequence's whole cache per layer
+(PagedKV.gather, the eager fallback). On CPU with fp32 KV it is shards/model/attention.py's kernel, an
+op in the graph; elsewhere (CUDA, bf16 KV, a head layout without a kernel) scores and outputs
+are written as reductions over indexed pool elements, which inductor fuses into one loop nest.
+There, blocks and slots within a block stay two axes of those reductions: with one flattened
+token axis, every vector load divided its token index by the block size (a symbolic size, so a
+real 64-bit division) and took its remainder. Two axes halved that fused kernel (layers [0, 15),
+w8a8, batch 16, 300 tokens of KV, 1 thread: 2.23 -> 1.13 ms a layer); the kernel takes
+0.43-0.63 ms there (the fused loop with its neighbours 0.87).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import types
+
+import torch
+
+from shards import compat
+from shards.errors import ShardServeError
+from shards.model import attention
+from shards.model.kv_cache import write_slots
+from shards.model.step_context import MIN_BLOCKS
+
+log = logging.getLogger(__name__)
+
+WARM_SHAPES = ((1, MIN_BLOCKS), (3, MIN_BLOCKS + 3))   # (batch, blocks): distinct sizes, no
+                                                        # accidental equalities for dynamo to guard on
+CHECK_SHAPE = (2, MIN_BLOCKS + 1)                       # must run without compiling again
+# Steps check only the guards that tell this function's graphs apart (batch 1 or more, thread
+# count, head counts, the attention kernel flag: the profiler's region ids show each step still
+# takes its own graph), not all ~20 us of them per layer call: every input is built by
+# StepContext the way the warm-up built it, and a step no graph fits still fails to recompile.
+# Layers [0, 19), w4a8x2, batch 1, 1 thread, 16 interleaved rounds of 20 steps: median 7.57
+# against 8.26 ms a step. SHARDSERVE_SKIP_GUARDS=0 checks them all (A/B runs).
+SKIP_GUARDS = os.environ.get("SHARDSERVE_SKIP_GUARDS", "1") != "0"
+CHUNK = 8   # layers per call of the chunk graph
+
+
+def layer_decode(block, x, k_pool, v_pool, slots, block_ids, bias, lens, cos, sin, kernel: bool):
+    """One token per sequence through one decoder layer.
+
+    x: [B, hidden]; k_pool, v_pool: [kv_heads, blocks + 1, block_size, head_dim] (written in
+    place at `slots` [B]); block_ids: [B, nb]; bias: [B, 1, nb * block_size] (0 or -inf); lens:
+    [B] keys each sequence attends; cos, sin: [B, 1, head_dim]. kernel: attention through
+    shards/model/attention.py's kernel (else inductor's reductions below). Returns [B, hidden]."""
+    b = x.shape[0]
+    nh, nkv, hd = block.n_heads, block.n_kv, block.head_dim
+    q, k, v = block.qkv(x, cos, sin)                                    # [B, heads | kv, hd]
+    write_slots(k_pool, slots, k)
+    write_slots(v_pool, slots, v)
+    if kernel:
+        a = torch.ops.shardserve.paged_decode_attention(q, k_pool, v_pool, block_ids, lens, hd ** -0.5)
+        return block.out(x, a.reshape(b, nh * hd))
+    # [kv, B, nb, bs, hd], never materialized by inductor; blocks and slots stay two axes, since
+    # one flattened token axis made every load divide its index by the (symbolic) block size
+    keys, values = k_pool[:, block_ids], v_pool[:, block_ids]
+    nb, bs = keys.shape[2], keys.shape[3]
+    q = q.reshape(b, nkv, nh // nkv, 1, 1, hd).transpose(0, 1)          # [kv, B, group, 1, 1, hd]
+    scores = (q * keys.unsqueeze(2)).sum(-1) * hd ** -0.5 + bias.view(1, b, 1, nb, bs)  # [kv, B, group, nb, bs]
+    p = scores.flatten(3).softmax(-1).view_as(scores).unsqueeze(-1)     # [kv, B, group, nb, bs, 1]
+    a = (p * values.unsqueeze(2)).sum((3, 4))                           # [kv, B, group, hd]
+    return block.out(x, a.transpose(0, 1).reshape(b, nh * hd))
+
+
+def chunk_decode(blocks: tuple, pools: tuple, x, slots, block_ids, bias, lens, cos, sin,
+                 kernels: tuple):
+    """layer_decode through len(blocks) consecutive layers, traced as one graph. pools: each
+    layer's (k_pool, v_pool); kernels: each layer's `kernel` flag."""
+    for block, (k_pool, v_pool), kernel in zip(blocks, pools, kernels):
+        x = layer_decode(block, x, k_pool, v_pool, slots, block_ids, bias, lens, cos, sin, kernel)
+    return x
+
+
+# The whole-stage graph: chunk_decode under a code object of its own, since dynamo keeps graphs per
+# code object, so a step's lookup walks only whole-stage graphs, not the chunk graphs too. Layers
+# [0, 19), 3 alternating runs of 10 x 30 steps: median 7.33, 7.20, 7.02 against 7.54, 8.07, 7.94 ms
+# through chunk_decode's cache. The lookup still checks every tensor input's guard (skip_guard_
+# eval_unsafe keeps tensor guards; dynamo's recursive dict tags were slower here): ~0.4 ms a call
+# at 19 layers, by the profiler. Another name: code objects compare by value.
+stage_decode = types.FunctionType(chunk_decode.__code__.replace(co_name="stage_decode"), chunk_decode.__globals__,
+                                  "stage_decode")
+
+
+class CompileError(ShardServeError):
+    """The decode step could not be compiled at load."""
+
+
+class CompiledDecode:
+    """The compiled layer_decode of one stage, with its warm-up and counters."""
+
+    def __init__(self, threads: tuple[int, ...]):
+        # graphs live on layer_decode's and chunk_decode's code objects, shared by every stage of
+        # the process: one per (model shape, head counts, kernel flags, thread count, batch 1 or more).
+        # Past the limit dynamo would run eager silently; it raises instead.
+        dynamo = compat.dynamo_config()
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 128)
+        dynamo.fail_on_recompile_limit_hit = True
+        # no size / stride asserts around each extern kernel (our qmatmul and attention ops): ~4%
+        # of a step ([0, 19), w4a8x2, batch 1: 7.82 / 7.24 against 8.13 / 7.58 ms, both configs
+        # run at once, one per core, then cores swapped). test_compiled's equality with the
+        # eager path stands in for them. (inductor's cpp_wrapper took 0.23 ms more off that step
+        # but 1 m 50 s instead of ~25 s to compile cold: not taken.)
+        compat.inductor_config().size_asserts = False
+        self.fn = torch.compile(layer_decode, dynamic=True, fullgraph=True)
+        self.chunk_fn = torch.compile(chunk_decode, dynamic=True, fullgraph=True)
+        self.stage_fn = torch.compile(stage_decode, dynamic=True, fullgraph=True)
+        self.chunk = CHUNK      # read here, not at import: tests set a smaller one
+        self.whole: int | None = None   # the layer count the whole-stage graph was warmed for
+        # dynamo guards on torch's thread count: one set of graphs for each count steps use
+        self.threads = sorted(set(threads))
+        self.warm_s = 0.0       # seconds spent in warm-ups (compiling or loading from the cache)
+        self.graphs = 0         # graphs dynamo built for this stage (others may already exist)
+        self.steps = 0          # decode steps run through the graphs
+
+    def __call__(self, blocks, pools, *inputs) -> torch.Tensor:
+        """inputs: x, slots, block_ids, bias, lens, cos, sin of layer_decode; returns x after
+        every block."""
+        self.steps += 1
+        return self._run(blocks, pools, *inputs)
+
+    def _run(self, blocks, pools, *inputs) -> torch.Tensor:
+        with compat.set_stance()("fail_on_recompile", skip_guard_eval_unsafe=SKIP_GUARDS):
+            return self._layers(blocks, pools, *inputs)
+
+    def _layers(self, blocks, pools, x, *rest) -> torch.Tensor:
+        """The whole stage in one call where its graph was warmed for these layers; else whole
+        chunks through the chunk graph and the remaining layers one at a time."""
+        if len(blocks) == self.whole:
+            return self.stage_fn(tuple(blocks), tuple(pools), x, *rest,
+                                 tuple(kernel_for(b, kp) for b, (kp, _) in zip(blocks, pools)))
+        whole = len(blocks) - len(blocks) % self.chunk
+        for i in range(0, whole, self.chunk):
+            bs, ps = tuple(blocks[i:i + self.chunk]), tuple(pools[i:i + self.chunk])
+            x = self.chunk_fn(bs, ps, x, *rest, tuple(kernel_for(b, kp) for b, (kp, _) in zip(bs, ps)))
+        for block, (kp, vp) in zip(blocks[whole:], pools[whole:]):
+            x = self.fn(block, x, kp, vp, *rest, kernel_for(block, kp))
+        return x
+
+    def drop_whole(self) -> None:
+        """The stage's layers changed: steps run chunks and layers until the next load."""
+        self.whole = None
+
+    def warm(self, blocks, pools, hidden: int, scratch_block: int, block_size: int,
+             dtype: torch.dtype, device, whole: bool = False) -> None:
+        """Compile (or load) every graph the stage's layers need, on the pool's scratch block
+        (no sequence's KV is touched), then prove a third shape runs without compiling. whole:
+        also the graph of all these layers in one call (at load; a re-shard passes False)."""
+        counters = compat.dynamo_counters()
+        self.drop_whole()
+        t0, before = time.time(), counters["stats"]["unique_graphs"]
+        head_dim = pools[0][0].shape[-1] if pools else 1
+        dummy = lambda b, nb: _dummy(b, nb, hidden, head_dim, scratch_block, block_size, dtype, device)  # noqa: E731
+        try:
+            self._trace(blocks, pools, dummy, device.type == "cpu", whole and len(blocks) not in (1, self.chunk))
+        except Exception as e:
+            # e.g. no C++ compiler on the node (inductor builds its CPU kernels with g++)
+            first = str(e).strip().splitlines()[0][:300]
+            raise CompileError(f"compiling the decode step for {len(blocks)} layer(s) failed: "
+                               f"{type(e).__name__}: {first}. Serve with --no-compile (compile: false) "
+                               "to decode eagerly") from e
+        new = counters["stats"]["unique_graphs"] - before
+        self.graphs += new
+        self.warm_s += time.time() - t0
+        log.info("compiled decode: %d new graph(s) for %d layer(s) in %.1f s", new, len(blocks), time.time() - t0)
+
+    def _trace(self, blocks, pools, dummy, cpu: bool, whole: bool) -> None:
+        """Every layer at every warm shape, alone and in the stage's chunks (and, `whole`, all
+        in one call), for each thread count (CPU), then the check shape under fail_on_recompile
+        (through the whole-stage graph where there is one). Every layer alone and the chunks: a
+        re-shard may leave any layer outside a chunk, and any run of layers in one."""
+        was = torch.get_num_threads()
+        try:
+            for n in self.threads if cpu else [was]:
+                torch.set_num_threads(n)
+                with torch.inference_mode():
+                    for b, nb in WARM_SHAPES:
+                        x, *rest = dummy(b, nb)
+                        for block, (kp, vp) in zip(blocks, pools):
+                            self.fn(block, x, kp, vp, *rest, kernel_for(block, kp))
+                        self.whole = None
+                        self._layers(blocks, pools, x, *rest)
+                        if whole:
+                            self.whole = len(blocks)
+                            self._layers(blocks, pools, x, *rest)
+                    self._run(blocks, pools, *dummy(*CHECK_SHAPE))
+        finally:
+            torch.set_num_threads(was)
+
+
+def kernel_for(block, k_pool) -> bool:
+    """Whether this layer's attention takes shards/model/attention.py's kernel (a constant of its graph)."""
+    return attention.supports(k_pool, block.n_heads, block.n_kv)
+
+
+def _dummy(b: int, nb: int, hidden: int, head_dim: int, scratch_block: int, block_size: int, dtype, device):
+    """(x, slots, block_ids, bias, lens, cos, sin) of a decode step of b sequences over nb
+    blocks, all pointing at the pool's scratch block."""
+    x = torch.zeros(b, hidden, dtype=dtype, device=device)
+    slots = torch.full((b,), scratch_block * block_size, dtype=torch.long, device=device)
+    block_ids = torch.full((b, nb), scratch_block, dtype=torch.long, device=device)
+    bias = torch.zeros(b, 1, nb * block_size, dtype=dtype, device=device)
+    lens = torch.full((b,), block_size, dtype=torch.long, device=device)
+    cos, sin = (torch.ones(b, 1, head_dim, dtype=dtype, device=device) for _ in range(2))  # distinct:
+    return x, slots, block_ids, bias, lens, cos, sin      # dynamo would guard on `cos is sin`

@@ -1,0 +1,63 @@
+"""Our C++ kernels (shards/*.cpp): built with the node's C++ compiler at first use, cached, loaded
+with ctypes. Used by shards/model/attention.py (paged decode attention) and shards/compress/int4.py (w4a8x2's
+4-bit matmul).
+
+Built with -march=native for the node's CPU: the cached library is keyed by source, compiler,
+flags and the CPU's flags, so a cache shared between nodes of different CPUs keeps one build per
+kind. ~4 s a kernel here, once; then loading takes milliseconds.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+
+def cache_dir() -> Path:
+    """Beside inductor's cache (shards/__init__.py): built kernels persist across restarts."""
+    base = os.environ.get("SHARDSERVE_KERNEL_CACHE")
+    return Path(base) if base else Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).parent / "kernels"
+
+
+def _cpu_key() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return platform.machine() + flags
+
+
+def build(source: Path, extra: tuple[str, ...] = ()) -> Path:
+    """The shared library of `source` (built now unless cached); raises OSError when the
+    compiler fails or is missing, subprocess.TimeoutExpired past 300 s."""
+    cxx = os.environ.get("CXX", "g++")
+    flags = FLAGS + tuple(extra)
+    key = hashlib.sha256(source.read_bytes() + " ".join((cxx,) + flags).encode() + _cpu_key().encode())
+    out = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # built beside its final name and renamed: shard actors of one node may build at once
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cxx, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise OSError(f"{cxx} failed ({r.returncode}): {r.stderr.strip()[:500]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load(source: Path, extra: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Build (or find) and load; linked against libgomp.so.1, so the copy torch loaded serves it
+    too (one OpenMP runtime in the process)."""
+    return ctypes.CDLL(str(build(source, extra)))
