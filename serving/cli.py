@@ -11,7 +11,7 @@ from shards.errors import ShardServeError
 # `serve` / `bench` without --compression: `fast` = w4a8x2, the fastest spec measured over
 # HTTP at concurrency 1 and 8 (w8a8 ties it at 32), with fp32's perplexity (the file's own
 # weights, activations at ~15 bits) and answers that do not change with load (w4a16, 1.001x
-# ppl, flips the near-tie first token of the README's question); see the README's tables
+# ppl, flips the near-tie first token of the README's question); see docs/compression.md
 SERVE_DEFAULT = "fast"
 
 
@@ -316,10 +316,10 @@ def _add_service_args(p: argparse.ArgumentParser) -> None:
                    help="decode eagerly (default: the compiled decode step, compiled at load, cached on disk)")
     p.add_argument("--compiled-graph", action="store_true",
                    help="step the shards through a Ray Compiled Graph instead of .remote calls (~4 ms a token "
-                        "less at concurrency 1; one router per pipeline: README)")
+                        "less at concurrency 1; one router per pipeline: docs/design.md)")
     p.add_argument("--no-channels", dest="channels", action="store_false",
                    help="send steps as Ray actor calls instead of over a socket per shard (~2.7 against "
-                        "~0.08 ms a hop here: README)")
+                        "~0.08 ms a hop: docs/performance.md)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="prefill every prompt whole, even where an earlier prompt began with the same KV blocks "
                         "(serving/router/prefix.py)")
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "compression", "") is None:
             from shards.model.source import open_source
             source = open_source(args.model)
-            # serve / bench: the fastest compression within 1% of fp32's perplexity (README);
+            # serve / bench: the fastest compression within 1% of fp32's perplexity (docs/compression.md);
             # a prepared artifact serves what it was made with
             fast = getattr(args, "serve_default", None) if source.applied is None else None
             args.compression = fast or source.default_compression

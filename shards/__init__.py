@@ -14,7 +14,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.environ.get(
 # MKL's strict reproducible mode: its fp32 GEMM gives a row the same bits at any row count and
 # thread count. By default, at 2 threads a [rows, 1536] x [1536, 576] GEMM (down_proj) splits
 # differently for 57-192 rows, so a prompt's prefill changed with what it was batched with and
-# whether its step ran alone, and that flipped near-tie greedy answers under load (README,
+# whether its step ran alone, and that flipped near-tie greedy answers under load (docs/design.md,
 # "Batch-invariant numbers"). Measured cost: none past the noise. MKL reads it at its first call.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 

@@ -30,7 +30,7 @@ def test_sparsegpt_beats_magnitude_at_half_sparsity():
     mag = w * magnitude_mask(w, 0.5)
     wanda = w * magnitude_mask(w, 0.5, x.norm(dim=0))
     e_sg, e_mag, e_wanda = err(w, sg, x), err(w, mag, x), err(w, wanda, x)
-    # on this toy layer Wanda's per-row mask is better still (the real model: README table)
+    # on this toy layer Wanda's per-row mask is better still (the real model: docs/compression.md)
     assert e_sg < 0.9 * e_mag and e_wanda < e_mag, (e_sg, e_wanda, e_mag)
 
 

@@ -18,7 +18,7 @@ A holder is used only once the step carrying its pin completed on every shard (c
 failed step drops the holders it pinned or copied from (a shard missing one raises on the copy,
 and that group is recomputed without it). Every change of the pipeline drops all holders. At
 least MIN_PIECE tokens are left to prefill, the same piece length the scheduler never cuts
-below, so a sequence's logits keep their bits (README, "Batch-invariant numbers").
+below, so a sequence's logits keep their bits (docs/design.md, "Batch-invariant numbers").
 """
 from __future__ import annotations
 

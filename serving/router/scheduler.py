@@ -25,7 +25,7 @@ class SchedulerConfig:
     n_groups: int = 2              # groups of each kind (decode, prefill) in flight (>= number of shards)
     # groups in flight in all: n_groups + 1, so a prefill flies beside n_groups decode groups
     # instead of taking one's place (the decodes it displaced left the shards idle: c=32, 4
-    # interleaved pairs, 136.4 -> 152.9 tok/s mean; README "Where the time goes")
+    # interleaved pairs, 136.4 -> 152.9 tok/s mean; docs/performance.md)
     extra_groups: int = 1
     prefix_cache: bool = True      # prompts start after a cached block prefix (serving/router/prefix.py)
 

@@ -182,7 +182,7 @@ def two_level_mm(x: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
     down_proj's input (SiLU(gate) * up) has outliers a single int8 level loses the rest of the
     row to (whole model: 30.79-31.14 against 30.64). Measured, 576 x 1536, 1 thread, eager, an
     input channel 100x loud: relative error 3.3e-4 vs 2.4e-3 for `_weight_int8pack_mm`'s bf16
-    input, 287 vs 400 us at 16 rows (README, "Where the time goes")."""
+    input, 287 vs 400 us at 16 rows (docs/performance.md)."""
     xa, a = per_token_int8(x)
     xb, b = per_token_int8(x - xa.float() * a)
     return int8_mm(xa, qweight) * a + int8_mm(xb, qweight) * b

@@ -30,7 +30,7 @@ class Method:
     layer: str                       # "module:callable" (lin, grid, act_max) -> module for one projection
     table: str                       # "module:callable" (read, n_rows, act_max, head) -> the embedding / lm_head table
     aliases: tuple[str, ...] = ()    # older spec names, accepted and mapped to `name`
-    bits: float = 32.0               # nominal bits per weight, scales included (README table)
+    bits: float = 32.0               # nominal bits per weight, scales included (docs/compression.md)
     compiles: bool = True            # dynamo traces its modules (bitsandbytes' do not)
     int8_table: bool = False         # as a table: int8 codes read by row (`rows(ids)`)
     grid: str | None = None          # the grid GPTQ fits weights onto (shards/compress/gptq.py), if any

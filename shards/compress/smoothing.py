@@ -13,7 +13,7 @@ w8a16's weights and multiplies two int8 levels of its input, prefill and decode 
 (shards/compress/quantize.py::two_level_mm; 30.62 over 8 windows, 29.11 over 32). With an fp32 prefill
 GEMM instead (instead of two int8 levels), a = 0.45 / 0.5 / 0.55 / 0.6: 30.87 / 30.84 / 30.64 / 30.67; a = 0.55,
 chosen on those windows, gives 1.007x fp32 over 32 windows and 1.009x on the 24 not used to
-choose it (README, "Where the time goes").
+choose it (docs/performance.md).
 
 The maxima are those of the fp32 model the stage serves (a raw source, or a prepared
 artifact's pruned weights), computed once over every layer and the final norm (16 s for the

@@ -34,7 +34,7 @@ def sparsegpt_(w: torch.Tensor, gram: torch.Tensor, n_tokens: int, sparsity: flo
         if n:
             return
         # the same fraction in every output row (Wanda's finding for LLMs; measured below
-        # the paper's one threshold per block here: see the README table)
+        # the paper's one threshold per block here: see docs/compression.md)
         score = w1.pow(2) / d.pow(2)
         k = int(score.shape[1] * sparsity)
         if k:
