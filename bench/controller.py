@@ -41,27 +41,27 @@ async def load(engine, prompts, stop: asyncio.Event, concurrency: int, results: 
 
 async def sample(engine, t0: float, samples: list, stop: asyncio.Event) -> None:
     while not stop.is_set():
-        stats = await engine.pipeline.stats_or_errors()
-        for name, st in zip(engine.pipeline.names, stats):
-            if "rss_bytes" in st:
-                samples.append({"t": time.time() - t0, "name": name, "rss_bytes": st["rss_bytes"],
-                                "start": st["start"], "end": st["end"], "compression": st["compression"],
-                                "budget_bytes": st["budget_bytes"]})
+        stats = await engine.pipeline.reconfigure.stats_or_errors()
+        for name, st in zip(engine.pipeline.shards.names, stats):
+            if not isinstance(st, str):     # a line: it did not answer
+                samples.append({"t": time.time() - t0, "name": name, "rss_bytes": st.rss_bytes,
+                                "start": st.start, "end": st.end, "compression": st.compression,
+                                "budget_bytes": st.budget_bytes})
         await asyncio.sleep(0.5)
 
 
 async def used(engine, k: int) -> int:
     st = (await engine.stats())[k]
-    return st["rss_bytes"] - st["base_rss_bytes"]
+    return st.rss_bytes - st.base_rss_bytes
 
 
 async def wait_event(engine, n: int, timeout: float = 90) -> dict:
     deadline = time.time() + timeout
-    while len(engine.pipeline.events) <= n:
+    while len(engine.pipeline.shards.events) <= n:
         if time.time() > deadline:
             raise TimeoutError(f"no controller action within {timeout} s")
         await asyncio.sleep(0.2)
-    ev = engine.pipeline.events[-1]
+    ev = engine.pipeline.shards.events[-1]
     print(f"  {ev['action']} shard {ev['shard']} ({ev['seconds']:.1f} s, {'ok' if ev['ok'] else ev['error']}): "
           f"{ev['reason']}", flush=True)
     return ev
@@ -69,7 +69,7 @@ async def wait_event(engine, n: int, timeout: float = 90) -> dict:
 
 async def scenario(engine) -> None:
     import ray
-    n = len(engine.pipeline.events)
+    n = len(engine.pipeline.shards.events)
     await asyncio.sleep(10)
     print("1. shard 0 budget 80% of use", flush=True)
     await engine.set_budget(0, int(0.8 * await used(engine, 0)))
@@ -84,25 +84,27 @@ async def scenario(engine) -> None:
     ray.kill(ray.get_actor("bench-shard-1", namespace="shardserve"))
     n += (await wait_event(engine, n)) is not None
     await asyncio.sleep(8)
-    last = len(engine.pipeline.handles) - 1
+    last = len(engine.pipeline.shards.handles) - 1
     print(f"4. shard {last} budget 80% of use; its neighbour has no room", flush=True)
     await engine.set_budget(last - 1, int(await used(engine, last - 1) / 0.9))
     await engine.set_budget(last, int(0.8 * await used(engine, last)))
     n += (await wait_event(engine, n)) is not None
     await asyncio.sleep(8)
     print("5. budgets lifted", flush=True)
-    for k in range(len(engine.pipeline.handles)):
+    for k in range(len(engine.pipeline.shards.handles)):
         await engine.set_budget(k, None)
     await wait_event(engine, n, timeout=120)
     await asyncio.sleep(5)
 
 
 async def main_async(args) -> dict:
-    from serving.launch import EngineConfig, build_engine
+    from serving.config import load
+    from serving.launch import build_engine
     from shards.data import read_prompts
     from shards.model.source import chat_prompt_ids
     from shards.runtime.actor import stop_pipeline
-    engine = await build_engine(EngineConfig(shards=2, prefix="bench-", kv_tokens=4096, controller=CONTROL))
+    engine = await build_engine(load(shards=2, prefix="bench-", kv_tokens=4096, compile=False, compression="fp32",
+                                     controller=CONTROL))
     try:
         prompts = [chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": p}]) for p in read_prompts(64)]
         stop, results, samples, t0 = asyncio.Event(), [], [], time.time()
@@ -113,7 +115,7 @@ async def main_async(args) -> dict:
         finally:
             stop.set()
             await asyncio.wait_for(asyncio.gather(*tasks), 300)
-        events = [{**e, "t": e["time"] - t0} for e in engine.pipeline.events]
+        events = [{**e, "t": e["time"] - t0} for e in engine.pipeline.shards.events]
         return {"samples": samples, "events": events, "requests": len(results),
                 "failed": sum(r["finish_reason"] not in ("stop", "length") for r in results),
                 "tokens": sum(r["tokens"] for r in results), "seconds": time.time() - t0,

@@ -21,13 +21,14 @@ from serving.stamp import stamp
 
 
 async def one_config(shards: int, compression: str, kv_tokens: int) -> list[dict]:
-    from serving.launch import EngineConfig, build_engine
+    from serving.config import load
+    from serving.launch import build_engine
     from shards.data import read_prompts
     from shards.model.source import chat_prompt_ids
     from shards.model.step import SamplingParams
     from shards.plan.planner import WORKSPACE_BYTES
-    engine = await build_engine(EngineConfig(shards=shards, compression=compression, kv_tokens=kv_tokens,
-                                             prefix=f"mem{shards}-{compression}-"))
+    engine = await build_engine(load(shards=shards, compression=compression, kv_tokens=kv_tokens, compile=False,
+                                      prefix=f"mem{shards}-{compression}-"))
     try:
         ids = [chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": p}]) for p in read_prompts(16)]
         await asyncio.gather(*(engine.complete(i, SamplingParams(max_tokens=32)) for i in ids))
@@ -35,16 +36,16 @@ async def one_config(shards: int, compression: str, kv_tokens: int) -> list[dict
     finally:
         from shards.runtime.actor import stop_pipeline
         engine.close()
-        stop_pipeline(engine.pipeline.prefix)
+        stop_pipeline(engine.pipeline.shards.prefix)
     rows = []
     for spec, st in zip(engine.plan.shards, stats):
         plan_bytes = spec.weight_bytes + spec.kv_bytes + WORKSPACE_BYTES
         rows.append({"shards": shards, "compression": compression, "index": spec.index,
                      "layers": str(spec.layers), "plan_bytes": plan_bytes, "plan_weight_bytes": spec.weight_bytes,
-                     "plan_kv_bytes": spec.kv_bytes, "weight_bytes": st["weight_bytes"],
-                     "peak_rss_bytes": st["peak_rss_bytes"], "base_rss_bytes": st["base_rss_bytes"],
-                     "rss_bytes": st["rss_bytes"],
-                     "peak_minus_runtime_over_plan": (st["peak_rss_bytes"] - st["base_rss_bytes"]) / plan_bytes})
+                     "plan_kv_bytes": spec.kv_bytes, "weight_bytes": st.weight_bytes,
+                     "peak_rss_bytes": st.peak_rss_bytes, "base_rss_bytes": st.base_rss_bytes,
+                     "rss_bytes": st.rss_bytes,
+                     "peak_minus_runtime_over_plan": (st.peak_rss_bytes - st.base_rss_bytes) / plan_bytes})
     return rows
 
 

@@ -6,23 +6,27 @@ import json
 import os
 import sys
 
+from serving.config import Config, cli_flags, from_args
 from shards.errors import ShardServeError
-
-# `serve` / `bench` without --compression: `fast` = w4a8x2, the fastest spec measured over
-# HTTP at concurrency 1 and 8 (w8a8 ties it at 32), with fp32's perplexity (the file's own
-# weights, activations at ~15 bits) and answers that do not change with load (w4a16, 1.001x
-# ppl, flips the near-tie first token of the README's question); see docs/compression.md
-SERVE_DEFAULT = "fast"
 
 
 def _add_model_args(p: argparse.ArgumentParser, shards: bool = True) -> None:
-    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or a HF folder")
-    if shards:
-        p.add_argument("--shards", type=int, default=2, help="number of shards (layer ranges)")
-    p.add_argument("--compression", default=None,
-                   help="e.g. fp32, bf16, int8, nf4, w8a16, w8a8, w4a8x2, nf4+wanda:0.5, cut-mlp:0.2, balanced "
-                        "(default: fast = w4a8x2 for serve and bench, fp32 otherwise; a prepared "
-                        "artifact: what it was made with)")
+    """--model, --compression (and --shards): the config's fields (serving/config.py)."""
+    cli_flags(p, only=("model", "compression") + (("shards",) if shards else ()))
+
+
+def config_of(args, **base) -> Config:
+    """The config from the flags given (over `base`), its compression resolved: what `plan`,
+    `serve` and `bench` would serve (serving/launch.py::serving_compression); `generate`,
+    `eval` and `prepare` default to the model file's own weights (or an artifact's spec)."""
+    from serving.launch import serving_compression
+    from shards.model.source import open_source
+    cfg = from_args(args, base)
+    if cfg.model.compression is None:
+        source = open_source(cfg.model.name)
+        spec = serving_compression(None, source) if args.serving else source.default_compression
+        cfg = cfg.replace(compression=spec)
+    return cfg
 
 
 def add_calibration_args(p: argparse.ArgumentParser) -> None:
@@ -35,8 +39,7 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_plan(args) -> int:
     """The shard map; with --address, placed on that Ray cluster's nodes (node of every shard)."""
-    from serving.launch import EngineConfig, make_plan
-    from serving.units import parse_budgets
+    from serving.launch import make_plan
     nodes = None
     if args.address:
         import ray
@@ -45,16 +48,14 @@ def cmd_plan(args) -> int:
         ray.init(address=args.address, log_to_driver=False)
         nodes = cluster_nodes()
         ray.shutdown()
-    cfg = EngineConfig(model=args.model, shards=args.shards, budgets=parse_budgets(args.budget),
-                       compression=args.compression, kv_tokens=args.kv_tokens, replicas=args.replicas,
-                       placement=nodes is not None)
+    cfg = config_of(args, placement=nodes is not None)
     p = make_plan(cfg, nodes)
     if args.json:
         print(json.dumps(p.to_dict(), indent=2))
         return 0
     ips = {n.node_id: n.ip for n in nodes or []}
     print(f"model {p.model}: {p.n_layers} layers in {len(p.shards)} shards" +
-          (f" on {len(nodes)} nodes ({args.replicas} replica(s))" if nodes else ""))
+          (f" on {len(nodes)} nodes ({cfg.server.replicas} replica(s))" if nodes else ""))
     print(f"{'shard':>5} {'layers':>10} {'weights MiB':>12} {'KV MiB':>8} {'KV tokens':>10} {'budget MiB':>11}"
           + ("  device  node" if nodes else ""))
     for s in p.shards:
@@ -70,10 +71,11 @@ def cmd_generate(args) -> int:
     from shards.model.generator import Generator
     from shards.model.source import chat_prompt_ids, open_source
     from shards.model.step import SamplingParams
-    source = open_source(args.model)
+    cfg = config_of(args)
+    source = open_source(cfg.model.name)
     tok = source.tokenizer()
     ids = chat_prompt_ids(tok, [{"role": "user", "content": args.prompt}])
-    gen = Generator(source, args.shards, compression=args.compression)
+    gen = Generator(source, cfg.model.shards, compression=cfg.model.compression)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     out = gen.generate([ids], params)[0]
     print(tok.decode(out, skip_special_tokens=True))
@@ -89,17 +91,16 @@ def _wait_loaded(plan, handles, prefix: str) -> None:
             done, _ = ray.wait(list(pending), timeout=1.0)
             for ref in done:
                 st, spec = ray.get(ref), pending.pop(ref)
-                bar.write(f"  {prefix}shard {spec.index}: layers {spec.layers}, {st['weight_bytes'] / 2**20:.0f} MiB "
-                          f"weights, RSS {st['rss_bytes'] / 2**20:.0f} MiB, {st['device']}, node {st['node']}"
-                          + (f", decode compiled ({st['graphs']} graphs, {st['compile_s']:.0f} s)" if st["compiled"] else "")
-                          + (", paged attention kernel" if st["attention_kernel"] else ""))
+                bar.write(f"  {prefix}shard {spec.index}: layers {spec.layers}, {st.weight_bytes / 2**20:.0f} MiB "
+                          f"weights, RSS {st.rss_bytes / 2**20:.0f} MiB, {st.device}, node {st.node}"
+                          + (f", decode compiled ({st.graphs} graphs, {st.compile_s:.0f} s)" if st.compiled else "")
+                          + (", paged attention kernel" if st.attention_kernel else ""))
                 bar.update()
 
 
-def start_service(args):
+def start_service(args, cfg: Config):
     """Start (or join) Ray, load the shards with progress bars, deploy the Serve app, wait for
     /healthz. Returns (client, url, shard handles)."""
-    import dataclasses
     import time
 
     import ray
@@ -107,26 +108,21 @@ def start_service(args):
 
     from serving.api.app import ShardServe
     from serving.api.client import Client
-    from serving.config import app_config
     from serving.launch import replica_prefixes, start
-    args.api_key = args.api_key or os.environ.get("SHARDSERVE_API_KEY")
-    if not args.api_key and not args.insecure and not _loopback(args.host):
+    key = cfg.key()
+    if not key and not args.insecure and not _loopback(args.host):
         raise ShardServeError(f"refusing to serve on {args.host} without an API key: anyone who reaches it could "
                               "use the model; pass --api-key (or SHARDSERVE_API_KEY), or --insecure")
     ray.init(address=args.address, namespace="shardserve", log_to_driver=False)
-    config = {"model": args.model, "shards": args.shards, "kv_tokens": args.kv_tokens,
-              "compression": args.compression, "replicas": args.replicas, "compile": args.compile,
-              "compiled_graph": args.compiled_graph, "channels": args.channels, "prefix_cache": args.prefix_cache}
-    cfg = app_config(config).engine()
-    started = [(prefix, *start(dataclasses.replace(cfg, prefix=prefix))) for prefix in replica_prefixes(cfg)]
+    started = [(prefix, *start(cfg.replace(prefix=prefix))) for prefix in replica_prefixes(cfg)]
     for prefix, plan, hs, _ in started:   # every pipeline loads here, with progress bars
         _wait_loaded(plan, hs, prefix)
     handles = [h for _, _, hs, _ in started for h in hs]
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(ShardServe.options(num_replicas=cfg.replicas).bind({**config, "api_key": args.api_key}),
+    serve.run(ShardServe.options(num_replicas=cfg.server.replicas).bind(cfg.replace(api_key=key).model_dump()),
               name="shardserve", route_prefix="/", blocking=False)
     url = f"http://{args.host}:{args.port}"
-    client = Client(url, api_key=args.api_key)
+    client = Client(url, api_key=key)
     deadline = time.time() + 300
     while not client.healthy():
         if time.time() > deadline:
@@ -164,8 +160,10 @@ def cmd_serve(args) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C even when started with & (SIG_IGN)
     handles = []
     try:
-        client, url, handles = start_service(args)
-        print(f"shardserve: {args.model} in {args.shards} shards, OpenAI API at {url}/v1 (Ctrl-C stops)", flush=True)
+        cfg = config_of(args)
+        client, url, handles = start_service(args, cfg)
+        print(f"shardserve: {cfg.model.name} in {cfg.model.shards} shards, OpenAI API at {url}/v1 (Ctrl-C stops)",
+              flush=True)
         if args.ask:
             print(client.chat([{"role": "user", "content": args.ask}], max_tokens=args.max_tokens, temperature=0))
             return 0
@@ -187,24 +185,26 @@ def cmd_bench(args) -> int:
     from serving import bench
     from shards.data import read_prompts, with_context
     from shards.model.source import open_source
-    result = {"model": args.model, "shards": args.shards, "compression": args.compression, "compile": args.compile,
-              "compiled_graph": args.compiled_graph, "channels": args.channels, "prefix_cache": args.prefix_cache,
-              "max_tokens": args.max_tokens,
+    cfg = config_of(args)
+    result = {"model": cfg.model.name, "shards": cfg.model.shards, "compression": cfg.model.compression,
+              "compile": cfg.model.compile, "compiled_graph": cfg.transport.compiled_graph,
+              "channels": cfg.transport.channels, "prefix_cache": cfg.cache.prefix_cache, "max_tokens": args.max_tokens,
               "context_tokens": args.context, "shardserve": [], "hf_generate": [], "llama_server": None}
-    source = open_source(args.model)
+    key = cfg.key()
+    source = open_source(cfg.model.name)
     tok = source.tokenizer() if args.context else None
     prompts = lambda c: with_context(read_prompts(args.requests or max(8, 2 * c)), args.context, tok)  # noqa: E731
     handles, url = [], args.url
     try:
         if url is None:
-            _, url, handles = start_service(args)
+            _, url, handles = start_service(args, cfg)
         for c in args.concurrency:
             since = time.time()
-            level = asyncio.run(bench.http_level(url, prompts(c), c, args.max_tokens, args.api_key))
-            level["time_split"] = bench.time_split(url, level, since, args.api_key)
+            level = asyncio.run(bench.http_level(url, prompts(c), c, args.max_tokens, key))
+            level["time_split"] = bench.time_split(url, level, since, key)
             result["shardserve"].append(level)
             print("shardserve", json.dumps(level), flush=True)
-        result["shard_memory"] = bench.shard_memory(url, args.api_key)
+        result["shard_memory"] = bench.shard_memory(url, key)
     finally:
         if handles:
             stop_service(handles)
@@ -245,7 +245,8 @@ def cmd_prepare(args) -> int:
     """Compress and calibrate once, measure, write an artifact folder with a manifest."""
     from shards.compress.artifact import prepare
     from shards.model.source import open_source
-    m = prepare(open_source(args.model), args.compression, args.out, args.seqlen, args.windows,
+    cfg = config_of(args)
+    m = prepare(open_source(cfg.model.name), cfg.model.compression, args.out, args.seqlen, args.windows,
                 progress=not args.json, calibration=calibration_data(args))
     if args.json:
         print(json.dumps(m))
@@ -265,7 +266,8 @@ def cmd_eval(args) -> int:
     """WikiText-2 perplexity of the model under one compression."""
     from shards.compress.perplexity import DEFAULT_TEXT, perplexity
     from shards.model.source import open_source
-    r = perplexity(open_source(args.model), args.compression, args.seqlen, args.windows,
+    cfg = config_of(args)
+    r = perplexity(open_source(cfg.model.name), cfg.model.compression, args.seqlen, args.windows,
                    args.text or DEFAULT_TEXT, progress=not args.json, calibration=calibration_data(args))
     if args.json:
         print(json.dumps(r.to_dict()))
@@ -297,46 +299,32 @@ def cmd_budget(args) -> int:
     from serving.units import parse_bytes
     budget = None if args.bytes.lower() == "none" else parse_bytes(args.bytes)
     st = Client(args.url, api_key=args.api_key or os.environ.get("SHARDSERVE_API_KEY")).set_budget(args.shard, budget)
-    used = st["rss_bytes"] - st["base_rss_bytes"]
-    print(f"shard {args.shard} layers [{st['start']}, {st['end']}): budget "
-          f"{'none' if budget is None else f'{budget / 2**20:.0f} MiB'}, uses {used / 2**20:.0f} MiB now")
+    print(f"shard {args.shard} layers [{st.start}, {st.end}): budget "
+          f"{'none' if budget is None else f'{budget / 2**20:.0f} MiB'}, uses {st.used_bytes / 2**20:.0f} MiB now")
     return 0
 
 
 def _add_service_args(p: argparse.ArgumentParser) -> None:
-    _add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    """Every field of the config (serving/config.py) as a flag, plus where to listen."""
+    cli_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
-    p.add_argument("--kv-tokens", type=int, default=8192, help="KV tokens each shard reserves")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or SHARDSERVE_API_KEY)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
-    p.add_argument("--replicas", type=int, default=1, help="data-parallel pipelines behind the endpoint")
-    p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="decode eagerly (default: the compiled decode step, compiled at load, cached on disk)")
-    p.add_argument("--compiled-graph", action="store_true",
-                   help="step the shards through a Ray Compiled Graph instead of .remote calls (~4 ms a token "
-                        "less at concurrency 1; one router per pipeline: docs/design.md)")
-    p.add_argument("--no-channels", dest="channels", action="store_false",
-                   help="send steps as Ray actor calls instead of over a socket per shard (~2.7 against "
-                        "~0.08 ms a hop: docs/performance.md)")
-    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
-                   help="prefill every prompt whole, even where an earlier prompt began with the same KV blocks "
-                        "(serving/router/prefix.py)")
-    p.set_defaults(serve_default=SERVE_DEFAULT)
+    p.set_defaults(serving=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="shardserve", description=__doc__)
+    ap.set_defaults(serving=False)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="show the shard map before any actor starts")
-    _add_model_args(p)
-    p.add_argument("--budget", help="memory per shard, comma-separated, e.g. 300MiB,300MiB")
+    cli_flags(p, only=("model", "shards", "compression", "device", "kv_tokens", "budgets", "replicas"))
+    p.add_argument("--budget", dest="budgets", default=argparse.SUPPRESS, type=lambda s: s.split(","),
+                   help="the same as --budgets")
     p.add_argument("--address", default=None, help="place on this Ray cluster's nodes (e.g. auto)")
-    p.add_argument("--replicas", type=int, default=1, help="data-parallel pipelines sharing the nodes")
-    p.add_argument("--kv-tokens", type=int, default=8192, help="KV tokens each shard reserves")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=cmd_plan, serving=True)
     p = sub.add_parser("generate", help="generate one reply in-process through the chained stages")
     _add_model_args(p)
     p.add_argument("--prompt", default="What is the capital of France?")
@@ -394,13 +382,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "compression", "") is None:
-            from shards.model.source import open_source
-            source = open_source(args.model)
-            # serve / bench: the fastest compression within 1% of fp32's perplexity (docs/compression.md);
-            # a prepared artifact serves what it was made with
-            fast = getattr(args, "serve_default", None) if source.applied is None else None
-            args.compression = fast or source.default_compression
         return args.func(args)
     except ShardServeError as e:
         print(f"shardserve: error: {e}", file=sys.stderr)

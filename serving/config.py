@@ -1,129 +1,237 @@
-"""The application's arguments (deploy/serve.yaml's `args`, `build_app`, the CLI), typed and
-validated: a bad field is refused with its name and what it accepts."""
+"""The one typed configuration of a shardserve application.
+
+`Config` has a section per concern (model, cache, scheduler, controller, transport, server).
+deploy/serve.yaml's `args`, `build_app`, the engine and the CLI all read it: the CLI's flags are
+made from its fields (name, help text, default; `cli_flags`), and every field may also be given
+by its flat name (`shards: 2`, as `serve run serving.api.app:build_app shards=2` passes it).
+Sizes accept "400MiB". A bad field is refused with its name and what it accepts.
+
+Pure: pydantic only (no torch, no Ray), so the controller's policy takes its section directly.
+"""
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import os
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serving.control.policy import ControllerConfig
-from serving.launch import EngineConfig
 from serving.units import parse_bytes
 from shards.errors import ShardServeError
 
-CONTROLLER_FIELDS = {f.name for f in dataclasses.fields(ControllerConfig)}
+MiB = 1 << 20
 
 
-def _bytes(v: int | str | None) -> int | None:
+def _bytes(v: Any) -> Any:
     """300MiB -> bytes; pydantic reports a ValueError with the field's name."""
-    try:
-        return parse_bytes(v) if isinstance(v, str) else v
-    except ShardServeError as e:
-        raise ValueError(str(e)) from None
+    if isinstance(v, str):
+        try:
+            return parse_bytes(v)
+        except ShardServeError as e:
+            raise ValueError(str(e)) from None
+    return v
 
 
-class ControllerArgs(BaseModel):
-    """serving.control.policy.ControllerConfig's settings; omitted ones keep its defaults."""
+ByteSize = Annotated[int, BeforeValidator(_bytes)]
 
-    model_config = ConfigDict(extra="forbid")
-    high_watermark: float | None = Field(None, gt=0, le=1)
-    low_watermark: float | None = Field(None, gt=0, le=1)
-    readings: int | None = Field(None, ge=1)
-    quiet_s: float | None = Field(None, ge=0)
-    relax_s: float | None = Field(None, ge=0)
-    min_node_free_bytes: int | str | None = None
-    actions: list[Literal["move", "split", "recompress"]] | None = None
-    ladder: list[str] | None = None           # default: the registry's, ordered by measured bytes
-    ladder_bytes: list[float] | None = None   # with ladder: a layer's bytes at each step / the first's
-    max_shards: int | None = Field(None, ge=1)
 
-    @field_validator("min_node_free_bytes")
-    @classmethod
-    def _size(cls, v):
-        return _bytes(v)
+def _spec(v: str | None) -> str | None:
+    if v is not None:
+        from shards.compress.spec import parse
+        parse(v)    # refuses with the list of valid specs
+    return v
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Section):
+    name: str = Field("default", description="'default' (SmolLM2-135M-Instruct), a .gguf file, or a Hugging Face "
+                                             "folder or prepared artifact", json_schema_extra={"flat": "model"})
+    served_name: str | None = Field(None, description="the model id /v1/models shows (default shardserve-<model>)")
+    shards: int | Literal["auto"] = Field(2, description="layer ranges per pipeline; auto: one per Ray node")
+    compression: Annotated[str | None, BeforeValidator(_spec)] = Field(
+        None, description="compression spec for every shard, e.g. w4a8x2, w8a16, nf4+wanda:0.5, balanced "
+                          "(default: fast = w4a8x2; a prepared artifact: what it was made with; eval, generate "
+                          "and prepare: the file's own weights)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA where a node has a GPU, else CPU")
+    compile: bool = Field(True, description="compiled decode step (compiled at load, cached on disk); false: eager")
+
+
+class CacheSection(Section):
+    kv_tokens: int = Field(8192, ge=16, description="KV tokens each shard reserves (without budgets)")
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
+    budgets: list[ByteSize] | None = Field(None, description="memory per shard, e.g. [300MiB, 300MiB]; the plan "
+                                                             "fits layers and KV into them")
+    prefix_cache: bool = Field(True, description="prompts start after KV blocks cached from an earlier prompt")
+
+
+class SchedulerSection(Section):
+    max_batch: int = Field(32, ge=1, le=1024, description="sequences per micro-batch group")
+    prefill_tokens: int = Field(256, ge=16, description="prompt tokens one prefill chunk takes")
+    max_waiting: int = Field(256, ge=0, description="requests queued beyond the running ones; more get 429")
+    timeout_s: float = Field(600.0, gt=0, description="a request running longer is aborted (504), its KV freed")
+
+
+class ControllerConfig(Section):
+    """The controller's settings; its policy (serving/control/policy.py) reads them as they are."""
+
+    enabled: bool = Field(True, description="run the controller (re-sharding under memory pressure)",
+                          json_schema_extra={"flat": "control"})
+    high_watermark: float = Field(0.95, gt=0, le=1, description="use / budget above this is pressure")
+    low_watermark: float = Field(0.85, gt=0, le=1, description="an action aims to bring the shard under this")
+    readings: int = Field(3, ge=1, description="consecutive readings under pressure before acting")
+    quiet_s: float = Field(20.0, ge=0, description="no action for this long after one")
+    relax_s: float = Field(300.0, ge=0, description="no pressure for this long: lower a raised compression a step")
+    min_node_free_bytes: ByteSize = Field(512 * MiB, ge=0, description="a node with less free memory is pressure")
+    actions: tuple[Literal["move", "split", "recompress"], ...] = Field(
+        ("move", "split", "recompress"), description="allowed actions, in order of preference")
+    ladder: tuple[str, ...] = Field((), description="compression steps, lightest first (default: the registry's, "
+                                                    "ordered by bytes measured on the served model)")
+    ladder_bytes: tuple[float, ...] = Field((), description="a layer's bytes at each ladder step / the first's "
+                                                            "(default: measured)")
+    max_shards: int = Field(8, ge=1, description="a split never makes more shards than this")
 
     @field_validator("ladder")
     @classmethod
     def _ladder(cls, v):
-        from shards.compress.spec import parse
-        for spec in v or []:
-            parse(spec)
+        for spec in v:
+            _spec(spec)
         return v
 
     @model_validator(mode="after")
     def _whole(self):
-        ControllerConfig(**self.settings())   # its own checks: watermark order, ladder lengths
+        if not self.low_watermark < self.high_watermark:
+            raise ValueError(f"watermarks need 0 < low ({self.low_watermark}) < high ({self.high_watermark})")
+        if self.ladder_bytes and len(self.ladder) != len(self.ladder_bytes):
+            raise ValueError(f"ladder {self.ladder} and ladder_bytes {self.ladder_bytes} differ in length")
         return self
 
-    def settings(self) -> dict:
-        out = {k: v for k, v in self.model_dump().items() if v is not None}
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
+
+class TransportSection(Section):
+    channels: bool = Field(True, description="steps over a socket per shard; false: Ray actor calls")
+    compiled_graph: bool = Field(False, description="steps through a Ray Compiled Graph (one router per pipeline)")
 
 
-class AppConfig(BaseModel):
+class ServerSection(Section):
+    replicas: int = Field(1, ge=1, le=64, description="data-parallel pipelines, one Serve replica routing each")
+    placement: bool = Field(True, description="pin shards to nodes, layers in proportion to node memory")
+    prefix: str = Field("", pattern=r"^[a-z0-9-]*$", description="actor names are <prefix>shard-<k>")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' (prefer api_key_env)")
+    api_key_env: str = Field("SHARDSERVE_API_KEY", description="the environment variable holding the API key")
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "model": ModelSection, "cache": CacheSection, "scheduler": SchedulerSection, "controller": ControllerConfig,
+    "transport": TransportSection, "server": ServerSection}
+
+
+def _flat_names() -> dict[str, tuple[str, str]]:
+    """flat name -> (section, field); flat names are unique across sections."""
+    out = {}
+    for section, cls in SECTIONS.items():
+        for name, f in cls.model_fields.items():
+            flat = (f.json_schema_extra or {}).get("flat", name)
+            assert flat not in out, f"flat name {flat} twice"
+            out[flat] = (section, name)
+    return out
+
+
+FLAT = _flat_names()
+
+
+class Config(BaseModel):
     """What one shardserve application serves and how."""
 
-    model_config = ConfigDict(extra="forbid")
-    model: str = "default"
-    model_name: str | None = None          # the id /v1/models shows (default shardserve-<model>)
-    shards: int | Literal["auto"] = Field(2, description="layer ranges per pipeline; auto: one per node")
-    compression: str | None = None         # shards/compress/spec.py spec or preset
-    budgets: list[int | str] | None = None  # per shard: bytes or "300MiB"
-    kv_tokens: int = Field(8192, ge=16)
-    block_size: int = Field(16, ge=1, le=1024)
-    max_batch: int = Field(32, ge=1, le=1024)
-    prefill_tokens: int = Field(256, ge=16)
-    max_waiting: int = Field(256, ge=0)
-    timeout_s: float = Field(600.0, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    replicas: int = Field(1, ge=1, le=64)
-    placement: bool = True
-    compile: bool = True                   # compiled decode steps (shards/model/compiled.py)
-    compiled_graph: bool = False           # steps through a Ray Compiled Graph (serving/control/pipeline.py)
-    channels: bool = True                  # steps over a socket per shard (shards/runtime/channel.py)
-    prefix_cache: bool = True              # prompts start after a cached block prefix (serving/router/prefix.py)
-    prefix: str = Field("", pattern=r"^[a-z0-9-]*$")
-    control: bool = True
-    controller: ControllerArgs | None = None
-    api_key: str | None = None             # prefer api_key_env: a key in a file gets copied around
-    api_key_env: str = "SHARDSERVE_API_KEY"
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: ModelSection = ModelSection()
+    cache: CacheSection = CacheSection()
+    scheduler: SchedulerSection = SchedulerSection()
+    controller: ControllerConfig = ControllerConfig()
+    transport: TransportSection = TransportSection()
+    server: ServerSection = ServerSection()
 
-    @field_validator("compression")
+    @model_validator(mode="before")
     @classmethod
-    def _compression(cls, v):
-        if v is not None:
-            from shards.compress.spec import parse
-            parse(v)
-        return v
-
-    @field_validator("budgets")
-    @classmethod
-    def _budgets(cls, v):
-        return None if v is None else [_bytes(b) for b in v]
-
-    def engine(self) -> EngineConfig:
-        return EngineConfig(
-            model=self.model, shards=0 if self.shards == "auto" else self.shards, budgets=self.budgets,
-            kv_tokens=self.kv_tokens, block_size=self.block_size, max_batch=self.max_batch,
-            prefill_tokens=self.prefill_tokens, compression=self.compression, device=self.device,
-            prefix=self.prefix, max_waiting=self.max_waiting, timeout_s=self.timeout_s, control=self.control,
-            controller=self.controller.settings() if self.controller else None, replicas=self.replicas,
-            placement=self.placement, compile=self.compile, compiled_graph=self.compiled_graph,
-            channels=self.channels, prefix_cache=self.prefix_cache)
+    def _nest_flat(cls, data: Any) -> Any:
+        """Flat names (`shards: 2`, `kv_tokens: 4096`) go into their sections; `model` as a
+        string is the model's name."""
+        if not isinstance(data, dict):
+            return data
+        out: dict = {}
+        for key, value in data.items():
+            if isinstance(value, BaseModel):
+                value = value.model_dump()
+            if key in SECTIONS and isinstance(value, dict):
+                out.setdefault(key, {}).update(value)
+            elif key in FLAT:
+                section, name = FLAT[key]
+                out.setdefault(section, {})[name] = value
+            else:
+                out[key] = value        # refused by extra="forbid", with its name
+        return out
 
     def key(self) -> str | None:
-        return self.api_key or os.environ.get(self.api_key_env) or None
+        return self.server.api_key or os.environ.get(self.server.api_key_env) or None
+
+    def replace(self, **flat) -> "Config":
+        """A copy with fields changed by their flat names."""
+        return load(self, **flat)
 
 
-def app_config(args: dict) -> AppConfig:
-    """args validated, or a ShardServeError naming each bad field and what it accepts."""
+def _merge(nested: dict, flat: dict) -> dict:
+    out = {k: dict(v) for k, v in nested.items()}
+    for key, value in flat.items():
+        if key not in FLAT:
+            raise ShardServeError(f"unknown config field {key!r}; fields: {', '.join(FLAT)}")
+        section, name = FLAT[key]
+        out[section][name] = value
+    return out
+
+
+def load(args: dict | Config | None = None, **flat) -> Config:
+    """args (nested sections and / or flat names) validated, or a ShardServeError naming each
+    bad field and what it accepts."""
+    if isinstance(args, Config):
+        args = args.model_dump()
     try:
-        return AppConfig.model_validate(args)
+        cfg = Config.model_validate(args or {})
+        return Config.model_validate(_merge(cfg.model_dump(), flat)) if flat else cfg
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'args'}: {x['msg']}"
                              + (f" (got {x['input']!r})" if x["type"] != "missing" else "")
                              for x in e.errors())
-        fields = ", ".join(AppConfig.model_fields)
-        raise ShardServeError(f"invalid shardserve app args: {problems}. Fields: {fields}") from None
+        raise ShardServeError(f"invalid shardserve config: {problems}. Sections: {', '.join(SECTIONS)}; "
+                              f"fields: {', '.join(FLAT)}") from None
+
+
+# ---- the command line: flags made from the fields ------------------------------------------------
+def cli_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """A flag per field (`--kv-tokens`, `--compile/--no-compile`), help and default from the
+    field; flags not given leave the config's default. only: these flat names."""
+    for flat, (section, name) in FLAT.items():
+        if only is not None and flat not in only:
+            continue
+        f = SECTIONS[section].model_fields[name]
+        flag = "--" + flat.replace("_", "-")
+        help_ = f.description if "default" in f.description else f"{f.description} (default: {_shown(f.default)})"
+        kw: dict = {"dest": flat, "default": argparse.SUPPRESS, "help": help_}
+        if f.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif str(f.annotation).startswith(("tuple", "list", "typing.Tuple", "typing.List")) or flat == "budgets":
+            parser.add_argument(flag, type=lambda s: [x for x in s.split(",") if x], metavar="A,B,...", **kw)
+        else:
+            parser.add_argument(flag, **kw)
+
+
+def _shown(v: Any) -> str:
+    if isinstance(v, tuple):
+        return ",".join(map(str, v)) or "none"
+    return "none" if v is None else str(v)
+
+
+def from_args(args: argparse.Namespace, base: dict | None = None) -> Config:
+    """The config of `base` with the flags given on the command line (by flat name)."""
+    given = {k: v for k, v in vars(args).items() if k in FLAT}
+    return load(base or {}, **given)

@@ -1,37 +1,21 @@
 """Wiring: plan the shards, start their actors, wait until loaded, hand back an Engine."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from serving.config import Config
 
+SERVE_DEFAULT = "fast"   # = w4a8x2: the file's own 4-bit weights, activations at ~15 bits
 from shards.plan.plan import Plan
 
 
-@dataclass
-class EngineConfig:
-    model: str = "default"
-    shards: int = 2
-    budgets: list[int] | None = None     # bytes per shard; None: reserve kv_tokens each
-    kv_tokens: int = 8192                # KV per shard when no budgets are given
-    block_size: int = 16
-    max_batch: int = 32
-    prefill_tokens: int = 256
-    compression: str | None = None       # spec for every shard (shards/compress/spec.py);
-                                         # None: fp32, or a prepared artifact's own
-    device: str = "auto"                 # auto: cuda when the node has a GPU, else cpu
-    prefix: str = ""                     # actor names are <prefix>shard-<k>, <prefix>controller
-    max_waiting: int = 256               # requests queued beyond the running ones; more get 429
-    timeout_s: float = 600.0             # a request still running after this is aborted (504)
-    control: bool = True                 # run the controller (serving/control/controller.py)
-    controller: dict | None = None       # its settings: serving.control.policy.ControllerConfig fields
-    replicas: int = 1                    # data-parallel pipelines behind the endpoint
-    placement: bool = True               # pin each shard to a node chosen by memory (shards/plan/placement.py)
-    compile: bool = False                # compiled decode steps (shards/model/compiled.py; the CLI's default)
-    compiled_graph: bool = False         # steps through a Ray Compiled Graph (serving/control/pipeline.py)
-    channels: bool = True                # steps over a socket per shard, not Ray calls (shards/runtime/channel.py)
-    prefix_cache: bool = True            # prompts start after a cached block prefix (serving/router/prefix.py)
+def serving_compression(spec: str | None, source) -> str:
+    """What a pipeline serves: `spec`, or when none is given, a prepared artifact's own, or
+    SERVE_DEFAULT (the fastest spec within 1% of fp32's perplexity, docs/compression.md)."""
+    if spec is not None:
+        return spec
+    return source.default_compression if source.applied is not None else SERVE_DEFAULT
 
 
-def make_plan(cfg: EngineConfig, nodes: list | None = None) -> Plan:
+def make_plan(cfg: Config, nodes: list | None = None) -> Plan:
     """The shard map for cfg. With placement, every shard names the node it is pinned to
     (`nodes`: the cluster's, read from the connected Ray when not given)."""
     import dataclasses
@@ -40,60 +24,65 @@ def make_plan(cfg: EngineConfig, nodes: list | None = None) -> Plan:
     from shards.compress.spec import parse
     from shards.model.source import open_source
     from shards.plan.planner import plan
-    source = open_source(cfg.model)
+    source = open_source(cfg.model.name)
     # a preset resolved to its spec: shards report it, and the controller's ladder is written in specs
-    comp = parse(cfg.compression or source.default_compression).spec
+    comp = parse(serving_compression(cfg.model.compression, source)).spec
     costs = measure_costs(source, comp)
-    if not cfg.placement:
-        device = "cpu" if cfg.device == "auto" else cfg.device
-        return _compiled(plan(costs, cfg.shards, cfg.budgets, cfg.kv_tokens, compression=comp, device=device), cfg)
+    shards = 0 if cfg.model.shards == "auto" else cfg.model.shards
+    if not cfg.server.placement:
+        device = "cpu" if cfg.model.device == "auto" else cfg.model.device
+        return _compiled(plan(costs, shards, cfg.cache.budgets, cfg.cache.kv_tokens, compression=comp,
+                              device=device), cfg)
     from shards.plan.placement import place
     if nodes is None:
         from serving.cluster import cluster_nodes
         nodes = cluster_nodes()
-    p = place(costs, nodes, cfg.shards or len(nodes), cfg.kv_tokens, comp, cfg.replicas, cfg.budgets)
-    if cfg.device != "auto":
-        p = dataclasses.replace(p, shards=tuple(dataclasses.replace(s, device=cfg.device) for s in p.shards))
+    p = place(costs, nodes, shards or len(nodes), cfg.cache.kv_tokens, comp, cfg.server.replicas, cfg.cache.budgets)
+    if cfg.model.device != "auto":
+        p = dataclasses.replace(p, shards=tuple(dataclasses.replace(s, device=cfg.model.device) for s in p.shards))
     return _compiled(p, cfg)
 
 
-def _compiled(p: Plan, cfg: EngineConfig) -> Plan:
+def _compiled(p: Plan, cfg: Config) -> Plan:
     import dataclasses
-    return dataclasses.replace(p, shards=tuple(dataclasses.replace(s, compile=cfg.compile) for s in p.shards))
+    return dataclasses.replace(p, shards=tuple(dataclasses.replace(s, compile=cfg.model.compile) for s in p.shards))
 
 
-def replica_prefixes(cfg: EngineConfig) -> list[str]:
+def replica_prefixes(cfg: Config) -> list[str]:
     """Actor-name prefix of each data-parallel pipeline: `<prefix>r<k>-` with replicas, else
     `<prefix>` (one pipeline, the names it always had)."""
-    if cfg.replicas <= 1:
-        return [cfg.prefix]
-    return [f"{cfg.prefix}r{k}-" for k in range(cfg.replicas)]
+    if cfg.server.replicas <= 1:
+        return [cfg.server.prefix]
+    return [f"{cfg.server.prefix}r{k}-" for k in range(cfg.server.replicas)]
 
 
-def start(cfg: EngineConfig) -> tuple[Plan, list, int]:
+def start(cfg: Config) -> tuple[Plan, list, int]:
     """Plan, then start (or attach to, by name) one actor per shard. Returns (plan, handles,
     KV blocks per shard). Deterministic, so the CLI and a Serve replica get the same actors."""
     from shards.runtime.actor import start_shards
     threads = None
-    if cfg.placement:
+    if cfg.server.placement:
         from serving.cluster import cluster_nodes
         nodes = cluster_nodes()
         p = make_plan(cfg, nodes)
-        threads = _threads(p, nodes, cfg.replicas)
+        threads = _threads(p, nodes, cfg.server.replicas)
     else:
         p = make_plan(cfg)
-    kv_blocks = min(s.kv_tokens for s in p.shards) // cfg.block_size
-    return p, start_shards(cfg.model, list(p.shards), kv_blocks, cfg.block_size, cfg.prefix, threads), kv_blocks
+    kv_blocks = min(s.kv_tokens for s in p.shards) // cfg.cache.block_size
+    handles = start_shards(cfg.model.name, list(p.shards), kv_blocks, cfg.cache.block_size, cfg.server.prefix, threads)
+    return p, handles, kv_blocks
 
 
-def measured_ladder(model: str, served: str) -> dict:
-    """The controller's compression ladder for this model: the registry's ladder methods and the
-    served spec, ordered by the bytes of one layer at each, measured here (lightest compression
-    first), as ControllerConfig's `ladder` and `ladder_bytes` (bytes / the first's)."""
+def measured_ladder(model: str, served: str, specs: tuple[str, ...] = ()) -> dict:
+    """The controller's compression ladder for this model: `specs` (default: the registry's
+    ladder methods) and the served spec, ordered by the bytes of one layer at each, measured
+    here (lightest compression first), as ControllerConfig's `ladder` and `ladder_bytes` (bytes
+    / the first's)."""
     from shards.compress import registry
     from shards.compress.costs import ladder_bytes
     from shards.model.source import open_source
-    measured = ladder_bytes(open_source(model), registry.ladder(served))
+    steps = tuple(dict.fromkeys(specs + (served,))) if specs else registry.ladder(served)
+    measured = ladder_bytes(open_source(model), steps)
     order = sorted(measured, key=measured.get, reverse=True)
     return {"ladder": tuple(order), "ladder_bytes": tuple(measured[s] / measured[order[0]] for s in order)}
 
@@ -105,7 +94,7 @@ def _threads(p: Plan, nodes: list, replicas: int) -> list[int]:
     return [max(1, int(cpus.get(s.node, 1) // on_node[s.node])) for s in p.shards]
 
 
-async def build_engine(cfg: EngineConfig, on_ready=None):
+async def build_engine(cfg: Config, on_ready=None):
     """Start the shard actors (and the controller) for cfg and return a running Engine.
     on_ready(k, stats) is called as each shard finishes loading (progress bars)."""
     import asyncio
@@ -125,21 +114,24 @@ async def build_engine(cfg: EngineConfig, on_ready=None):
     # this router is the pipeline's only one: KV a dead predecessor left behind is freed
     await asyncio.gather(*(h.free_all.remote() for h in handles))
     controller = None
-    if cfg.control:
+    if cfg.controller.enabled:
         from serving.control.controller import start_controller
-        ladder = await asyncio.to_thread(measured_ladder, cfg.model, p.shards[0].compression)
-        start_controller(cfg.prefix, {**ladder, **(cfg.controller or {})})
-        controller = f"{cfg.prefix}controller"
-    source = open_source(cfg.model)
+        settings = cfg.controller
+        if not settings.ladder_bytes:     # the ladder's bytes measured on the served model
+            ladder = await asyncio.to_thread(measured_ladder, cfg.model.name, p.shards[0].compression,
+                                             settings.ladder)
+            settings = settings.model_copy(update=ladder)
+        start_controller(cfg.server.prefix, settings.model_dump())
+        controller = f"{cfg.server.prefix}controller"
+    source = open_source(cfg.model.name)
     eos = source.config.eos_token_id
     tokenizer = await asyncio.to_thread(source.tokenizer)
-    pipeline = Pipeline(cfg.model, p, handles, kv_blocks, cfg.block_size, cfg.prefix, cfg.compiled_graph,
-                        cfg.channels)
-    engine = Engine(pipeline, tokenizer, set(eos if isinstance(eos, list) else [eos]),
-                    cfg.max_batch, cfg.prefill_tokens, controller=controller, max_waiting=cfg.max_waiting,
-                    timeout_s=cfg.timeout_s, prefix_cache=cfg.prefix_cache)
+    pipeline = Pipeline.of(cfg.model.name, p, handles, kv_blocks, cfg.cache.block_size, cfg.server.prefix,
+                        cfg.transport.compiled_graph, cfg.transport.channels)
+    engine = Engine(pipeline, tokenizer, set(eos if isinstance(eos, list) else [eos]), cfg.scheduler,
+                    controller=controller, prefix_cache=cfg.cache.prefix_cache)
     # the first request after a start took 268 ms against 55-58 for the next ones (2 shards, in
     # process, 1 generated token): the path's first use, paid here. A prompt under one KV block,
     # so the prefix cache pins nothing
-    await engine.warm_up(tokenizer.encode("Hello, world")[:cfg.block_size - 1])
+    await engine.warm_up(tokenizer.encode("Hello, world")[:cfg.cache.block_size - 1])
     return engine

@@ -1,10 +1,15 @@
 """Shared fixtures. Heavy ones (the real model, transformers' reference) are session-scoped."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from shards.data import read_prompts as prompts  # noqa: F401  (tests import it from here)
 
+# shard actors started by the tests (their Ray workers inherit this process's environment) take
+# injected faults; a deployment's do not (shards/runtime/actor.py, inject_fault)
+os.environ["SHARDSERVE_FAULTS"] = "1"
 TIERS = ("unit", "model", "ray", "slow")
 
 

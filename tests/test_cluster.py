@@ -13,7 +13,7 @@ from tests.test_serve import QUESTION, free_port
 
 pytestmark = pytest.mark.ray
 GiB = 1 << 30
-CONFIG = {"prefix": "clu-", "shards": 3, "kv_tokens": 2048, "compile": False}
+CONFIG = {"prefix": "clu-", "shards": 3, "kv_tokens": 2048, "compile": False, "compression": "fp32"}
 NODE = dict(num_cpus=1, object_store_memory=128 << 20)
 
 
@@ -38,9 +38,10 @@ def cluster():
 
 
 def test_plan_gives_the_bigger_node_more_layers(cluster):
-    from serving.launch import EngineConfig, make_plan
+    from serving.config import load
+    from serving.launch import make_plan
     _, ids = cluster
-    p = make_plan(EngineConfig(**CONFIG))
+    p = make_plan(load(CONFIG))
     layers = {s.node: len(s.layers) for s in p.shards}
     assert layers[ids["big"]] > layers[ids["small"]] > layers[ids["head"]], layers
     assert p.shards[0].node == ids["big"]
@@ -59,9 +60,10 @@ def test_served_shards_run_on_their_planned_nodes_and_answer_exactly(cluster, so
     from ray import serve
 
     from serving.api.app import ShardServe
-    from serving.launch import EngineConfig, make_plan
+    from serving.config import load
+    from serving.launch import make_plan
     from shards.model.generator import Generator
-    planned = [s.node for s in make_plan(EngineConfig(**CONFIG)).shards]
+    planned = [s.node for s in make_plan(load(CONFIG)).shards]
     port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     serve.run(ShardServe.bind(CONFIG), name="shardserve", route_prefix="/", blocking=False)

@@ -181,7 +181,13 @@ def test_calibrated_methods_on_real_model(source):
     assert res["wanda:0.5"].ppl < res["magnitude:0.5"].ppl / 3
     assert res["wanda:0.5"].ppl < 3 * base.ppl
     assert res["cut-mlp:0.2"].ppl < 2.5 * base.ppl
-    assert res["cut-mlp:0.2"].weight_bytes < 0.89 * base.weight_bytes
+    # cut-mlp removes the same neurons' rows of gate and up and columns of down in every layer
+    # (fp32), and its mean compensation may give down_proj a bias of `hidden` floats
+    from shards.compress.cut import MULTIPLE, keep_count
+    cfg = source.config
+    gone = cfg.intermediate_size - keep_count(cfg.intermediate_size, 0.2, MULTIPLE)
+    removed = base.weight_bytes - res["cut-mlp:0.2"].weight_bytes
+    assert 0 <= cfg.num_hidden_layers * gone * 3 * cfg.hidden_size * 4 - removed <= cfg.num_hidden_layers * cfg.hidden_size * 4
     assert res["drop-layers:2"].ppl < 2 * base.ppl
     from shards.compress.costs import measure_costs
     layer = measure_costs(source).layer_bytes[0]          # every fp32 layer has the same shapes
@@ -213,7 +219,6 @@ def test_w8a8_cpu_stage_maxima_cached_and_bytes_planned(source):
     """w8a8 on the real model: smoothed int8 x int8 projections and lm_head, down_proj
     weight-only; the activation maxima come from the disk cache the second time; the plan's
     bytes equal the built stage's."""
-    import time
 
     from shards import LayerRange
     from shards.compress.costs import measure_costs
@@ -227,9 +232,16 @@ def test_w8a8_cpu_stage_maxima_cached_and_bytes_planned(source):
     assert isinstance(st.lm_head, W8A8CpuLinear) and st.embed.table is st.lm_head
     assert isinstance(b.qkv_proj, W8A8CpuLinear) and isinstance(b.down_proj, Int8CpuLinear) and b.down_proj.two_level
     assert not torch.equal(b.qkv_proj.inv_s, torch.ones(576))          # smoothed
-    t = time.perf_counter()
-    maxima = activation_maxima(source)
-    assert time.perf_counter() - t < 2 and set(maxima) == set(range(30)) | {HEAD}
+    import shards.compress.maxima as maxima_module
+
+    def measured(*_):
+        raise AssertionError("the maxima were measured again instead of read from the cache")
+    real, maxima_module._measure = maxima_module._measure, measured     # the stage above cached them
+    try:
+        maxima = activation_maxima(source)
+    finally:
+        maxima_module._measure = real
+    assert set(maxima) == set(range(30)) | {HEAD}
     assert maxima[29]["down_proj"].shape == (1536,) and maxima[HEAD].shape == (576,)
     p = plan(measure_costs(source, "w8a8"), 1, None, 0, compression="w8a8")
     assert p.shards[0].weight_bytes == st.weight_bytes()

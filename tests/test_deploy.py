@@ -109,9 +109,10 @@ def test_presets_reach_the_shards_as_specs():
     """`fast` (the serve default) is planned as w4a8x2: shards report the spec, and the
     controller's compression ladder, measured on the model, holds it between the lighter and
     the heavier compressions by bytes."""
+    from serving.config import load
     from serving.control.policy import ControllerConfig
-    from serving.launch import EngineConfig, make_plan, measured_ladder
-    p = make_plan(EngineConfig(compression="fast", placement=False))
+    from serving.launch import make_plan, measured_ladder
+    p = make_plan(load(compression="fast", placement=False))
     assert {s.compression for s in p.shards} == {"w4a8x2"}
     ladder = measured_ladder("default", "w4a8x2")
     ControllerConfig(**ladder)   # lengths agree

@@ -13,7 +13,7 @@ from shards.plan.planner import shard_weight_bytes
 pytestmark = pytest.mark.model
 
 PROBE = r"""
-import gc, json, re, sys
+import ctypes, gc, json, re, sys
 from shards.model.source import open_source
 from shards.plan.layer_range import LayerRange
 from shards.model.stage import Stage
@@ -22,6 +22,7 @@ def status(key):  # bytes, from /proc/self/status (kB there)
 src = open_source("default")
 Stage(src, LayerRange(29, 30), kv_blocks=1)  # warm imports and lazy inits, then drop it
 gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # the freed heap back to the OS: the load cannot reuse it unseen
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 before = status("VmRSS")
 stage = Stage(src, LayerRange(int(sys.argv[1]), int(sys.argv[2])), kv_blocks=1)
@@ -41,10 +42,10 @@ def test_third_of_layers_peak_rss():
     print(f"peak RSS rise: whole {whole['rise'] / 2**20:.0f} MiB, layers [10, 20) "
           f"{third['rise'] / 2**20:.0f} MiB ({third['rise'] / whole['rise']:.0%})")
     assert third["rise"] <= 0.45 * whole["rise"]
-    # the probe sees the weights arrive (a blind probe reads ~0). Not all of them: the load may
-    # reuse heap the warm-up stage freed (its fp32 lm_head is 108 MiB); 484-491 MiB of 513 here,
-    # 457 at the least seen from a fresh clone, so the bound is 0.8
-    assert whole["rise"] >= whole["weights"] * 0.8
+    # the probe sees every weight byte arrive (a blind probe reads ~0): the warm-up stage's freed
+    # heap went back to the OS before the peak was reset, so the load cannot reuse it unseen
+    # (measured: a rise of 537 MiB for 513 MiB of weights)
+    assert whole["rise"] >= whole["weights"]
 
 
 def test_estimate_equals_stage_bytes(source):

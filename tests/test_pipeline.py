@@ -4,7 +4,8 @@ import asyncio
 import pytest
 import torch
 
-from serving.launch import EngineConfig, build_engine
+from serving.config import load
+from serving.launch import build_engine
 from shards import LayerRange
 from shards.model.step import SamplingParams
 from tests.conftest import chat_ids, prompts
@@ -15,13 +16,14 @@ N_TOKENS = 32
 
 
 def make_engine(loop, shards, prefix, **kw):
-    return loop.run_until_complete(build_engine(EngineConfig(shards=shards, prefix=prefix, kv_tokens=4096, **kw)))
+    return loop.run_until_complete(build_engine(load(shards=shards, prefix=prefix, kv_tokens=4096,
+                                                  **{"compile": False, "compression": "fp32", **kw})))
 
 
 def kill(engine):
     from shards.runtime.actor import stop_pipeline
     engine.close()
-    stop_pipeline(engine.pipeline.prefix)
+    stop_pipeline(engine.pipeline.shards.prefix)
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +47,14 @@ def test_concurrent_greedy_matches_transformers(loop, reference, shards):
     engine = make_engine(loop, shards, f"eq{shards}-")
     try:
         # built means warm: one short request has run a prefill and a decode step on every shard
-        assert all(s["steps"] >= 2 for s in loop.run_until_complete(engine.stats()))
+        assert all(s.steps >= 2 for s in loop.run_until_complete(engine.stats()))
         inputs = [list(k) for k in reference]
         outs = loop.run_until_complete(run_all(engine, inputs, SamplingParams(max_tokens=N_TOKENS)))
         for ids, d in zip(inputs, outs):
             assert d.token_ids == reference[tuple(ids)]
         stats = loop.run_until_complete(engine.stats())
-        assert all(s["kv_blocks_used"] == 0 and s["live_sequences"] == 0 for s in stats)
-        assert [(s["start"], s["end"]) for s in stats] == [(r.start, r.end) for r in engine.plan.ranges]
+        assert all(s.kv_blocks_used == 0 and s.live_sequences == 0 for s in stats)
+        assert [(s.start, s.end) for s in stats] == [(r.start, r.end) for r in engine.plan.ranges]
     finally:
         kill(engine)
 
@@ -79,8 +81,8 @@ def test_prompts_after_a_cached_prefix_match_transformers(loop, reference, engin
     for ids, d in zip(inputs, outs):
         assert d.token_ids == reference[tuple(ids)]
     stats = loop.run_until_complete(engine2.stats())
-    assert all(s["prefix_holders"] >= 1 and s["prefix_blocks"] >= 1 for s in stats)
-    assert all(s["kv_blocks_used"] == 0 and s["live_sequences"] == 0 for s in stats)
+    assert all(s.prefix_holders >= 1 and s.prefix_blocks >= 1 for s in stats)
+    assert all(s.kv_blocks_used == 0 and s.live_sequences == 0 for s in stats)
 
 
 def test_32_concurrent_different_lengths_then_kv_zero(loop, engine2, tokenizer):
@@ -91,17 +93,17 @@ def test_32_concurrent_different_lengths_then_kv_zero(loop, engine2, tokenizer):
     outs = loop.run_until_complete(run_all(engine2, inputs, SamplingParams(max_tokens=24)))
     assert all(d.finish_reason in ("stop", "length") and d.completion_tokens >= 1 for d in outs)
     stats = loop.run_until_complete(engine2.stats())
-    assert all(s["kv_bytes_used"] == 0 and s["live_sequences"] == 0 for s in stats), \
-        [(s["kv_bytes_used"], s["live_sequences"], s["prefix_holders"], s["prefix_blocks"]) for s in stats]
+    assert all(s.kv_bytes_used == 0 and s.live_sequences == 0 for s in stats), \
+        [(s.kv_bytes_used, s.live_sequences, s.prefix_holders, s.prefix_blocks) for s in stats]
 
 
 def test_shards_overlap_in_time(loop, engine2, tokenizer):
     inputs = [chat_ids(tokenizer, p) for p in prompts(16, start=100)]
     engine2.hops.clear()
     before = loop.run_until_complete(engine2.stats())
-    t0 = max(e for s in before for _, e in s["busy"][-1:]) if before[0]["busy"] else 0
+    t0 = max(e for s in before for _, e in s.busy[-1:]) if before[0].busy else 0
     loop.run_until_complete(run_all(engine2, inputs, SamplingParams(max_tokens=32)))
-    s0, s1 = [[(a, b) for a, b in s["busy"] if a > t0] for s in loop.run_until_complete(engine2.stats())]
+    s0, s1 = [[(a, b) for a, b in s.busy if a > t0] for s in loop.run_until_complete(engine2.stats())]
     overlap = sum(max(0.0, min(b0, b1) - max(a0, a1)) for a0, b0 in s0 for a1, b1 in s1)
     busy0 = sum(b - a for a, b in s0)
     # per-hop overhead: a group's round trip minus its compute on each shard, over 3 hops
@@ -126,7 +128,7 @@ def test_move_layers_mid_generation_token_identical(loop, tokenizer, source):
             while max((len(s.generated) for s in engine.sched.running.values()), default=0) < 10:
                 await asyncio.sleep(0.01)
             live = len(engine.sched.running)
-            rss0 = (await engine.stats())[0]["rss_bytes"]
+            rss0 = (await engine.stats())[0].rss_bytes
             b = engine.plan.shards[0].layers.end
             await engine.move_layers(0, 1, LayerRange(b - 5, b))
             return live, rss0, await asyncio.gather(*tasks)
@@ -135,9 +137,9 @@ def test_move_layers_mid_generation_token_identical(loop, tokenizer, source):
         assert live >= 4
         assert [d.token_ids for d in outs] == want
         after = loop.run_until_complete(engine.stats())
-        assert (after[0]["end"], after[1]["start"]) == (engine.plan.shards[0].layers.end,) * 2
-        print(f"shard 0 RSS {rss0 / 2**20:.0f} -> {after[0]['rss_bytes'] / 2**20:.0f} MiB")
-        assert after[0]["rss_bytes"] < rss0 - 3 * 14 * 2**20   # 5 layers of 13.5 MiB weights left
+        assert (after[0].end, after[1].start) == (engine.plan.shards[0].layers.end,) * 2
+        print(f"shard 0 RSS {rss0 / 2**20:.0f} -> {after[0].rss_bytes / 2**20:.0f} MiB")
+        assert after[0].rss_bytes < rss0 - 3 * 14 * 2**20   # 5 layers of 13.5 MiB weights left
     finally:
         kill(engine)
 
@@ -154,8 +156,8 @@ def test_compressed_shards(loop, tokenizer, source):
         stats = loop.run_until_complete(engine.stats())
         costs = measure_costs(source, "w8a16")
         for s, spec in zip(stats, engine.plan.shards):
-            assert s["compression"] == "w8a16"
-            assert s["weight_bytes"] == shard_weight_bytes(costs, spec.layers) == spec.weight_bytes
+            assert s.compression == "w8a16"
+            assert s.weight_bytes == shard_weight_bytes(costs, spec.layers) == spec.weight_bytes
     finally:
         kill(engine)
 
@@ -169,10 +171,10 @@ def test_a_router_attaching_frees_what_a_dead_one_left(loop):
     first = make_engine(loop, 2, "att-", control=False)
     h0 = first.shards[0]
     ray.get(h0.forward.remote(StepBatch([123], [0], [4], tokens=torch.tensor([[1, 2, 3, 4]]))))
-    assert ray.get(h0.stats.remote())["live_sequences"] == 1      # as a dead router would leave it
+    assert ray.get(h0.stats.remote()).live_sequences == 1      # as a dead router would leave it
     first.close()
     second = make_engine(loop, 2, "att-", control=False)
     try:
-        assert ray.get(second.shards[0].stats.remote())["live_sequences"] == 0
+        assert ray.get(second.shards[0].stats.remote()).live_sequences == 0
     finally:
         kill(second)

@@ -4,7 +4,9 @@ import asyncio
 
 import pytest
 
-from serving.router.engine import Engine, Overloaded, RequestTimeout, _stop_prefix_len
+from serving.config import SchedulerSection
+from serving.router.detokenizer import Detokenizer, stop_prefix_len
+from serving.router.engine import Engine, Overloaded, RequestTimeout, _Flight
 from serving.router.scheduler import Group, Sequence
 from shards.model.step import SamplingParams
 
@@ -18,25 +20,52 @@ class CharTokenizer:
         return "".join(map(chr, ids))
 
 
+class FakeShards:
+    kv_blocks, block_size, handles = 64, 4, [None, None]
+
+
+class FakeTransport:
+    """Launches nothing: every step stays in flight until a test answers it."""
+
+    paused, on_resume, needs_connect = False, None, False
+
+    def landed(self) -> None:
+        pass
+
+
+class EchoTransport(FakeTransport):
+    """Answers every step at once: each sequence's next token is `token`."""
+
+    def __init__(self, token: int):
+        self.token, self.steps = token, 0
+
+    def launch(self, batch):
+        import numpy as np
+        self.steps += 1
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(np.full(len(batch.seq_ids), self.token, dtype=np.int64))
+        return fut
+
+
 class FakePipeline:
-    kv_blocks, block_size, handles, paused = 64, 4, [None, None], False
+    """What the engine reads of a pipeline, without actors: nothing is ever launched."""
 
     def __init__(self):
-        self.on_resume = None
+        self.shards, self.transport = FakeShards(), FakeTransport()
 
     def close(self) -> None:
         pass
 
 
-def engine(**kw) -> Engine:
-    return Engine(FakePipeline(), CharTokenizer(), eos={0}, **kw)
+def engine(**limits) -> Engine:
+    return Engine(FakePipeline(), CharTokenizer(), eos={0}, limits=SchedulerSection(**limits))
 
 
 def emit_all(e: Engine, text: str, stop=(), max_tokens=100):
     """Feed text one character per step through _emit; returns the deltas' texts and the last."""
     from serving.router.engine import _Request
     seq = Sequence(1, [5], SamplingParams(max_tokens=max_tokens, stop=tuple(stop)))
-    req = e.requests[1] = _Request(seq)
+    req = e.requests[1] = _Request(seq, Detokenizer(e.tokenizer, tuple(stop)))
     e.sched.running[1] = seq
     out = []
     for i, ch in enumerate(text):
@@ -50,10 +79,10 @@ def emit_all(e: Engine, text: str, stop=(), max_tokens=100):
     return [d.text for d in out], out[-1]
 
 
-def test_stop_prefix_len():
-    assert _stop_prefix_len("hello wor", ["world"]) == 3
-    assert _stop_prefix_len("hello", ["xyz"]) == 0
-    assert _stop_prefix_len("aab", ["abc", "b!"]) == 2
+def teststop_prefix_len():
+    assert stop_prefix_len("hello wor", ["world"]) == 3
+    assert stop_prefix_len("hello", ["xyz"]) == 0
+    assert stop_prefix_len("aab", ["abc", "b!"]) == 2
 
 
 def test_stop_string_prefix_never_sent():
@@ -86,9 +115,9 @@ def test_request_past_its_deadline_is_aborted():
     its sequence leaves the scheduler."""
     async def run():
         e = engine(timeout_s=0.2)
-        e.pipeline.paused = True
+        e.pipeline.transport.paused = True
         with pytest.raises(RequestTimeout, match="0.2 s timeout"):
-            async for _ in e.generate([5, 6], SamplingParams()):
+            async for _ in e.generate([5, 6], SamplingParams(max_tokens=8)):
                 pass
         assert not e.sched.waiting and not e.sched.running and not e.requests
         e.close()
@@ -100,8 +129,7 @@ def test_frees_that_rode_on_a_failed_step_are_sent_again_unless_rebuilt():
     was preempted and is being prefilled again: 7 and 8 go out again, 9 does not (its new KV
     would be dropped), and the failed group's own sequence is freed and requeued."""
     e = engine()
-    e._start_recovery = lambda why: None           # no shards to check here
-    e.pipeline.landed = lambda: None
+    e.recovery.start = lambda why: None            # no shards to check here
     rebuilding, waiting = Sequence(9, [5, 6], SamplingParams()), Sequence(8, [5], SamplingParams())
     rebuilding.in_flight = 2
     e.sched.running[9] = rebuilding
@@ -113,9 +141,58 @@ def test_frees_that_rode_on_a_failed_step_are_sent_again_unless_rebuilt():
     try:
         fut = loop.create_future()
         fut.set_exception(RuntimeError("shard 0 raised"))
-        fut.freed, fut.launched = [7, 8, 9], 0.0
-        e._finish_group(group, fut)
+        e._finish_group(_Flight(group, [7, 8, 9], 0.0), fut)
     finally:
         loop.close()
     assert sorted(e._pending_free) == [1, 7, 8]
     assert [s.id for s in e.sched.waiting] == [1, 8] and 9 in e.sched.running
+
+
+def test_recovery_is_single_flight():
+    """Three callers at once start one check; each waits for it; a later call starts another."""
+    from serving.router.recovery import Recovery
+    calls = []
+
+    async def check(why):
+        calls.append(why)
+        await asyncio.sleep(0.05)
+
+    async def run():
+        r = Recovery(check)
+        await asyncio.gather(r.run("a"), r.run("b"), r.run("c"))
+        assert calls == ["a"] and r.runs == 1 and not r.active
+        await r.run("d")
+        assert calls == ["a", "d"] and r.runs == 2
+    asyncio.run(run())
+
+
+def test_blocked_while_recovering():
+    """Nothing launches from the moment a recovery starts until it ends."""
+    async def run():
+        e = engine()
+        gate = asyncio.Event()
+
+        async def check(why):
+            await gate.wait()
+        e.recovery._check = check
+        e.recovery.start("step failed")
+        assert e._blocked
+        gate.set()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert not e._blocked
+        e.close()
+    asyncio.run(run())
+
+
+def test_the_loop_runs_a_request_to_its_end():
+    """The router's loop end to end over a transport that answers at once: prefill, decode
+    steps, detokenized text, the finish reason and the usage counts."""
+    async def run():
+        e = engine()
+        e.pipeline.transport = EchoTransport(ord("A"))
+        out = await asyncio.wait_for(e.complete([5, 6, 7], SamplingParams(max_tokens=3)), 10)
+        assert (out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens) == ("AAA", "length", 3, 3)
+        assert e.pipeline.transport.steps == 3 and not e.sched.running and not e.requests
+        e.close()
+    asyncio.run(run())

@@ -8,7 +8,8 @@ import time
 import psutil
 import pytest
 
-from serving.launch import EngineConfig, build_engine
+from serving.config import load
+from serving.launch import build_engine
 from shards.model.step import SamplingParams
 from tests.conftest import chat_ids, prompts
 
@@ -17,7 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def pipeline(loop, prefix):
-    return loop.run_until_complete(build_engine(EngineConfig(shards=2, prefix=prefix, kv_tokens=4096)))
+    return loop.run_until_complete(build_engine(load(shards=2, prefix=prefix, kv_tokens=4096, compile=False, compression="fp32")))
 
 
 async def at_concurrency(engine, inputs, c, params):
@@ -48,7 +49,7 @@ def test_200_requests_at_32_with_a_shard_killed(loop, tokenizer):
             return outs, time.time() - t0
 
         outs, after = loop.run_until_complete(with_kill())
-        restarts = [e for e in engine.pipeline.events if e["action"] == "restart"]
+        restarts = [e for e in engine.pipeline.shards.events if e["action"] == "restart"]
         print(f"200 requests at c=32, shard-1 killed 20 s in: {sum(d.finish_reason == 'error' for d in outs)} failed, "
               f"re-placed in {restarts[0]['seconds']:.1f} s, done {after:.0f} s after the kill, "
               f"{len(engine.step_errors)} failed steps recomputed")
@@ -74,7 +75,7 @@ def test_soak_1000_requests_memory_flat(loop, tokenizer):
         stats = loop.run_until_complete(engine.stats())
         ctl = ray.get(ray.get_actor("soak-controller", namespace="shardserve").rss.remote())
         return {"router": psutil.Process().memory_info().rss, "controller": ctl,
-                **{f"shard-{k}": s["rss_bytes"] for k, s in enumerate(stats)}}
+                **{f"shard-{k}": s.rss_bytes for k, s in enumerate(stats)}}
     try:
         loop.run_until_complete(at_concurrency(engine, inputs[:64], 32, params))   # warm-up
         before, t0 = rss(), time.time()
@@ -86,7 +87,7 @@ def test_soak_1000_requests_memory_flat(loop, tokenizer):
         for k in before:
             assert after[k] <= 1.05 * before[k], f"{k} grew {before[k] / 2**20:.0f} -> {after[k] / 2**20:.0f} MiB"
         stats = loop.run_until_complete(engine.stats())
-        assert all(s["kv_blocks_used"] == 0 for s in stats)
+        assert all(s.kv_blocks_used == 0 for s in stats)
     finally:
         engine.close()
         stop_pipeline("soak-")

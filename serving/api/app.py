@@ -21,8 +21,8 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from serving import config as app_config
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest, ShardPatch
-from serving.config import app_config
 from serving.launch import replica_prefixes
 
 log = logging.getLogger(__name__)
@@ -114,13 +114,12 @@ def _replica_rank() -> int:
 @serve.ingress(api)
 class ShardServe:
     def __init__(self, config: dict | None = None):
-        args = app_config(config or {})
-        api.state.api_key = args.key()
-        self.model_name = args.model_name or "shardserve-" + args.model
-        self.cfg = args.engine()
+        cfg = app_config.load(config or {})
+        api.state.api_key = cfg.key()
+        self.model_name = cfg.model.served_name or "shardserve-" + cfg.model.name
         # data parallel: each Serve replica routes its own pipeline, `<prefix>r<rank>-shard-<k>`
-        self.replica = _replica_rank() if args.replicas > 1 else 0
-        self.cfg.prefix = replica_prefixes(self.cfg)[self.replica]
+        self.replica = _replica_rank() if cfg.server.replicas > 1 else 0
+        self.cfg = cfg.replace(prefix=replica_prefixes(cfg)[self.replica])
         self._build = None  # asyncio.Future of the Engine
         self.created = int(time.time())
         # tokenization and chat templates run off the event loop, one at a time, on their own
@@ -177,16 +176,16 @@ class ShardServe:
         """The plan, each shard's measured numbers, the controller's actions (newest last), and
         where decode time goes (steps that ended after `since`, epoch seconds)."""
         engine = await self.engine()
-        pipe = engine.pipeline
-        stats = await pipe.stats_or_errors()
+        pipe = engine.pipeline.shards
+        stats = await engine.pipeline.reconfigure.stats_or_errors()
         out = []
         for spec, name, st in zip(pipe.plan.shards, pipe.names, stats):
-            st = {k: v for k, v in st.items() if k != "busy"}
+            st = {"error": st} if isinstance(st, str) else st.to_dict()
             out.append({"index": spec.index, "name": name, "kv_tokens": spec.kv_tokens, **st})
         return {"model": self.model_name, "n_layers": pipe.plan.n_layers, "plan": pipe.plan.to_dict(),
                 "shards": out, "events": list(pipe.events), "down": engine.down,
                 "timing": await engine.timing(since),
-                "replica": self.replica, "replicas": self.cfg.replicas}
+                "replica": self.replica, "replicas": self.cfg.server.replicas}
 
     @api.patch("/v1/shards/{index}", dependencies=[Depends(_check_key)])
     async def patch_shard(self, index: int, request: Request):
@@ -198,7 +197,7 @@ class ShardServe:
             st = await engine.set_budget(index, body.budget_bytes)
         except IndexError as e:
             raise HTTPException(404, str(e)) from e
-        return {k: v for k, v in st.items() if k != "busy"}
+        return st.to_dict()
 
     @api.post("/v1/chat/completions", dependencies=[Depends(_check_key)])
     async def chat(self, request: Request):
@@ -244,7 +243,7 @@ class ShardServe:
     async def _respond(self, engine, ids, body, chat: bool):
         try:
             params = body.sampling()
-            engine.sched.check(len(ids), params.max_tokens)
+            engine.check(len(ids), params.max_tokens)
         except ValueError as e:
             raise HTTPException(400, str(e)) from e
         gen = engine.generate(ids, params)
@@ -308,5 +307,5 @@ def build_app(args: dict) -> serve.Application:
     args are validated (serving/config.py) before anything starts; `replicas` Serve replicas,
     each routing its own pipeline, balanced by Serve's router (fewest ongoing requests of two)."""
     # `serve run ... shards=2` passes strings, a YAML file typed values: pydantic takes both
-    cfg = app_config(args)
-    return ShardServe.options(num_replicas=cfg.replicas).bind(cfg.model_dump(exclude_defaults=True))
+    cfg = app_config.load(args)
+    return ShardServe.options(num_replicas=cfg.server.replicas).bind(cfg.model_dump(exclude_defaults=True))

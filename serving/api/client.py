@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import httpx
 
+from shards.runtime.stats import ShardStats
+
 
 class ShardServeError(RuntimeError):
     """The server answered with an OpenAI-style error body."""
@@ -68,10 +70,10 @@ class Client:
         """Plan, per-shard measured numbers, and the controller's events (newest last)."""
         return self._json("GET", "/v1/shards")
 
-    def set_budget(self, shard: int, budget_bytes: int | None) -> dict:
+    def set_budget(self, shard: int, budget_bytes: int | None) -> ShardStats:
         """Change shard `shard`'s memory budget at run time (None: no budget); the controller
-        acts when its measured use goes over the high watermark."""
-        return self._json("PATCH", f"/v1/shards/{shard}", {"budget_bytes": budget_bytes})
+        acts when its measured use goes over the high watermark. Returns the shard's stats."""
+        return ShardStats(**self._json("PATCH", f"/v1/shards/{shard}", {"budget_bytes": budget_bytes}))
 
     def models(self) -> list[str]:
         return [m["id"] for m in self._json("GET", "/v1/models")["data"]]

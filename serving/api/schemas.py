@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shards.model.step import SamplingParams
+from shards.model.step import DEFAULT_MAX_TOKENS, SamplingParams
 
 MAX_TOKENS_LIMIT = 4096
 MAX_STOP_CHARS = 256
@@ -78,7 +78,7 @@ class _Sampling(BaseModel):
                 raise ValueError(f"unknown field {name!r}")
         return self
 
-    def sampling(self, default_max: int = 256) -> SamplingParams:
+    def sampling(self, default_max: int = DEFAULT_MAX_TOKENS) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               seed=self.seed, max_tokens=self.max_completion_tokens or self.max_tokens

@@ -15,7 +15,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from serving.control.policy import ControllerConfig, PolicyState, Snapshot, acted, decide, reading
+from serving.config import ControllerConfig
+from serving.control.policy import PolicyState, Snapshot, acted, decide, reading
 from shards.plan.plan import ReplaceShard
 
 NAMESPACE = "shardserve"

@@ -1,6 +1,7 @@
 """The controller's policy (docs/controller.md): pure, no Ray, no torch, no clock of its own.
 
-`decide(snapshot, config, state) -> (actions, state)`, as Ray Serve's autoscaling policy is
+`decide(snapshot, config, state) -> (actions, state)`, config being the application config's
+controller section (serving/config.py::ControllerConfig), as Ray Serve's autoscaling policy is
 written: the caller passes the time in the snapshot, so tests drive it with a fake clock.
 
 Pressure on a shard is either its measured use over the high watermark of its budget, or its
@@ -13,8 +14,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from serving.config import ControllerConfig
 from shards.plan.layer_range import LayerRange
 from shards.plan.plan import Action, MoveLayers, Recompress, SplitShard
+from shards.runtime.stats import ShardStats
 
 MiB = 1 << 20
 
@@ -46,31 +49,6 @@ class Snapshot:
     time: float                    # seconds, any monotonic origin
     n_layers: int                  # layers of the model
     shards: tuple[ShardReading, ...]
-
-
-@dataclass(frozen=True)
-class ControllerConfig:
-    high_watermark: float = 0.95        # use / budget above this is pressure
-    low_watermark: float = 0.85         # an action aims to bring the shard under this
-    readings: int = 3                   # consecutive readings under pressure before acting
-    quiet_s: float = 20.0               # no action for this long after one (memory: fast, not 600 s)
-    relax_s: float = 300.0              # no pressure for this long: lower a raised compression
-    min_node_free_bytes: int = 512 * MiB
-    actions: tuple[str, ...] = ("move", "split", "recompress")   # allowed, in order of preference
-    # compression steps, lightest first, and a layer's bytes at each / the first's, measured on
-    # the model being served (serving/launch.py::measured_ladder); empty: no recompression
-    ladder: tuple[str, ...] = ()
-    ladder_bytes: tuple[float, ...] = ()
-    max_shards: int = 8
-
-    def __post_init__(self) -> None:
-        if not 0 < self.low_watermark < self.high_watermark:
-            raise ValueError(f"watermarks need 0 < low ({self.low_watermark}) < high ({self.high_watermark})")
-        if len(self.ladder) != len(self.ladder_bytes):
-            raise ValueError(f"ladder {self.ladder} and ladder_bytes {self.ladder_bytes} differ in length")
-        bad = set(self.actions) - {"move", "split", "recompress"}
-        if bad:
-            raise ValueError(f"unknown controller actions {sorted(bad)}; valid: move, split, recompress")
 
 
 @dataclass(frozen=True)
@@ -232,10 +210,10 @@ def acted(state: PolicyState, now: float) -> PolicyState:
     return replace(state, last_action=now, over={}, low={})
 
 
-def reading(index: int, name: str, st: dict) -> ShardReading:
-    """A ShardReading from a shard actor's stats() dict."""
+def reading(index: int, name: str, st: ShardStats) -> ShardReading:
+    """A ShardReading from a shard actor's stats()."""
     return ShardReading(
-        index=index, name=name, start=st["start"], end=st["end"], compression=st["compression"],
-        used_bytes=st["rss_bytes"] - st["base_rss_bytes"], weight_bytes=st["weight_bytes"],
-        layer_bytes=st["layer_bytes"], runtime_bytes=st["base_rss_bytes"], budget_bytes=st["budget_bytes"],
-        node=st["node"], node_available_bytes=st["node_available_bytes"])
+        index=index, name=name, start=st.start, end=st.end, compression=st.compression,
+        used_bytes=st.used_bytes, weight_bytes=st.weight_bytes, layer_bytes=st.layer_bytes,
+        runtime_bytes=st.base_rss_bytes, budget_bytes=st.budget_bytes, node=st.node,
+        node_available_bytes=st.node_available_bytes)

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from serving.config import SchedulerSection
 from serving.control.pipeline import ActionError, Pipeline, describe
+from serving.router.detokenizer import Detokenizer
+from serving.router.recovery import Recovery
 from serving.router.scheduler import Group, Scheduler, SchedulerConfig, Sequence
 from shards.model.step import SamplingParams, StepBatch
 from shards.plan.layer_range import LayerRange
@@ -45,12 +48,17 @@ class RequestTimeout(RuntimeError):
 @dataclass
 class _Request:
     seq: Sequence
+    detok: Detokenizer
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    text: str = ""        # text sent so far
-    held: str = ""        # decoded, not sent: could still be the start of a stop string
-    sent: int = 0         # generated tokens sent so far
-    prefix_at: int = 0    # detokenization window: decode from here ...
-    read_at: int = 0      # ... text up to here was already sent
+
+
+@dataclass(frozen=True)
+class _Flight:
+    """A group in the pipeline: what it carries beside its sequences."""
+
+    group: Group
+    freed: list[int]       # the frees that rode on its step
+    launched: float        # time.perf_counter() at launch
 
 
 CONTROL_PERIOD_S = 1.0   # how often the router syncs with the controller actor
@@ -65,27 +73,27 @@ class Engine:
     to each request's stream. A step that fails never stops it: the group's sequences are
     recomputed, and a dead shard is re-placed before anything else is launched."""
 
-    def __init__(self, pipeline: Pipeline, tokenizer, eos: set[int], max_batch: int = 32,
-                 prefill_tokens: int = 256, max_failures: int = 3, controller: str | None = None,
-                 max_waiting: int = 256, timeout_s: float = 600.0, prefix_cache: bool = True):
+    def __init__(self, pipeline: Pipeline, tokenizer, eos: set[int], limits: SchedulerSection = SchedulerSection(),
+                 controller: str | None = None, prefix_cache: bool = True, max_failures: int = 3):
+        """limits: the config's scheduler section (batch, prefill chunk, queue, timeout)."""
         self.pipeline, self.tokenizer = pipeline, tokenizer
         self._wake = asyncio.Event()
-        pipeline.on_resume = self._wake.set
+        pipeline.transport.on_resume = self._wake.set
         self.eos = frozenset(eos)
-        self.sched = Scheduler(SchedulerConfig(pipeline.kv_blocks, pipeline.block_size, max_batch,
-                                               prefill_tokens, n_groups=max(2, len(pipeline.handles)),
-                                               prefix_cache=prefix_cache))
-        self.max_failures = max_failures   # a sequence whose steps fail this often ends in error
-        self.max_waiting = max_waiting     # queued, not admitted: beyond this, Overloaded (429)
-        self.timeout_s = timeout_s         # a request still running after this is aborted
-        self.requests: dict[int, _Request] = {}
         # sequence ids from a random 64-bit base: a restarted router (or a second one on the same
-        # shards) never reuses an id whose KV a shard may still hold
+        # shards) never reuses an id whose KV a shard may still hold; prefix holders, which are
+        # sequences on the shards too, take theirs from the same count
         self._ids = itertools.count(random.getrandbits(62) << 1)
-        self.sched.new_id = lambda: next(self._ids)   # prefix holders are sequences on the shards
-        self._inflight: dict[asyncio.Future, Group] = {}
+        self.sched = Scheduler(SchedulerConfig(pipeline.shards.kv_blocks, pipeline.shards.block_size, limits.max_batch,
+                                               limits.prefill_tokens, n_groups=max(2, len(pipeline.shards.handles)),
+                                               prefix_cache=prefix_cache), new_id=lambda: next(self._ids))
+        self.max_failures = max_failures   # a sequence whose steps fail this often ends in error
+        self.max_waiting = limits.max_waiting  # queued, not admitted: beyond this, Overloaded (429)
+        self.timeout_s = limits.timeout_s      # a request still running after this is aborted
+        self.requests: dict[int, _Request] = {}
+        self._inflight: dict[asyncio.Future, _Flight] = {}
         self._hold = 0                       # > 0: a shard is being re-placed, launch nothing
-        self._recovery: asyncio.Task | None = None
+        self.recovery = Recovery(self._recover)
         self.down: str | None = None         # why the pipeline cannot serve, when it cannot
         self._pending_free: list[int] = []   # sent with the next step, or on their own when idle
         self._loop_task: asyncio.Task | None = None
@@ -97,11 +105,11 @@ class Engine:
 
     @property
     def plan(self) -> Plan:
-        return self.pipeline.plan
+        return self.pipeline.shards.plan
 
     @property
     def shards(self) -> list:
-        return self.pipeline.handles
+        return self.pipeline.shards.handles
 
     # ---- requests -------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams):
@@ -110,12 +118,13 @@ class Engine:
         Overloaded when max_waiting requests already wait, RequestTimeout past timeout_s."""
         self._ensure_loop()
         if self.down:
-            await self._recover(self.down)
+            await self.recovery.run(self.down)
             if self.down:
                 raise PipelineDown(self.down)
         if len(self.sched.waiting) >= self.max_waiting:
             raise Overloaded(f"{len(self.sched.waiting)} requests are waiting (max_waiting {self.max_waiting})")
-        req = _Request(Sequence(next(self._ids), list(prompt_ids), params, self.eos))
+        req = _Request(Sequence(next(self._ids), list(prompt_ids), params, self.eos),
+                       Detokenizer(self.tokenizer, tuple(params.stop or ())))
         self.sched.add(req.seq)
         self.requests[req.seq.id] = req
         self._wake.set()
@@ -165,8 +174,8 @@ class Engine:
 
     async def _run(self) -> None:
         while True:
-            if not self._inflight and not self._blocked and self.pipeline.needs_connect:
-                await self.pipeline.connect()   # no step in flight: none can be overtaken
+            if not self._inflight and not self._blocked and self.pipeline.transport.needs_connect:
+                await self.pipeline.transport.connect()   # no step in flight: none can be overtaken
             self._launch_ready()
             if not self._inflight:
                 if self._pending_free and not self._blocked:   # idle: free now, and wait so nothing overtakes it
@@ -174,7 +183,7 @@ class Engine:
                     try:
                         await asyncio.gather(*(s.free.remote(ids) for s in self.shards))
                     except Exception as e:   # a dead shard: its KV is gone anyway
-                        self._start_recovery(f"free failed: {type(e).__name__}: {e}")
+                        self.recovery.start(f"free failed: {type(e).__name__}: {e}")
                     continue
                 self._wake.clear()
                 await self._wake.wait()
@@ -183,21 +192,24 @@ class Engine:
             for fut in done:
                 self._finish_group(self._inflight.pop(fut), fut)
 
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise ValueError when a prompt and its max_tokens could never fit a shard's KV pool."""
+        self.sched.check(prompt_tokens, max_tokens)
+
     @property
     def _blocked(self) -> bool:
-        return self.pipeline.paused or self._hold > 0 or self.down is not None
+        return self.pipeline.transport.paused or self._hold > 0 or self.recovery.active or self.down is not None
 
     def _launch_ready(self) -> None:
         while not self._blocked:
-            pre = sum(g.prefill for g in self._inflight.values())
+            pre = sum(f.group.prefill for f in self._inflight.values())
             group, freed = self.sched.next_group(pre, len(self._inflight) - pre)
             self._free(freed)
             if group is None:
                 return
             rode = self._pending_free              # the frees this step carries
             fut = self._chain(group)
-            fut.freed, fut.launched = rode, time.perf_counter()
-            self._inflight[fut] = group
+            self._inflight[fut] = _Flight(group, rode, time.perf_counter())
 
     def _chain(self, g: Group):
         width = max(map(len, g.inputs))
@@ -207,17 +219,18 @@ class Engine:
                           sampling=list(g.sampling), steps=list(g.steps), free=self._pending_free,
                           pins=[list(c) for c in g.pins], copies=[list(c) for c in g.copies],
                           alone=not self._inflight)
-        fut = self.pipeline.launch(batch)
+        fut = self.pipeline.transport.launch(batch)
         self._pending_free = []
         return fut
 
-    def _finish_group(self, group: Group, fut: asyncio.Future) -> None:
-        self.pipeline.landed()
-        self.hops.append((time.time(), time.perf_counter() - fut.launched, group.prefill))
+    def _finish_group(self, flight: _Flight, fut: asyncio.Future) -> None:
+        self.pipeline.transport.landed()
+        group = flight.group
+        self.hops.append((time.time(), time.perf_counter() - flight.launched, group.prefill))
         try:
             tokens = fut.result()
         except Exception as e:
-            self._group_failed(group, e, fut.freed)
+            self._group_failed(group, e, flight.freed)
             return
         changed, freed = self.sched.complete(group, tokens)
         for seq in changed:
@@ -241,7 +254,7 @@ class Engine:
                 freed += self.sched.fail(seq.id)
                 self._end(seq.id, f"a step failed {seq.failures} times, last: {why}")
         self._free(freed)
-        self._start_recovery(why)
+        self.recovery.start(why)
 
     def _end(self, seq_id: int, error: str) -> None:
         req = self.requests.get(seq_id)
@@ -249,19 +262,13 @@ class Engine:
             req.queue.put_nowait(Delta("", [], "error", len(req.seq.prompt), len(req.seq.generated), error))
 
     # ---- recovery and control --------------------------------------------------------------
-    def _start_recovery(self, why: str) -> None:
-        if self._recovery is None or self._recovery.done():
-            self._hold += 1     # nothing launches until the shards are checked
-            self._recovery = asyncio.get_running_loop().create_task(self._recover(why, held=True))
-
-    async def _recover(self, why: str, held: bool = False) -> None:
+    async def _recover(self, why: str) -> None:
         """Re-place every dead shard (its sequences recompute); when that is impossible, end
-        every request with an error and mark the pipeline down."""
-        if not held:
-            self._hold += 1
+        every request with an error and mark the pipeline down. Run by self.recovery, one at a
+        time; nothing launches meanwhile."""
         try:
-            await self.pipeline.drained()
-            for k in await self.pipeline.dead():
+            await self.pipeline.transport.drained()
+            for k in await self.pipeline.transport.dead():
                 await self.apply(ReplaceShard(k, f"shard {k} unreachable after: {why}"))
             self.down = None
         except Exception as e:
@@ -270,18 +277,17 @@ class Engine:
                 self._free(self.sched.fail(sid))
                 self._end(sid, self.down)
         finally:
-            self._hold -= 1
             self._wake.set()
 
     async def apply(self, action) -> dict:
-        """Carry out one controller action at a step boundary (Pipeline.apply); returns its event."""
+        """Carry out one controller action at a step boundary (Reconfigurer.apply); returns its event."""
         if isinstance(action, ReplaceShard):
             self._hold += 1
         try:
-            event = await self.pipeline.apply(action)
+            event = await self.pipeline.reconfigure.apply(action)
             if isinstance(action, ReplaceShard) and "skipped" not in event:
                 self._free(self.sched.requeue_all())     # the new actor holds no KV
-            self.sched.cfg.n_groups = max(2, len(self.pipeline.handles))
+            self.sched.set_groups(max(2, len(self.pipeline.shards.handles)))
             self._free(self.sched.clear_prefixes())   # holders were pinned on the old pipeline
             return event
         finally:
@@ -300,7 +306,7 @@ class Engine:
         handle = None
         while True:
             await asyncio.sleep(CONTROL_PERIOD_S)
-            p = self.pipeline
+            p = self.pipeline.shards
             try:
                 handle = handle or ray.get_actor(self.controller, namespace=NAMESPACE)
                 actions = await handle.sync.remote(p.prefix, list(p.names), p.plan.n_layers, done)
@@ -315,40 +321,24 @@ class Engine:
                     done.append(e.event)
 
     async def set_budget(self, k: int, budget_bytes: int | None) -> dict:
-        return await self.pipeline.set_budget(k, budget_bytes)
+        return await self.pipeline.reconfigure.set_budget(k, budget_bytes)
 
     def _emit(self, seq: Sequence) -> list[int]:
-        """Push new text and token ids to the request's stream; apply stop strings.
-        Returns ids to free. Detokenizes incrementally (a window from the last emitted point,
-        as vLLM does), never the whole reply per token."""
+        """Push new text and token ids to the request's stream (its Detokenizer applies stop
+        strings). Returns ids to free."""
         req = self.requests.get(seq.id)
         if req is None:
             return self.sched.finish(seq.id, "abort")
-        gen = seq.generated
-        before = self.tokenizer.decode(gen[req.prefix_at:req.read_at], skip_special_tokens=True)
-        window = self.tokenizer.decode(gen[req.prefix_at:], skip_special_tokens=True)
-        if window.endswith("\ufffd") and not seq.finished:
-            return []  # half a multi-byte character: wait for the rest
-        new, freed = window[len(before):], []
-        text = req.text + req.held + new          # everything decoded so far
-        cut = len(text)                            # send up to here
-        if seq.params.stop:
-            # search only where a stop string could newly appear: the tail of the sent text + new
-            tail = max(0, len(req.text) - max(map(len, seq.params.stop)) + 1)
-            hits = [i for i in (text.find(x, tail) for x in seq.params.stop) if i >= 0]
-            if hits:             # also on a last token (length / eos): the stop string wins
-                cut = min(hits)
-                if seq.finished:
-                    seq.finished = "stop"
-                else:
-                    freed = self.sched.finish(seq.id, "stop")
-            elif not seq.finished:   # hold back a tail that may still become a stop string (as vLLM does)
-                cut = len(text) - _stop_prefix_len(text, seq.params.stop)
-        req.prefix_at, req.read_at = req.read_at, len(gen)
-        new, req.held = text[len(req.text):cut], ("" if seq.finished else text[cut:])
-        req.text += new
-        ids, req.sent = gen[req.sent:], len(gen)
-        req.queue.put_nowait(Delta(new, ids, seq.finished, len(seq.prompt), len(gen)))
+        piece = req.detok.step(seq.generated, seq.finished is not None)
+        if piece is None:
+            return []   # half a multi-byte character: wait for the rest
+        freed = []
+        if piece.stopped:     # also on a last token (length / eos): the stop string wins
+            if seq.finished:
+                seq.finished = "stop"
+            else:
+                freed = self.sched.finish(seq.id, "stop")
+        req.queue.put_nowait(Delta(piece.text, piece.token_ids, seq.finished, len(seq.prompt), len(seq.generated)))
         return freed
 
     def _free(self, seq_ids: list[int]) -> None:
@@ -362,9 +352,10 @@ class Engine:
 
     def close(self) -> None:
         """Stop the router loop (the shard actors are the caller's to keep or kill)."""
-        for task in (self._loop_task, self._control_task, self._recovery):
+        for task in (self._loop_task, self._control_task):
             if task is not None:
                 task.cancel()
+        self.recovery.cancel()
         self.pipeline.close()
 
     async def timing(self, since: float = 0.0) -> dict:
@@ -372,13 +363,14 @@ class Engine:
         (epoch s): launch to tokens back in the router, each shard's own compute, and the rest
         (Ray hops, object store, the router's wake-up)."""
         hops = sorted(h for t, h, prefill in self.hops if t >= since and not prefill)
+        tr = self.pipeline.transport
         shard = await asyncio.gather(*(h.decode_ms.remote(since) for h in self.shards))
         hop = 1000 * hops[len(hops) // 2] if hops else None
         compute = sum(shard) if hops and all(x is not None for x in shard) else None
         return {"decode_groups": len(hops), "decode_hop_ms_p50": hop, "shard_decode_ms_p50": shard,
                 "shard_compute_ms": compute, "ray_router_ms": None if compute is None else hop - compute,
-                "compiled_graph": self.pipeline.graph_active, "graph_steps": self.pipeline.graph_steps,
-                "channels": self.pipeline.channels_active, "channel_steps": self.pipeline.channel_steps,
+                "compiled_graph": tr.graph_active, "graph_steps": tr.graph_steps,
+                "channels": tr.channels_active, "channel_steps": tr.channel_steps,
                 **self.prefix_stats()}
 
     def prefix_stats(self) -> dict:
@@ -388,12 +380,5 @@ class Engine:
                 "prefix_holders": len(p.holders) if p else 0}
 
     async def stats(self) -> list[dict]:
-        return await self.pipeline.stats()
+        return await self.pipeline.reconfigure.stats()
 
-
-def _stop_prefix_len(text: str, stops) -> int:
-    """Length of the longest tail of text that is a proper prefix of some stop string."""
-    for n in range(min(len(text), max(map(len, stops)) - 1), 0, -1):
-        if any(x.startswith(text[-n:]) for x in stops):
-            return n
-    return 0

@@ -7,11 +7,14 @@ later from their token history (prompt + generated so far).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
+from serving.config import SchedulerSection
 from serving.router.prefix import PrefixCache
 from shards.model.step import SamplingParams
 
@@ -20,8 +23,9 @@ from shards.model.step import SamplingParams
 class SchedulerConfig:
     kv_blocks: int                 # blocks every shard's pool holds (the smallest pool)
     block_size: int = 16           # tokens per block
-    max_batch: int = 32            # sequences in one group
-    prefill_tokens: int = 256      # new tokens in one prefill group (chunked prefill)
+    # sequences in one group, new tokens in one prefill group (chunked prefill): the config's
+    max_batch: int = SchedulerSection.model_fields["max_batch"].default
+    prefill_tokens: int = SchedulerSection.model_fields["prefill_tokens"].default
     n_groups: int = 2              # groups of each kind (decode, prefill) in flight (>= number of shards)
     # groups in flight in all: n_groups + 1, so a prefill flies beside n_groups decode groups
     # instead of taking one's place (the decodes it displaced left the shards idle: c=32, 4
@@ -70,14 +74,20 @@ class Group:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig):
+    def __init__(self, cfg: SchedulerConfig, new_id: Callable[[], int] | None = None):
+        """new_id: ids for prefix holders, which are sequences on the shards (the router passes
+        its own count so they never collide with requests'; default negative ids)."""
         self.cfg = cfg
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
         self._last_prefill = False
         self.prefix = PrefixCache(cfg.block_size) if cfg.prefix_cache else None
-        self.new_id = itertools.count(-1, -1).__next__   # holder ids (the router sets its own)
+        self.new_id = new_id or itertools.count(-1, -1).__next__
         self._pins: list[tuple[int, int, int]] = []      # ride on the next group launched
+
+    def set_groups(self, n_groups: int) -> None:
+        """Groups of each kind in flight: at least the number of shards (it changes on a split)."""
+        self.cfg = dataclasses.replace(self.cfg, n_groups=n_groups)
 
     def blocks(self, n_tokens: int) -> int:
         return math.ceil(n_tokens / self.cfg.block_size)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+DEFAULT_MAX_TOKENS = 256     # a request that names no max_tokens (the API's and the engine's default)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -15,7 +17,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0          # 0: no top-k cut
     seed: int | None = None
-    max_tokens: int = 64
+    max_tokens: int = DEFAULT_MAX_TOKENS
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -26,8 +26,10 @@ from shards.plan.layer_range import LayerRange
 from shards.plan.memory import module_bytes
 from shards.plan.plan import ShardSpec
 from shards.runtime.channel import ChannelServer, decode_step, encode_reply
+from shards.runtime.stats import ShardStats
 
 NAMESPACE = "shardserve"
+FAULTS_ENV = "SHARDSERVE_FAULTS"     # "1": inject_fault works (tests only)
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ class ShardWorker:
         self.channel: ChannelServer | None = None
         self.holders: set[int] = set()   # prefix holders pinned here (serving/router/prefix.py): not requests
 
-    def ready(self) -> dict:
+    def ready(self) -> ShardStats:
         return self.stats()
 
     def ping(self) -> int:
@@ -142,7 +144,7 @@ class ShardWorker:
         self.free(live)
         return len(live)
 
-    def grow(self, layers: LayerRange, handoff: dict) -> dict:
+    def grow(self, layers: LayerRange, handoff: dict) -> ShardStats:
         """handoff: the giving shard's shrink() result (K/V of live sequences, dropped layers)."""
         with self._lock, _own_mmaps():
             self.stage.grow(self.source, layers, handoff["kv"], handoff["dropped"])
@@ -152,20 +154,20 @@ class ShardWorker:
         with self._lock, _own_mmaps():   # the handoff's K/V copies too: freed with it once sent
             return self.stage.shrink(layers)
 
-    def adopt(self, handoff: dict) -> dict:
+    def adopt(self, handoff: dict) -> ShardStats:
         """A new actor (after a split) takes the live K/V of the layers it was built with."""
         with self._lock, _own_mmaps():
             self.stage.import_kv(handoff["kv"])
         return self.stats()
 
-    def recompress(self, compression: str) -> dict:
+    def recompress(self, compression: str) -> ShardStats:
         """The same layers at another quantization (live KV kept); stats after."""
         with self._lock, _own_mmaps():
             self.stage.recompress(self.source, compression)
         self.spec = dataclasses.replace(self.spec, compression=compression)
         return self.stats()
 
-    def set_budget(self, budget_bytes: int | None) -> dict:
+    def set_budget(self, budget_bytes: int | None) -> ShardStats:
         """The bytes this shard may hold for its tensors (weights + KV + workspace); the
         controller compares it with the measured use."""
         self.budget_bytes = budget_bytes
@@ -177,32 +179,32 @@ class ShardWorker:
         return 1000 * xs[len(xs) // 2] if xs else None
 
     def inject_fault(self, steps: int = 1, message: str = "injected fault") -> None:
-        """Fault injection (tests, chaos runs): the next `steps` forward calls raise (0: none)."""
+        """Fault injection for tests and chaos runs, only where the shard's process was started
+        with SHARDSERVE_FAULTS=1 (tests/conftest.py sets it): the next `steps` forward calls
+        raise (0: none). Elsewhere it refuses, so no client of a deployment can break a shard."""
+        if os.environ.get(FAULTS_ENV) != "1":
+            raise PermissionError(f"fault injection is off in this shard; it needs {FAULTS_ENV}=1 in its environment")
         self.faults = [message] * steps
 
-    def stats(self) -> dict:
+    def stats(self) -> ShardStats:
         """Measured numbers: RSS, weight and KV bytes, step timings. The heap pages that steps'
         temporaries left free go back to the OS first (_keep_step_heap keeps them between steps),
         so RSS counts what the shard holds, as the controller and the plan's budget mean it:
         measured under load, 90 MiB of shard 0's RSS after a 9-layer move was such free heap."""
         _trim_heap()
-        times = [e - s for s, e in list(self.busy)]   # steps append on the graph's thread
+        busy = list(self.busy)                 # steps append on the graph's thread: one atomic copy
+        times = [e - s for s, e in busy]
         node = _node()
-        return {
-            "start": self.stage.layers.start, "end": self.stage.layers.end,
-            "device": self.device, "compression": self.spec.compression, "pid": os.getpid(),
-            "node": node[0], "node_id": node[1], "rss_bytes": private_rss(),
-            "peak_rss_bytes": peak_rss(), "base_rss_bytes": self.base_rss,
-            "weight_bytes": self.stage.weight_bytes(), **self._kv_use(),
-            "kv_bytes_reserved": self.stage.kv.bytes_reserved(),
-            "budget_bytes": self.budget_bytes, "steps": self.steps,
-            "layer_bytes": self._layer_bytes(), "node_available_bytes": psutil.virtual_memory().available,
-            "step_ms_mean": 1000 * sum(times) / len(times) if times else 0.0,
-            "compiled": self.stage.runs_compiled, "attention_kernel": self.stage.attention_kernel,
-            **self._compile_stats(),
-            "busy": list(self.busy),
-        }
-
+        return ShardStats(
+            start=self.stage.layers.start, end=self.stage.layers.end, device=self.device,
+            compression=self.spec.compression, pid=os.getpid(), node=node[0], node_id=node[1],
+            rss_bytes=private_rss(), peak_rss_bytes=peak_rss(), base_rss_bytes=self.base_rss,
+            weight_bytes=self.stage.weight_bytes(), **self._kv_use(),
+            kv_bytes_reserved=self.stage.kv.bytes_reserved(), budget_bytes=self.budget_bytes, steps=self.steps,
+            layer_bytes=self._layer_bytes(), node_available_bytes=psutil.virtual_memory().available,
+            step_ms_mean=1000 * sum(times) / len(times) if times else 0.0,
+            compiled=self.stage.runs_compiled, attention_kernel=self.stage.attention_kernel,
+            **self._compile_stats(), busy=tuple(busy))
 
     def _kv_use(self) -> dict:
         """KV held for requests, and apart from it what the prefix holders keep (a cache: the

@@ -1,0 +1,199 @@
+"""Every change to a live pipeline's shards: move layers between neighbours, split a shard onto
+a new actor, recompress one, re-place a dead one (docs/controller.md). Each runs at a step
+boundary the Transport holds (no step in flight, so no KV is half-written while it moves), is
+recorded in the ShardSet's events, and is rolled back when it fails (ActionError).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+
+from serving.control.shardset import ShardSet, answers, describe
+from serving.control.transport import Transport
+from shards.plan.layer_range import LayerRange
+from shards.plan.plan import Action, MoveLayers, Recompress, ReplaceShard, ShardSpec, SplitShard
+from shards.runtime.stats import ShardStats
+
+NAME_RELEASE_S = 20.0     # how long a dead actor's name may stay registered
+
+
+class ActionError(RuntimeError):
+    """An action could not be carried out; the pipeline was rolled back to where it was.
+    `event` is its entry in the ShardSet's events."""
+
+    def __init__(self, message: str, event: dict):
+        super().__init__(message)
+        self.event = event
+
+
+class Reconfigurer:
+    def __init__(self, shards: ShardSet, transport: Transport):
+        self.shards, self.transport = shards, transport
+        self._lock = asyncio.Lock()     # one change at a time
+
+    # ---- reading --------------------------------------------------------------------------
+    async def stats(self) -> list[ShardStats]:
+        return list(await asyncio.gather(*(h.stats.remote() for h in self.shards.handles)))
+
+    async def stats_or_errors(self, timeout: float = 10.0) -> list[ShardStats | str]:
+        """Each shard's stats, or why not (a line) for one that is dead or slow (being re-placed)."""
+        async def one(h) -> ShardStats | str:
+            try:
+                return await asyncio.wait_for(h.stats.remote(), timeout)
+            except Exception as e:
+                return describe(e)
+        return list(await asyncio.gather(*(one(h) for h in self.shards.handles)))
+
+    async def set_budget(self, k: int, budget_bytes: int | None) -> ShardStats:
+        self._check_index(k)
+        st = await self.shards.handles[k].set_budget.remote(budget_bytes)
+        self._set_spec(k, budget_bytes=budget_bytes)
+        return st
+
+    # ---- changes --------------------------------------------------------------------------
+    async def apply(self, action: Action) -> dict:
+        """Carry out one action at a step boundary; returns its event. Raises ActionError
+        (after rolling back) when it cannot be done."""
+        kind = {MoveLayers: "move", Recompress: "recompress", SplitShard: "split",
+                ReplaceShard: "restart"}[type(action)]
+        shard = action.src if isinstance(action, MoveLayers) else action.shard
+        async with self._lock:
+            if isinstance(action, ReplaceShard) and await answers(self.shards.handles[action.shard]):
+                # already re-placed (the router and the controller both saw it die)
+                return {"action": kind, "shard": shard, "ok": True, "skipped": "it answers"}
+            before, t0 = self._shape(), time.time()
+            event = {"time": t0, "action": kind, "shard": shard, "name": self.shards.names[shard],
+                     "reason": action.reason, "before": before}
+            try:
+                await getattr(self, "_" + kind)(action)
+            except Exception as e:
+                event.update(ok=False, error=f"{type(e).__name__}: {e}", after=self._shape(),
+                             seconds=time.time() - t0)
+                self.shards.events.append(event)
+                raise ActionError(f"{kind} of shard {shard} failed: {e}", event) from e
+            event.update(ok=True, after=self._shape(), seconds=time.time() - t0)
+            self.shards.events.append(event)
+            return event
+
+    async def _move(self, a: MoveLayers) -> None:
+        if abs(a.src - a.dst) != 1:
+            raise ValueError(f"layers move between neighbours only, not shard {a.src} -> {a.dst}")
+        src, dst = self.shards.handles[a.src], self.shards.handles[a.dst]
+        async with self.transport.boundary():
+            handoff = src.shrink.remote(a.layers)   # K/V go actor to actor, not via here
+            try:
+                await dst.grow.remote(a.layers, handoff)
+            except Exception:
+                await src.grow.remote(a.layers, handoff)   # the layers go back where they were
+                raise
+            await self._refresh()
+
+    async def _recompress(self, a: Recompress) -> None:
+        async with self.transport.boundary():
+            await self.shards.handles[a.shard].recompress.remote(a.compression)
+            await self._refresh()
+
+    async def _split(self, a: SplitShard) -> None:
+        """The new actor loads its layers while the pipeline keeps serving; only the KV handoff
+        happens paused. A shard that ends the model gives its lower half (it keeps lm_head),
+        any other its upper half (the first keeps the embedding)."""
+        k, spec, n = a.shard, self.shards.plan.shards[a.shard], self.shards.plan.n_layers
+        if len(spec.layers) < 2 or (spec.layers.is_first() and spec.layers.is_last(n)):
+            raise ValueError(f"shard {k} with layers {spec.layers} cannot be split "
+                             "(one layer, or it holds both ends of the model)")
+        mid = spec.layers.start + len(spec.layers) // 2
+        upper = not spec.layers.is_last(n)
+        lo, hi = LayerRange(spec.layers.start, mid), LayerRange(mid, spec.layers.end)
+        part, keep, at = (hi, lo, k + 1) if upper else (lo, hi, k)
+        new_spec = dataclasses.replace(spec, layers=part, budget_bytes=None)
+        specs = list(self.shards.plan.shards)
+        specs[k] = dataclasses.replace(spec, layers=keep)
+        specs.insert(at, new_spec)
+        plan = dataclasses.replace(self.shards.plan, shards=tuple(   # validated before anything changes
+            dataclasses.replace(s, index=i) for i, s in enumerate(specs)))
+        name = self._fresh_name()
+        new = self._start(new_spec, name, len(self.shards.handles) + 1)
+        try:
+            await new.ready.remote()
+            async with self.transport.boundary():
+                handoff = self.shards.handles[k].shrink.remote(part)
+                try:
+                    await new.adopt.remote(handoff)
+                except Exception:
+                    await self.shards.handles[k].grow.remote(part, handoff)
+                    raise
+                self.shards.handles.insert(at, new)
+                self.shards.names.insert(at, name)
+                self.shards.plan = plan
+                await self._refresh()
+        except Exception:
+            if new not in self.shards.handles:
+                _kill(new)
+            raise
+
+    async def _restart(self, a: ReplaceShard) -> None:
+        """Re-place shard k with its current layers, compression and budget, under its name.
+        The new actor holds no KV: the router recomputes every live sequence (Engine.apply)."""
+        import ray
+        k, name, spec = a.shard, self.shards.names[a.shard], self.shards.plan.shards[a.shard]
+        async with self.transport.boundary():
+            _kill(self.shards.handles[k])
+            deadline = time.time() + NAME_RELEASE_S
+            while time.time() < deadline:     # a killed actor's name is released asynchronously
+                try:
+                    ray.get_actor(name, namespace="shardserve")
+                except ValueError:
+                    break
+                await asyncio.sleep(0.1)
+            handle = self._start(spec, name, len(self.shards.handles))
+            try:
+                await handle.ready.remote()
+                if spec.budget_bytes is not None:
+                    await handle.set_budget.remote(spec.budget_bytes)
+            except Exception:
+                _kill(handle)
+                raise
+            self.shards.handles[k] = handle
+            await self._refresh()
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _start(self, spec: ShardSpec, name: str, n_shards: int):
+        from shards.runtime.actor import start_shard
+        threads = max(1, (os.cpu_count() or 1) // n_shards)
+        return start_shard(self.shards.model, spec, self.shards.kv_blocks, self.shards.block_size, name, threads, attach=False)
+
+    def _fresh_name(self) -> str:
+        used = {int(n.rsplit("-", 1)[1]) for n in self.shards.names}
+        return f"{self.shards.prefix}shard-{max(used) + 1}"
+
+    async def _refresh(self) -> None:
+        """Plan ranges and bytes from what the shards now report."""
+        stats = await self.stats()
+        self.shards.plan = dataclasses.replace(self.shards.plan, shards=tuple(
+            dataclasses.replace(s, layers=LayerRange(st.start, st.end), weight_bytes=st.weight_bytes,
+                                compression=st.compression)
+            for s, st in zip(self.shards.plan.shards, stats)))
+
+    def _set_spec(self, k: int, **changes) -> None:
+        shards = list(self.shards.plan.shards)
+        shards[k] = dataclasses.replace(shards[k], **changes)
+        self.shards.plan = dataclasses.replace(self.shards.plan, shards=tuple(shards))
+
+    def _shape(self) -> list[dict]:
+        return [{"shard": s.index, "name": n, "start": s.layers.start, "end": s.layers.end,
+                 "compression": s.compression, "weight_bytes": s.weight_bytes, "budget_bytes": s.budget_bytes}
+                for s, n in zip(self.shards.plan.shards, self.shards.names)]
+
+    def _check_index(self, k: int) -> None:
+        if not 0 <= k < len(self.shards.handles):
+            raise IndexError(f"no shard {k}: the pipeline has shards 0..{len(self.shards.handles) - 1}")
+
+
+def _kill(handle) -> None:
+    import ray
+    try:
+        ray.kill(handle)
+    except Exception:   # already gone
+        pass
