@@ -169,3 +169,34 @@ def plot(result: dict, path: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def llama_server_levels(source, prompts, concurrency: list[int], max_tokens: int) -> tuple[list | None, str | None]:
+    """llama.cpp's llama-server on the source's GGUF at each concurrency (prompts(c) -> its
+    prompts): (levels, None), or (None, why it was skipped)."""
+    try:
+        started = llama_server(str(source.path))
+        note = "no llama-server binary ($LLAMA_SERVER, PATH, .llama/build/bin; deploy/build-llama-server.sh builds it)"
+    except RuntimeError as e:   # it never came up: the other rows still count
+        started, note = None, str(e)
+    if started is None:
+        return None, f"skipped: {note}"
+    proc, url = started
+    try:
+        return [asyncio.run(http_level(url, prompts(c), c, max_tokens)) for c in concurrency], None
+    finally:
+        proc.kill()
+
+
+def hf_levels(source, prompts, concurrency: list[int], max_tokens: int) -> list[dict]:
+    """transformers' `generate` in this process, fp32, batch = concurrency, the same prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    where = ({"pretrained_model_name_or_path": source.path.parent, "gguf_file": source.path.name}
+             if hasattr(source, "path") else {"pretrained_model_name_or_path": source.folder})
+    model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
+    levels = []
+    for c in concurrency:
+        levels.append(hf_level(model, source.tokenizer(), prompts(c), c, max_tokens))
+        print("hf_generate", json.dumps(levels[-1]), flush=True)
+    return levels

@@ -209,29 +209,11 @@ def cmd_bench(args) -> int:
         if handles:
             stop_service(handles)
     if "llama-server" in args.baselines and hasattr(source, "path"):
-        try:
-            started = bench.llama_server(str(source.path))
-            note = "no llama-server binary ($LLAMA_SERVER, PATH, .llama/build/bin; deploy/build-llama-server.sh builds it)"
-        except RuntimeError as e:   # it never came up: the other rows still count
-            started, note = None, str(e)
-        if started is None:
-            result["llama_server_note"] = f"skipped: {note}"
-        else:
-            proc, lurl = started
-            try:
-                result["llama_server"] = [asyncio.run(bench.http_level(lurl, prompts(c), c, args.max_tokens))
-                                          for c in args.concurrency]
-            finally:
-                proc.kill()
+        result["llama_server"], note = bench.llama_server_levels(source, prompts, args.concurrency, args.max_tokens)
+        if note:
+            result["llama_server_note"] = note
     if "hf" in args.baselines:
-        import torch
-        from transformers import AutoModelForCausalLM
-        where = ({"pretrained_model_name_or_path": source.path.parent, "gguf_file": source.path.name}
-                 if hasattr(source, "path") else {"pretrained_model_name_or_path": source.folder})
-        model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
-        for c in args.concurrency:
-            result["hf_generate"].append(bench.hf_level(model, source.tokenizer(), prompts(c), c, args.max_tokens))
-            print("hf_generate", json.dumps(result["hf_generate"][-1]), flush=True)
+        result["hf_generate"] = bench.hf_levels(source, prompts, args.concurrency, args.max_tokens)
     print(bench.table(result))
     if args.json:
         from serving.stamp import stamp

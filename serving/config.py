@@ -183,10 +183,14 @@ class Config(BaseModel):
 def _merge(nested: dict, flat: dict) -> dict:
     out = {k: dict(v) for k, v in nested.items()}
     for key, value in flat.items():
-        if key not in FLAT:
-            raise ShardServeError(f"unknown config field {key!r}; fields: {', '.join(FLAT)}")
-        section, name = FLAT[key]
-        out[section][name] = value
+        if key in SECTIONS and isinstance(value, dict):     # a section's fields: controller={...}
+            out[key].update(value)
+        elif key in FLAT:
+            section, name = FLAT[key]
+            out[section][name] = value
+        else:
+            raise ShardServeError(f"unknown config field {key!r}; sections: {', '.join(SECTIONS)}; "
+                                  f"fields: {', '.join(FLAT)}")
     return out
 
 

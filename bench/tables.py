@@ -1,0 +1,101 @@
+"""Markdown tables of the results under bench/results/, each headed by its stamp (commit, date, CPU,
+cores, torch, Ray): docs/benchmarks.md's tables are this script's output.
+
+    .venv/bin/python bench/tables.py > /tmp/tables.md
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from serving import bench
+from shards.compress.registry import canonical, is_method
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MiB = 1 << 20
+
+
+def stamp(meta: dict) -> str:
+    return (f"*Stamp: commit {meta['commit']}, {meta['date']}, {meta['cpu']}, {meta['cores']} cores, "
+            f"torch {meta['torch']}, Ray {meta['ray']}.*")
+
+
+def _spec(name: str) -> str:
+    """A spec as the registry names it now (results may carry older aliases)."""
+    head, _, rest = name.partition("+")
+    return (canonical(head) if is_method(head) else head) + (f"+{rest}" if rest else "")
+
+
+def http(result: dict) -> str:
+    return bench.table(result)
+
+
+def compression(result: dict) -> str:
+    base = next(r for r in result["rows"] if r["spec"] == "fp32")
+    rows = ["| spec | ppl | ppl / fp32 | weights MiB | bytes / fp32 | decode tok/s b=1 | b=8 |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        name = _spec(r["compression"]) + ("" if r["spec"] == r["compression"] else f" (preset `{r['spec']}` then)")
+        rows.append(f"| {name} | {r['ppl']:.2f} | {r['ppl'] / base['ppl']:.2f} | "
+                    f"{r['weight_bytes'] / MiB:.1f} | {r['weight_bytes'] / base['weight_bytes']:.2f} | "
+                    f"{r.get('decode_tok_s_b1') or 0:.1f} | {r.get('decode_tok_s_b8') or 0:.1f} |")
+    return "\n".join(rows)
+
+
+def memory(result: dict) -> str:
+    rows = ["| shards | spec | shard | layers | plan MiB | weights MiB | peak RSS MiB | runtime MiB | "
+            "(peak - runtime) / plan |", "|---:|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        rows.append(f"| {r['shards']} | {_spec(r['compression'])} | {r['index']} | {r['layers']} | "
+                    f"{r['plan_bytes'] / MiB:.0f} | {r['weight_bytes'] / MiB:.0f} | {r['peak_rss_bytes'] / MiB:.0f} | "
+                    f"{r['base_rss_bytes'] / MiB:.0f} | {r['peak_minus_runtime_over_plan']:.2f} |")
+    return "\n".join(rows)
+
+
+def controller(result: dict) -> str:
+    rows = [f"{result['requests']} requests ({result['tokens']} tokens) in {result['seconds']:.0f} s, "
+            f"{result['failed']} failed, {len(result['step_errors'])} failed steps recomputed.", "",
+            "| t s | action | shard | seconds | layers after |", "|---:|---|---|---:|---|"]
+    for e in result["events"]:
+        shape = " ".join(f"[{x['start']}, {x['end']}) {_spec(x['compression'])}" for x in e["after"])
+        rows.append(f"| {e['t']:.1f} | {e['action']} | {e['name']} | {e['seconds']:.1f} | {shape} |")
+    return "\n".join(rows)
+
+
+def cuda(result: dict) -> str:
+    rows = [f"{result['device']}, bitsandbytes {result['bitsandbytes']}.", "",
+            "| spec | compiled | weights MiB | CUDA MiB | max diff vs CPU | greedy = HF (of 4) | decode ms b=1 | b=32 |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        if "skipped" in r or "error" in r:
+            continue
+        cells = [_num(r.get(k), f) for k, f in (("weight_mib", ".0f"), ("cuda_alloc_mib", ".0f"),
+                                                 ("max_abs_diff_vs_cpu", ".1e"), ("greedy_equal_hf", "d"),
+                                                 ("decode_ms_b1", ".1f"), ("decode_ms_b32", ".1f"))]
+        rows.append(f"| {_spec(r['quant'])} | {r['compiled']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+RENDER = {"http-serving": http, "compression": compression, "shard-memory": memory, "controller": controller,
+          "cuda-paths": cuda}
+
+
+def render(path: Path) -> str:
+    result = json.loads(path.read_text())
+    kind = next(k for k in RENDER if path.stem.startswith(k))
+    return f"### {path.stem}\n\n{stamp(result['meta'])} Source: `bench/results/{path.name}`.\n\n{RENDER[kind](result)}\n"
+
+
+def main() -> int:
+    for path in sorted(RESULTS.glob("*.json")):
+        print(render(path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
