@@ -155,21 +155,18 @@ class Config(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _nest_flat(cls, data: Any) -> Any:
-        """Flat names (`shards: 2`, `kv_tokens: 4096`) go into their sections; `model` as a
-        string is the model's name."""
+        """Flat names (`shards: 2`, `kv_tokens: 4096`) go into their sections, over what the
+        sections say whatever the keys' order (YAML dumps sort them); `model` as a string is
+        the model's name."""
         if not isinstance(data, dict):
             return data
-        out: dict = {}
-        for key, value in data.items():
-            if isinstance(value, BaseModel):
-                value = value.model_dump()
-            if key in SECTIONS and isinstance(value, dict):
-                out.setdefault(key, {}).update(value)
-            elif key in FLAT:
+        data = {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in data.items()}
+        sections = {k: dict(v) for k, v in data.items() if k in SECTIONS and isinstance(v, dict)}
+        out: dict = {**{k: v for k, v in data.items() if k not in sections and k not in FLAT}, **sections}
+        for key, value in data.items():      # refused by extra="forbid" (above), with its name
+            if key in FLAT and key not in sections:
                 section, name = FLAT[key]
                 out.setdefault(section, {})[name] = value
-            else:
-                out[key] = value        # refused by extra="forbid", with its name
         return out
 
     def key(self) -> str | None:

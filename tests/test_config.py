@@ -16,6 +16,9 @@ def test_sections_and_flat_names_are_the_same_fields():
     assert nested == flat and nested.model.name == "x.gguf" and nested.cache.kv_tokens == 4096
     assert load(flat, controller={"readings": 1}, prefix="a-").controller.readings == 1
     assert flat.replace(control=False).controller.enabled is False and flat.controller.enabled is True
+    # a flat name wins over its section in any key order (yaml.safe_dump sorts keys)
+    c = load({"compile": False, "model": {"compile": True}, "replicas": 2, "server": {"replicas": 1}})
+    assert c.model.compile is False and c.server.replicas == 2
 
 
 def test_sizes_and_refusals_name_the_field():

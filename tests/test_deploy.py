@@ -36,7 +36,7 @@ def test_serve_yaml_args_are_valid_and_bad_ones_named():
         build_app({**app_args(), "device": "tpu"})
     with pytest.raises(ShardServeError, match=r"controller.high_watermark: .*less than or equal to 1"):
         build_app({**app_args(), "controller": {"high_watermark": 1.5}})
-    with pytest.raises(ShardServeError, match=r"budgets: .*cannot read '300 parsecs'"):
+    with pytest.raises(ShardServeError, match=r"cache.budgets.0: .*cannot read '300 parsecs'"):
         build_app({**app_args(), "budgets": ["300 parsecs", "1GiB"]})
 
 
