@@ -14,9 +14,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from shards.errors import ShardServeError
 
-# lowest versions with every name below (torch: set_stance with skip_guard_eval_unsafe, the
-# `_for_cpu` int4 ops; transformers: GGUF tensor processors with `config=`)
-NEEDS = {"torch": (2, 6), "transformers": (4, 56), "bitsandbytes": (0, 45)}
+# the lowest versions tested with every name below (pyproject.toml's bounds)
+NEEDS = {"torch": (2, 11), "transformers": (5, 25), "bitsandbytes": (0, 50)}
 
 
 class CompatError(ShardServeError, ImportError):
