@@ -81,7 +81,7 @@ def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-RENDER = {"http-serving": http, "compression": compression, "shard-memory": memory, "controller": controller,
+RENDER = {"http-serving": http, "compression": compression, "quantization": compression, "shard-memory": memory, "controller": controller,
           "cuda-paths": cuda}
 
 

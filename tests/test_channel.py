@@ -34,8 +34,8 @@ def test_a_step_crosses_the_wire_whole():
     b = _batch()
     header, body = encode_step(b)
     got = decode_step(header, bytearray(body))
-    assert (got.seq_ids, got.starts, got.q_lens, got.steps, got.free, got.alone) == \
-        (b.seq_ids, b.starts, b.q_lens, b.steps, b.free, b.alone)
+    assert (got.seq_ids, got.starts, got.q_lens, got.steps, got.free, got.alone, got.layer) == \
+        (b.seq_ids, b.starts, b.q_lens, b.steps, b.free, b.alone, 0)
     assert got.sampling == b.sampling and got.hidden is None
     assert got.tokens.dtype == np.int64 and np.array_equal(got.tokens, b.tokens)
     assert torch.equal(from_wire(got.tokens), torch.from_numpy(b.tokens)) and got.tokens.flags.writeable
@@ -45,9 +45,11 @@ def test_a_step_crosses_the_wire_whole():
 def test_hidden_states_pass_to_the_next_shard_bit_exact(dtype):
     hidden = torch.randn(2, 3, 8).to(dtype)
     header, body = encode_step(_batch())
-    reply, out = encode_reply(StepBatch([1], [0], [3], None, hidden if dtype == torch.bfloat16 else hidden.numpy()))
+    reply, out = encode_reply(StepBatch([1], [0], [3], None, hidden if dtype == torch.bfloat16 else hidden.numpy(),
+                                        layer=19))
     got = decode_step(next_step(header, reply), bytearray(out))
     assert got.tokens is None and got.seq_ids == _batch().seq_ids
+    assert got.layer == 19        # the layer the next shard must start at travels with the step
     assert torch.equal(from_wire(got.hidden), hidden)
 
 

@@ -75,7 +75,7 @@ def test_compiled_stages_follow_a_move_and_a_recompress(src):
     def step(stages, batch):
         x = None
         for s in stages:
-            x = s(batch if x is None else batch.with_hidden(x))
+            x = s(batch if x is None else batch.with_hidden(x, s.layers.start))
         return x
     outs = []
     for a, b in pipes:
@@ -124,7 +124,7 @@ def test_chunks_of_layers_equal_eager_and_follow_a_move(src, monkeypatch):
     def step(stages, batch):
         x = None
         for s in stages:
-            x = s(batch if x is None else batch.with_hidden(x))
+            x = s(batch if x is None else batch.with_hidden(x, s.layers.start))
         return x
     outs, was = [], torch.get_num_threads()
     torch.set_num_threads(5)

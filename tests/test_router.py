@@ -32,6 +32,12 @@ class FakeTransport:
     def landed(self) -> None:
         pass
 
+    async def drained(self) -> None:
+        pass
+
+    async def dead(self) -> list[int]:
+        return []
+
 
 class EchoTransport(FakeTransport):
     """Answers every step at once: each sequence's next token is `token`."""
@@ -194,5 +200,40 @@ def test_the_loop_runs_a_request_to_its_end():
         out = await asyncio.wait_for(e.complete([5, 6, 7], SamplingParams(max_tokens=3)), 10)
         assert (out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens) == ("AAA", "length", 3, 3)
         assert e.pipeline.transport.steps == 3 and not e.sched.running and not e.requests
+        e.close()
+    asyncio.run(run())
+
+
+def test_a_fault_in_the_router_fails_only_its_group_and_the_loop_goes_on():
+    """The first step cannot even be submitted and the detokenizer raises once later: each
+    fault is counted in loop_errors, the sequence recomputes, and the request still ends with
+    the right text; a fault every time ends the request with an error instead of a hang."""
+    class Flaky(EchoTransport):
+        def launch(self, batch):
+            self.steps += 1
+            if self.steps == 1:
+                raise RuntimeError("submit failed")
+            return super().launch(batch)
+
+    class OnceBadTokenizer(CharTokenizer):
+        calls = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            OnceBadTokenizer.calls += 1
+            if OnceBadTokenizer.calls == 3:
+                raise UnicodeError("decoder fault")
+            return super().decode(ids, skip_special_tokens)
+
+    async def run():
+        e = Engine(FakePipeline(), OnceBadTokenizer(), eos={0}, limits=SchedulerSection())
+        e.pipeline.transport = Flaky(ord("B"))
+        out = await asyncio.wait_for(e.complete([5, 6], SamplingParams(max_tokens=3)), 10)
+        assert out.text == "BBB" and out.finish_reason == "length"
+        assert [x["where"] for x in e.loop_errors] == ["launch", "finish"]
+        assert e._loop_task is not None and not e._loop_task.done()
+        e.pipeline.transport = EchoTransport(ord("B"))
+        e.tokenizer = type("Broken", (), {"decode": lambda self, ids, skip_special_tokens=True: 1 / 0})()
+        bad = await asyncio.wait_for(e.complete([5, 6], SamplingParams(max_tokens=3)), 10)
+        assert bad.finish_reason == "error" and "ZeroDivisionError" in bad.error
         e.close()
     asyncio.run(run())

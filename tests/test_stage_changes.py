@@ -57,7 +57,7 @@ def test_new_stage_adopts_the_kv_of_a_split(tiny_folder):
 
     def pipeline():
         a, b = Stage(src, LayerRange(0, 3), kv_blocks=8), Stage(src, LayerRange(3, 4), kv_blocks=8)
-        b(StepBatch([0], [0], [5]).with_hidden(prefill(a)))
+        b(StepBatch([0], [0], [5]).with_hidden(prefill(a), 3))
         return a, b
     a, b = pipeline()
     a2, b2 = pipeline()
@@ -65,7 +65,21 @@ def test_new_stage_adopts_the_kv_of_a_split(tiny_folder):
     new = Stage(src, LayerRange(2, 3), kv_blocks=8)
     new.import_kv(handoff["kv"])
     step = StepBatch([0], [5], [1], tokens=torch.tensor([[3]]))
-    want = b(step.with_hidden(a(step)))
-    got = b2(step.with_hidden(new(step.with_hidden(a2(step)))))
+    want = b(step.with_hidden(a(step), 3))
+    got = b2(step.with_hidden(new(step.with_hidden(a2(step), 2)), 3))
     assert a2.layers == LayerRange(0, 2) and new.kv.table.lengths[0] == 6
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_a_stage_refuses_a_step_from_a_gap(tiny_folder):
+    """A failed rollback can leave the ranges [0, 2) and [3, 4) with layer 2 nowhere: the step
+    leaving [0, 2) is at layer 2, and the stage of [3, 4) refuses it (RangeError, no output),
+    before touching its KV; the step at layer 3 still runs."""
+    from shards.errors import RangeError
+    src = HFFolderSource(tiny_folder)
+    a, c = Stage(src, LayerRange(0, 2), kv_blocks=8), Stage(src, LayerRange(3, 4), kv_blocks=8)
+    hidden = prefill(a)
+    with pytest.raises(RangeError, match=r"a step at layer 2 reached the stage of layers \[3, 4\)"):
+        c(StepBatch([0], [0], [5]).with_hidden(hidden, 2))
+    assert 0 not in c.kv.table.lengths
+    assert c(StepBatch([0], [0], [5]).with_hidden(hidden, 3)).shape[0] == 1

@@ -57,13 +57,18 @@ class Transport:
     # ---- steps ----------------------------------------------------------------------------
     def launch(self, batch) -> asyncio.Future:
         """Chain one step through every shard, actor to actor; returns the future of the last
-        shard's output (call in the router's event loop; steps run in launch order)."""
+        shard's output (call in the router's event loop; steps run in launch order). A step
+        that raises here was never sent: it does not count as in flight."""
+        fut = self._submit(batch)
         self.inflight += 1
         self._idle.clear()
+        return fut
+
+    def _submit(self, batch) -> asyncio.Future:
         if self._chans is not None:
-            self.channel_steps += 1
             header, body = encode_step(batch)
             first = self._chans[0].send(header, body)   # now: steps reach shard 0 in launch order
+            self.channel_steps += 1
             return asyncio.ensure_future(self._over_channels(self._chans, header, first))
         graph = self._graph_now()
         if graph is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 import time
 from collections import deque
@@ -62,6 +63,8 @@ class _Flight:
 
 
 CONTROL_PERIOD_S = 1.0   # how often the router syncs with the controller actor
+LOOP_ERROR_PAUSE_S = 0.05   # after a fault outside any group, before the loop goes on
+log = logging.getLogger("shardserve.router")
 
 
 class PipelineDown(RuntimeError):
@@ -102,6 +105,7 @@ class Engine:
         # per group: (time.time() when it landed, seconds from launch to tokens back, prefill?)
         self.hops: deque[tuple[float, float, bool]] = deque(maxlen=1024)
         self.step_errors: deque[dict] = deque(maxlen=256)  # steps that raised: time, error, sequences
+        self.loop_errors: deque[dict] = deque(maxlen=256)  # the router's own faults, caught: time, where, error
 
     @property
     def plan(self) -> Plan:
@@ -173,24 +177,40 @@ class Engine:
             self._control_task = asyncio.get_running_loop().create_task(self._control())
 
     async def _run(self) -> None:
+        """The router loop, supervised: an exception in an iteration fails only the group it
+        belongs to (its sequences recompute, or end with an error after max_failures), is counted
+        in loop_errors and logged, and the loop goes on."""
         while True:
-            if not self._inflight and not self._blocked and self.pipeline.transport.needs_connect:
-                await self.pipeline.transport.connect()   # no step in flight: none can be overtaken
-            self._launch_ready()
-            if not self._inflight:
-                if self._pending_free and not self._blocked:   # idle: free now, and wait so nothing overtakes it
-                    ids, self._pending_free = self._pending_free, []
-                    try:
-                        await asyncio.gather(*(s.free.remote(ids) for s in self.shards))
-                    except Exception as e:   # a dead shard: its KV is gone anyway
-                        self.recovery.start(f"free failed: {type(e).__name__}: {e}")
-                    continue
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            done, _ = await asyncio.wait(list(self._inflight), return_when=asyncio.FIRST_COMPLETED)
-            for fut in done:
-                self._finish_group(self._inflight.pop(fut), fut)
+            try:
+                await self._iteration()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:       # outside any group (a connect, a free): nothing to fail
+                self._loop_error("loop", e)
+                await asyncio.sleep(LOOP_ERROR_PAUSE_S)    # a fault that repeats must not spin a core
+
+    async def _iteration(self) -> None:
+        if not self._inflight and not self._blocked and self.pipeline.transport.needs_connect:
+            await self.pipeline.transport.connect()   # no step in flight: none can be overtaken
+        self._launch_ready()
+        if not self._inflight:
+            if self._pending_free and not self._blocked:   # idle: free now, and wait so nothing overtakes it
+                ids, self._pending_free = self._pending_free, []
+                try:
+                    await asyncio.gather(*(s.free.remote(ids) for s in self.shards))
+                except Exception as e:   # a dead shard: its KV is gone anyway
+                    self.recovery.start(f"free failed: {type(e).__name__}: {e}")
+                return
+            self._wake.clear()
+            await self._wake.wait()
+            return
+        done, _ = await asyncio.wait(list(self._inflight), return_when=asyncio.FIRST_COMPLETED)
+        for fut in done:
+            self._finish_group(self._inflight.pop(fut), fut)
+
+    def _loop_error(self, where: str, err: Exception) -> None:
+        self.loop_errors.append({"time": time.time(), "where": where, "error": f"{type(err).__name__}: {err}"})
+        log.error("router %s failed: %s", where, err, exc_info=err)
 
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raise ValueError when a prompt and its max_tokens could never fit a shard's KV pool."""
@@ -208,7 +228,13 @@ class Engine:
             if group is None:
                 return
             rode = self._pending_free              # the frees this step carries
-            fut = self._chain(group)
+            try:
+                fut = self._chain(group)
+            except Exception as e:                 # never launched: its sequences recompute
+                self._pending_free = []
+                self._loop_error("launch", e)
+                self._group_failed(group, e, rode)
+                return
             self._inflight[fut] = _Flight(group, rode, time.perf_counter())
 
     def _chain(self, g: Group):
@@ -232,9 +258,18 @@ class Engine:
         except Exception as e:
             self._group_failed(group, e, flight.freed)
             return
-        changed, freed = self.sched.complete(group, tokens)
-        for seq in changed:
-            freed += self._emit(seq)
+        try:
+            changed, freed = self.sched.complete(group, tokens)
+            for seq in changed:
+                freed += self._emit(seq)
+        except Exception as e:                     # the router's own fault: this group recomputes
+            self._loop_error("finish", e)
+            self._group_failed(group, e, [])
+            waiting = {s.id for s in self.sched.waiting}
+            for sid in group.seq_ids:   # finished by this very step, so nothing recomputes it: say why
+                if sid in self.requests and sid not in self.sched.running and sid not in waiting:
+                    self._end(sid, f"the router failed on this reply: {type(e).__name__}: {e}")
+            return
         self._free(freed)
 
     def _group_failed(self, group: Group, err: Exception, rode: list[int] = ()) -> None:
@@ -319,6 +354,10 @@ class Engine:
                     done.append(await self.apply(a))
                 except ActionError as e:
                     done.append(e.event)
+                except Exception as e:   # a stale action (a shard index a split moved): reported, not fatal
+                    self._loop_error("control", e)
+                    done.append({"time": time.time(), "action": type(a).__name__, "ok": False,
+                                 "error": f"{type(e).__name__}: {e}"})
 
     async def set_budget(self, k: int, budget_bytes: int | None) -> dict:
         return await self.pipeline.reconfigure.set_budget(k, budget_bytes)

@@ -32,7 +32,7 @@ class Generator:
         """Run one step through every stage; returns the last stage's logits."""
         x = None
         for stage in self.stages:
-            x = stage(batch if x is None else batch.with_hidden(x), all_logits=all_logits)
+            x = stage(batch if x is None else batch.with_hidden(x, stage.layers.start), all_logits=all_logits)
         return x
 
     def logits(self, tokens: list[int]) -> torch.Tensor:

@@ -242,6 +242,7 @@ class Stage(nn.Module):
     def forward(self, batch: StepBatch, all_logits: bool = False) -> torch.Tensor:
         """First/middle stages return hidden [B, Q, hidden]; the last returns logits
         [B, vocab] at each sequence's last new token ([B, Q, vocab] with all_logits)."""
+        self.check_step(batch)
         ctx = StepContext(batch, self.kv, self.inv_freq, self.rope_scale)
         if self.is_first:
             x = self.embed(from_wire(batch.tokens).to(self.device)).to(self.dtype)
@@ -260,6 +261,12 @@ class Stage(nn.Module):
         if not all_logits:
             x = x[torch.arange(x.shape[0]), ctx.last]                  # [B, hidden]
         return self.lm_head(self.norm(x)).float()
+
+    def check_step(self, batch: StepBatch) -> None:
+        """Refuse a step whose input is not at this stage's first layer (RangeError)."""
+        if batch.layer != self.layers.start:
+            raise RangeError(f"a step at layer {batch.layer} reached the stage of layers {self.layers}: "
+                             f"the pipeline's ranges have a gap or an overlap before layer {self.layers.start}")
 
     def free(self, seq_id: int) -> None:
         self.kv.table.free(seq_id)

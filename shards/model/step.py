@@ -58,15 +58,20 @@ class StepBatch:
     # (at concurrency 1 the shards take turns; giving each all cores always would oversubscribe
     # them when groups overlap: measured 20 vs 50 tok/s at 32 concurrent requests)
     alone: bool = False
+    # the layer the step's input is at: 0 for token ids, a stage's end for its hidden states. A
+    # stage computes only a step that starts at its own first layer, so a gap or an overlap in
+    # the pipeline's ranges (a failed rollback) is an error, never silently wrong output
+    layer: int = 0
 
     @property
     def width(self) -> int:
         return max(self.q_lens)
 
-    def with_hidden(self, hidden) -> "StepBatch":
-        """The same step for the next stage, carrying hidden states instead of tokens."""
+    def with_hidden(self, hidden, layer: int) -> "StepBatch":
+        """The same step for the stage that starts at `layer`, carrying hidden states of layers
+        [0, layer) instead of tokens."""
         return StepBatch(self.seq_ids, self.starts, self.q_lens, None, hidden, self.sampling, self.steps,
-                         self.free, self.pins, self.copies, self.alone)
+                         self.free, self.pins, self.copies, self.alone, layer)
 
 
 # dtypes a step's tensors cross process boundaries in as numpy arrays

@@ -95,6 +95,7 @@ class ShardWorker:
 
     def _forward(self, batch: StepBatch):
         t0 = time.time()
+        self.stage.check_step(batch)         # before any free or copy: a refused step changes nothing
         self._copy(batch.pins, must=False)   # before the frees: a pin may read a sequence freed here
         self.free(batch.free)
         self._copy(batch.copies, must=True)  # after: a re-prefilled id is freed first
@@ -109,7 +110,7 @@ class ShardWorker:
         if self.stage.is_last:
             out = sample(out.cpu(), batch.sampling, batch.steps).tolist()
         else:
-            out = batch.with_hidden(to_wire(out.cpu()))
+            out = batch.with_hidden(to_wire(out.cpu()), self.stage.layers.end)
         t1 = time.time()
         self.busy.append((t0, t1))
         if batch.width == 1:   # a decode step: one token per sequence

@@ -45,7 +45,7 @@ def encode_step(batch: StepBatch) -> tuple[dict, bytes]:
     """A first-stage step (token ids) as (header, body)."""
     header = {"seq_ids": batch.seq_ids, "starts": batch.starts, "q_lens": batch.q_lens, "steps": batch.steps,
               "free": batch.free, "pins": [list(c) for c in batch.pins], "copies": [list(c) for c in batch.copies],
-              "alone": batch.alone,
+              "alone": batch.alone, "layer": batch.layer,
               "sampling": [[p.temperature, p.top_p, p.top_k, p.seed, p.max_tokens, list(p.stop)]
                            for p in batch.sampling]}
     meta, body = encode_array(batch.tokens if batch.tokens is not None else batch.hidden)
@@ -59,7 +59,8 @@ def decode_step(header: dict, body) -> StepBatch:
     x = decode_array(header, body)
     tokens, hidden = (x, None) if header["array"] == "tokens" else (None, x)
     return StepBatch(header["seq_ids"], header["starts"], header["q_lens"], tokens, hidden, sampling,
-                     header["steps"], header["free"], header["pins"], header["copies"], header["alone"])
+                     header["steps"], header["free"], header["pins"], header["copies"], header["alone"],
+                     header["layer"])
 
 
 def encode_array(x) -> tuple[dict, bytes]:
@@ -86,12 +87,12 @@ def encode_reply(out) -> tuple[dict, bytes]:
     if isinstance(out, list):
         return {"ok": True, "tokens": out}, b""
     meta, body = encode_array(out.hidden)
-    return {"ok": True, **meta}, body
+    return {"ok": True, "layer": out.layer, **meta}, body
 
 
 def next_step(header: dict, reply: dict) -> dict:
     """The header of the same step for the next shard: its hidden states are reply's array."""
-    return {**header, "array": "hidden", "dtype": reply["dtype"], "shape": reply["shape"]}
+    return {**header, "array": "hidden", "dtype": reply["dtype"], "shape": reply["shape"], "layer": reply["layer"]}
 
 
 def frame(header: dict, body: bytes = b"") -> bytes:
