@@ -280,7 +280,9 @@ def cmd_budget(args) -> int:
     from serving.api.client import Client
     from serving.units import parse_bytes
     budget = None if args.bytes.lower() == "none" else parse_bytes(args.bytes)
-    st = Client(args.url, api_key=args.api_key or os.environ.get("SHARDSERVE_API_KEY")).set_budget(args.shard, budget)
+    client = Client(args.url, api_key=args.api_key or os.environ.get("SHARDSERVE_API_KEY"),
+                    admin_key=args.admin_key or os.environ.get("SHARDSERVE_ADMIN_KEY"))
+    st = client.set_budget(args.shard, budget)
     print(f"shard {args.shard} layers [{st.start}, {st.end}): budget "
           f"{'none' if budget is None else f'{budget / 2**20:.0f} MiB'}, uses {st.used_bytes / 2**20:.0f} MiB now")
     return 0
@@ -345,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bytes", help="e.g. 300MiB, or none")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--api-key", default=None)
+    p.add_argument("--admin-key", default=None, help="where the server has one (or SHARDSERVE_ADMIN_KEY)")
     p.set_defaults(func=cmd_budget)
     p = sub.add_parser("bench", help="tokens/s, latency, TTFT, ITL and shard memory over HTTP, with baselines")
     _add_service_args(p)

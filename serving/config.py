@@ -120,6 +120,9 @@ class ServerSection(Section):
     prefix: str = Field("", pattern=r"^[a-z0-9-]*$", description="actor names are <prefix>shard-<k>")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' (prefer api_key_env)")
     api_key_env: str = Field("SHARDSERVE_API_KEY", description="the environment variable holding the API key")
+    admin_key: str | None = Field(None, description="a separate key for /v1/shards and its changes (prefer "
+                                                    "admin_key_env; unset: the API key)")
+    admin_key_env: str = Field("SHARDSERVE_ADMIN_KEY", description="the environment variable holding the admin key")
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -171,6 +174,9 @@ class Config(BaseModel):
 
     def key(self) -> str | None:
         return self.server.api_key or os.environ.get(self.server.api_key_env) or None
+
+    def admin_key(self) -> str | None:
+        return self.server.admin_key or os.environ.get(self.server.admin_key_env) or None
 
     def replace(self, **flat) -> "Config":
         """A copy with fields changed by their flat names."""

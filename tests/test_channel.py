@@ -149,3 +149,112 @@ def test_an_oversized_frame_drops_the_connection():
             assert s.recv(64) == b""                           # closed, nothing allocated
     finally:
         server.close()
+
+
+def _closed(s: socket.socket) -> bool:
+    try:
+        return s.recv(64) == b""
+    except (ConnectionResetError, socket.timeout):
+        return isinstance(s, socket.socket)
+
+
+def test_before_the_secret_only_a_small_hello_is_read():
+    """An unauthenticated peer cannot make the shard read a large header, any body, or wait:
+    each of these connections is dropped, and a good one still opens."""
+    import shards.runtime.channel as channel
+    server = ChannelServer(_echo)
+    try:
+        for raw in (channel._FRAME.pack(channel.MAX_HELLO + 1, 0),          # a header over 4 KiB
+                    channel._FRAME.pack(10, 1) + b'{"secret":' + b"x",      # a body in the hello
+                    b"\x05\x00\x00\x00\x00\x00\x00\x00[1,2]",               # valid JSON, not an object
+                    frame({"secret": "0" * 32})):                          # a wrong secret
+            with socket.create_connection(server.address, timeout=10) as s:
+                s.sendall(raw)
+                assert _closed(s), raw
+        assert server.refused == 4
+        ch = _run(StepChannel.open(*server.address, server.secret, "shard-0"))
+        ch.close()
+    finally:
+        server.close()
+
+
+def test_a_silent_peer_is_dropped_after_the_hello_deadline(monkeypatch):
+    import time
+
+    import shards.runtime.channel as channel
+    monkeypatch.setattr(channel, "HELLO_TIMEOUT_S", 0.3)
+    server = ChannelServer(_echo)
+    try:
+        with socket.create_connection(server.address, timeout=10) as s:
+            t = time.monotonic()
+            assert s.recv(64) == b""                   # nothing sent: closed at the deadline
+            assert time.monotonic() - t < 5
+    finally:
+        server.close()
+
+
+def test_connections_over_the_cap_are_refused(monkeypatch):
+    import shards.runtime.channel as channel
+    monkeypatch.setattr(channel, "MAX_CONNECTIONS", 2)
+    server = ChannelServer(_echo)
+    try:
+        held = [socket.create_connection(server.address, timeout=10) for _ in range(2)]
+        with socket.create_connection(server.address, timeout=10) as third:
+            assert _closed(third)                      # closed at accept: the two slots are taken
+        for s in held:
+            s.close()
+        deadline = __import__("time").monotonic() + 10  # the slots come back when their peers leave
+        while True:
+            try:
+                ch = _run(StepChannel.open(*server.address, server.secret, "shard-0"))
+                break
+            except ChannelBroken:
+                assert __import__("time").monotonic() < deadline
+        ch.close()
+    finally:
+        server.close()
+
+
+def test_fuzzed_frames_never_stop_the_shard():
+    """Random bytes, truncated and oversized frames, before and after the secret: the server
+    drops those connections and keeps answering a good one; its process RSS stays flat."""
+    import psutil
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    server = ChannelServer(_echo)
+    loop = asyncio.new_event_loop()                    # the good channel's replies run on it
+    good = loop.run_until_complete(StepChannel.open(*server.address, server.secret, "shard-0"))
+    rss0, tried = psutil.Process().memory_info().rss, [0]
+
+    async def step():
+        return await asyncio.wait_for(good.send(*encode_step(_batch())), 10)
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.binary(max_size=64), st.booleans())
+    def one(junk, authenticated):
+        tried[0] += 1
+        with socket.create_connection(server.address, timeout=10) as s:
+            try:
+                if authenticated:
+                    s.sendall(frame({"secret": server.secret}))
+                    s.recv(64)
+                s.sendall(junk)
+                s.shutdown(socket.SHUT_WR)             # the frame ends there: truncated or complete
+                while s.recv(4096):
+                    pass
+            except OSError:                            # the shard dropped the connection first
+                pass
+    try:
+        one()
+        reply, _ = loop.run_until_complete(step())
+        rss1 = psutil.Process().memory_info().rss
+        print(f"channel fuzz: {tried[0]} connections, RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB, "
+              f"{server.refused} refused at the hello")
+        assert reply["ok"] and tried[0] >= 100           # hypothesis ran its examples
+        assert rss1 - rss0 < 64 << 20                     # nothing a peer sent was kept
+    finally:
+        good.close()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        server.close()

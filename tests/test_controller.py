@@ -144,6 +144,38 @@ def test_kill_shard_1_mid_generation_token_identical(loop, engine, reference):
     assert stats[1].pid != old_pid and engine.down is None
 
 
+def test_a_hung_shard_is_found_killed_and_replaced(loop, engine, reference):
+    """Shard 1 stops (SIGSTOP) with steps in flight: the step deadline pings it, declares it
+    hung, the router kills and re-places it, and every request completes token-identical."""
+    import os
+    import signal
+    inputs, want = reference[0][:8], reference[1][:8]
+
+    async def scenario():
+        tasks = [asyncio.ensure_future(engine.complete(ids, SamplingParams(max_tokens=24))) for ids in inputs]
+        await until(lambda: sum(len(s.generated) for s in engine.sched.running.values()) > 8, 120, "decoding")
+        pid, seen = (await engine.stats())[1].pid, len(engine.pipeline.shards.events)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            outs = await asyncio.wait_for(asyncio.gather(*tasks), 300)
+        finally:
+            try:
+                os.kill(pid, signal.SIGCONT)      # it was killed; if not, it must not stay stopped
+            except ProcessLookupError:
+                pass
+        return pid, list(engine.pipeline.shards.events)[seen:], outs
+
+    pid, events, outs = loop.run_until_complete(scenario())
+    hung = [e for e in events if e["action"] == "hung"]
+    restarts = [e for e in events if e["action"] == "restart" and e["ok"]]
+    print(f"hung shard: found after {hung[0]['detect_s']} s (deadline {hung[0]['deadline_s']} s), "
+          f"re-placed in {restarts[0]['seconds']:.1f} s")
+    assert hung and 1 in hung[0]["shards"] and restarts and restarts[0]["shard"] == 1
+    assert [d.token_ids for d in outs] == want
+    stats = loop.run_until_complete(kv_drained(engine))
+    assert stats[1].pid != pid and engine.down is None
+
+
 def test_step_that_raises_once_is_recomputed(loop, engine, reference):
     inputs, want = reference[0][:8], reference[1][:8]
 

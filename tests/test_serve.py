@@ -169,7 +169,8 @@ def test_client_disconnect_frees_kv_on_every_shard(url):
 
 
 def test_api_key(url):
-    """Redeploy with a key: every endpoint but /healthz needs it, the docs and schema too."""
+    """Redeploy with a key: every endpoint but /healthz needs it, the docs and schema too; with
+    an admin key, /v1/shards needs that one."""
     deploy({**CONFIG, "api_key": "s3cret"}, url)
     try:
         assert httpx.get(url + "/healthz").status_code == 200
@@ -182,6 +183,14 @@ def test_api_key(url):
         assert httpx.post(url + "/v1/chat/completions", json={"messages": QUESTION}).status_code == 401
         assert Client(url, api_key="s3cret").chat(QUESTION, max_tokens=24, temperature=0).strip() == \
             "The capital of France is Paris."
+        assert httpx.get(url + "/healthz").json() == {"status": "ok"}          # says ok, no internals
+        # an admin key: /v1/shards and budget changes take it, and the API key no longer does
+        deploy({**CONFIG, "api_key": "s3cret", "admin_key": "adm1n"}, url)
+        assert httpx.get(url + "/v1/shards", headers={"Authorization": "Bearer s3cret"}).status_code == 401
+        assert httpx.patch(url + "/v1/shards/0", json={"budget_bytes": None},
+                           headers={"Authorization": "Bearer s3cret"}).status_code == 401
+        assert Client(url, api_key="s3cret", admin_key="adm1n").shards()["shards"][0]["index"] == 0
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     finally:
         deploy(CONFIG, url)
     assert httpx.get(url + "/v1/models").status_code == 200
@@ -206,8 +215,9 @@ def test_bench_drives_the_endpoint_and_reads_shard_memory(url):
 
 
 def test_shard_budget_patch_and_events(url):
-    """PATCH /v1/shards/{k} sets a budget the shard reports (large: no controller action here);
-    /v1/shards carries the plan and the events list; bad index 404, bad body 400."""
+    """PATCH /v1/shards/{k} (an index or the actor's name) sets a budget the shard reports
+    (large: no controller action here); /v1/shards carries the plan and the events list; bad
+    index or name 404, bad body 400."""
     from serving.cli import main
     c = Client(url)
     st = c.set_budget(0, 8 * 2**30)
@@ -219,6 +229,11 @@ def test_shard_budget_patch_and_events(url):
     assert c.shards()["shards"][0]["budget_bytes"] is None
     r = httpx.patch(url + "/v1/shards/7", json={"budget_bytes": 1})
     assert r.status_code == 404 and "shards 0..1" in r.json()["error"]["message"]
+    assert c.set_budget("srv-shard-1", 8 * 2**30).budget_bytes == 8 * 2**30     # by its stable name
+    assert c.shards()["plan"]["shards"][1]["budget_bytes"] == 8 * 2**30
+    assert c.set_budget("srv-shard-1", None).budget_bytes is None
+    r = httpx.patch(url + "/v1/shards/srv-shard-9", json={"budget_bytes": 1})
+    assert r.status_code == 404 and "srv-shard-0, srv-shard-1" in r.json()["error"]["message"]
     r = httpx.patch(url + "/v1/shards/0", json={"budget": 1})
     assert r.status_code == 400 and "budget_bytes" in r.json()["error"]["message"]
 

@@ -60,9 +60,7 @@ async def _parse(request: Request, model):
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise HTTPException(413, f"request body of {declared} bytes is over the {MAX_BODY_BYTES}-byte limit")
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise HTTPException(413, f"request body of {len(raw)} bytes is over the {MAX_BODY_BYTES}-byte limit")
+    raw = await _body(request)
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
         if not isinstance(data, dict):
@@ -72,6 +70,18 @@ async def _parse(request: Request, model):
         errors = getattr(e, "errors", None)
         msg = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errors()) if errors else str(e)
         raise HTTPException(400, f"invalid request body: {msg[:1000]}") from e
+
+
+async def _body(request: Request) -> bytes:
+    """The body, read chunk by chunk and refused (413) as soon as it passes MAX_BODY_BYTES: a
+    chunked body declares no length, and must not be buffered whole first."""
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise HTTPException(413, f"request body of more than {MAX_BODY_BYTES} bytes is over the limit")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _no_constant(name: str):
@@ -89,6 +99,17 @@ def _key_ok(request: Request) -> bool:
 def _check_key(request: Request) -> None:
     if not _key_ok(request):
         raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+def _check_admin(request: Request) -> None:
+    """/v1/shards and its changes (budgets move layers and recompress shards for every client):
+    the admin key where one is set, else the API key."""
+    admin = getattr(request.app.state, "admin_key", None)
+    if admin is None:
+        return _check_key(request)
+    sent = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(sent, f"Bearer {admin}".encode()):
+        raise HTTPException(401, "missing or wrong admin key: send 'Authorization: Bearer <admin key>'")
 
 
 async def _first(gen):
@@ -113,9 +134,11 @@ def _replica_rank() -> int:
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class ShardServe:
-    def __init__(self, config: dict | None = None):
+    async def __init__(self, config: dict | None = None):
+        """Validates the config and starts building the engine (attaching to shard actors the
+        CLI started, or starting them): /healthz reports on that build and never starts one."""
         cfg = app_config.load(config or {})
-        api.state.api_key = cfg.key()
+        api.state.api_key, api.state.admin_key = cfg.key(), cfg.admin_key()
         self.model_name = cfg.model.served_name or "shardserve-" + cfg.model.name
         # data parallel: each Serve replica routes its own pipeline, `<prefix>r<rank>-shard-<k>`
         self.replica = _replica_rank() if cfg.server.replicas > 1 else 0
@@ -126,6 +149,7 @@ class ShardServe:
         # tokenizer (the router's detokenizes on the loop meanwhile)
         self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self._encoder = None
+        self._build = asyncio.ensure_future(self._build_engine())
 
     def __del__(self):
         """Serve shuts the replica down: its Compiled Graph (if any) must not outlive it on the
@@ -157,21 +181,32 @@ class ShardServe:
 
     @api.get("/healthz")
     async def healthz(self):
+        """ok, or not ok with one word: no key needed, so no internals (they are in the logs and,
+        for the admin, in /v1/shards); it never starts a build."""
+        b = self._build
+        if b is None or not b.done():
+            return _error(503, "starting", "service_unavailable")
+        if b.cancelled() or b.exception() is not None:
+            log.warning("engine build failed: %r", None if b.cancelled() else b.exception())
+            return _error(503, "not ready", "service_unavailable")
+        engine = b.result()
         try:
-            engine = await asyncio.wait_for(self.engine(), timeout=600)
-            if engine.down:
-                return _error(503, f"pipeline down: {engine.down}", "service_unavailable")
-            stats = await asyncio.wait_for(engine.stats(), timeout=10)
+            if not engine.down:
+                await asyncio.wait_for(engine.stats(), timeout=10)
         except Exception as e:  # any shard missing, dead or slow: not healthy
-            return _error(503, f"not ready: {type(e).__name__}: {e}", "service_unavailable")
-        return {"status": "ok", "shards": len(stats)}
+            log.warning("health check: a shard did not answer: %s", e)
+            return _error(503, "not ready", "service_unavailable")
+        if engine.down:
+            log.warning("health check: pipeline down: %s", engine.down)
+            return _error(503, "pipeline down", "service_unavailable")
+        return {"status": "ok"}
 
     @api.get("/v1/models", dependencies=[Depends(_check_key)])
     async def models(self):
         return {"object": "list", "data": [{"id": self.model_name, "object": "model",
                                             "created": self.created, "owned_by": "shardserve"}]}
 
-    @api.get("/v1/shards", dependencies=[Depends(_check_key)])
+    @api.get("/v1/shards", dependencies=[Depends(_check_admin)])
     async def shards(self, since: float = 0.0):
         """The plan, each shard's measured numbers, the controller's actions (newest last), and
         where decode time goes (steps that ended after `since`, epoch seconds)."""
@@ -187,10 +222,11 @@ class ShardServe:
                 "timing": await engine.timing(since),
                 "replica": self.replica, "replicas": self.cfg.server.replicas}
 
-    @api.patch("/v1/shards/{index}", dependencies=[Depends(_check_key)])
-    async def patch_shard(self, index: int, request: Request):
-        """{"budget_bytes": N} (or null): the bytes shard `index` may hold; the controller acts
-        when its measured use goes over the watermark."""
+    @api.patch("/v1/shards/{index}", dependencies=[Depends(_check_admin)])
+    async def patch_shard(self, index: str, request: Request):
+        """{"budget_bytes": N} (or null): the bytes shard `index` (its index, or its actor name,
+        which a split does not shift) may hold; the controller acts when its measured use goes
+        over the watermark."""
         body = await _parse(request, ShardPatch)
         engine = await self.engine()
         try:

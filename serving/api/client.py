@@ -26,12 +26,14 @@ class ShardServeError(RuntimeError):
 
 class Client:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 timeout: float = 600.0):
+                 timeout: float = 600.0, admin_key: str | None = None):
+        """admin_key: for /v1/shards and budgets where the server has one (else the API key)."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.admin = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
 
-    def _json(self, method: str, path: str, body: dict | None = None) -> dict:
-        r = self.http.request(method, path, json=body)
+    def _json(self, method: str, path: str, body: dict | None = None, admin: bool = False) -> dict:
+        r = self.http.request(method, path, json=body, headers=self.admin if admin else None)
         data = r.json()
         if r.status_code >= 400:
             raise ShardServeError(r.status_code, data)
@@ -68,12 +70,12 @@ class Client:
 
     def shards(self) -> dict:
         """Plan, per-shard measured numbers, and the controller's events (newest last)."""
-        return self._json("GET", "/v1/shards")
+        return self._json("GET", "/v1/shards", admin=True)
 
-    def set_budget(self, shard: int, budget_bytes: int | None) -> ShardStats:
-        """Change shard `shard`'s memory budget at run time (None: no budget); the controller
+    def set_budget(self, shard: int | str, budget_bytes: int | None) -> ShardStats:
+        """Change shard `shard`'s (an index or its actor name) memory budget at run time (None: no budget); the controller
         acts when its measured use goes over the high watermark. Returns the shard's stats."""
-        return ShardStats(**self._json("PATCH", f"/v1/shards/{shard}", {"budget_bytes": budget_bytes}))
+        return ShardStats(**self._json("PATCH", f"/v1/shards/{shard}", {"budget_bytes": budget_bytes}, admin=True))
 
     def models(self) -> list[str]:
         return [m["id"] for m in self._json("GET", "/v1/models")["data"]]

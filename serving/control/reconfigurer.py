@@ -46,11 +46,24 @@ class Reconfigurer:
                 return describe(e)
         return list(await asyncio.gather(*(one(h) for h in self.shards.handles)))
 
-    async def set_budget(self, k: int, budget_bytes: int | None) -> ShardStats:
-        self._check_index(k)
-        st = await self.shards.handles[k].set_budget.remote(budget_bytes)
-        self._set_spec(k, budget_bytes=budget_bytes)
-        return st
+    async def set_budget(self, shard: int | str, budget_bytes: int | None) -> ShardStats:
+        """Shard `shard` (its index, or its actor name, which a split does not shift) may hold
+        budget_bytes. Under the change lock: a budget never lands in the middle of a move or
+        a split, nor gets lost in the plan a split writes."""
+        async with self._lock:
+            k = self.index(shard)
+            st = await self.shards.handles[k].set_budget.remote(budget_bytes)
+            self._set_spec(k, budget_bytes=budget_bytes)
+            return st
+
+    def index(self, shard: int | str) -> int:
+        """A shard's index from its index or its actor name; IndexError names the valid ones."""
+        if isinstance(shard, str) and not shard.isdigit():
+            if shard not in self.shards.names:
+                raise IndexError(f"no shard named {shard!r}: the pipeline has {', '.join(self.shards.names)}")
+            return self.shards.names.index(shard)
+        self._check_index(int(shard))
+        return int(shard)
 
     # ---- changes --------------------------------------------------------------------------
     async def apply(self, action: Action) -> dict:
@@ -108,15 +121,11 @@ class Reconfigurer:
         lo, hi = LayerRange(spec.layers.start, mid), LayerRange(mid, spec.layers.end)
         part, keep, at = (hi, lo, k + 1) if upper else (lo, hi, k)
         new_spec = dataclasses.replace(spec, layers=part, budget_bytes=None)
-        specs = list(self.shards.plan.shards)
-        specs[k] = dataclasses.replace(spec, layers=keep)
-        specs.insert(at, new_spec)
-        plan = dataclasses.replace(self.shards.plan, shards=tuple(   # validated before anything changes
-            dataclasses.replace(s, index=i) for i, s in enumerate(specs)))
         name = self._fresh_name()
         new = self._start(new_spec, name, len(self.shards.handles) + 1)
         try:
             await new.ready.remote()
+            plan = self._split_plan(k, keep, new_spec, at)   # from the plan as it is after the load
             async with self.transport.boundary():
                 handoff = self.shards.handles[k].shrink.remote(part)
                 try:
@@ -132,6 +141,14 @@ class Reconfigurer:
             if new not in self.shards.handles:
                 _kill(new)
             raise
+
+    def _split_plan(self, k: int, keep: LayerRange, new_spec: ShardSpec, at: int):
+        """The plan with shard k keeping `keep` and new_spec inserted at `at` (validated)."""
+        specs = list(self.shards.plan.shards)
+        specs[k] = dataclasses.replace(specs[k], layers=keep)
+        specs.insert(at, new_spec)
+        return dataclasses.replace(self.shards.plan, shards=tuple(
+            dataclasses.replace(s, index=i) for i, s in enumerate(specs)))
 
     async def _restart(self, a: ReplaceShard) -> None:
         """Re-place shard k with its current layers, compression and budget, under its name.

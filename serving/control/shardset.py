@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from shards.plan.plan import Plan
 from shards.runtime.channel import StepFailed
 
-PING_TIMEOUT_S = 30.0     # a paused pipeline has nothing queued: a live actor answers at once
+# a live shard answers a ping at once (steps run on its channel threads, pings on Ray's); one
+# that has not in this long is hung (a stopped process, a stuck kernel, a swapping node)
+PING_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -39,10 +41,10 @@ def describe(err: BaseException) -> str:
     return f"{type(cause).__name__}: {text[0] if text else ''}"[:300]
 
 
-async def answers(handle) -> bool:
-    """Whether a shard actor is alive and answering (a paused pipeline has nothing queued)."""
+async def answers(handle, timeout: float | None = None) -> bool:
+    """Whether a shard actor is alive and answers a ping within `timeout` (PING_TIMEOUT_S)."""
     try:
-        await asyncio.wait_for(handle.ping.remote(), PING_TIMEOUT_S)
+        await asyncio.wait_for(handle.ping.remote(), PING_TIMEOUT_S if timeout is None else timeout)
         return True
     except Exception:   # ActorDiedError, unreachable node, timeout: all mean re-place
         return False

@@ -23,12 +23,19 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections import deque
 
 from serving.control.shardset import ShardSet, answers, describe
 from shards.runtime.channel import ChannelBroken, StepChannel, StepFailed, encode_step, next_step
 
 PING_TIMEOUT_S = 30.0     # opening channels: a live actor answers at once
-WATCH_S = 2.0             # a graph step out this long checks that every shard still answers
+# A step out longer than its deadline pings every shard; one that does not answer is hung. The
+# deadline follows the steps: DEADLINE_FACTOR x the slowest of the last LATENCIES steps, at
+# least DEADLINE_FLOOR_S (a prefill chunk takes under a second on 2 cores, a decode step tens
+# of ms), so a hung shard is found in seconds, not at a request's timeout.
+DEADLINE_FLOOR_S = 2.0
+DEADLINE_FACTOR = 10.0
+LATENCIES = 64
 TEARDOWN_S = 30.0         # wait at most this for a graph's teardown before a change
 
 
@@ -53,6 +60,7 @@ class Transport:
         self._chans_ok = self.channels  # False after a failed connect, until the next change
         self._changes = 0               # changes begun: a connect that overlapped one is dropped
         self.channel_steps = 0          # steps that went over channels (stats)
+        self.latencies: deque[float] = deque(maxlen=LATENCIES)   # seconds from launch to result
 
     # ---- steps ----------------------------------------------------------------------------
     def launch(self, batch) -> asyncio.Future:
@@ -172,19 +180,30 @@ class Transport:
                 self._graph_failed(e)
             raise
 
+    def deadline_s(self) -> float:
+        """How long a step may be out before the shards are pinged."""
+        return max(DEADLINE_FLOOR_S, DEADLINE_FACTOR * max(self.latencies, default=0.0))
+
     async def _watched(self, result):
-        """The graph's result. A shard that dies mid-step leaves it pending for good (Ray 2.60),
-        so a step still out after WATCH_S checks the shards every WATCH_S and raises once one
-        does not answer (a decode step takes tens of ms, a prefill chunk under a second here)."""
-        task = asyncio.ensure_future(result)
+        """The step's result. A shard that dies or hangs mid-step leaves it pending for good
+        (Ray 2.60, or a stopped process), so a step still out after its deadline pings every
+        shard, again each deadline, and raises ShardLost once one does not answer; the event
+        says how long the detection took."""
+        task, t0 = asyncio.ensure_future(result), time.monotonic()
         while True:
-            done, _ = await asyncio.wait({task}, timeout=WATCH_S)
+            deadline = self.deadline_s()
+            done, _ = await asyncio.wait({task}, timeout=deadline)
             if done:
+                self.latencies.append(time.monotonic() - t0)
                 return task.result()
             lost = await self.dead()
             if lost:
                 task.cancel()
-                raise ShardLost(f"shard(s) {lost} stopped answering with a step in flight")
+                detect = time.monotonic() - t0
+                self.shards.events.append({"time": time.time(), "action": "hung", "shards": lost, "ok": False,
+                                           "detect_s": round(detect, 2), "deadline_s": round(deadline, 2)})
+                raise ShardLost(f"shard(s) {lost} did not answer a ping after a step was out {detect:.1f} s "
+                                f"(deadline {deadline:.1f} s)")
 
     def _graph_failed(self, err: Exception) -> None:
         self.shards.events.append({"time": time.time(), "action": "graph", "ok": False,

@@ -24,6 +24,7 @@ from serving.router.scheduler import Group, Scheduler, SchedulerConfig, Sequence
 from shards.model.step import SamplingParams, StepBatch
 from shards.plan.layer_range import LayerRange
 from shards.plan.plan import MoveLayers, Plan, ReplaceShard
+from shards.runtime.stats import ShardStats
 
 
 @dataclass
@@ -359,7 +360,7 @@ class Engine:
                     done.append({"time": time.time(), "action": type(a).__name__, "ok": False,
                                  "error": f"{type(e).__name__}: {e}"})
 
-    async def set_budget(self, k: int, budget_bytes: int | None) -> dict:
+    async def set_budget(self, k: int | str, budget_bytes: int | None) -> ShardStats:
         return await self.pipeline.reconfigure.set_budget(k, budget_bytes)
 
     def _emit(self, seq: Sequence) -> list[int]:

@@ -44,5 +44,16 @@ def measure_costs(source, compression: str | None = None, use_cache: bool = True
 
 def ladder_bytes(source, specs: tuple[str, ...], layer: int = 0) -> dict[str, int]:
     """{spec: resident bytes of decoder layer `layer` at that spec}, measured on this model (the
-    controller orders its compression ladder by them; every layer of a model has one shape)."""
-    return {s: module_bytes(compress_block(fp32_block(source, layer), remaining(source, s)[1])) for s in specs}
+    controller orders its compression ladder by them; every layer of a model has one shape).
+    Cached beside the source's metadata: a restart reads them instead of building the layer."""
+    cache, out = getattr(source, "cache", None), {}
+    for spec in specs:
+        comp, todo = remaining(source, spec)
+        path = None if cache is None else cache / f"layer-bytes-v1-{layer}-{comp.spec}.json"
+        if path is not None and path.is_file():
+            out[spec] = json.loads(path.read_text())
+            continue
+        out[spec] = module_bytes(compress_block(fp32_block(source, layer), todo))
+        if path is not None:
+            path.write_text(json.dumps(out[spec]))
+    return out

@@ -8,7 +8,8 @@ take this path (serving/control/pipeline.py falls back to Ray calls when a chann
 A frame is `<II` (header bytes, body bytes), a JSON header, then the body: a step's token ids or
 hidden states as raw array bytes. No pickle: a frame can name numbers and arrays, never code.
 A connection's first frame must carry the shard's secret, which only a Ray call (token-
-authenticated) hands out. A shard answers a connection's frames one at a time, in order.
+authenticated) hands out; until it does, the shard reads at most a 4 KiB hello within 5 s and
+keeps at most 16 connections open. A shard answers a connection's frames one at a time, in order.
 """
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ from shards.model.step import SamplingParams, StepBatch
 _FRAME = struct.Struct("<II")
 MAX_HEADER = 16 << 20     # bytes: a header holds ids and sampling of at most a few thousand rows
 MAX_BODY = 2 << 30        # bytes: the largest prefill chunk's hidden states are far below this
+# before the secret is checked a connection may send one small frame (the hello), within a
+# deadline: an unauthenticated peer can make the shard allocate or wait for no more than this
+MAX_HELLO = 4 << 10       # bytes of the hello's header; its body must be empty
+HELLO_TIMEOUT_S = 5.0
+MAX_CONNECTIONS = 16      # open connections per shard (a router opens one; the rest are refused)
 _DTYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16}
 
 
@@ -118,6 +124,8 @@ class ChannelServer:
         self.secret = secrets.token_hex(16)
         self.sock = socket.create_server((host, 0))
         self.address = (host, self.sock.getsockname()[1])
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.refused = 0          # connections dropped before or at the hello (stats, tests)
         threading.Thread(target=self._accept, name="step-channel", daemon=True).start()
 
     def _accept(self) -> None:
@@ -126,25 +134,52 @@ class ChannelServer:
                 conn, _ = self.sock.accept()
             except OSError:   # closed
                 return
+            if not self._slots.acquire(blocking=False):   # over the cap: closed at once
+                self.refused += 1
+                conn.close()
+                continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn,), name="step-channel-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                hello, _ = _read_frame(conn)
-                if not hmac.compare_digest(str(hello.get("secret", "")), self.secret):
+        try:
+            with conn:
+                if not self._hello(conn):
+                    self.refused += 1
                     return
+                self._steps(conn)
+        finally:
+            self._slots.release()
+
+    def _hello(self, conn: socket.socket) -> bool:
+        """The first frame, read under a deadline and a size cap before anything else: the
+        secret, compared in constant time."""
+        conn.settimeout(HELLO_TIMEOUT_S)
+        try:
+            nh, nb = _FRAME.unpack(_recv(conn, _FRAME.size))
+            if nh > MAX_HELLO or nb:
+                return False
+            hello = json.loads(_recv(conn, nh))
+            ok = isinstance(hello, dict) and hmac.compare_digest(str(hello.get("secret", "")), self.secret)
+            if ok:
+                conn.settimeout(None)       # steps come when the router has them
                 conn.sendall(frame({"ok": True}))
-                while True:
-                    header, body = _read_frame(conn)
-                    try:
-                        reply, out = self.handle(header, body)
-                    except Exception as e:   # the step's own failure: the router recomputes its group
-                        reply, out = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}, b""
-                    conn.sendall(frame(reply, out))
-            except (OSError, ChannelBroken, ValueError):   # peer gone, or a malformed frame: drop it
-                return
+            return ok
+        except (OSError, ChannelBroken, ValueError):   # timeout, peer gone, not JSON
+            return False
+
+    def _steps(self, conn: socket.socket) -> None:
+        """Frames of an authenticated connection, answered in order, until it closes."""
+        try:
+            while True:
+                header, body = _read_frame(conn)
+                try:
+                    reply, out = self.handle(header, body)
+                except Exception as e:   # the step's own failure: the router recomputes its group
+                    reply, out = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}, b""
+                conn.sendall(frame(reply, out))
+        except (OSError, ChannelBroken, ValueError):   # peer gone, or a malformed frame: drop it
+            return
 
     def close(self) -> None:
         self.sock.close()
