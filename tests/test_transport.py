@@ -58,11 +58,13 @@ def test_a_slow_step_of_answering_shards_is_waited_for(fast):
         slow = asyncio.ensure_future(asyncio.sleep(0.7, result="tokens"))
         return t, await t._watched(slow)
     t, out = asyncio.run(run())
-    assert out == "tokens" and not t.shards.events and len(t.latencies) == 1
+    assert out == "tokens" and not t.shards.events and len(t.latencies[True]) == 1
 
 
-def test_the_deadline_follows_the_steps():
+def test_the_deadline_follows_the_steps_of_its_kind():
     t = make([Handle()])
     assert t.deadline_s() == transport.DEADLINE_FLOOR_S
-    t.latencies.extend([0.01, 0.9, 0.05])
-    assert t.deadline_s() == pytest.approx(transport.DEADLINE_FACTOR * 0.9)
+    t.latencies[False].extend([0.4, 0.9])                 # prefill chunks: their own deadline
+    t.latencies[True].extend([0.01, 0.3, 0.05])
+    assert t.deadline_s(decode=False) == pytest.approx(transport.DEADLINE_FACTOR * 0.9)
+    assert t.deadline_s(decode=True) == pytest.approx(transport.DEADLINE_FACTOR * 0.3)

@@ -11,7 +11,7 @@ from shards.runtime.channel import StepFailed
 
 # a live shard answers a ping at once (steps run on its channel threads, pings on Ray's); one
 # that has not in this long is hung (a stopped process, a stuck kernel, a swapping node)
-PING_TIMEOUT_S = 5.0
+PING_TIMEOUT_S = 2.0
 
 
 @dataclass

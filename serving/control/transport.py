@@ -30,9 +30,10 @@ from shards.runtime.channel import ChannelBroken, StepChannel, StepFailed, encod
 
 PING_TIMEOUT_S = 30.0     # opening channels: a live actor answers at once
 # A step out longer than its deadline pings every shard; one that does not answer is hung. The
-# deadline follows the steps: DEADLINE_FACTOR x the slowest of the last LATENCIES steps, at
-# least DEADLINE_FLOOR_S (a prefill chunk takes under a second on 2 cores, a decode step tens
-# of ms), so a hung shard is found in seconds, not at a request's timeout.
+# deadline follows the steps of its kind: DEADLINE_FACTOR x the slowest of the last LATENCIES
+# decode (or prefill) steps, at least DEADLINE_FLOOR_S (a decode step takes tens of ms, a
+# prefill chunk up to a second or two on 2 cores), so a hung shard is found in seconds, not at
+# a request's timeout.
 DEADLINE_FLOOR_S = 2.0
 DEADLINE_FACTOR = 10.0
 LATENCIES = 64
@@ -60,7 +61,8 @@ class Transport:
         self._chans_ok = self.channels  # False after a failed connect, until the next change
         self._changes = 0               # changes begun: a connect that overlapped one is dropped
         self.channel_steps = 0          # steps that went over channels (stats)
-        self.latencies: deque[float] = deque(maxlen=LATENCIES)   # seconds from launch to result
+        # seconds from launch to result, by kind (True: decode steps, False: prefill steps)
+        self.latencies: dict[bool, deque[float]] = {True: deque(maxlen=LATENCIES), False: deque(maxlen=LATENCIES)}
 
     # ---- steps ----------------------------------------------------------------------------
     def launch(self, batch) -> asyncio.Future:
@@ -77,11 +79,11 @@ class Transport:
             header, body = encode_step(batch)
             first = self._chans[0].send(header, body)   # now: steps reach shard 0 in launch order
             self.channel_steps += 1
-            return asyncio.ensure_future(self._over_channels(self._chans, header, first))
+            return asyncio.ensure_future(self._over_channels(self._chans, header, first, batch.width == 1))
         graph = self._graph_now()
         if graph is not None:
             self.graph_steps += 1
-            return asyncio.ensure_future(self._through(graph, batch))
+            return asyncio.ensure_future(self._through(graph, batch, batch.width == 1))
         ref = batch
         for h in self.shards.handles:
             ref = h.forward.remote(ref)
@@ -113,9 +115,9 @@ class Transport:
             return
         self._chans = chans
 
-    async def _over_channels(self, chans: list, header: dict, fut: asyncio.Future):
+    async def _over_channels(self, chans: list, header: dict, fut: asyncio.Future, decode: bool):
         try:
-            return await self._watched(self._relay(chans, header, fut))
+            return await self._watched(self._relay(chans, header, fut), decode)
         except (ChannelBroken, ShardLost) as e:
             if chans is self._chans:   # the next idle moment reconnects (after a re-place)
                 self._close_channels()
@@ -168,11 +170,11 @@ class Transport:
                 self._graph_failed(e)
         return self._graph
 
-    async def _through(self, graph, batch):
+    async def _through(self, graph, batch, decode: bool):
         """One step through the graph (execute_async submits in call order: an asyncio lock)."""
         from ray.exceptions import RayTaskError
         try:
-            return await self._watched(await graph.execute_async(batch))
+            return await self._watched(await graph.execute_async(batch), decode)
         except RayTaskError:
             raise           # a shard's own exception: the graph still runs
         except Exception as e:
@@ -180,21 +182,22 @@ class Transport:
                 self._graph_failed(e)
             raise
 
-    def deadline_s(self) -> float:
-        """How long a step may be out before the shards are pinged."""
-        return max(DEADLINE_FLOOR_S, DEADLINE_FACTOR * max(self.latencies, default=0.0))
+    def deadline_s(self, decode: bool = True) -> float:
+        """How long a decode (or prefill) step may be out before the shards are pinged: decode
+        steps take tens of ms, a prefill chunk up to seconds, so each kind has its own."""
+        return max(DEADLINE_FLOOR_S, DEADLINE_FACTOR * max(self.latencies[decode], default=0.0))
 
-    async def _watched(self, result):
+    async def _watched(self, result, decode: bool = True):
         """The step's result. A shard that dies or hangs mid-step leaves it pending for good
         (Ray 2.60, or a stopped process), so a step still out after its deadline pings every
         shard, again each deadline, and raises ShardLost once one does not answer; the event
         says how long the detection took."""
         task, t0 = asyncio.ensure_future(result), time.monotonic()
         while True:
-            deadline = self.deadline_s()
+            deadline = self.deadline_s(decode)
             done, _ = await asyncio.wait({task}, timeout=deadline)
             if done:
-                self.latencies.append(time.monotonic() - t0)
+                self.latencies[decode].append(time.monotonic() - t0)
                 return task.result()
             lost = await self.dead()
             if lost:
