@@ -152,10 +152,13 @@ def test_an_oversized_frame_drops_the_connection():
 
 
 def _closed(s: socket.socket) -> bool:
+    """The shard closed the connection (an empty read or a reset) within the socket's timeout."""
     try:
         return s.recv(64) == b""
-    except (ConnectionResetError, socket.timeout):
-        return isinstance(s, socket.socket)
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
 
 
 def test_before_the_secret_only_a_small_hello_is_read():
@@ -179,16 +182,12 @@ def test_before_the_secret_only_a_small_hello_is_read():
 
 
 def test_a_silent_peer_is_dropped_after_the_hello_deadline(monkeypatch):
-    import time
-
     import shards.runtime.channel as channel
     monkeypatch.setattr(channel, "HELLO_TIMEOUT_S", 0.3)
     server = ChannelServer(_echo)
     try:
-        with socket.create_connection(server.address, timeout=10) as s:
-            t = time.monotonic()
-            assert s.recv(64) == b""                   # nothing sent: closed at the deadline
-            assert time.monotonic() - t < 5
+        with socket.create_connection(server.address, timeout=10) as s:   # 10 s: far past the deadline
+            assert _closed(s)                          # nothing sent: closed at the hello deadline
     finally:
         server.close()
 
