@@ -28,7 +28,7 @@ from collections import deque
 from serving.control.shardset import ShardSet, answers, describe
 from shards.runtime.channel import ChannelBroken, StepChannel, StepFailed, encode_step, next_step
 
-PING_TIMEOUT_S = 30.0     # opening channels: a live actor answers at once
+CONNECT_TIMEOUT_S = 30.0  # opening channels: every shard hands out its address and secret
 # A step out longer than its deadline pings every shard; one that does not answer is hung. The
 # deadline follows the steps of its kind: DEADLINE_FACTOR x the slowest of the last LATENCIES
 # decode (or prefill) steps, at least DEADLINE_FLOOR_S (a decode step takes tens of ms, a
@@ -99,7 +99,7 @@ class Transport:
         changes, chans = self._changes, []
         try:
             where = await asyncio.wait_for(asyncio.gather(*(h.open_channel.remote() for h in self.shards.handles)),
-                                           PING_TIMEOUT_S)
+                                           CONNECT_TIMEOUT_S)
             for w, name in zip(where, self.shards.names):
                 chans.append(await StepChannel.open(w["host"], w["port"], w["secret"], name))
         except Exception as e:

@@ -67,6 +67,7 @@ CHECK_SHAPE = (2, MIN_BLOCKS + 1)                       # must run without compi
 # Layers [0, 19), w4a8x2, batch 1, 1 thread, 16 interleaved rounds of 20 steps: median 7.57
 # against 8.26 ms a step. SHARDSERVE_SKIP_GUARDS=0 checks them all (A/B runs).
 SKIP_GUARDS = os.environ.get("SHARDSERVE_SKIP_GUARDS", "1") != "0"
+_SET_STANCE = compat.set_stance()   # read once: a step does not look it up again
 CHUNK = 8   # layers per call of the chunk graph
 
 
@@ -153,7 +154,7 @@ class CompiledDecode:
         return self._run(blocks, pools, *inputs)
 
     def _run(self, blocks, pools, *inputs) -> torch.Tensor:
-        with compat.set_stance()("fail_on_recompile", skip_guard_eval_unsafe=SKIP_GUARDS):
+        with _SET_STANCE("fail_on_recompile", skip_guard_eval_unsafe=SKIP_GUARDS):
             return self._layers(blocks, pools, *inputs)
 
     def _layers(self, blocks, pools, x, *rest) -> torch.Tensor:
