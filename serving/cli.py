@@ -110,9 +110,7 @@ def start_service(args, cfg: Config):
     from serving.api.client import Client
     from serving.launch import replica_prefixes, start
     key = cfg.key()
-    if not key and not args.insecure and not _loopback(args.host):
-        raise ShardServeError(f"refusing to serve on {args.host} without an API key: anyone who reaches it could "
-                              "use the model; pass --api-key (or SHARDSERVE_API_KEY), or --insecure")
+    cfg.check_bind(args.host)
     ray.init(address=args.address, namespace="shardserve", log_to_driver=False)
     started = [(prefix, *start(cfg.replace(prefix=prefix))) for prefix in replica_prefixes(cfg)]
     for prefix, plan, hs, _ in started:   # every pipeline loads here, with progress bars
@@ -129,16 +127,6 @@ def start_service(args, cfg: Config):
             raise ShardServeError(f"{url}/healthz not ready after 300 s")
         time.sleep(0.5)
     return client, url, handles
-
-
-def _loopback(host: str) -> bool:
-    import ipaddress
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:   # a host name: only localhost is known to be loopback
-        return False
 
 
 def stop_service(handles) -> None:
@@ -294,7 +282,6 @@ def _add_service_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
-    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
     p.set_defaults(serving=True)
 
 

@@ -123,6 +123,7 @@ class ServerSection(Section):
     admin_key: str | None = Field(None, description="a separate key for /v1/shards and its changes (prefer "
                                                     "admin_key_env; unset: the API key)")
     admin_key_env: str = Field("SHARDSERVE_ADMIN_KEY", description="the environment variable holding the admin key")
+    insecure: bool = Field(False, description="serve on a non-loopback host without an API key")
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -178,9 +179,38 @@ class Config(BaseModel):
     def admin_key(self) -> str | None:
         return self.server.admin_key or os.environ.get(self.server.admin_key_env) or None
 
+    def fingerprint(self) -> str:
+        """8 hex digits of what a pipeline's shard actors hold (model, shard count, compression,
+        cache, placement). Actor names carry it, so a redeploy that changes any of these starts
+        new shards instead of attaching to the running ones by name."""
+        import hashlib
+        import json
+        held = {"model": self.model.model_dump(exclude={"served_name"}),
+                "cache": self.cache.model_dump(exclude={"prefix_cache"}), "placement": self.server.placement}
+        return hashlib.sha256(json.dumps(held, sort_keys=True).encode()).hexdigest()[:8]
+
+    def check_bind(self, host: str) -> None:
+        """Refuse to serve a host beyond this machine with no API key, unless `insecure`."""
+        if not self.key() and not self.server.insecure and not loopback(host):
+            raise ShardServeError(f"refusing to serve on {host} without an API key: anyone who reaches it could "
+                                  f"use the model; set the API key (--api-key or ${self.server.api_key_env}), or "
+                                  "insecure (--insecure)")
+
     def replace(self, **flat) -> "Config":
         """A copy with fields changed by their flat names."""
         return load(self, **flat)
+
+
+def loopback(host: str) -> bool:
+    """Whether `host` is this machine only: a loopback address or `localhost` (any other name
+    may resolve beyond it)."""
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _merge(nested: dict, flat: dict) -> dict:

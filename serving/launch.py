@@ -49,11 +49,13 @@ def _compiled(p: Plan, cfg: Config) -> Plan:
 
 
 def replica_prefixes(cfg: Config) -> list[str]:
-    """Actor-name prefix of each data-parallel pipeline: `<prefix>r<k>-` with replicas, else
-    `<prefix>` (one pipeline, the names it always had)."""
+    """Actor-name prefix of each data-parallel pipeline: `<prefix><fingerprint>-`, then `r<k>-`
+    per replica when there are several. The fingerprint (Config.fingerprint) keeps a redeploy
+    with another model, shard count or compression from attaching to the running shards."""
+    base = f"{cfg.server.prefix}{cfg.fingerprint()}-"
     if cfg.server.replicas <= 1:
-        return [cfg.server.prefix]
-    return [f"{cfg.server.prefix}r{k}-" for k in range(cfg.server.replicas)]
+        return [base]
+    return [f"{base}r{k}-" for k in range(cfg.server.replicas)]
 
 
 def start(cfg: Config) -> tuple[Plan, list, int]:
@@ -113,7 +115,7 @@ async def build_engine(cfg: Config, on_ready=None):
     await asyncio.gather(*(wait(k, h) for k, h in enumerate(handles)))
     # this router is the pipeline's only one: KV a dead predecessor left behind is freed
     await asyncio.gather(*(h.free_all.remote() for h in handles))
-    controller = None
+    controller, settings = None, None
     if cfg.controller.enabled:
         from serving.control.controller import start_controller
         settings = cfg.controller
@@ -127,7 +129,7 @@ async def build_engine(cfg: Config, on_ready=None):
     eos = source.config.eos_token_id
     tokenizer = await asyncio.to_thread(source.tokenizer)
     pipeline = Pipeline.of(cfg.model.name, p, handles, kv_blocks, cfg.cache.block_size, cfg.server.prefix,
-                        cfg.transport.compiled_graph, cfg.transport.channels)
+                        cfg.transport.compiled_graph, cfg.transport.channels, settings)
     engine = Engine(pipeline, tokenizer, set(eos if isinstance(eos, list) else [eos]), cfg.scheduler,
                     controller=controller, prefix_cache=cfg.cache.prefix_cache)
     # the first request after a start took 268 ms against 55-58 for the next ones (2 shards, in

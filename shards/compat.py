@@ -1,4 +1,4 @@
-"""Every private API of torch, transformers and bitsandbytes shardserve uses, in one place.
+"""Every private API of torch, transformers, bitsandbytes and Ray shardserve uses, in one place.
 
 Each accessor checks that the library is at least the version the code was written against
 and that the name still exists; when either fails it raises an error that names the library,
@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from shards.errors import ShardServeError
 
 # the lowest versions tested with every name below (pyproject.toml's bounds)
-NEEDS = {"torch": (2, 11), "transformers": (5, 25), "bitsandbytes": (0, 50)}
+NEEDS = {"torch": (2, 11), "transformers": (5, 25), "bitsandbytes": (0, 50), "ray": (2, 60)}
 
 
 class CompatError(ShardServeError, ImportError):
@@ -114,3 +114,13 @@ def gguf_read_field():
 def llama_rotary_embedding():
     return private("transformers", "transformers.models.llama.modeling_llama.LlamaRotaryEmbedding",
                    "RoPE frequencies as transformers computes them")
+
+
+def serve_client():
+    """The running Serve controller's client (None when this process is not connected to Ray,
+    or Serve is not started): its HTTP options say which host the app is served on."""
+    import ray
+    if not ray.is_initialized():
+        return None
+    return private("ray", "ray.serve.context._get_global_client", "build_app's bind check")(
+        raise_if_no_controller_running=False)

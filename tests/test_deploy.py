@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from serving.api.client import Client
+from serving.config import load
+from serving.launch import replica_prefixes
 from tests.test_serve import QUESTION, free_port
 
 pytestmark = pytest.mark.model
@@ -82,7 +84,8 @@ def test_serve_run_yaml_with_two_replicas_both_serve(tmp_path):
                 break
         assert sorted(seen) == [0, 1]
         for r, body in seen.items():
-            assert [s["name"] for s in body["shards"]] == [f"dep-r{r}-shard-0", f"dep-r{r}-shard-1"]
+            prefix = replica_prefixes(load(conf["applications"][0]["args"]))[r]    # dep-<fingerprint>-r<r>-
+            assert [s["name"] for s in body["shards"]] == [f"{prefix}shard-0", f"{prefix}shard-1"]
             assert all(s["steps"] > 0 for s in body["shards"]), body["shards"]
         print("steps per replica:", {r: [s["steps"] for s in b["shards"]] for r, b in seen.items()})
     finally:

@@ -2,7 +2,7 @@
 import pytest
 
 from serving.config import ControllerConfig
-from serving.control.policy import PolicyState, ShardReading, Snapshot, acted, decide, pressure
+from serving.control.policy import PolicyState, ShardReading, Snapshot, acted, decide, least_bytes, pressure
 from shards import LayerRange
 from shards.plan.plan import MoveLayers, Recompress, SplitShard
 
@@ -164,3 +164,14 @@ def test_action_sized_by_the_least_use_of_the_streak():
     hot = [shard(0, 0, 19, 500 * MiB, budget=400 * MiB), shard(1, 19, 30, 250 * MiB)]
     (_, (a,)), = run(cfg, [spike, hot])[0]
     assert a.layers == LayerRange(11, 19)      # 160 MiB to free, not 360
+
+
+def test_least_bytes_is_the_weights_at_the_last_ladder_step_plus_what_is_not_weights():
+    r = shard(0, 0, 10, used=200 * MiB)                 # 140 MiB of fp32 weights, 60 MiB of KV and workspace
+    assert least_bytes(r, config()) == (60 * MiB + int(140 * MiB * 0.16), "nf4")
+    at_w4 = shard(0, 0, 10, used=200 * MiB, comp="w4a16")
+    assert least_bytes(at_w4, config()) == (60 * MiB + int(140 * MiB * 0.16 / 0.18), "nf4")
+    # nothing will recompress: its use now is the least
+    assert least_bytes(r, config(actions=("move", "split"))) == (200 * MiB, "fp32")
+    assert least_bytes(r, None) == (200 * MiB, "fp32")
+    assert least_bytes(shard(0, 0, 10, used=200 * MiB, comp="fp4"), config()) == (200 * MiB, "fp4")   # off the ladder

@@ -7,11 +7,14 @@ import httpx
 import pytest
 
 from serving.api.client import Client, HandleClient, ShardServeError
+from serving.config import load
+from serving.launch import replica_prefixes
 from shards.model.step import SamplingParams
 from tests.conftest import chat_ids
 
 pytestmark = pytest.mark.ray
 CONFIG = {"prefix": "srv-", "shards": 2, "kv_tokens": 4096, "compile": True, "compression": "fp32"}   # the compiled decode path, end to end
+PREFIX = replica_prefixes(load(CONFIG))[0]      # srv-<fingerprint>-: the app's actor names
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -37,11 +40,10 @@ def url():
     import ray
     from ray import serve
 
-    from serving.config import load
     from serving.launch import start
     ray.init(namespace="shardserve", include_dashboard=False, log_to_driver=False)
     # shards owned by this process (as the CLI does), so redeploying the app keeps them
-    _, handles, _ = start(load(CONFIG))
+    _, handles, _ = start(load(CONFIG, prefix=PREFIX))
     ray.get([h.ready.remote() for h in handles])
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -224,25 +226,54 @@ def test_shard_budget_patch_and_events(url):
     assert st.budget_bytes == 8 * 2**30
     body = c.shards()
     assert body["shards"][0]["budget_bytes"] == 8 * 2**30 and body["plan"]["shards"][0]["budget_bytes"] == 8 * 2**30
-    assert body["events"] == [] and body["down"] is None and body["shards"][1]["name"] == "srv-shard-1"
+    assert body["events"] == [] and body["down"] is None and body["shards"][1]["name"] == f"{PREFIX}shard-1"
     assert main(["budget", "0", "none", "--url", url]) == 0
     assert c.shards()["shards"][0]["budget_bytes"] is None
+    r = httpx.patch(url + "/v1/shards/0", json={"budget_bytes": 2**20})   # under its layers at the last ladder step
+    msg = r.json()["error"]["message"]
+    assert r.status_code == 400 and "needs at least" in msg and "a budget of 1 MiB" in msg, msg
+    assert c.shards()["shards"][0]["budget_bytes"] is None      # refused, so never set
     r = httpx.patch(url + "/v1/shards/7", json={"budget_bytes": 1})
     assert r.status_code == 404 and "shards 0..1" in r.json()["error"]["message"]
-    assert c.set_budget("srv-shard-1", 8 * 2**30).budget_bytes == 8 * 2**30     # by its stable name
+    assert c.set_budget(f"{PREFIX}shard-1", 8 * 2**30).budget_bytes == 8 * 2**30     # by its stable name
     assert c.shards()["plan"]["shards"][1]["budget_bytes"] == 8 * 2**30
-    assert c.set_budget("srv-shard-1", None).budget_bytes is None
-    r = httpx.patch(url + "/v1/shards/srv-shard-9", json={"budget_bytes": 1})
-    assert r.status_code == 404 and "srv-shard-0, srv-shard-1" in r.json()["error"]["message"]
+    assert c.set_budget(f"{PREFIX}shard-1", None).budget_bytes is None
+    r = httpx.patch(url + f"/v1/shards/{PREFIX}shard-9", json={"budget_bytes": 1})
+    assert r.status_code == 404 and f"{PREFIX}shard-0, {PREFIX}shard-1" in r.json()["error"]["message"]
     r = httpx.patch(url + "/v1/shards/0", json={"budget": 1})
     assert r.status_code == 400 and "budget_bytes" in r.json()["error"]["message"]
+
+
+def test_stop_pipeline_spares_the_served_fingerprint(url):
+    """What a new deployment reclaims: its prefix's actors under other fingerprints (a
+    replaced deployment's), never its own, another prefix's, or names without one."""
+    import ray
+
+    from shards.runtime.actor import stop_pipeline
+
+    @ray.remote(num_cpus=0)
+    class Named:
+        def ping(self):
+            return 1
+    stale = ["srv-0123abcd-shard-0", "srv-0123abcd-r1-controller"]
+    spared = ["srv-shard-7", "srvx-0123abcd-shard-0", "srv-0123abcd-shard-0x"]
+    for name in stale + spared:
+        Named.options(name=name, namespace="shardserve", lifetime="detached").remote()
+    try:
+        assert sorted(stop_pipeline("srv-", keep=load(CONFIG).fingerprint())) == sorted(stale)
+        assert [s["name"] for s in Client(url).shards()["shards"]] == [f"{PREFIX}shard-0", f"{PREFIX}shard-1"]
+        assert all(ray.get(ray.get_actor(n, namespace="shardserve").ping.remote()) == 1 for n in spared)
+    finally:
+        for name in spared:
+            ray.kill(ray.get_actor(name, namespace="shardserve"))
+    assert Client(url).chat(QUESTION, max_tokens=24, temperature=0).strip() == "The capital of France is Paris."
 
 
 def test_failing_shard_gives_503_and_a_final_sse_error_then_recovers(url):
     """Every step of shard 0 raises: the request ends with an OpenAI error (503 / an error
     chunk in the stream) after its retries, never hangs; then the service answers again."""
     import ray
-    shard0 = ray.get_actor("srv-shard-0", namespace="shardserve")
+    shard0 = ray.get_actor(f"{PREFIX}shard-0", namespace="shardserve")
     ray.get(shard0.inject_fault.remote(1000, "disk on fire"))
     try:
         r = httpx.post(url + "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 8}, timeout=120)

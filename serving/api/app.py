@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -23,12 +24,18 @@ from ray import serve
 
 from serving import config as app_config
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest, ShardPatch
+from serving.control.pipeline import BudgetTooSmall
 from serving.launch import replica_prefixes
+from shards.compat import serve_client
+from shards.runtime.actor import stop_pipeline
 
 log = logging.getLogger(__name__)
 
 api = FastAPI(title="shardserve")
 MAX_BODY_BYTES = 1 << 20     # 1 MiB: far above the longest prompt the KV pools can hold
+# a replaced deployment's replicas drain and stop within Serve's graceful shutdown (20 s by
+# default) of this one serving; its shards are reclaimed after this long
+STALE_GRACE_S = 60.0
 DOC_PATHS = ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
 
 
@@ -125,6 +132,14 @@ async def _first(gen):
         raise HTTPException(504, str(e)) from e
 
 
+def _check_bind(cfg: app_config.Config) -> None:
+    """Refuse a public HTTP host without an API key (Config.check_bind), the host read from
+    the running Serve controller; not running yet, serve.run starts it on 127.0.0.1. A replica
+    checks again, so no path (`serve deploy`, a Python serve.run) serves one unchecked."""
+    client = serve_client()
+    cfg.check_bind(client.http_config.host if client is not None else "127.0.0.1")
+
+
 def _replica_rank() -> int:
     """This Serve replica's rank among its deployment's replicas (0 .. replicas - 1)."""
     rank = serve.get_replica_context().rank
@@ -138,11 +153,13 @@ class ShardServe:
         """Validates the config and starts building the engine (attaching to shard actors the
         CLI started, or starting them): /healthz reports on that build and never starts one."""
         cfg = app_config.load(config or {})
+        _check_bind(cfg)
         api.state.api_key, api.state.admin_key = cfg.key(), cfg.admin_key()
         self.model_name = cfg.model.served_name or "shardserve-" + cfg.model.name
-        # data parallel: each Serve replica routes its own pipeline, `<prefix>r<rank>-shard-<k>`
+        # data parallel: each Serve replica routes its own pipeline, `<prefix><fp>-r<rank>-shard-<k>`
         self.replica = _replica_rank() if cfg.server.replicas > 1 else 0
         self.cfg = cfg.replace(prefix=replica_prefixes(cfg)[self.replica])
+        self._stale = asyncio.ensure_future(self._reclaim_stale(cfg)) if self.replica == 0 else None
         self._build = None  # asyncio.Future of the Engine
         self.created = int(time.time())
         # tokenization and chat templates run off the event loop, one at a time, on their own
@@ -178,6 +195,19 @@ class ShardServe:
         except HTTPException as e:   # e.g. a model without a chat template: its requests say so
             log.info("chat template not warmed: %s", e.detail)
         return engine
+
+    async def _reclaim_stale(self, cfg: app_config.Config) -> None:
+        """Shards of this app's prefix under another fingerprint are a replaced deployment's:
+        once this replica's pipeline serves and Serve has drained and stopped the old replicas
+        (its graceful shutdown, 20 s by default), they are killed, and their memory with them."""
+        try:
+            await asyncio.shield(self._build)
+        except Exception:
+            return     # no pipeline of ours: the old one may be all there is
+        await asyncio.sleep(STALE_GRACE_S)
+        killed = await asyncio.to_thread(stop_pipeline, cfg.server.prefix, cfg.fingerprint())
+        if killed:
+            log.info("stopped %d actors of a replaced deployment: %s", len(killed), ", ".join(killed))
 
     @api.get("/healthz")
     async def healthz(self):
@@ -220,7 +250,7 @@ class ShardServe:
         return {"model": self.model_name, "n_layers": pipe.plan.n_layers, "plan": pipe.plan.to_dict(),
                 "shards": out, "events": list(pipe.events), "down": engine.down,
                 "timing": await engine.timing(since),
-                "replica": self.replica, "replicas": self.cfg.server.replicas}
+                "replica": self.replica, "replicas": self.cfg.server.replicas, "router_pid": os.getpid()}
 
     @api.patch("/v1/shards/{index}", dependencies=[Depends(_check_admin)])
     async def patch_shard(self, index: str, request: Request):
@@ -233,6 +263,8 @@ class ShardServe:
             st = await engine.set_budget(index, body.budget_bytes)
         except IndexError as e:
             raise HTTPException(404, str(e)) from e
+        except BudgetTooSmall as e:
+            raise HTTPException(400, str(e)) from e
         return st.to_dict()
 
     @api.post("/v1/chat/completions", dependencies=[Depends(_check_key)])
@@ -344,4 +376,5 @@ def build_app(args: dict) -> serve.Application:
     each routing its own pipeline, balanced by Serve's router (fewest ongoing requests of two)."""
     # `serve run ... shards=2` passes strings, a YAML file typed values: pydantic takes both
     cfg = app_config.load(args)
+    _check_bind(cfg)
     return ShardServe.options(num_replicas=cfg.server.replicas).bind(cfg.model_dump(exclude_defaults=True))

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from serving.control.reconfigurer import ActionError, Reconfigurer
+from serving.config import ControllerConfig
+from serving.control.reconfigurer import ActionError, BudgetTooSmall, Reconfigurer
 from serving.control.shardset import ShardSet, describe
 from serving.control.transport import ShardLost, Transport
 from shards.plan.plan import Plan
 
-__all__ = ["ActionError", "Pipeline", "ShardLost", "ShardSet", "describe"]
+__all__ = ["ActionError", "BudgetTooSmall", "Pipeline", "ShardLost", "ShardSet", "describe"]
 
 
 @dataclass
@@ -21,10 +22,11 @@ class Pipeline:
 
     @classmethod
     def of(cls, model: str, plan: Plan, handles: list, kv_blocks: int, block_size: int, prefix: str = "",
-           compiled_graph: bool = False, channels: bool = True) -> "Pipeline":
+           compiled_graph: bool = False, channels: bool = True,
+           controller: ControllerConfig | None = None) -> "Pipeline":
         shards = ShardSet(model, plan, handles, kv_blocks, block_size, prefix)
         transport = Transport(shards, compiled_graph, channels)
-        return cls(shards, transport, Reconfigurer(shards, transport))
+        return cls(shards, transport, Reconfigurer(shards, transport, controller))
 
     def close(self, wait: bool = False) -> None:
         """Stop stepping (channels closed, a Compiled Graph torn down); the actors stay up."""

@@ -205,6 +205,18 @@ def _relax(snap: Snapshot, cfg: ControllerConfig, state: PolicyState) -> tuple[l
     return [], state
 
 
+def least_bytes(r: ShardReading, cfg: ControllerConfig | None) -> tuple[int, str]:
+    """The least a shard's own layers can be made to use, and at which spec: its weights at
+    the most compressed ladder step it may be raised to (its own spec when recompression is off
+    or its spec is off the ladder), plus what it holds besides weights (KV pool, workspace).
+    A budget under this cannot be met by compressing (docs/controller.md)."""
+    i = None if cfg is None or "recompress" not in cfg.actions else _step(cfg, r.compression)
+    if i is None or not cfg.ladder_bytes:
+        return r.used_bytes, r.compression
+    weights = int(r.weight_bytes * cfg.ladder_bytes[-1] / cfg.ladder_bytes[i])
+    return max(r.used_bytes - r.weight_bytes, 0) + weights, cfg.ladder[-1]
+
+
 def acted(state: PolicyState, now: float) -> PolicyState:
     """An action finished: the quiet period counts from now, and readings start over."""
     return replace(state, last_action=now, over={}, low={})

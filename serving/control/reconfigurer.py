@@ -10,12 +10,16 @@ import dataclasses
 import os
 import time
 
+from serving.config import ControllerConfig
+from serving.control.policy import least_bytes, reading
 from serving.control.shardset import ShardSet, answers, describe
 from serving.control.transport import Transport
+from shards.errors import ShardServeError
 from shards.plan.layer_range import LayerRange
 from shards.plan.plan import Action, MoveLayers, Recompress, ReplaceShard, ShardSpec, SplitShard
 from shards.runtime.stats import ShardStats
 
+MiB = 1 << 20
 NAME_RELEASE_S = 20.0     # how long a dead actor's name may stay registered
 
 
@@ -28,9 +32,15 @@ class ActionError(RuntimeError):
         self.event = event
 
 
+class BudgetTooSmall(ShardServeError, ValueError):
+    """A budget the shard's layers cannot fit at the most compressed spec allowed."""
+
+
 class Reconfigurer:
-    def __init__(self, shards: ShardSet, transport: Transport):
-        self.shards, self.transport = shards, transport
+    def __init__(self, shards: ShardSet, transport: Transport, controller: ControllerConfig | None = None):
+        """controller: the controller's settings with its measured ladder (None: no controller,
+        so nothing will be recompressed)."""
+        self.shards, self.transport, self.controller = shards, transport, controller
         self._lock = asyncio.Lock()     # one change at a time
 
     # ---- reading --------------------------------------------------------------------------
@@ -52,9 +62,23 @@ class Reconfigurer:
         a split, nor gets lost in the plan a split writes."""
         async with self._lock:
             k = self.index(shard)
+            if budget_bytes is not None:
+                await self._check_budget(k, budget_bytes)
             st = await self.shards.handles[k].set_budget.remote(budget_bytes)
             self._set_spec(k, budget_bytes=budget_bytes)
             return st
+
+    async def _check_budget(self, k: int, budget_bytes: int) -> None:
+        """BudgetTooSmall when shard k's layers cannot fit budget_bytes at the most compressed
+        spec allowed: such a budget would only make the controller move, split and recompress
+        for every client without ever meeting it."""
+        r = reading(k, self.shards.names[k], await self.shards.handles[k].stats.remote())
+        least, spec = least_bytes(r, self.controller)
+        if budget_bytes < least:
+            raise BudgetTooSmall(
+                f"shard {k} ({r.name}) needs at least {least / MiB:.0f} MiB for layers [{r.start}, {r.end}) at "
+                f"{spec} (its KV pool and workspace included); a budget of {budget_bytes / MiB:.0f} MiB "
+                f"({budget_bytes} bytes) cannot be met")
 
     def index(self, shard: int | str) -> int:
         """A shard's index from its index or its actor name; IndexError names the valid ones."""

@@ -362,20 +362,22 @@ def start_shard(model: str, spec: ShardSpec, kv_blocks: int, block_size: int, na
     return ray.remote(ShardWorker).options(**options).remote(model, spec, kv_blocks, block_size, threads)
 
 
-def stop_pipeline(prefix: str = "") -> list[str]:
-    """Kill every named actor of the pipeline `prefix` and of its data-parallel replicas
-    (`<prefix>r<k>-`): shards, replacements, split-off shards, controllers. Returns the names."""
+def stop_pipeline(prefix: str = "", keep: str | None = None) -> list[str]:
+    """Kill every named actor of the pipelines of `prefix`: `<prefix>[<fingerprint>-][r<k>-]`
+    shards (replacements and split-off ones too) and controllers. keep: a fingerprint whose
+    actors are spared, so only other deployments' (stale) pipelines go. Returns the names."""
     import re
 
     import ray
-    ours = re.compile(re.escape(prefix) + r"(r\d+-)?(shard-\d+|controller)$")
+    ours = re.compile(re.escape(prefix) + r"(?:([0-9a-f]{8})-)?(?:r\d+-)?(?:shard-\d+|controller)$")
     killed = []
     for a in ray.util.list_named_actors(all_namespaces=True):
-        name = a["name"]
-        if a["namespace"] == NAMESPACE and ours.match(name):
-            try:
-                ray.kill(ray.get_actor(name, namespace=NAMESPACE))
-                killed.append(name)
-            except ValueError:   # died meanwhile
-                pass
+        name, m = a["name"], ours.match(a["name"])
+        if a["namespace"] != NAMESPACE or not m or (keep is not None and m.group(1) in (keep, None)):
+            continue
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+            killed.append(name)
+        except ValueError:   # died meanwhile
+            pass
     return killed
