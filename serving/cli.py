@@ -113,9 +113,9 @@ def start_service(args, cfg: Config):
     cfg.check_bind(args.host)
     ray.init(address=args.address, namespace="shardserve", log_to_driver=False)
     started = [(prefix, *start(cfg.replace(prefix=prefix))) for prefix in replica_prefixes(cfg)]
-    for prefix, plan, hs, _ in started:   # every pipeline loads here, with progress bars
+    for prefix, plan, hs, *_ in started:   # every pipeline loads here, with progress bars
         _wait_loaded(plan, hs, prefix)
-    handles = [h for _, _, hs, _ in started for h in hs]
+    handles = [h for _, _, hs, *_ in started for h in hs]
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(ShardServe.options(num_replicas=cfg.server.replicas).bind(cfg.replace(api_key=key).model_dump()),
               name="shardserve", route_prefix="/", blocking=False)

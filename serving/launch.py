@@ -1,10 +1,13 @@
 """Wiring: plan the shards, start their actors, wait until loaded, hand back an Engine."""
 from __future__ import annotations
 
+import logging
+
 from serving.config import Config
+from shards.plan.plan import Plan
 
 SERVE_DEFAULT = "fast"   # = w4a8x2: the file's own 4-bit weights, activations at ~15 bits
-from shards.plan.plan import Plan
+log = logging.getLogger("shardserve.launch")
 
 
 def serving_compression(spec: str | None, source) -> str:
@@ -58,9 +61,10 @@ def replica_prefixes(cfg: Config) -> list[str]:
     return [f"{base}r{k}-" for k in range(cfg.server.replicas)]
 
 
-def start(cfg: Config) -> tuple[Plan, list, int]:
-    """Plan, then start (or attach to, by name) one actor per shard. Returns (plan, handles,
-    KV blocks per shard). Deterministic, so the CLI and a Serve replica get the same actors."""
+def start(cfg: Config) -> tuple[Plan, list, int, list[str]]:
+    """Plan, then adopt the pipeline's running shards (`adopt`) or start one actor per shard.
+    Returns (plan, handles, KV blocks per shard, actor names), the shards in pipeline order.
+    Deterministic, so the CLI and a Serve replica get the same actors."""
     from shards.runtime.actor import start_shards
     threads = None
     if cfg.server.placement:
@@ -71,8 +75,50 @@ def start(cfg: Config) -> tuple[Plan, list, int]:
     else:
         p = make_plan(cfg)
     kv_blocks = min(s.kv_tokens for s in p.shards) // cfg.cache.block_size
+    running = adopt(cfg.server.prefix, p)
+    if running is not None:
+        return running[0], running[1], kv_blocks, running[2]
     handles = start_shards(cfg.model.name, list(p.shards), kv_blocks, cfg.cache.block_size, cfg.server.prefix, threads)
-    return p, handles, kv_blocks
+    return p, handles, kv_blocks, [f"{cfg.server.prefix}shard-{s.index}" for s in p.shards]
+
+
+def adopt(prefix: str, fresh: Plan, timeout_s: float = 600.0) -> tuple[Plan, list, list[str]] | None:
+    """The shards of pipeline `prefix` that already run (started by the CLI, or routed by a
+    router that died), as they are now: after moves, splits and re-placements their layers,
+    count and nodes differ from a fresh plan, so the plan is read back from the shards, ordered
+    by first layer. None when none run. When they do not answer within timeout_s (loading
+    counts) or do not cover the model's layers once each (one of them lost), they are killed
+    and None returned: a fresh start beats a pipeline with a gap."""
+    import dataclasses
+    import re
+
+    import ray
+
+    from shards.errors import PlanError
+    from shards.plan.layer_range import LayerRange
+    from shards.runtime.actor import NAMESPACE
+    ours = re.compile(re.escape(prefix) + r"shard-\d+$")
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == NAMESPACE and ours.match(a["name"])]
+    if not names:
+        return None
+    handles = [ray.get_actor(n, namespace=NAMESPACE) for n in names]
+    try:
+        ray.get([h.ready.remote() for h in handles], timeout=timeout_s)
+        stats = ray.get([h.stats.remote() for h in handles], timeout=60)
+        order = sorted(range(len(names)), key=lambda i: stats[i].start)
+        base = fresh.shards[0]
+        plan = dataclasses.replace(fresh, shards=tuple(dataclasses.replace(
+            base, index=k, layers=LayerRange(stats[i].start, stats[i].end), compression=stats[i].compression,
+            device=stats[i].device, node=stats[i].node_id, weight_bytes=stats[i].weight_bytes,
+            kv_bytes=stats[i].kv_bytes_reserved, budget_bytes=stats[i].budget_bytes)
+            for k, i in enumerate(order)))
+    except (ray.exceptions.RayError, PlanError, ValueError) as e:
+        for h in handles:
+            ray.kill(h)
+        log.warning("running shards %s not adopted (%s); starting afresh", ", ".join(names), e)
+        return None
+    return plan, [handles[i] for i in order], [names[i] for i in order]
 
 
 def measured_ladder(model: str, served: str, specs: tuple[str, ...] = ()) -> dict:
@@ -106,7 +152,7 @@ async def build_engine(cfg: Config, on_ready=None):
     from shards.model.source import open_source
     # planning reads the model file and measures costs (seconds of CPU): off the loop, which
     # in a Serve replica must keep answering health checks and Serve's queue-length probes
-    p, handles, kv_blocks = await asyncio.to_thread(start, cfg)
+    p, handles, kv_blocks, names = await asyncio.to_thread(start, cfg)
 
     async def wait(k, h):
         st = await h.ready.remote()
@@ -129,7 +175,7 @@ async def build_engine(cfg: Config, on_ready=None):
     eos = source.config.eos_token_id
     tokenizer = await asyncio.to_thread(source.tokenizer)
     pipeline = Pipeline.of(cfg.model.name, p, handles, kv_blocks, cfg.cache.block_size, cfg.server.prefix,
-                        cfg.transport.compiled_graph, cfg.transport.channels, settings)
+                        cfg.transport.compiled_graph, cfg.transport.channels, settings, names)
     engine = Engine(pipeline, tokenizer, set(eos if isinstance(eos, list) else [eos]), cfg.scheduler,
                     controller=controller, prefix_cache=cfg.cache.prefix_cache)
     # the first request after a start took 268 ms against 55-58 for the next ones (2 shards, in

@@ -10,7 +10,7 @@ import pytest
 
 from serving.api.client import Client
 from shards.model.step import SamplingParams
-from tests.conftest import chat_ids
+from tests.conftest import chat_ids, prompts
 from tests.test_serve import QUESTION, free_port
 
 pytestmark = pytest.mark.ray
@@ -92,7 +92,7 @@ def test_served_shards_run_on_their_planned_nodes_and_answer_exactly(cluster, se
     print("layers per node:", {s["node_id"][:8]: s["end"] - s["start"] for s in body["shards"]})
 
 
-def test_a_lost_node_has_its_shard_replaced_on_a_survivor_and_requests_complete(cluster, served, prompts):
+def test_a_lost_node_has_its_shard_replaced_on_a_survivor_and_requests_complete(cluster, served):
     """`small` (shard 1's node) is removed while 6 greedy requests generate: shard 1 comes back
     on a surviving node and every request completes with the calm run's text."""
     _, ids, c, nodes = cluster

@@ -88,6 +88,18 @@ def test_budget_below_use_controller_moves_layers_outputs_identical(loop, engine
         loop.run_until_complete(engine.set_budget(0, None))
 
 
+def test_a_new_router_adopts_the_pipeline_as_it_is_now(engine):
+    """After the move, the shards no longer match a fresh plan: a router that starts over them
+    (a restarted Serve replica) reads their layers back instead of trusting the plan."""
+    from serving.launch import make_plan, start
+    cfg = load(shards=2, prefix=PREFIX, kv_tokens=4096, compile=False, compression="fp32", controller=CONTROL)
+    fresh = [s.layers for s in make_plan(cfg).shards]
+    plan, handles, _, names = start(cfg)
+    now = engine.pipeline.shards
+    assert [s.layers for s in plan.shards] == [s.layers for s in now.plan.shards] != fresh
+    assert names == now.names and [h._actor_id for h in handles] == [h._actor_id for h in now.handles]
+
+
 def test_recompress_one_shard_under_load(loop, engine, reference, source):
     from shards.compress.costs import measure_costs
     from shards.plan.planner import shard_weight_bytes

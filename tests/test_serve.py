@@ -43,7 +43,7 @@ def url():
     from serving.launch import start
     ray.init(namespace="shardserve", include_dashboard=False, log_to_driver=False)
     # shards owned by this process (as the CLI does), so redeploying the app keeps them
-    _, handles, _ = start(load(CONFIG, prefix=PREFIX))
+    _, handles, *_ = start(load(CONFIG, prefix=PREFIX))
     ray.get([h.ready.remote() for h in handles])
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -68,7 +69,7 @@ class Controller:
         w = self.pipelines.get(pid)
         if w is None:
             return {}
-        return {"names": w.names, "busy": w.busy, "pending": [repr(a) for a in w.pending],
+        return {"pid": os.getpid(), "names": w.names, "busy": w.busy, "pending": [repr(a) for a in w.pending],
                 "over": dict(w.state.over), "raised": dict(w.state.raised), "readings": w.readings[-5:]}
 
     async def _poll_forever(self) -> None:

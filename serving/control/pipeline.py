@@ -23,8 +23,9 @@ class Pipeline:
     @classmethod
     def of(cls, model: str, plan: Plan, handles: list, kv_blocks: int, block_size: int, prefix: str = "",
            compiled_graph: bool = False, channels: bool = True,
-           controller: ControllerConfig | None = None) -> "Pipeline":
-        shards = ShardSet(model, plan, handles, kv_blocks, block_size, prefix)
+           controller: ControllerConfig | None = None, names: list[str] | None = None) -> "Pipeline":
+        """names: the actors' names in pipeline order (default <prefix>shard-<index>)."""
+        shards = ShardSet(model, plan, handles, kv_blocks, block_size, prefix, list(names or []))
         transport = Transport(shards, compiled_graph, channels)
         return cls(shards, transport, Reconfigurer(shards, transport, controller))
 
