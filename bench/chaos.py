@@ -116,6 +116,7 @@ def hang(admin: Admin, **_) -> dict:
     os.kill(victim["pid"], signal.SIGSTOP)
     try:
         bodies = admin.whole(check=lambda b: b[0]["shards"][1]["pid"] != victim["pid"])
+        recovered = time.time() - t0
     finally:
         time.sleep(max(0.0, t0 + STOP_S - time.time()))
         try:
@@ -124,6 +125,7 @@ def hang(admin: Admin, **_) -> dict:
             pass
     e = restarts_after(bodies, t0)[0]
     return {"target": victim["name"], "detected_s": e["time"] - t0, "replaced_s": e["seconds"],
+            "recovered_s": recovered,
             "reason": e["reason"], "still_alive_after_stop": _alive(victim["pid"])}
 
 
@@ -142,8 +144,9 @@ def node(admin: Admin, cluster, nodes: dict, **_) -> dict:
     cluster.remove_node(nodes["b"])
     bodies = admin.whole(check=lambda bs: all(s["node_id"] != gone for b in bs.values() for s in b["shards"]))
     events = restarts_after(bodies, t0)
-    return {"target": f"node b ({', '.join(on_b)})", "detected_s": min(e["time"] for e in events) - t0,
-            "replaced_s": time.time() - t0, "reason": events[0]["reason"] if events else None}
+    return {"target": f"node b ({', '.join(on_b)})",
+            "detected_s": min(e["time"] for e in events) - t0 if events else None,
+            "recovered_s": time.time() - t0, "reason": events[0]["reason"] if events else None}
 
 
 def replica(admin: Admin, **_) -> dict:
@@ -152,7 +155,7 @@ def replica(admin: Admin, **_) -> dict:
     os.kill(before["router_pid"], signal.SIGKILL)
     bodies = admin.whole(check=lambda b: b[1]["router_pid"] != before["router_pid"])
     after = bodies[1]
-    return {"target": f"replica 1 (pid {before['router_pid']})", "kill_time": t0, "replaced_s": time.time() - t0,
+    return {"target": f"replica 1 (pid {before['router_pid']})", "kill_time": t0, "recovered_s": time.time() - t0,
             "shards_readopted": [s["pid"] for s in after["shards"]] == [s["pid"] for s in before["shards"]]}
 
 
@@ -175,7 +178,7 @@ def controller(admin: Admin, **_) -> dict:
     while not ((st := status()).get("readings") and st["pid"] != old):
         assert time.time() < deadline, f"{name} never came back and polled its pipeline"
         time.sleep(0.2)
-    return {"target": name, "replaced_s": time.time() - t0, "readopted": st["names"]}
+    return {"target": name, "recovered_s": time.time() - t0, "readopted": st["names"]}
 
 
 def split_patch(admin: Admin, **_) -> dict:
@@ -185,9 +188,11 @@ def split_patch(admin: Admin, **_) -> dict:
     import ray
     b = admin.both()[0]
     s0, s1 = b["shards"][0], b["shards"][1]
-    admin.patch(s1["name"], s1["used_bytes"])
+    def used(s: dict) -> int:     # ShardStats.used_bytes: RSS less the runtime
+        return s["rss_bytes"] - s["base_rss_bytes"]
+    admin.patch(s1["name"], used(s1))
     t0 = time.time()
-    admin.patch(s0["name"], int(0.8 * s0["used_bytes"]))
+    admin.patch(s0["name"], int(0.8 * used(s0)))
     prefix, deadline = s0["name"].rsplit("shard-", 1)[0], time.time() + 120
     while not any(a["name"] == f"{prefix}shard-2" for a in ray.util.list_named_actors(all_namespaces=True)):
         assert time.time() < deadline, "no split started"
@@ -201,7 +206,7 @@ def split_patch(admin: Admin, **_) -> dict:
     kept = shards[k]["budget_bytes"] is None and bodies[0]["plan"]["shards"][k]["budget_bytes"] is None
     for s in shards:
         admin.patch(s["name"], None)
-    return {"target": s0["name"], "replaced_s": time.time() - t0, "patch_waited_s": patched_s,
+    return {"target": s0["name"], "recovered_s": time.time() - t0, "patch_waited_s": patched_s,
             "patch_kept": kept, "layers": [(s["start"], s["end"]) for s in shards]}
 
 
@@ -260,6 +265,7 @@ def verdict(calm: list, faulted: list, timeline: list, url: str) -> dict:
     return {"requests": len(faulted), "completed": len(faulted) - len(failed), "failed": len(failed),
             "failed_in_flight_at_replica_kill": sum(r["start"] <= kill <= r["end"] for r in failed),
             "failed_with_error_body": sum(bool(r.get("error")) for r in failed),
+            "failed_ended_within_s_of_kill": max((r["end"] - kill for r in failed), default=0.0),
             "equal_to_calm": sum(r.get("text") == c.get("text") for r, c in zip(faulted, calm) if r["status"] == 200),
             "calm_failed": sum(r["status"] != 200 for r in calm),
             "kv_blocks_used": sum(s["kv_blocks_used"] for b in bodies.values() for s in b["shards"]),

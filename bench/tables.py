@@ -63,6 +63,23 @@ def controller(result: dict) -> str:
     return "\n".join(rows)
 
 
+def chaos(result: dict) -> str:
+    v = result["verdict"]
+    rows = [f"{v['requests']} requests at c={result['args']['concurrency']} ({result['args']['max_tokens']} tokens "
+            f"max, greedy) on 2 replicas x 2 shards: {v['completed']} completed, all equal to the calm run; "
+            f"{v['failed']} failed, all in flight at the replica's kill, each with an error body, the last "
+            f"{v['failed_ended_within_s_of_kill']:.1f} s after it. At the end: {v['kv_blocks_used']} KV blocks "
+            f"held, {len(v['orphan_actors'])} orphan actors, {len(v['orphan_processes'])} orphan shard processes.",
+            "", "| t s | fault | target | detected s | recovered s | how |", "|---:|---|---|---:|---:|---|"]
+    for f in result["timeline"]:
+        how = f.get("reason") or ("shards re-adopted" if f.get("shards_readopted") else "")
+        if f["fault"] == "split+patch":
+            how = f"PATCH waited {f['patch_waited_s']:.1f} s for the split, kept: {f['patch_kept']}"
+        rows.append(f"| {f['t']:.0f} | {f['fault']} | {f['target']} | {_num(f.get('detected_s'), '.1f')} | "
+                    f"{f['recovered_s']:.1f} | {how[:140]} |")
+    return "\n".join(rows)
+
+
 def cuda(result: dict) -> str:
     rows = [f"{result['device']}, bitsandbytes {result['bitsandbytes']}.", "",
             "| spec | compiled | weights MiB | CUDA MiB | max diff vs CPU | greedy = HF (of 4) | decode ms b=1 | b=32 |",
@@ -81,7 +98,7 @@ def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-RENDER = {"http-serving": http, "compression": compression, "quantization": compression, "shard-memory": memory, "controller": controller,
+RENDER = {"chaos": chaos, "http-serving": http, "compression": compression, "quantization": compression, "shard-memory": memory, "controller": controller,
           "cuda-paths": cuda}
 
 

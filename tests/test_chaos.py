@@ -28,6 +28,7 @@ def test_chaos_run(tmp_path):
     assert list(faults) == ["hang", "node", "replica", "controller", "split+patch"]
     assert v["completed"] + v["failed"] == 300 and v["equal_to_calm"] == v["completed"]
     assert v["failed"] == v["failed_in_flight_at_replica_kill"] == v["failed_with_error_body"]
+    assert v["failed_ended_within_s_of_kill"] < 30      # an error, never a hang
     assert v["kv_blocks_used"] == 0 and not v["orphan_actors"] and not v["orphan_processes"]
     assert faults["hang"]["detected_s"] < 15 and faults["replica"]["shards_readopted"]
     assert faults["split+patch"]["patch_kept"] and len(faults["split+patch"]["layers"]) == 3

@@ -65,6 +65,7 @@ def test_the_deadline_follows_the_steps_of_its_kind():
     t = make([Handle()])
     assert t.deadline_s() == transport.DEADLINE_FLOOR_S
     t.latencies[False].extend([0.4, 0.9])                 # prefill chunks: their own deadline
-    t.latencies[True].extend([0.01, 0.3, 0.05])
+    t.latencies[True].extend([0.01, 0.7, 0.05])
     assert t.deadline_s(decode=False) == pytest.approx(transport.DEADLINE_FACTOR * 0.9)
-    assert t.deadline_s(decode=True) == pytest.approx(transport.DEADLINE_FACTOR * 0.3)
+    assert t.deadline_s(decode=True) == pytest.approx(transport.DEADLINE_FACTOR * 0.7)
+    assert transport.DEADLINE_FACTOR * 0.9 > transport.DEADLINE_FLOOR_S    # both above the floor

@@ -33,9 +33,11 @@ CONNECT_TIMEOUT_S = 30.0  # opening channels: every shard hands out its address 
 # deadline follows the steps of its kind: DEADLINE_FACTOR x the slowest of the last LATENCIES
 # decode (or prefill) steps, at least DEADLINE_FLOOR_S (a decode step takes tens of ms, a
 # prefill chunk up to a second or two on 2 cores), so a hung shard is found in seconds, not at
-# a request's timeout.
+# a request's timeout. The ping decides, not the deadline: a shard that is only slow answers it
+# at once (pings run on Ray's thread, steps on the channel's), so a short deadline costs pings,
+# never a healthy shard.
 DEADLINE_FLOOR_S = 2.0
-DEADLINE_FACTOR = 10.0
+DEADLINE_FACTOR = 3.0
 LATENCIES = 64
 TEARDOWN_S = 30.0         # wait at most this for a graph's teardown before a change
 
