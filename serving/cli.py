@@ -8,6 +8,7 @@ import sys
 
 from serving.config import Config, cli_flags, from_args
 from shards.errors import ShardServeError
+from shards.model.synth import DTYPES, SHAPES
 
 
 def _add_model_args(p: argparse.ArgumentParser, shards: bool = True) -> None:
@@ -263,6 +264,24 @@ def cmd_stop(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    """A random-weight Hugging Face folder of a published shape (shards/model/synth.py)."""
+    from tqdm import tqdm
+
+    from shards.model.synth import synth
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
+    with tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=f"synth {args.like}") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        out = synth(args.like, args.out, args.dtype, args.seed, overrides, progress)
+    print(f"{out}: {args.like}, {args.dtype}, seed {args.seed}; random weights, for capacity, memory and speed")
+    return 0
+
+
 def cmd_budget(args) -> int:
     """Set one shard's memory budget on a running endpoint."""
     from serving.api.client import Client
@@ -330,12 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-serve", action="store_true", help="leave the Serve app running")
     p.set_defaults(func=cmd_stop)
     p = sub.add_parser("budget", help="set one shard's memory budget on a running endpoint")
-    p.add_argument("shard", type=int)
+    p.add_argument("shard", help="its index, or its actor name")
     p.add_argument("bytes", help="e.g. 300MiB, or none")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--api-key", default=None)
     p.add_argument("--admin-key", default=None, help="where the server has one (or SHARDSERVE_ADMIN_KEY)")
     p.set_defaults(func=cmd_budget)
+    p = sub.add_parser("synth", help="write a random-weight HF folder of a published shape (capacity, speed)")
+    p.add_argument("--like", required=True, choices=sorted(SHAPES))
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
+                   help="config fields over the shape's, e.g. num_hidden_layers=4 hidden_size=256")
+    p.set_defaults(func=cmd_synth)
     p = sub.add_parser("bench", help="tokens/s, latency, TTFT, ITL and shard memory over HTTP, with baselines")
     _add_service_args(p)
     p.add_argument("--url", default=None, help="bench this running endpoint instead of starting one")

@@ -42,6 +42,7 @@ class Reconfigurer:
         so nothing will be recompressed)."""
         self.shards, self.transport, self.controller = shards, transport, controller
         self._lock = asyncio.Lock()     # one change at a time
+        self._placed_at: dict[str, float] = {}   # actor name -> when it was last re-placed
 
     # ---- reading --------------------------------------------------------------------------
     async def stats(self) -> list[ShardStats]:
@@ -97,7 +98,8 @@ class Reconfigurer:
                 ReplaceShard: "restart"}[type(action)]
         shard = action.src if isinstance(action, MoveLayers) else action.shard
         async with self._lock:
-            if isinstance(action, ReplaceShard) and await answers(self.shards.handles[action.shard]):
+            if isinstance(action, ReplaceShard) and not self._known_dead(action) \
+                    and await answers(self.shards.handles[action.shard]):
                 # already re-placed (the router and the controller both saw it die)
                 return {"action": kind, "shard": shard, "ok": True, "skipped": "it answers"}
             before, t0 = self._shape(), time.time()
@@ -197,9 +199,14 @@ class Reconfigurer:
                 _kill(handle)
                 raise
             self.shards.handles[k] = handle
+            self._placed_at[name] = time.time()
             await self._refresh()
 
     # ---- helpers --------------------------------------------------------------------------
+    def _known_dead(self, a: ReplaceShard) -> bool:
+        """Whether a ping it did not answer came after its last re-placement (no ping needed)."""
+        return a.unanswered_at is not None and a.unanswered_at > self._placed_at.get(self.shards.names[a.shard], 0.0)
+
     def _start(self, spec: ShardSpec, name: str, n_shards: int):
         from shards.runtime.actor import start_shard
         threads = max(1, (os.cpu_count() or 1) // n_shards)

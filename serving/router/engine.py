@@ -304,8 +304,9 @@ class Engine:
         time; nothing launches meanwhile."""
         try:
             await self.pipeline.transport.drained()
+            pinged = time.time()
             for k in await self.pipeline.transport.dead():
-                await self.apply(ReplaceShard(k, f"shard {k} unreachable after: {why}"))
+                await self.apply(ReplaceShard(k, f"shard {k} unreachable after: {why}", unanswered_at=pinged))
             self.down = None
         except Exception as e:
             self.down = f"shard lost and not re-placed ({type(e).__name__}: {e}); after: {why}"

@@ -64,6 +64,8 @@ class ReplaceShard:
 
     shard: int
     reason: str = ""
+    unanswered_at: float | None = None   # epoch s of a ping it did not answer: no second ping
+                                         # unless it was re-placed since
 
 
 Action = MoveLayers | Recompress | SplitShard | ReplaceShard
