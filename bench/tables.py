@@ -80,6 +80,17 @@ def chaos(result: dict) -> str:
     return "\n".join(rows)
 
 
+def scale_correctness(result: dict) -> str:
+    return "\n".join([
+        f"Synthetic `{result['like']}` (seed 0), {result['positions']} teacher-forced WikiText-2 positions, "
+        f"{result['stages']} chained stages.", "",
+        "| compared | max abs logit diff | top-1 agreement |", "|---|---:|---:|",
+        f"| fp32 stages vs transformers fp32 (logits up to {result['logit_abs_max']:.1f}) | "
+        f"{result['fp32_max_abs_diff']:.2e} | {result['fp32_top1_agreement']:.3f} |",
+        f"| {result['default_spec']} stages vs fp32 stages | mean {result['default_mean_abs_diff_vs_fp32']:.3f} | "
+        f"{result['default_top1_agreement_vs_fp32']:.3f} |"])
+
+
 def cuda(result: dict) -> str:
     rows = [f"{result['device']}, bitsandbytes {result['bitsandbytes']}.", "",
             "| spec | compiled | weights MiB | CUDA MiB | max diff vs CPU | greedy = HF (of 4) | decode ms b=1 | b=32 |",
@@ -98,7 +109,7 @@ def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-RENDER = {"chaos": chaos, "http-serving": http, "compression": compression, "quantization": compression, "shard-memory": memory, "controller": controller,
+RENDER = {"chaos": chaos, "scale-correctness": scale_correctness, "http-serving": http, "compression": compression, "quantization": compression, "shard-memory": memory, "controller": controller,
           "cuda-paths": cuda}
 
 

@@ -21,6 +21,7 @@ from shards.runtime.stats import ShardStats
 
 MiB = 1 << 20
 NAME_RELEASE_S = 20.0     # how long a dead actor's name may stay registered
+RESTART_TRIES = 3         # re-placements of one dead shard before the pipeline is down
 
 
 class ActionError(RuntimeError):
@@ -178,26 +179,29 @@ class Reconfigurer:
 
     async def _restart(self, a: ReplaceShard) -> None:
         """Re-place shard k with its current layers, compression and budget, under its name.
-        The new actor holds no KV: the router recomputes every live sequence (Engine.apply)."""
+        The new actor holds no KV: the router recomputes every live sequence (Engine.apply).
+        A replacement that dies while it loads (scheduled onto a node that was going down
+        before Ray noticed) is tried again, anywhere, up to RESTART_TRIES times."""
         import ray
         k, name, spec = a.shard, self.shards.names[a.shard], self.shards.plan.shards[a.shard]
         async with self.transport.boundary():
             _kill(self.shards.handles[k])
-            deadline = time.time() + NAME_RELEASE_S
-            while time.time() < deadline:     # a killed actor's name is released asynchronously
+            for attempt in range(RESTART_TRIES):
+                await _name_released(name)
+                handle = self._start(spec if attempt == 0 else dataclasses.replace(spec, node=None), name,
+                                     len(self.shards.handles))
                 try:
-                    ray.get_actor(name, namespace="shardserve")
-                except ValueError:
+                    await handle.ready.remote()
+                    if spec.budget_bytes is not None:
+                        await handle.set_budget.remote(spec.budget_bytes)
                     break
-                await asyncio.sleep(0.1)
-            handle = self._start(spec, name, len(self.shards.handles))
-            try:
-                await handle.ready.remote()
-                if spec.budget_bytes is not None:
-                    await handle.set_budget.remote(spec.budget_bytes)
-            except Exception:
-                _kill(handle)
-                raise
+                except ray.exceptions.RayActorError:
+                    _kill(handle)
+                    if attempt == RESTART_TRIES - 1:
+                        raise
+                except Exception:
+                    _kill(handle)
+                    raise
             self.shards.handles[k] = handle
             self._placed_at[name] = time.time()
             await self._refresh()
@@ -237,6 +241,19 @@ class Reconfigurer:
     def _check_index(self, k: int) -> None:
         if not 0 <= k < len(self.shards.handles):
             raise IndexError(f"no shard {k}: the pipeline has shards 0..{len(self.shards.handles) - 1}")
+
+
+async def _name_released(name: str) -> None:
+    """Wait (at most NAME_RELEASE_S) until a killed actor's name is free: Ray releases it
+    asynchronously, and a new actor under a taken name would fail."""
+    import ray
+    deadline = time.time() + NAME_RELEASE_S
+    while time.time() < deadline:
+        try:
+            ray.get_actor(name, namespace="shardserve")
+        except ValueError:
+            return
+        await asyncio.sleep(0.1)
 
 
 def _kill(handle) -> None:
