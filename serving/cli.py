@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write a random-weight HF folder of a published shape (capacity, speed)")
     p.add_argument("--like", required=True, choices=sorted(SHAPES))
     p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
                    help="config fields over the shape's, e.g. num_hidden_layers=4 hidden_size=256")

@@ -46,7 +46,7 @@ def test_files_stay_under_the_limit_in_order():
 def tiny(tmp_path_factory):
     from shards.model.synth import synth
     root = tmp_path_factory.mktemp("synth")
-    return {like: synth(like, root / like, "bf16", 7, TINY, max_file_bytes=LIMIT)
+    return {like: synth(like, root / like, "bfloat16", 7, TINY, max_file_bytes=LIMIT)
             for like in ("llama-3.2-1b", "qwen2.5-14b")}
 
 
@@ -76,8 +76,8 @@ def test_folder_is_complete_deterministic_and_drawn_as_configured(tiny, tmp_path
     with safe_open(str(folder / index["weight_map"]["model.norm.weight"]), "pt") as f:
         norm = f.get_tensor("model.norm.weight")
     assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001 and bool((norm == 1).all())
-    assert _digest(synth("llama-3.2-1b", tmp_path / "same", "bf16", 7, TINY, max_file_bytes=LIMIT)) == _digest(folder)
-    assert _digest(synth("llama-3.2-1b", tmp_path / "other", "bf16", 8, TINY, max_file_bytes=LIMIT)) != _digest(folder)
+    assert _digest(synth("llama-3.2-1b", tmp_path / "same", "bfloat16", 7, TINY, max_file_bytes=LIMIT)) == _digest(folder)
+    assert _digest(synth("llama-3.2-1b", tmp_path / "other", "bfloat16", 8, TINY, max_file_bytes=LIMIT)) != _digest(folder)
 
 
 @pytest.mark.model
@@ -105,7 +105,7 @@ def test_writing_holds_a_chunk_not_a_tensor(tmp_path):
     script = (
         "import resource, psutil; from shards.model.source import open_source; open_source('default').tokenizer();"
         "from shards.model.synth import synth; before = psutil.Process().memory_info().rss;"
-        f"synth('llama-3.2-1b', {str(tmp_path / 'big')!r}, 'bf16', 0, {{'num_hidden_layers': 1}});"
+        f"synth('llama-3.2-1b', {str(tmp_path / 'big')!r}, 'bfloat16', 0, {{'num_hidden_layers': 1}});"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 MAX_FILE_BYTES = 2 << 30
 CHUNK_BYTES = 64 << 20           # fp32 drawn at a time
-# name -> (torch dtype, safetensors dtype, bytes); torch is imported only to write
-DTYPES = {"bf16": ("bfloat16", "BF16", 2), "fp16": ("float16", "F16", 2), "fp32": ("float32", "F32", 4)}
+# torch dtype name -> (safetensors dtype, bytes per element); torch is imported only to write
+DTYPES = {"bfloat16": ("BF16", 2), "float16": ("F16", 2), "float32": ("F32", 4)}
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
@@ -91,7 +91,7 @@ def file_groups(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int,
     return groups
 
 
-def synth(like: str, out: str | Path, dtype: str = "bf16", seed: int = 0, overrides: dict | None = None,
+def synth(like: str, out: str | Path, dtype: str = "bfloat16", seed: int = 0, overrides: dict | None = None,
           progress: Callable[[int, int], None] | None = None, max_file_bytes: int = MAX_FILE_BYTES) -> Path:
     """Write the folder of shape `like` (SHAPES, `overrides` on top) to `out`. progress(done,
     total) in bytes after each tensor."""
@@ -105,8 +105,8 @@ def synth(like: str, out: str | Path, dtype: str = "bf16", seed: int = 0, overri
     out.mkdir(parents=True, exist_ok=True)
     cfg = {**SHAPES[like], **(overrides or {})}
     tokenizer = _write_tokenizer(out)
-    torch_name, st_dtype, itemsize = DTYPES[dtype]
-    config = {**cfg, "torch_dtype": torch_name,
+    st_dtype, itemsize = DTYPES[dtype]
+    config = {**cfg, "torch_dtype": dtype,
               "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
               "synthetic": {"like": like, "seed": seed, "note": "random weights: for capacity, memory and speed"}}
     (out / "config.json").write_text(json.dumps(config, indent=1))
@@ -121,7 +121,7 @@ def synth(like: str, out: str | Path, dtype: str = "bf16", seed: int = 0, overri
             _write_header(fh, group, itemsize, st_dtype)
             for tensor, shape in group:
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + index[tensor])
-                _write_tensor(fh, tensor, shape, cfg["initializer_range"], gen, getattr(torch, torch_name))
+                _write_tensor(fh, tensor, shape, cfg["initializer_range"], gen, getattr(torch, dtype))
                 weight_map[tensor] = name
                 done += _numel(shape) * itemsize
                 if progress:
