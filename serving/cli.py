@@ -130,15 +130,20 @@ def start_service(args, cfg: Config):
     return client, url, handles
 
 
-def stop_service(handles) -> None:
+def stop_service(cfg: Config) -> None:
+    """Undo start_service: the Serve app and this config's pipelines. Nothing when Ray was never
+    connected (a refused start): connecting here could reach another cluster's Serve."""
     import ray
+    if not ray.is_initialized():
+        return
     from ray import serve
 
     from shards.runtime.actor import stop_pipeline
     serve.shutdown()
-    # detached actors outlive us unless killed; by the pipeline's names, not our handles: the
-    # router may have replaced a dead shard or split one onto a new actor since
-    stop_pipeline()
+    # detached actors outlive us unless killed; by the pipelines' names, not our handles: the
+    # router may have replaced a dead shard or split one onto a new actor since. Only this
+    # config's (its fingerprint), not other deployments' of the same prefix
+    stop_pipeline(f"{cfg.server.prefix}{cfg.fingerprint()}-")
     ray.shutdown()
 
 
@@ -147,10 +152,9 @@ def cmd_serve(args) -> int:
     import signal
     import time
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C even when started with & (SIG_IGN)
-    handles = []
+    cfg = config_of(args)
     try:
-        cfg = config_of(args)
-        client, url, handles = start_service(args, cfg)
+        client, url, _ = start_service(args, cfg)
         print(f"shardserve: {cfg.model.name} in {cfg.model.shards} shards, OpenAI API at {url}/v1 (Ctrl-C stops)",
               flush=True)
         if args.ask:
@@ -161,7 +165,7 @@ def cmd_serve(args) -> int:
     except KeyboardInterrupt:
         print("shardserve: shutting down", flush=True)
     finally:
-        stop_service(handles)
+        stop_service(cfg)
     return 0
 
 
@@ -183,10 +187,10 @@ def cmd_bench(args) -> int:
     source = open_source(cfg.model.name)
     tok = source.tokenizer() if args.context else None
     prompts = lambda c: with_context(read_prompts(args.requests or max(8, 2 * c)), args.context, tok)  # noqa: E731
-    handles, url = [], args.url
+    url = args.url
     try:
         if url is None:
-            _, url, handles = start_service(args, cfg)
+            _, url, _ = start_service(args, cfg)
         for c in args.concurrency:
             since = time.time()
             level = asyncio.run(bench.http_level(url, prompts(c), c, args.max_tokens, key))
@@ -195,8 +199,8 @@ def cmd_bench(args) -> int:
             print("shardserve", json.dumps(level), flush=True)
         result["shard_memory"] = bench.shard_memory(url, key)
     finally:
-        if handles:
-            stop_service(handles)
+        if args.url is None:
+            stop_service(cfg)
     if "llama-server" in args.baselines and hasattr(source, "path"):
         result["llama_server"], note = bench.llama_server_levels(source, prompts, args.concurrency, args.max_tokens)
         if note:

@@ -10,8 +10,11 @@ pytestmark = pytest.mark.unit
 
 def test_non_loopback_host_needs_a_key(capsys, monkeypatch):
     monkeypatch.delenv("SHARDSERVE_API_KEY", raising=False)
+    import ray
+    connects = []      # the clean-up must not connect either: it could reach another cluster's Serve
+    monkeypatch.setattr(ray, "init", lambda *a, **kw: connects.append((a, kw)))
     assert main(["serve", "--host", "0.0.0.0", "--shards", "2"]) == 2   # before any Ray starts
-    assert "without an API key" in capsys.readouterr().err
+    assert "without an API key" in capsys.readouterr().err and connects == []
     assert loopback("127.0.0.1") and loopback("::1") and loopback("localhost")
     assert not loopback("0.0.0.0") and not loopback("10.1.2.3") and not loopback("example.org")
 
