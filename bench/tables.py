@@ -73,6 +73,8 @@ def chaos(result: dict) -> str:
             "", "| t s | fault | target | detected s | recovered s | how |", "|---:|---|---|---:|---:|---|"]
     for f in result["timeline"]:
         how = f.get("reason") or ("shards re-adopted" if f.get("shards_readopted") else "")
+        if "replaced_s" in f:
+            how = f"re-placed in {f['replaced_s']:.1f} s; {how}"
         if f["fault"] == "split+patch":
             how = f"PATCH waited {f['patch_waited_s']:.1f} s for the split, kept: {f['patch_kept']}"
         rows.append(f"| {f['t']:.0f} | {f['fault']} | {f['target']} | {_num(f.get('detected_s'), '.1f')} | "
@@ -87,8 +89,9 @@ def scale_correctness(result: dict) -> str:
         "| compared | max abs logit diff | top-1 agreement |", "|---|---:|---:|",
         f"| fp32 stages vs transformers fp32 (logits up to {result['logit_abs_max']:.1f}) | "
         f"{result['fp32_max_abs_diff']:.2e} | {result['fp32_top1_agreement']:.3f} |",
-        f"| {result['default_spec']} stages vs fp32 stages | mean {result['default_mean_abs_diff_vs_fp32']:.3f} | "
-        f"{result['default_top1_agreement_vs_fp32']:.3f} |"])
+        f"| {result['default_spec']} stages vs fp32 stages (relative L2 error "
+        f"{result['default_relative_l2_vs_fp32']:.3f}; logit std {result['logit_std']:.2f}) | "
+        f"mean {result['default_mean_abs_diff_vs_fp32']:.3f} | {result['default_top1_agreement_vs_fp32']:.3f} |"])
 
 
 def cuda(result: dict) -> str:
