@@ -39,9 +39,31 @@ def test_unsupported_fields_refused_by_name(field, value):
 
 
 def test_defaults_of_unsupported_fields_and_bookkeeping_fields_accepted():
-    ChatCompletionRequest(messages=MSG, logprobs=False, presence_penalty=0, user="u", stream_options={"x": 1})
+    ChatCompletionRequest(messages=MSG, logprobs=False, presence_penalty=0, user="u", metadata={"x": 1})
     with pytest.raises(ValidationError, match="unknown field 'temprature'"):
         ChatCompletionRequest(messages=MSG, temprature=0)
+
+
+def test_stream_options():
+    assert ChatCompletionRequest(messages=MSG, stream=True, stream_options={"include_usage": True}).include_usage
+    assert not ChatCompletionRequest(messages=MSG, stream=True).include_usage
+    with pytest.raises(ValidationError, match="only allowed with stream: true"):
+        ChatCompletionRequest(messages=MSG, stream_options={"include_usage": True})
+    with pytest.raises(ValidationError, match="include_usag"):
+        ChatCompletionRequest(messages=MSG, stream=True, stream_options={"include_usag": True})
+
+
+def test_tokenize_and_detokenize_bodies():
+    from serving.api.schemas import DetokenizeRequest, TokenizeRequest
+    assert TokenizeRequest(prompt="hi").add_special_tokens and TokenizeRequest(messages=MSG).chat()[0]["role"] == "user"
+    for bad in ({}, {"prompt": "a", "messages": MSG}):
+        with pytest.raises(ValidationError, match="exactly one of prompt and messages"):
+            TokenizeRequest(**bad)
+    with pytest.raises(ValidationError):
+        TokenizeRequest(prompt="a", add_special_token=False)        # misspelt: refused, not ignored
+    assert DetokenizeRequest(tokens=[1, 2]).tokens == [1, 2]
+    with pytest.raises(ValidationError):
+        DetokenizeRequest(tokens=[-1])
 
 
 @pytest.mark.parametrize("bad", [{"temperature": float("nan")}, {"stop": [""]}, {"stop": "x" * 300},

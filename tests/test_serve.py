@@ -244,6 +244,28 @@ def test_shard_budget_patch_and_events(url):
     assert r.status_code == 400 and "budget_bytes" in r.json()["error"]["message"]
 
 
+def test_tokenize_detokenize_and_stream_usage(url, tokenizer):
+    """vLLM's /tokenize and /detokenize, and OpenAI's stream_options.include_usage through the SDK."""
+    from openai import OpenAI
+    text = "The capital of France"
+    r = httpx.post(url + "/tokenize", json={"prompt": text, "return_token_strs": True}).json()
+    assert r["tokens"] == tokenizer.encode(text) and r["count"] == len(r["tokens"]) and r["max_model_len"] == 4096
+    assert r["token_strs"] == tokenizer.convert_ids_to_tokens(r["tokens"])
+    chat = httpx.post(url + "/tokenize", json={"messages": QUESTION}).json()
+    assert chat["tokens"] == chat_ids(tokenizer, QUESTION[0]["content"])       # what the chat endpoint feeds
+    assert httpx.post(url + "/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": text}
+    bad = httpx.post(url + "/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and "outside the vocabulary of 49152" in bad.json()["error"]["message"]
+    assert httpx.post(url + "/tokenize", json={"prompt": "a", "messages": QUESTION}).status_code == 400
+    sdk = OpenAI(base_url=url + "/v1", api_key="unused")
+    chunks = list(sdk.chat.completions.create(model="shardserve-default", messages=QUESTION, max_tokens=24,
+                                              temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and all(c.usage is None for c in chunks[:-1])
+    u = chunks[-1].usage
+    assert u.prompt_tokens == chat["count"] and 0 < u.completion_tokens <= 24 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]).strip() == "The capital of France is Paris."
+
+
 def test_stop_pipeline_spares_the_served_fingerprint(url):
     """What a new deployment reclaims: its prefix's actors under other fingerprints (a
     replaced deployment's), never its own, another prefix's, or names without one."""

@@ -23,10 +23,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from serving import config as app_config
-from serving.api.schemas import ChatCompletionRequest, CompletionRequest, ShardPatch
+from serving.api import responses
+from serving.api.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ShardPatch, TokenizeRequest
 from serving.control.pipeline import BudgetTooSmall
 from serving.launch import replica_prefixes
 from shards.compat import serve_client
+from shards.model.source import chat_prompt_ids, open_source
 from shards.runtime.actor import stop_pipeline
 
 log = logging.getLogger(__name__)
@@ -188,8 +190,11 @@ class ShardServe:
         """build_engine (which warms the pipeline), then this replica's tokenizer copy and chat
         template: the first request paid them, ~105 ms (copy 102, first render 5 against 0.2)."""
         from serving.launch import build_engine
-        from shards.model.source import chat_prompt_ids
         engine = await build_engine(self.cfg)
+        # the longest prompt + completion: a shard's KV pool, or the model's positions if fewer
+        positions = getattr(open_source(self.cfg.model.name).config, "max_position_embeddings", None)
+        pool = engine.sched.cfg.kv_blocks * engine.sched.cfg.block_size
+        self.max_model_len = min(pool, positions or pool)
         try:
             await self._encode(engine, chat_prompt_ids, [{"role": "user", "content": "Hello"}])
         except HTTPException as e:   # e.g. a model without a chat template: its requests say so
@@ -272,7 +277,6 @@ class ShardServe:
         return await self._chat(await _parse(request, ChatCompletionRequest))
 
     async def _chat(self, body: ChatCompletionRequest):
-        from shards.model.source import chat_prompt_ids
         engine = await self._engine_for(body)
         ids = await self._encode(engine, chat_prompt_ids, body.chat())
         return await self._respond(engine, ids, body, chat=True)
@@ -283,6 +287,35 @@ class ShardServe:
         engine = await self._engine_for(body)
         ids = await self._encode(engine, lambda tok, text: tok.encode(text), body.prompt)
         return await self._respond(engine, ids, body, chat=False)
+
+    @api.post("/tokenize", dependencies=[Depends(_check_key)])
+    async def tokenize(self, request: Request):
+        """vLLM's /tokenize: a prompt's (or a chat's) token ids, as /v1/completions (or
+        /v1/chat/completions) would feed them, and the longest prompt + completion served."""
+        body = await _parse(request, TokenizeRequest)
+        engine = await self._engine_for(body)
+        if body.messages is not None:
+            ids = await self._encode(engine, lambda tok, a: chat_prompt_ids(tok, *a),
+                                     (body.chat(), body.add_generation_prompt), empty_ok=True)
+        else:
+            ids = await self._encode(engine, lambda tok, a: tok.encode(a[0], add_special_tokens=a[1]),
+                                     (body.prompt, body.add_special_tokens), empty_ok=True)
+        out = {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
+        if body.return_token_strs:
+            out["token_strs"] = self._encoder.convert_ids_to_tokens(ids)
+        return out
+
+    @api.post("/detokenize", dependencies=[Depends(_check_key)])
+    async def detokenize(self, request: Request):
+        """vLLM's /detokenize: token ids back to text; an id outside the vocabulary is a 400."""
+        body = await _parse(request, DetokenizeRequest)
+        engine = await self._engine_for(body)
+        vocab = len(engine.tokenizer)
+        bad = [t for t in body.tokens if t >= vocab]
+        if bad:
+            raise HTTPException(400, f"token ids {bad[:5]} are outside the vocabulary of {vocab} tokens")
+        text = await asyncio.get_running_loop().run_in_executor(self._tokenize, engine.tokenizer.decode, body.tokens)
+        return {"prompt": text}
 
     async def chat_handle(self, body: dict) -> dict:
         """In-cluster entry for DeploymentHandle callers: an OpenAI chat body in, response out."""
@@ -295,8 +328,9 @@ class ShardServe:
             raise HTTPException(404, f"model {body.model!r} does not exist; this server has {self.model_name!r}")
         return await self.engine()
 
-    async def _encode(self, engine, fn, arg) -> list[int]:
-        """Token ids, computed in the tokenizer thread; a template or tokenizer error is a 400."""
+    async def _encode(self, engine, fn, arg, empty_ok: bool = False) -> list[int]:
+        """Token ids, computed in the tokenizer thread; a template or tokenizer error is a 400,
+        and so is an empty prompt unless empty_ok."""
         if self._encoder is None:
             import copy
             self._encoder = copy.deepcopy(engine.tokenizer)
@@ -304,7 +338,7 @@ class ShardServe:
             ids = await asyncio.get_running_loop().run_in_executor(self._tokenize, fn, self._encoder, arg)
         except Exception as e:
             raise HTTPException(400, f"could not tokenize the request: {type(e).__name__}: {str(e)[:300]}") from e
-        if not ids:
+        if not ids and not empty_ok:
             raise HTTPException(400, "the prompt is empty after tokenization")
         return ids
 
@@ -319,7 +353,8 @@ class ShardServe:
         try:
             first = await _first(gen)     # 429 / 503 / 504 before any byte is sent
             if body.stream:
-                return StreamingResponse(self._sse(first, gen, rid, chat), media_type="text/event-stream")
+                return StreamingResponse(self._sse(first, gen, rid, chat, body.include_usage),
+                                         media_type="text/event-stream")
             text, last = [first.text], first
             while not last.finish_reason:
                 last = await _first(gen)
@@ -329,42 +364,14 @@ class ShardServe:
                 await gen.aclose()   # a client gone mid-request aborts it and frees its KV
         if last.finish_reason == "error":
             raise HTTPException(503, last.error)
-        return JSONResponse(self._body(rid, chat, "".join(text), last))
+        return JSONResponse(responses.completion_body(rid, chat, self.model_name, "".join(text), last))
 
-    def _body(self, rid, chat, text, last) -> dict:
-        usage = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-                 "total_tokens": last.prompt_tokens + last.completion_tokens}
-        choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": self.model_name, "choices": [choice], "usage": usage}
-
-    async def _sse(self, first, gen, rid, chat):
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        d = first
+    async def _sse(self, first, gen, rid, chat, include_usage):
         try:
-            while True:
-                if d.finish_reason == "error":   # OpenAI streams an error as a final error chunk
-                    yield f"data: {json.dumps({'error': {'message': d.error, 'type': 'service_unavailable'}})}\n\n"
-                    break
-                piece = {"role": "assistant", "content": d.text} if d is first else {"content": d.text}
-                choice = {"index": 0, "finish_reason": d.finish_reason, "logprobs": None}
-                choice.update({"delta": piece} if chat else {"text": d.text})
-                chunk = {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name,
-                         "choices": [choice]}
-                if d.finish_reason:
-                    chunk["usage"] = {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
-                                      "total_tokens": d.prompt_tokens + d.completion_tokens}
-                yield f"data: {json.dumps(chunk)}\n\n"
-                if d.finish_reason:
-                    break
-                d = await _first(gen)
-            yield "data: [DONE]\n\n"
+            async for event in responses.sse(first, lambda: _first(gen), rid, chat, self.model_name, include_usage):
+                yield event
         except HTTPException as e:    # timed out, or the pipeline went down mid-stream
-            yield f"data: {json.dumps({'error': {'message': str(e.detail), 'type': 'service_unavailable'}})}\n\n"
+            yield responses.error_event(str(e.detail))
             yield "data: [DONE]\n\n"
         finally:
             await gen.aclose()  # client gone mid-stream: the engine aborts and frees its KV

@@ -1,7 +1,7 @@
 """OpenAI-compatible request bodies (pydantic only here, at the HTTP boundary)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -16,7 +16,8 @@ UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_
                "presence_penalty": 0, "frequency_penalty": 0, "audio": None, "modalities": None,
                "prediction": None, "best_of": None, "echo": False, "suffix": None}
 # accepted and without effect here (bookkeeping fields of the OpenAI API)
-IGNORED = {"user", "stream_options", "metadata", "store", "parallel_tool_calls", "service_tier"}
+IGNORED = {"user", "metadata", "store", "parallel_tool_calls", "service_tier"}
+MAX_DETOKENIZE = 1 << 20     # token ids one /detokenize takes
 
 
 class TextPart(BaseModel):
@@ -45,6 +46,11 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False      # a last chunk with `usage` and no choices; `usage: null` before
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
@@ -56,6 +62,7 @@ class _Sampling(BaseModel):
     seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
 
     @field_validator("stop")
@@ -76,7 +83,13 @@ class _Sampling(BaseModel):
                     raise ValueError(f"field {name!r} is not supported by this server")
             elif name not in IGNORED:
                 raise ValueError(f"unknown field {name!r}")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
         return self
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
     def sampling(self, default_max: int = DEFAULT_MAX_TOKENS) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -95,6 +108,35 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's shape): a `prompt`, or chat `messages` through the template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=1024)
+    add_special_tokens: bool = True          # prompt: the tokenizer's BOS and the like
+    add_generation_prompt: bool = True       # messages: end where the assistant answers
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+    def chat(self) -> list[dict]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages or []]
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's shape): token ids back to text."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=MAX_DETOKENIZE)
 
 
 class ShardPatch(BaseModel):

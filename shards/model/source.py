@@ -350,7 +350,8 @@ def open_source(spec: str) -> ModelSource:
     raise ModelSourceError(f"model {spec!r} is neither a .gguf file nor a model folder")
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a chat through the model's template, ending where the assistant answers."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+def chat_prompt_ids(tokenizer, messages: list[dict], open_turn: bool = True) -> list[int]:
+    """Token ids of a chat through the model's template, ending where the assistant answers
+    (open_turn; else after the last message)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=open_turn, tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
