@@ -308,6 +308,17 @@ def _add_service_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(serving=True)
 
 
+def _add_synth_parser(sub) -> None:
+    p = sub.add_parser("synth", help="write a random-weight HF folder of a published shape (capacity, speed)")
+    p.add_argument("--like", required=True, choices=sorted(SHAPES))
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
+                   help="config fields over the shape's, e.g. num_hidden_layers=4 hidden_size=256")
+    p.set_defaults(func=cmd_synth)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="shardserve", description=__doc__)
     ap.set_defaults(serving=False)
@@ -359,14 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None)
     p.add_argument("--admin-key", default=None, help="where the server has one (or SHARDSERVE_ADMIN_KEY)")
     p.set_defaults(func=cmd_budget)
-    p = sub.add_parser("synth", help="write a random-weight HF folder of a published shape (capacity, speed)")
-    p.add_argument("--like", required=True, choices=sorted(SHAPES))
-    p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
-                   help="config fields over the shape's, e.g. num_hidden_layers=4 hidden_size=256")
-    p.set_defaults(func=cmd_synth)
+    _add_synth_parser(sub)
     p = sub.add_parser("bench", help="tokens/s, latency, TTFT, ITL and shard memory over HTTP, with baselines")
     _add_service_args(p)
     p.add_argument("--url", default=None, help="bench this running endpoint instead of starting one")
