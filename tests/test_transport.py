@@ -69,3 +69,27 @@ def test_the_deadline_follows_the_steps_of_its_kind():
     assert t.deadline_s(decode=False) == pytest.approx(transport.DEADLINE_FACTOR * 0.9)
     assert t.deadline_s(decode=True) == pytest.approx(transport.DEADLINE_FACTOR * 0.7)
     assert transport.DEADLINE_FACTOR * 0.9 > transport.DEADLINE_FLOOR_S    # both above the floor
+
+
+def test_a_budget_change_to_a_hung_shard_gives_up_and_frees_the_lock(monkeypatch):
+    """The shard never answers: the PATCH fails with ShardUnanswered after ANSWER_S instead of
+    holding the change lock its re-placement needs."""
+    import serving.control.reconfigurer as reconfigurer
+    from serving.control.reconfigurer import Reconfigurer, ShardUnanswered
+    monkeypatch.setattr(reconfigurer, "ANSWER_S", 0.2)
+
+    class Hung(Handle):
+        def __init__(self):
+            super().__init__(hung=True)
+            self.set_budget = self.stats = self
+
+        def remote(self, *args):      # stats.remote(), set_budget.remote(bytes): never answered
+            return super().remote()
+
+    async def run():
+        t = make([Hung()])
+        r = Reconfigurer(t.shards, t)
+        with pytest.raises(ShardUnanswered, match="shard 0 .* did not answer in 0 s"):
+            await r.set_budget(0, None)
+        assert not r._lock.locked()
+    asyncio.run(asyncio.wait_for(run(), 5))      # without the give-up, this would wait for ever

@@ -25,7 +25,7 @@ from ray import serve
 from serving import config as app_config
 from serving.api import responses
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ShardPatch, TokenizeRequest
-from serving.control.pipeline import BudgetTooSmall
+from serving.control.pipeline import BudgetTooSmall, ShardUnanswered
 from serving.launch import replica_prefixes
 from shards.compat import serve_client
 from shards.model.source import chat_prompt_ids, open_source
@@ -270,6 +270,8 @@ class ShardServe:
             raise HTTPException(404, str(e)) from e
         except BudgetTooSmall as e:
             raise HTTPException(400, str(e)) from e
+        except ShardUnanswered as e:
+            raise HTTPException(503, str(e)) from e
         return st.to_dict()
 
     @api.post("/v1/chat/completions", dependencies=[Depends(_check_key)])

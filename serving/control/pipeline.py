@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from serving.config import ControllerConfig
-from serving.control.reconfigurer import ActionError, BudgetTooSmall, Reconfigurer
+from serving.control.reconfigurer import ActionError, BudgetTooSmall, Reconfigurer, ShardUnanswered
 from serving.control.shardset import ShardSet, describe
 from serving.control.transport import ShardLost, Transport
 from shards.plan.plan import Plan
 
-__all__ = ["ActionError", "BudgetTooSmall", "Pipeline", "ShardLost", "ShardSet", "describe"]
+__all__ = ["ActionError", "BudgetTooSmall", "Pipeline", "ShardUnanswered", "ShardLost", "ShardSet", "describe"]
 
 
 @dataclass

@@ -21,6 +21,7 @@ from shards.runtime.stats import ShardStats
 
 MiB = 1 << 20
 NAME_RELEASE_S = 20.0     # how long a dead actor's name may stay registered
+ANSWER_S = 10.0           # a budget change waits this long for its shard, holding the change lock
 RESTART_TRIES = 3         # re-placements of one dead shard before the pipeline is down
 
 
@@ -35,6 +36,10 @@ class ActionError(RuntimeError):
 
 class BudgetTooSmall(ShardServeError, ValueError):
     """A budget the shard's layers cannot fit at the most compressed spec allowed."""
+
+
+class ShardUnanswered(ShardServeError):
+    """A shard did not answer a budget change within ANSWER_S (hung, or being re-placed)."""
 
 
 class Reconfigurer:
@@ -66,15 +71,24 @@ class Reconfigurer:
             k = self.index(shard)
             if budget_bytes is not None:
                 await self._check_budget(k, budget_bytes)
-            st = await self.shards.handles[k].set_budget.remote(budget_bytes)
+            st = await self._answer(k, self.shards.handles[k].set_budget.remote(budget_bytes))
             self._set_spec(k, budget_bytes=budget_bytes)
             return st
+
+    async def _answer(self, k: int, call):
+        """A shard call's result, or ShardUnanswered after ANSWER_S: a hung shard must not hold
+        the change lock that its own re-placement needs."""
+        try:
+            return await asyncio.wait_for(call, ANSWER_S)
+        except asyncio.TimeoutError:
+            raise ShardUnanswered(f"shard {k} ({self.shards.names[k]}) did not answer in {ANSWER_S:.0f} s; "
+                                  "try again once it is re-placed") from None
 
     async def _check_budget(self, k: int, budget_bytes: int) -> None:
         """BudgetTooSmall when shard k's layers cannot fit budget_bytes at the most compressed
         spec allowed: such a budget would only make the controller move, split and recompress
         for every client without ever meeting it."""
-        r = reading(k, self.shards.names[k], await self.shards.handles[k].stats.remote())
+        r = reading(k, self.shards.names[k], await self._answer(k, self.shards.handles[k].stats.remote()))
         least, spec = least_bytes(r, self.controller)
         if budget_bytes < least:
             raise BudgetTooSmall(
