@@ -52,3 +52,24 @@ def test_admin_routes_take_the_admin_key(admin, key, sent, ok):
         with pytest.raises(HTTPException) as e:
             app._check_admin(req)
         assert e.value.status_code == 401
+
+
+def test_serve_health_check_fails_only_when_the_build_failed_or_the_pipeline_is_down():
+    check = app.ShardServe.func_or_class.check_health
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        replica = type("Replica", (), {})()
+        replica._build = loop.create_future()
+        await check(replica)                                   # still building: healthy
+        engine = type("Engine", (), {"down": None})()
+        replica._build.set_result(engine)
+        await check(replica)
+        engine.down = "shard lost and not re-placed"
+        with pytest.raises(RuntimeError, match="pipeline down: shard lost"):
+            await check(replica)
+        replica._build = loop.create_future()
+        replica._build.set_exception(ValueError("no model"))
+        with pytest.raises(RuntimeError, match="engine build failed: ValueError"):
+            await check(replica)
+    asyncio.run(run())

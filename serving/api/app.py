@@ -214,6 +214,18 @@ class ShardServe:
         if killed:
             log.info("stopped %d actors of a replaced deployment: %s", len(killed), ", ".join(killed))
 
+    async def check_health(self):
+        """Serve's periodic health check: passes while the engine builds; fails when the build
+        failed or the pipeline is down and could not be re-placed, so Serve replaces this
+        replica, and the new one re-adopts the running shards or starts them afresh."""
+        b = self._build
+        if b is None or not b.done():
+            return
+        if b.cancelled() or b.exception() is not None:
+            raise RuntimeError(f"engine build failed: {None if b.cancelled() else b.exception()!r}")
+        if b.result().down:
+            raise RuntimeError(f"pipeline down: {b.result().down}")
+
     @api.get("/healthz")
     async def healthz(self):
         """ok, or not ok with one word: no key needed, so no internals (they are in the logs and,
