@@ -101,7 +101,7 @@ def _wait_loaded(plan, handles, prefix: str) -> None:
 
 def start_service(args, cfg: Config):
     """Start (or join) Ray, load the shards with progress bars, deploy the Serve app, wait for
-    /healthz. Returns (client, url, shard handles)."""
+    /healthz. Returns (client, url)."""
     import time
 
     import ray
@@ -116,7 +116,6 @@ def start_service(args, cfg: Config):
     started = [(prefix, *start(cfg.replace(prefix=prefix))) for prefix in replica_prefixes(cfg)]
     for prefix, plan, hs, *_ in started:   # every pipeline loads here, with progress bars
         _wait_loaded(plan, hs, prefix)
-    handles = [h for _, _, hs, *_ in started for h in hs]
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(ShardServe.options(num_replicas=cfg.server.replicas).bind(cfg.replace(api_key=key).model_dump()),
               name="shardserve", route_prefix="/", blocking=False)
@@ -127,7 +126,7 @@ def start_service(args, cfg: Config):
         if time.time() > deadline:
             raise ShardServeError(f"{url}/healthz not ready after 300 s")
         time.sleep(0.5)
-    return client, url, handles
+    return client, url
 
 
 def stop_service(cfg: Config) -> None:
@@ -154,7 +153,7 @@ def cmd_serve(args) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C even when started with & (SIG_IGN)
     cfg = config_of(args)
     try:
-        client, url, _ = start_service(args, cfg)
+        client, url = start_service(args, cfg)
         print(f"shardserve: {cfg.model.name} in {cfg.model.shards} shards, OpenAI API at {url}/v1 (Ctrl-C stops)",
               flush=True)
         if args.ask:
@@ -190,7 +189,7 @@ def cmd_bench(args) -> int:
     url = args.url
     try:
         if url is None:
-            _, url, _ = start_service(args, cfg)
+            _, url = start_service(args, cfg)
         for c in args.concurrency:
             since = time.time()
             level = asyncio.run(bench.http_level(url, prompts(c), c, args.max_tokens, key))
