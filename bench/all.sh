@@ -4,7 +4,7 @@
 set -euo pipefail
 PY=.venv/bin/python
 $PY bench/compression.py --seqlen 512 --windows 8 --json bench/results/compression-quality-memory.json --plot bench/results/compression-quality-memory.png
-$PY bench/memory.py --shards 1 2 3 --compression fp32 w8a16 nf4 --json bench/results/shard-memory-vs-plan.json --plot bench/results/shard-memory-vs-plan.png
+$PY bench/plan_memory.py --model default --json bench/results/plan-vs-rss-smollm2-135m.json
 for c in fp32 w4a8x2; do
   .venv/bin/shardserve bench --shards 2 --compression "$c" --json "bench/results/http-serving-$c.json" --plot "bench/results/http-serving-$c.png"
 done

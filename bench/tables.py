@@ -43,14 +43,25 @@ def compression(result: dict) -> str:
     return "\n".join(rows)
 
 
-def memory(result: dict) -> str:
-    rows = ["| shards | spec | shard | layers | plan MiB | weights MiB | peak RSS MiB | runtime MiB | "
-            "(peak - runtime) / plan |", "|---:|---|---:|---|---:|---:|---:|---:|---:|"]
-    for r in result["rows"]:
-        rows.append(f"| {r['shards']} | {_spec(r['compression'])} | {r['index']} | {r['layers']} | "
-                    f"{r['plan_bytes'] / MiB:.0f} | {r['weight_bytes'] / MiB:.0f} | {r['peak_rss_bytes'] / MiB:.0f} | "
-                    f"{r['base_rss_bytes'] / MiB:.0f} | {r['peak_minus_runtime_over_plan']:.2f} |")
-    return "\n".join(rows)
+def plan_vs_rss(result: dict) -> str:
+    """bench/plan_memory.py: planned against measured, per shard (each shard loaded alone)."""
+    return f"Model `{result['model']}`, {result['shards']} shards.\n\n" + _plan_rows(result["rows"])
+
+
+def _plan_rows(rows: list[dict]) -> str:
+    out = ["| spec | shard | layers | weights | KV | runtime | compiled | workspace | at rest: plan / RSS | "
+           "serving: plan / peak | load peak: bound / VmHWM | load s (compiling) | source GiB/s |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---|---|---|---:|---:|"]
+    for r in rows:
+        p, m = r["plan"], r["measured"]
+
+        def pair(a, b):
+            return f"{a / MiB:.0f} / {b / MiB:.0f} ({100 * (a / b - 1):+.1f}%)"
+        out.append(f"| {r['compression']} | {r['index']} | {r['layers']} | {p['weights'] / MiB:.0f} | {p['kv'] / MiB:.0f} | "
+                   f"{p['runtime'] / MiB:.0f} | {p['compiled'] / MiB:.0f} | {p['workspace'] / MiB:.0f} | "
+                   f"{pair(p['at_rest'], m['at_rest'])} | {pair(p['total'], m['serving_peak'])} | "
+                   f"{pair(p['load_peak'], m['load_peak'])} | {r['load_s']} ({r['compile_s']}) | {r['source_gib_per_s'] or '-'} |")
+    return "\n".join(out)
 
 
 def controller(result: dict) -> str:
@@ -112,7 +123,7 @@ def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-RENDER = {"chaos": chaos, "scale-correctness": scale_correctness, "http-serving": http, "compression": compression, "quantization": compression, "shard-memory": memory, "controller": controller,
+RENDER = {"chaos": chaos, "scale-correctness": scale_correctness, "http-serving": http, "compression": compression, "quantization": compression, "plan-vs-rss": plan_vs_rss, "controller": controller,
           "cuda-paths": cuda}
 
 

@@ -10,6 +10,8 @@ from serving.config import Config, cli_flags, from_args
 from shards.errors import ShardServeError
 from shards.model.synth import DTYPES, SHAPES
 
+MiB = 1 << 20
+
 
 def _add_model_args(p: argparse.ArgumentParser, shards: bool = True) -> None:
     """--model, --compression (and --shards): the config's fields (serving/config.py)."""
@@ -57,13 +59,17 @@ def cmd_plan(args) -> int:
     ips = {n.node_id: n.ip for n in nodes or []}
     print(f"model {p.model}: {p.n_layers} layers in {len(p.shards)} shards" +
           (f" on {len(nodes)} nodes ({cfg.server.replicas} replica(s))" if nodes else ""))
-    print(f"{'shard':>5} {'layers':>10} {'weights MiB':>12} {'KV MiB':>8} {'KV tokens':>10} {'budget MiB':>11}"
-          + ("  device  node" if nodes else ""))
+    print(f"{'shard':>5} {'layers':>10} {'weights':>8} {'KV':>7} {'runtime':>8} {'compiled':>9} {'workspace':>10} "
+          f"{'total':>7} {'load peak':>10} {'KV tokens':>10} {'budget':>7}" + ("  device  node" if nodes else ""))
     for s in p.shards:
-        budget = "-" if s.budget_bytes is None else f"{s.budget_bytes / 2**20:.0f}"
+        f = s.footprint
+        budget = "-" if s.budget_bytes is None else f"{s.budget_bytes / MiB:.0f}"
         where = f"  {s.device:<6}  {ips.get(s.node, '?')} {s.node[:12]}" if nodes else ""
-        print(f"{s.index:>5} {str(s.layers):>10} {s.weight_bytes / 2**20:>12.1f} "
-              f"{s.kv_bytes / 2**20:>8.1f} {s.kv_tokens:>10} {budget:>11}{where}")
+        print(f"{s.index:>5} {str(s.layers):>10} {f.weights / MiB:>8.0f} {f.kv / MiB:>7.0f} {f.runtime / MiB:>8.0f} "
+              f"{f.compiled / MiB:>9.0f} {f.workspace / MiB:>10.0f} {f.total / MiB:>7.0f} {f.load_peak / MiB:>10.0f} "
+              f"{s.kv_tokens:>10} {budget:>7}{where}")
+    print("MiB. total: the shard process's resident bytes while serving; a budget counts all but its runtime; "
+          "load peak: at rest plus the layer being built in fp32")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 from serving.config import Config
+from shards.plan.footprint import Overheads
 from shards.plan.plan import Plan
 
 SERVE_DEFAULT = "fast"   # = w4a8x2: the file's own 4-bit weights, activations at ~15 bits
@@ -31,19 +32,34 @@ def make_plan(cfg: Config, nodes: list | None = None) -> Plan:
     # a preset resolved to its spec: shards report it, and the controller's ladder is written in specs
     comp = parse(serving_compression(cfg.model.compression, source)).spec
     costs = measure_costs(source, comp)
+    ov = overheads(cfg, comp)
     shards = 0 if cfg.model.shards == "auto" else cfg.model.shards
     if not cfg.server.placement:
         device = "cpu" if cfg.model.device == "auto" else cfg.model.device
         return _compiled(plan(costs, shards, cfg.cache.budgets, cfg.cache.kv_tokens, compression=comp,
-                              device=device), cfg)
+                              device=device, overheads=ov), cfg)
     from shards.plan.placement import place
     if nodes is None:
         from serving.cluster import cluster_nodes
         nodes = cluster_nodes()
-    p = place(costs, nodes, shards or len(nodes), cfg.cache.kv_tokens, comp, cfg.server.replicas, cfg.cache.budgets)
+    p = place(costs, nodes, shards or len(nodes), cfg.cache.kv_tokens, comp, cfg.server.replicas, cfg.cache.budgets, ov)
     if cfg.model.device != "auto":
         p = dataclasses.replace(p, shards=tuple(dataclasses.replace(s, device=cfg.model.device) for s in p.shards))
     return _compiled(p, cfg)
+
+
+def overheads(cfg: Config, spec: str) -> Overheads:
+    """What each shard process holds besides weights and KV (shards/plan/footprint.py): its
+    runtime and inductor's, measured on this machine (shards/runtime/probe.py), and the
+    scheduler's step sizes its workspace is sized for."""
+    import dataclasses
+
+    from shards.compress.spec import parse
+    from shards.runtime.probe import measure_overheads
+    method = parse(spec).method
+    ov = measure_overheads(cfg.model.compile and method.compiles, method.bitsandbytes,
+                           cfg.scheduler.max_batch, cfg.scheduler.prefill_tokens)
+    return dataclasses.replace(ov, dequantizes=method.dequantizes, load_layers=method.load_layers)
 
 
 def _compiled(p: Plan, cfg: Config) -> Plan:

@@ -120,7 +120,8 @@ def test_writing_holds_a_chunk_not_a_tensor(tmp_path):
 
 @pytest.mark.ray
 def test_served_in_two_shards_greedy_equals_transformers(tiny, loop):
-    """synth -> plan -> two shard actors -> the router: the greedy tokens transformers picks."""
+    """synth -> plan -> two shard actors -> the router: the greedy tokens transformers picks, and
+    each shard's RSS within 10% of what the plan said."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -139,6 +140,12 @@ def test_served_in_two_shards_greedy_equals_transformers(tiny, loop):
         out = loop.run_until_complete(engine.complete(prompt, SamplingParams(max_tokens=24)))
         eos = hf.config.eos_token_id       # whether either side lists the end token it stopped at
         assert [t for t in out.token_ids if t != eos] == [t for t in want if t != eos] and len(want) > 8
+        # the plan predicted each process: runtime, weights and KV at rest (shards/plan/footprint.py)
+        for spec, st in zip(engine.plan.shards, loop.run_until_complete(engine.stats())):
+            f = spec.footprint
+            print(f"shard {spec.index}: planned {f.at_rest / MiB:.0f} MiB at rest (runtime {f.runtime / MiB:.0f}), "
+                  f"RSS {st.rss_bytes / MiB:.0f} MiB (runtime {st.base_rss_bytes / MiB:.0f})")
+            assert abs(f.at_rest / st.rss_bytes - 1) < 0.10 and f.runtime > 0
     finally:
         engine.close()
         stop_pipeline("syn-")

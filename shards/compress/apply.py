@@ -6,12 +6,12 @@ import dataclasses
 
 import torch
 
-from shards.compress.quantize import quantize_block
+from shards.compress.quantize import quantize_block, quantize_projection
 from shards.compress.registry import UNQUANTIZED
 from shards.compress.spec import Compression, CompressionError
 from shards.compress.spec import parse as parse_compression
 from shards.compress.structure import compress_structure
-from shards.model.block import Block
+from shards.model.block import Block, fp32_block
 from shards.model.source import ModelSource
 
 
@@ -40,12 +40,29 @@ def compress_block(block: Block, comp: Compression, source: ModelSource | None =
     compress_structure(block, comp)
     if comp.quant == UNQUANTIZED:    # fp32 weights stay as they are, GPTQ's grids included (prepare)
         return block
-    keep = comp.method.keeps_q4_codes and source is not None and comp.structure == Compression()
-    # GPTQ (shards/compress/calibration.py, or a prepared artifact) gave grids its weights lie on
-    grids = getattr(block, "grids", None) or \
-        (source.gptq_grids(block.layer) if source is not None and source.gptq_quant == comp.quant else None) or \
-        (int4_grids(source, block.layer) if keep else None)
-    return quantize_block(block, comp.quant, grids, maxima)
+    return quantize_block(block, comp.quant, getattr(block, "grids", None) or _grids(source, block.layer, comp), maxima)
+
+
+def _grids(source: ModelSource | None, layer: int, comp: Compression) -> dict | None:
+    """The grids a layer's weights lie on: GPTQ's (shards/compress/calibration.py, or a prepared
+    artifact), or for the methods that keep 4-bit codes, a Q4 source's own where unchanged."""
+    if source is None:
+        return None
+    keep = comp.method.keeps_q4_codes and comp.structure == Compression()
+    return (source.gptq_grids(layer) if source.gptq_quant == comp.quant else None) or \
+        (int4_grids(source, layer) if keep else None)
+
+
+def build_block(source: ModelSource, layer: int, comp: Compression, device="cpu", dtype=torch.float32,
+                maxima: dict | None = None) -> Block:
+    """fp32_block then compress_block. When nothing is cut or pruned, each projection is
+    quantized as soon as it is built, so loading holds one projection group in fp32 (gate|up,
+    the largest) besides the finished ones, not the whole layer."""
+    if comp.structure != Compression() or comp.quant == UNQUANTIZED:
+        return compress_block(fp32_block(source, layer, device, dtype), comp, source, maxima)
+    grids = _grids(source, layer, comp)
+    return fp32_block(source, layer, device, dtype,
+                      finish=lambda name, lin: quantize_projection(name, lin, comp.quant, grids, maxima))
 
 
 def int4_grids(source: ModelSource, layer: int) -> dict:

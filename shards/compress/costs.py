@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from shards.compress.apply import compress_block, remaining
+from shards.compress.apply import build_block, remaining
 from shards.compress.quantize import head_table
-from shards.model.block import fp32_block
 from shards.plan.memory import ModelCosts, head_dim, kv_bytes_per_token_layer, module_bytes
 
 
@@ -16,7 +15,7 @@ def measure_costs(source, compression: str | None = None, use_cache: bool = True
     """Build every layer (one at a time, then dropped) and count its bytes."""
     cfg = source.config
     comp, todo = remaining(source, compression)
-    key = f"costs-v4-{comp.spec}.json"   # v4: registry names, tables by the registry
+    key = f"costs-v5-{comp.spec}.json"   # v5: the shape and the fp32 layer
     cache = getattr(source, "cache", None)
     if use_cache and cache is not None and (cache / key).is_file():
         d = json.loads((cache / key).read_text())
@@ -24,7 +23,7 @@ def measure_costs(source, compression: str | None = None, use_cache: bool = True
     # Wanda and cuts ranked by weights alone give the calibrated shapes and bytes; layers a raw
     # source would drop are unknown before calibration, so counted (an upper bound)
     dropped = set(getattr(source, "dropped_layers", ()))
-    layers = [0 if i in dropped else module_bytes(compress_block(fp32_block(source, i), todo))
+    layers = [0 if i in dropped else module_bytes(build_block(source, i, todo))
               for i in range(cfg.num_hidden_layers)]
     # embedding and lm_head as the method stores its tables (the norm stays fp32)
     embed = source.tensor("model.embed_tokens.weight")
@@ -36,7 +35,9 @@ def measure_costs(source, compression: str | None = None, use_cache: bool = True
         model=source.label, n_layers=cfg.num_hidden_layers, layer_bytes=tuple(layers),
         embed_bytes=table, norm_bytes=norm.nbytes, head_bytes=table,
         tied=bool(cfg.tie_word_embeddings), kv_bytes_per_token_layer=kv_bytes_per_token_layer(cfg),
-        head_compute=cfg.vocab_size * cfg.hidden_size / (mlp + attn))
+        head_compute=cfg.vocab_size * cfg.hidden_size / (mlp + attn), hidden=cfg.hidden_size,
+        intermediate=cfg.intermediate_size, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+        head_dim=head_dim(cfg), vocab=cfg.vocab_size, source_layer_bytes=4 * (mlp + attn))
     if use_cache and cache is not None:
         (cache / key).write_text(json.dumps(asdict(costs)))
     return costs
@@ -53,7 +54,7 @@ def ladder_bytes(source, specs: tuple[str, ...], layer: int = 0) -> dict[str, in
         if path is not None and path.is_file():
             out[spec] = json.loads(path.read_text())
             continue
-        out[spec] = module_bytes(compress_block(fp32_block(source, layer), todo))
+        out[spec] = module_bytes(build_block(source, layer, todo))
         if path is not None:
             path.write_text(json.dumps(out[spec]))
     return out

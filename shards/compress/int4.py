@@ -15,6 +15,7 @@ from torch import nn
 from shards import compat
 
 GROUP = 32
+QUANT_ROWS = 1024   # rows quantized at a time: the fp32 temporaries are of a block, not the matrix
 _INT4PACK_CONVERT, _INT4PACK_MM = compat.int4pack_convert(), compat.int4pack_mm()   # read once: graphs trace the ops
 
 
@@ -27,11 +28,16 @@ def rtn_grid(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.T
 
 
 def codes_on(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int = GROUP) -> torch.Tensor:
-    """4-bit codes of w [N, K] on the grid (d, m): q = round((w - m) / d) in 0..15, int32."""
-    g = w.float().reshape(w.shape[0], -1, group)
-    d = torch.where(d > 0, d, torch.ones_like(d))   # a constant group (d = 0): every code 0
-    q = torch.round((g - m.unsqueeze(-1)) / d.unsqueeze(-1)).clamp_(0, 15)
-    return q.reshape(w.shape).to(torch.int32)
+    """4-bit codes of w [N, K] on the grid (d, m): q = round((w - m) / d) in 0..15, int32;
+    QUANT_ROWS rows at a time, so the fp32 temporaries are of a block."""
+    out = torch.empty(w.shape, dtype=torch.int32, device=w.device)
+    for a in range(0, w.shape[0], QUANT_ROWS):
+        g = w[a:a + QUANT_ROWS].float().reshape(-1, w.shape[1] // group, group)
+        da = d[a:a + QUANT_ROWS]
+        da = torch.where(da > 0, da, torch.ones_like(da))   # a constant group (d = 0): every code 0
+        q = torch.round((g - m[a:a + QUANT_ROWS].unsqueeze(-1)) / da.unsqueeze(-1)).clamp_(0, 15)
+        out[a:a + QUANT_ROWS] = q.reshape(-1, w.shape[1])
+    return out
 
 
 class Int4CpuLinear(nn.Module):

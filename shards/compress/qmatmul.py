@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shards.compress.int4 import GROUP, codes_on, rtn_grid
+from shards.compress.int4 import GROUP, QUANT_ROWS, codes_on, rtn_grid
 
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
 PANEL = 16      # output rows one kernel vector serves
@@ -149,7 +149,11 @@ class W4A8CpuLinear(GroupQuantLinear):
                              f"{PANEL} (the kernel's panels), got {n} x {k}")
         d, m = grid if grid is not None else rtn_grid(weight)
         d, m = d.half().float(), m.half().float()     # stored in fp16: the codes follow them
-        super().__init__(*pack(codes_on(weight, d, m), d, m, 4), k, bias, levels)
+        # coded and packed QUANT_ROWS rows at a time (a multiple of PANEL: panels stay whole), so
+        # the fp32 and int32 temporaries are of a block, not of the projection
+        parts = [pack(codes_on(weight[a:a + QUANT_ROWS], d[a:a + QUANT_ROWS], m[a:a + QUANT_ROWS]),
+                      d[a:a + QUANT_ROWS], m[a:a + QUANT_ROWS], 4) for a in range(0, n, QUANT_ROWS)]
+        super().__init__(torch.cat([p for p, _ in parts]), torch.cat([s for _, s in parts]), k, bias, levels)
 
 
 class Q8Linear(GroupQuantLinear):

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from shards import compat
+from shards.compress.int4 import QUANT_ROWS
 from shards.compress.registry import Method, method
 from shards.compress.smoothing import SMOOTHED, smoothing_scales
+from shards.plan.footprint import DEQUANT_BYTES
 
 _INT8PACK_MM, _INT_MM = compat.int8pack_mm(), compat.int_mm()   # read once: graphs trace the ops
 LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")   # a Block's (fused) projections
@@ -43,10 +45,15 @@ class CastLinear(nn.Module):
 
 
 def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric absmax int8 per row: (int8 [rows, in], bf16 scales [rows])."""
+    """Symmetric absmax int8 per row: (int8 [rows, in], bf16 scales [rows]), QUANT_ROWS rows at a time."""
+    parts = [_int8_block(w[a:a + QUANT_ROWS]) for a in range(0, w.shape[0], QUANT_ROWS)]
+    return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
+
+
+def _int8_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = w.float()
     scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
-    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales.to(torch.bfloat16)
+    return torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8), scales.to(torch.bfloat16)
 
 
 # `_weight_int8pack_mm` is a row-at-a-time kernel: its time grows linearly with the rows (60 us a
@@ -60,7 +67,7 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # with: each kernel gives a row the same bits at any batch (MKL's sgemm does from 16 rows up,
 # hence the padding), so greedy replies do not change with load.
 GEMM_MIN_ROWS = 16
-DEQUANT_CHUNK = 4096   # output channels dequantized at a time
+DEQUANT_ROWS = 4096
 
 
 class Int8CpuLinear(nn.Module):
@@ -104,12 +111,14 @@ class Int8CpuLinear(nn.Module):
         return self.qweight[ids].float() * self.scales[ids].float().unsqueeze(-1)
 
     def _dequantized_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 [rows, in] fp32 -> [rows, out] through fp32 GEMMs over DEQUANT_CHUNK output channels
-        at a time (the fp32 copy of one chunk is the only temporary: 9 MiB for SmolLM2's head)."""
-        n, rows = self.qweight.shape[0], x2.shape[0]
+        """x2 [rows, in] fp32 -> [rows, out] through fp32 GEMMs over DEQUANT_ROWS output channels
+        at a time, fewer where their fp32 copy would pass DEQUANT_BYTES (1024 of a 8192-wide
+        down_proj): that copy is the only temporary besides the output."""
+        (n, k), rows = self.qweight.shape, x2.shape[0]
+        chunk = min(DEQUANT_ROWS, max(GEMM_MIN_ROWS, DEQUANT_BYTES // (4 * k)))
         if rows < GEMM_MIN_ROWS:
             x2 = torch.cat([x2, x2.new_zeros(GEMM_MIN_ROWS - rows, x2.shape[1])])
-        y = torch.cat([x2 @ self.qweight[a:a + DEQUANT_CHUNK].t().float() for a in range(0, n, DEQUANT_CHUNK)], 1)
+        y = torch.cat([x2 @ self.qweight[a:a + chunk].t().float() for a in range(0, n, chunk)], 1)
         return y[:rows] * self.scales.float()
 
 
@@ -217,7 +226,13 @@ def fp32_table(read, n_rows: int, _act_max=None, _head: bool = True) -> nn.Modul
 
 
 def bf16_table(read, n_rows: int, _act_max=None, _head: bool = True) -> nn.Module:
-    return CastLinear(linear(read(0, n_rows)), torch.bfloat16)
+    """bf16 rows, read QUANT_ROWS at a time: the fp32 copy is of a block, not of the table."""
+    first = read(0, min(QUANT_ROWS, n_rows))
+    w = torch.empty(n_rows, first.shape[1], dtype=torch.bfloat16, device=first.device)
+    w[:len(first)] = first
+    for a in range(len(first), n_rows, QUANT_ROWS):
+        w[a:a + QUANT_ROWS] = read(a, min(a + QUANT_ROWS, n_rows))
+    return CastLinear(linear(w), torch.bfloat16)
 
 
 def int8_table(read, n_rows: int, _act_max=None, _head: bool = True) -> nn.Module:
@@ -283,12 +298,14 @@ def quantize_block(block: nn.Module, quant: str, grids: dict | None = None, maxi
     grids: {projection: (d, m)} of a 4-bit source, for w4a16 (see quantize_linear).
     maxima: {projection: act_max} for w8a8, whose down_proj is w8a16 with two-level int8
     decode (shards/compress/smoothing.py, two_level_mm)."""
-    smoothed = method(quant).act_maxima
     for name in LINEARS:
-        lin = getattr(block, name)
-        if smoothed and name not in SMOOTHED:     # weight-only int8, two-level decode
-            q = Int8CpuLinear(lin, two_level=True)
-        else:
-            q = quantize_linear(lin, quant, (grids or {}).get(name), (maxima or {}).get(name))
-        setattr(block, name, q)
+        setattr(block, name, quantize_projection(name, getattr(block, name), quant, grids, maxima))
     return block
+
+
+def quantize_projection(name: str, lin: nn.Linear, quant: str, grids: dict | None = None,
+                        maxima: dict | None = None) -> nn.Module:
+    """One of a block's projections (`name` in LINEARS) at `quant`; grids, maxima as quantize_block's."""
+    if method(quant).act_maxima and name not in SMOOTHED:     # weight-only int8, two-level decode
+        return Int8CpuLinear(lin, two_level=True)
+    return quantize_linear(lin, quant, (grids or {}).get(name), (maxima or {}).get(name))

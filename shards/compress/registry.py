@@ -39,6 +39,10 @@ class Method:
     bitsandbytes: bool = False       # its modules come from bitsandbytes (imported only then)
     act_maxima: bool = False         # calibrates activation maxima (SmoothQuant); takes nothing else
     ladder: bool = False             # the controller may raise or lower a shard to it
+    # fp32 copies of its weights a step makes (the workspace, shards/plan/footprint.py): "" none,
+    # "block" DEQUANT_BYTES of a projection at a time (prefill), "whole" a projection at once
+    dequantizes: str = ""
+    load_layers: float = 1.0         # fp32 layers loading holds beside the finished ones (a bound, measured)
 
     @property
     def gptq(self) -> bool:
@@ -59,16 +63,18 @@ def _resolve(ref: str) -> Callable:
 
 
 _Q = "shards.compress.quantize"
+# bitsandbytes quantizes a whole projection at once through fp32 temporaries
+LOAD_LAYERS_BNB = 2.0
 METHODS: tuple[Method, ...] = (
     Method("fp32", "weights as the file stores them, dequantized to fp32", f"{_Q}:keep", f"{_Q}:fp32_table",
            ladder=True),
     Method("bf16", "bf16 weights, inputs cast to bf16 and back", f"{_Q}:bf16_linear", f"{_Q}:bf16_table", bits=16),
     Method("w8a16", "int8 weights per output channel; bf16 activations at decode, fp32 GEMM at prefill",
            f"{_Q}:int8_linear", f"{_Q}:int8_table", aliases=("int8-cpu",), bits=8.25, int8_table=True, grid="int8-rows",
-           ladder=True),
+           ladder=True, dequantizes="block"),
     Method("w4a16", "4-bit weights per group of 32 (scale, zero), bf16 activations (torch's int4 kernel)",
            "shards.compress.int4:from_linear", f"{_Q}:int8_table", aliases=("int4-cpu",), bits=5.0, int8_table=True, grid="int4-groups",
-           keeps_q4_codes=True, ladder=True),
+           keeps_q4_codes=True, ladder=True, load_layers=1.5),
     Method("w8a8", "SmoothQuant int8 weights and per-token int8 activations; down_proj weight-only "
            "with two int8 levels of its input", f"{_Q}:w8a8_linear", f"{_Q}:w8a8_table", aliases=("w8a8-cpu",),
            bits=8.25, int8_table=True, act_maxima=True),
@@ -77,13 +83,13 @@ METHODS: tuple[Method, ...] = (
            bits=5.0, int8_table=True, keeps_q4_codes=True),
     Method("llm-int8", "bitsandbytes LLM.int8 (int8 weights, fp16 outlier columns above 6.0)",
            f"{_Q}:bnb_linear", f"{_Q}:int8_table", aliases=("int8",), bits=8.25, int8_table=True, compiles=False, bitsandbytes=True,
-           variant="8bit"),
+           variant="8bit", dequantizes="whole", load_layers=LOAD_LAYERS_BNB),
     Method("nf4", "bitsandbytes NormalFloat4, blocks of 32, double-quantized absmax, fp32 compute",
            f"{_Q}:bnb_linear", f"{_Q}:int8_table", bits=4.6, int8_table=True, compiles=False, grid="nf4-blocks", bitsandbytes=True, variant="nf4",
-           ladder=True),
+           ladder=True, dequantizes="whole", load_layers=LOAD_LAYERS_BNB),
     Method("fp4", "bitsandbytes FP4, blocks of 32, double-quantized absmax, fp32 compute",
            f"{_Q}:bnb_linear", f"{_Q}:int8_table", bits=4.6, int8_table=True, compiles=False, bitsandbytes=True,
-           variant="fp4"),
+           variant="fp4", dequantizes="whole", load_layers=LOAD_LAYERS_BNB),
 )
 UNQUANTIZED = METHODS[0].name     # fp32: the weights as loaded; a spec of cuts alone omits it
 _BY_NAME = {m.name: m for m in METHODS} | {a: m for m in METHODS for a in m.aliases}

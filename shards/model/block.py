@@ -8,6 +8,8 @@ blocks into a stage.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,8 @@ from shards.model import attention
 from shards.model.kv_cache import PagedKV
 from shards.model.source import ModelSource, has_qkv_bias, layer_tensor_names, optional_tensor_names
 from shards.plan.memory import head_dim
+
+Finish = Callable[[str, nn.Linear], nn.Module]   # (projection name, its fp32 Linear) -> what the Block keeps
 
 
 class RMSNorm(nn.Module):
@@ -60,22 +64,30 @@ class Block(nn.Module):
     is the same on the fused matrices; cuts slice their sections (shards/compress/cut.py).
     """
 
-    def __init__(self, t: dict[str, torch.Tensor], cfg, layer: int):
+    def __init__(self, t, cfg, layer: int, finish: Finish | None = None):
+        """t: the layer's tensors by name, a dict or LayerTensors (read as taken); each is
+        dropped once fused. finish(name, linear) replaces each projection as soon as it is
+        built (shards/compress/apply.py quantizes there), so loading never holds the whole
+        layer in fp32."""
         super().__init__()
         p = f"model.layers.{layer}."
-        get = lambda n: t.get(p + n)  # noqa: E731
+        t = dict(t) if isinstance(t, dict) else t
+        get = lambda n: t.pop(p + n, None)  # noqa: E731
+        done = finish or (lambda name, lin: lin)
         self.layer = layer
         self.head_dim = head_dim(cfg)
-        # head counts from the weights: a cut block (shards/compress/cut.py) has fewer query heads
-        self.n_heads = get("self_attn.q_proj.weight").shape[0] // self.head_dim
-        self.n_kv = get("self_attn.k_proj.weight").shape[0] // self.head_dim
         self.attn_norm = RMSNorm(get("input_layernorm.weight"), cfg.rms_norm_eps)
         self.mlp_norm = RMSNorm(get("post_attention_layernorm.weight"), cfg.rms_norm_eps)
         qkv = [f"self_attn.{x}_proj." for x in "qkv"]
-        self.qkv_proj = linear(torch.cat([get(n + "weight") for n in qkv]), _cat(*[get(n + "bias") for n in qkv]))
-        self.o_proj = linear(get("self_attn.o_proj.weight"), get("self_attn.o_proj.bias"))
-        self.gate_up_proj = linear(torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]))
-        self.down_proj = linear(get("mlp.down_proj.weight"), get("mlp.down_proj.bias"))
+        parts = [get(n + "weight") for n in qkv]
+        # head counts from the weights: a cut block (shards/compress/cut.py) has fewer query heads
+        self.n_heads, self.n_kv = parts[0].shape[0] // self.head_dim, parts[1].shape[0] // self.head_dim
+        self.qkv_proj = done("qkv_proj", linear(torch.cat(parts), _cat(*[get(n + "bias") for n in qkv])))
+        del parts
+        self.o_proj = done("o_proj", linear(get("self_attn.o_proj.weight"), get("self_attn.o_proj.bias")))
+        self.gate_up_proj = done("gate_up_proj", linear(torch.cat([get("mlp.gate_proj.weight"),
+                                                                   get("mlp.up_proj.weight")])))
+        self.down_proj = done("down_proj", linear(get("mlp.down_proj.weight"), get("mlp.down_proj.bias")))
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x: [..., hidden] -> q [..., heads, hd], k and v [..., kv_heads, hd], RoPE applied to q
@@ -114,10 +126,25 @@ class Block(nn.Module):
         return self.out(x, a.reshape(b, q, -1))
 
 
-def fp32_block(source: ModelSource, layer: int, device="cpu", dtype=torch.float32) -> Block:
-    """One decoder layer built from only its tensors."""
+class LayerTensors:
+    """A layer's tensors, each read from the source (as `dtype` on `device`) when the Block
+    takes it: with Block's `finish`, loading holds one projection group, not the layer."""
+
+    def __init__(self, source: ModelSource, names: list[str], device, dtype):
+        self.source, self.names, self.device, self.dtype = source, set(names), device, dtype
+
+    def pop(self, name: str, default=None):
+        if name not in self.names:
+            return default
+        self.names.discard(name)
+        return self.source.tensor(name).to(device=self.device, dtype=self.dtype)
+
+
+def fp32_block(source: ModelSource, layer: int, device="cpu", dtype=torch.float32,
+               finish: Finish | None = None) -> Block:
+    """One decoder layer built from only its tensors; finish: see Block."""
     names = layer_tensor_names(layer, has_qkv_bias(source.config))
     names += [n for n in optional_tensor_names(layer) if source.has(n)]
-    return Block({n: source.tensor(n).to(device=device, dtype=dtype) for n in names}, source.config, layer)
+    return Block(LayerTensors(source, names, device, dtype), source.config, layer, finish)
 
 

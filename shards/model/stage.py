@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from shards.compress import registry
-from shards.compress.apply import compress_block, remaining
+from shards.compress.apply import build_block, compress_block, remaining
 from shards.compress.calibration import calibrated_blocks
 from shards.compress.maxima import activation_maxima
 from shards.compress.quantize import Int8Embedding
@@ -121,11 +121,11 @@ class Stage(nn.Module):
         for layer in layers:
             if layer in dropped:
                 continue
-            block = calibrated.pop(layer, None) or fp32_block(source, layer, self.device, self.dtype)
+            maxima = self._maxima(source).get(layer) if rest.method.act_maxima else None
+            block = calibrated.pop(layer, None)
             # a calibrated block was cut or pruned: its weights are no longer the source's codes
-            blocks[layer] = compress_block(block.to(device=self.device, dtype=self.dtype), rest,
-                                           None if todo.calibrated else source,
-                                           self._maxima(source).get(layer) if rest.method.act_maxima else None)
+            blocks[layer] = build_block(source, layer, rest, self.device, self.dtype, maxima) if block is None \
+                else compress_block(block.to(device=self.device, dtype=self.dtype), rest, None, maxima)
         return blocks, dropped & set(layers)
 
     def _commit_layers(self, blocks: dict[int, Block], dropped: set[int]) -> None:

@@ -18,6 +18,14 @@ class ModelCosts:
     tied: bool                        # lm_head shares the embedding's tensor
     kv_bytes_per_token_layer: int     # 2 * n_kv_heads * head_dim * KV dtype bytes
     head_compute: float               # lm_head multiply-adds per token, in units of one layer's
+    # the shape, for the workspace (shards/plan/footprint.py); 0 where unknown
+    hidden: int = 0
+    intermediate: int = 0
+    heads: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
+    vocab: int = 0
+    source_layer_bytes: int = 0       # one decoder layer in fp32: what loading builds it from
 
     @property
     def kv_bytes_per_token(self) -> int:

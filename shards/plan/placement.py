@@ -11,9 +11,10 @@ import dataclasses
 from dataclasses import dataclass
 
 from shards.errors import PlanError
+from shards.plan.footprint import Overheads
 from shards.plan.memory import ModelCosts
-from shards.plan.plan import MiB, Plan, ShardSpec
-from shards.plan.planner import WORKSPACE_BYTES, plan, shard_weight_bytes
+from shards.plan.plan import MiB, Plan
+from shards.plan.planner import fixed_bytes, plan, shard_spec
 
 
 @dataclass(frozen=True)
@@ -48,17 +49,20 @@ def shard_capacities(nodes: list[Node], owners: list[Node], replicas: int = 1) -
     return [o.memory_bytes // per_node[o.node_id] for o in owners]
 
 
-def layer_counts(costs: ModelCosts, capacities: list[int], kv_tokens: int) -> list[int]:
-    """Layers per shard in proportion to the bytes each has left for layers (after embedding,
-    head and workspace), never more than fit with `kv_tokens` of KV each; at least one each."""
+def layer_counts(costs: ModelCosts, capacities: list[int], kv_tokens: int,
+                 ov: Overheads = Overheads()) -> list[int]:
+    """Layers per shard in proportion to the bytes each has left for layers (after its runtime,
+    embedding, head, inductor's runtime and workspace: shards/plan/footprint.py), never more than
+    fit with `kv_tokens` of KV each; at least one each."""
     n, k = costs.n_layers, len(capacities)
-    per_layer = max(costs.layer_bytes) + kv_tokens * costs.kv_bytes_per_token_layer
-    room = [max(0, c - WORKSPACE_BYTES - _ends_bytes(costs, i, k)) for i, c in enumerate(capacities)]
+    per_layer = max(costs.layer_bytes) + ov.compiled_layer_bytes + kv_tokens * costs.kv_bytes_per_token_layer
+    room = [max(0, c - ov.runtime_bytes - fixed_bytes(costs, i, k, ov)) for i, c in enumerate(capacities)]
     caps = [min(n, r // per_layer) for r in room]
     if min(caps) < 1 or sum(caps) < n:
         raise PlanError(
             f"{n} layers do not fit {k} shards with {[round(c / MiB) for c in capacities]} MiB: each layer needs "
-            f"{per_layer / MiB:.1f} MiB (weights + KV for {kv_tokens} tokens), the shards hold at most "
+            f"{per_layer / MiB:.1f} MiB (weights + KV for {kv_tokens} tokens), each shard {ov.runtime_bytes / MiB:.0f} "
+            f"MiB of runtime besides, the shards hold at most "
             f"{caps} layers; add nodes, lower kv_tokens or compress more")
     ideal = [n * r / sum(room) for r in room]
     counts = [max(1, min(cap, int(x))) for x, cap in zip(ideal, caps)]
@@ -71,7 +75,7 @@ def layer_counts(costs: ModelCosts, capacities: list[int], kv_tokens: int) -> li
 
 
 def place(costs: ModelCosts, nodes: list[Node], n_shards: int, kv_tokens: int, compression: str = "fp32",
-          replicas: int = 1, budgets: list[int] | None = None) -> Plan:
+          replicas: int = 1, budgets: list[int] | None = None, overheads: Overheads = Overheads()) -> Plan:
     """A plan whose every shard names its node. With budgets, the budget planner decides the
     layers and nodes are only assigned; without, layers follow the shards' memory (equal
     memory: the compute-balanced split of shards/plan/planner.py). A node with
@@ -79,33 +83,23 @@ def place(costs: ModelCosts, nodes: list[Node], n_shards: int, kv_tokens: int, c
     owners = assign_shards(nodes, n_shards)
     capacities = shard_capacities(nodes, owners, replicas)
     if budgets is not None:
-        base = plan(costs, n_shards, budgets, kv_tokens, compression)
+        base = plan(costs, n_shards, budgets, kv_tokens, compression, overheads=overheads)
     else:
-        counts = layer_counts(costs, capacities, kv_tokens)   # raises when the model does not fit
+        counts = layer_counts(costs, capacities, kv_tokens, overheads)   # raises when the model does not fit
         # equal shares (one node, or equal nodes): balance compute instead, lm_head included
-        base = plan(costs, n_shards, None, kv_tokens, compression) if len(set(capacities)) == 1 \
-            else _plan_from_counts(costs, counts, kv_tokens, compression)
+        base = plan(costs, n_shards, None, kv_tokens, compression, overheads=overheads) \
+            if len(set(capacities)) == 1 else _plan_from_counts(costs, counts, kv_tokens, compression, overheads)
     on_node = {o.node_id: owners.count(o) * replicas for o in owners}
     return dataclasses.replace(base, shards=tuple(
         dataclasses.replace(s, node=o.node_id, device="cuda" if o.gpus >= on_node[o.node_id] else "cpu")
         for s, o in zip(base.shards, owners)))
 
 
-def _plan_from_counts(costs: ModelCosts, counts: list[int], kv_tokens: int, compression: str) -> Plan:
+def _plan_from_counts(costs: ModelCosts, counts: list[int], kv_tokens: int, compression: str,
+                      ov: Overheads) -> Plan:
     from shards.plan.layer_range import LayerRange
     specs, start = [], 0
     for k, c in enumerate(counts):
-        r = LayerRange(start, start + c)
-        kv = kv_tokens * costs.kv_bytes_per_token_layer * c
-        specs.append(ShardSpec(k, r, compression, "cpu", None, shard_weight_bytes(costs, r), kv, kv_tokens))
+        specs.append(shard_spec(costs, k, LayerRange(start, start + c), None, kv_tokens, compression, "cpu", ov))
         start += c
     return Plan(costs.model, costs.n_layers, tuple(specs))
-
-
-def _ends_bytes(costs: ModelCosts, k: int, n_shards: int) -> int:
-    """Embedding on the first shard, norm + lm_head on the last (a tied head is free there
-    only when one shard holds both ends)."""
-    total = costs.embed_bytes if k == 0 else 0
-    if k == n_shards - 1:
-        total += costs.norm_bytes + (0 if (costs.tied and k == 0) else costs.head_bytes)
-    return total

@@ -1,9 +1,10 @@
-"""The placement contract: ShardSpec and Plan (docs/design.md, "Plan"). Pure, no torch, no Ray."""
+"""The placement contract: ShardSpec and Plan (docs/design.md, "Memory model"). Pure, no torch, no Ray."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
 from shards.errors import PlanError
+from shards.plan.footprint import Footprint
 from shards.plan.layer_range import LayerRange
 
 MiB = 1 << 20
@@ -23,11 +24,23 @@ class ShardSpec:
     kv_tokens: int = 0             # tokens (all sequences together) that pool holds
     budget_bytes: int | None = None
     compile: bool = False          # decode steps run the compiled layer graph (shards/model/compiled.py)
+    # the rest of the process (shards/plan/footprint.py): planned, 0 where not measured
+    runtime_bytes: int = 0
+    compiled_bytes: int = 0
+    workspace_bytes: int = 0
+    transient_bytes: int = 0
+
+    @property
+    def footprint(self) -> Footprint:
+        return Footprint(self.weight_bytes, self.kv_bytes, self.runtime_bytes, self.compiled_bytes,
+                         self.workspace_bytes, self.transient_bytes)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("layers")
-        return {"start": self.layers.start, "end": self.layers.end, **d}
+        f = self.footprint
+        return {"start": self.layers.start, "end": self.layers.end, **d, "held_bytes": f.held,
+                "total_bytes": f.total, "load_peak_bytes": f.load_peak}
 
 
 @dataclass(frozen=True)

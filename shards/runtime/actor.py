@@ -139,6 +139,17 @@ class ShardWorker:
                 self.stage.free(sid)
                 self.holders.discard(sid)
 
+    def reset_peak(self) -> int:
+        """Start peak_rss_bytes afresh from the current RSS (Linux: /proc/self/clear_refs), so a
+        peak read later is the serving peak, not the load's; returns the RSS it starts from."""
+        _trim_heap()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:   # not Linux: the peak stays the process's
+            pass
+        return private_rss()
+
     def free_all(self) -> int:
         """Free every sequence's KV (a new router attaching); returns how many there were."""
         live = list(self.stage.kv.table.lengths)
