@@ -1,16 +1,17 @@
 """The controller under load, scripted: RSS of every shard actor over time, actions marked.
 
     .venv/bin/python bench/controller.py --json bench/controller.json --plot bench/controller.png
+    .venv/bin/python bench/controller.py --model DIR --compression fast --concurrency 8 --json ...
 
-A 2-shard fp32 pipeline of the default model on a local Ray serves a steady load (concurrency
-16, prompts-500 through the chat template, 64 new tokens, greedy) while the script applies
-pressure through the same path as `PATCH /v1/shards/{k}`:
+A 2-shard pipeline (the default model at fp32, eager, unless told otherwise) on a local Ray
+serves a steady load (concurrency 16, prompts-500 through the chat template, 64 new tokens,
+greedy) while the script applies pressure through the same path as `PATCH /v1/shards/{k}`:
   1. shard 0's budget goes to 80% of its use       -> the controller moves layers to shard 1;
   2. shard 1's budget to 80% of its use, with shard 0 left no room -> a split onto a new actor;
-  3. `ray.kill` of shard-1                          -> the router re-places it, sequences recompute;
+  3. `ray.kill` of shard 1                          -> the router re-places it, sequences recompute;
   4. the last shard's budget to 80% of its use, no room anywhere, max_shards reached
-                                                    -> its compression is raised to w8a16;
-  5. every budget lifted                            -> after relax_s calm, back to fp32.
+                                                    -> its compression is raised a ladder step;
+  5. every budget lifted                            -> after relax_s calm, back to the served spec.
 Every request must complete (the script exits 1 otherwise).
 """
 from __future__ import annotations
@@ -81,7 +82,7 @@ async def scenario(engine) -> None:
     n += (await wait_event(engine, n)) is not None
     await asyncio.sleep(8)
     print("3. ray.kill shard-1", flush=True)
-    ray.kill(ray.get_actor("bench-shard-1", namespace="shardserve"))
+    ray.kill(engine.pipeline.shards.handles[1])
     n += (await wait_event(engine, n)) is not None
     await asyncio.sleep(8)
     last = len(engine.pipeline.shards.handles) - 1
@@ -103,8 +104,8 @@ async def main_async(args) -> dict:
     from shards.data import read_prompts
     from shards.model.source import chat_prompt_ids
     from shards.runtime.actor import stop_pipeline
-    engine = await build_engine(load(shards=2, prefix="bench-", kv_tokens=4096, compile=False, compression="fp32",
-                                     controller=CONTROL))
+    engine = await build_engine(load(model=args.model, shards=2, prefix="bench-", kv_tokens=4096,
+                                     compile=args.compile, compression=args.compression, controller=CONTROL))
     try:
         prompts = [chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": p}]) for p in read_prompts(64)]
         stop, results, samples, t0 = asyncio.Event(), [], [], time.time()
@@ -116,6 +117,9 @@ async def main_async(args) -> dict:
             stop.set()
             await asyncio.wait_for(asyncio.gather(*tasks), 300)
         events = [{**e, "t": e["time"] - t0} for e in engine.pipeline.shards.events]
+        for e in events:   # the shards' RSS just before and just after, MiB by actor name
+            e["rss_before"], e["rss_after"] = rss_at(samples, e["t"], before=True), \
+                rss_at(samples, e["t"] + e.get("seconds", 0), before=False)
         return {"samples": samples, "events": events, "requests": len(results),
                 "failed": sum(r["finish_reason"] not in ("stop", "length") for r in results),
                 "tokens": sum(r["tokens"] for r in results), "seconds": time.time() - t0,
@@ -123,6 +127,15 @@ async def main_async(args) -> dict:
     finally:
         engine.close()
         stop_pipeline("bench-")
+
+
+def rss_at(samples: list[dict], t: float, before: bool) -> dict[str, int]:
+    """Each shard's RSS (MiB) in its last sample before t, or its first after t."""
+    out: dict[str, int] = {}
+    for x in sorted(samples, key=lambda x: x["t"], reverse=before):
+        if (x["t"] <= t) == before and x["name"] not in out:
+            out[x["name"]] = round(x["rss_bytes"] / 2**20)
+    return out
 
 
 def plot(result: dict, path: str) -> None:
@@ -148,6 +161,9 @@ def plot(result: dict, path: str) -> None:
 def main() -> int:
     import ray
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--compression", default="fp32")
+    ap.add_argument("--compile", action="store_true", help="compiled decode steps (recompiled after each change)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)

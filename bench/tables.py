@@ -50,7 +50,7 @@ def plan_vs_rss(result: dict) -> str:
 
 def _plan_rows(rows: list[dict]) -> str:
     out = ["| spec | shard | layers | weights | KV | runtime | compiled | workspace | at rest: plan / RSS | "
-           "serving: plan / peak | load peak: bound / VmHWM | load s (compiling) | source GiB/s |",
+           "serving: plan / peak | load peak: bound / VmHWM | load s (compiling) | source GiB/s loading |",
            "|---|---:|---|---:|---:|---:|---:|---:|---|---|---|---:|---:|"]
     for r in rows:
         p, m = r["plan"], r["measured"]
@@ -67,10 +67,13 @@ def _plan_rows(rows: list[dict]) -> str:
 def controller(result: dict) -> str:
     rows = [f"{result['requests']} requests ({result['tokens']} tokens) in {result['seconds']:.0f} s, "
             f"{result['failed']} failed, {len(result['step_errors'])} failed steps recomputed.", "",
-            "| t s | action | shard | seconds | layers after |", "|---:|---|---|---:|---|"]
+            "| t s | action | shard | seconds | layers after | shards' RSS MiB before -> after |",
+            "|---:|---|---|---:|---|---|"]
     for e in result["events"]:
         shape = " ".join(f"[{x['start']}, {x['end']}) {_spec(x['compression'])}" for x in e["after"])
-        rows.append(f"| {e['t']:.1f} | {e['action']} | {e['name']} | {e['seconds']:.1f} | {shape} |")
+        rss = "-" if "rss_before" not in e else \
+            f"{' + '.join(map(str, e['rss_before'].values()))} -> {' + '.join(map(str, e['rss_after'].values()))}"
+        rows.append(f"| {e['t']:.1f} | {e['action']} | {e['name'].split('-shard-')[-1]} | {e['seconds']:.1f} | {shape} | {rss} |")
     return "\n".join(rows)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-server offline, for `shardserve bench`'s baseline: the llama-cpp-python
+# Build llama.cpp's llama-server and llama-quantize offline, for `shardserve bench`'s baseline: the llama-cpp-python
 # sdist on PyPI vendors llama.cpp, so the package index is all it needs. Output:
 # .llama/build/bin/llama-server (the bench finds it there; or set LLAMA_SERVER). ~15 min on 2 cores.
 set -euo pipefail
@@ -15,5 +15,5 @@ mkdir -p .llama/src
 NO_AMX=$([ "${LLAMA_AMX:-0}" = 1 ] || echo "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
 cmake -B .llama/build ".llama/src/llama_cpp_python-$VERSION/vendor/llama.cpp" -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX"
-cmake --build .llama/build --target llama-server -j"$(nproc)"
-echo "built: $(pwd)/.llama/build/bin/llama-server"
+cmake --build .llama/build --target llama-server llama-quantize -j"$(nproc)"
+echo "built: $(pwd)/.llama/build/bin/llama-server and llama-quantize"

@@ -54,10 +54,12 @@ class ShardWorker:
         if parse_compression(spec.compression).method.bitsandbytes:
             import bitsandbytes  # noqa: F401  (runtime, 44 MiB here: not the shard's weights)
         self.base_rss = private_rss()   # runtime + metadata, before weights
+        t0 = time.time()
         with _own_mmaps():
             self.stage = Stage(self.source, spec.layers, kv_blocks, block_size, device=self.device,
                                compression=spec.compression, compile=spec.compile,
                                threads=(self.threads,))
+        self.load_s = time.time() - t0   # reading, converting, quantizing and compiling its layers
         # steps run on a Compiled Graph's thread (serving/control/pipeline.py), stats on the main one:
         # readers copy these deques with list() (atomic) before iterating
         self.busy: deque[tuple[float, float]] = deque(maxlen=512)  # (start, end) wall clock, s
@@ -216,7 +218,7 @@ class ShardWorker:
             layer_bytes=self._layer_bytes(), node_available_bytes=psutil.virtual_memory().available,
             step_ms_mean=1000 * sum(times) / len(times) if times else 0.0,
             compiled=self.stage.runs_compiled, attention_kernel=self.stage.attention_kernel,
-            **self._compile_stats(), busy=tuple(busy))
+            **self._compile_stats(), load_s=round(self.load_s, 2), busy=tuple(busy))
 
     def _kv_use(self) -> dict:
         """KV held for requests, and apart from it what the prefix holders keep (a cache: the

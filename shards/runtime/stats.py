@@ -35,6 +35,7 @@ class ShardStats:
     compile_s: float                 # seconds spent compiling or loading graphs
     graphs: int
     compiled_steps: int
+    load_s: float = 0.0              # seconds its first load took, compile_s of them compiling
     busy: tuple[tuple[float, float], ...] = field(default=(), repr=False)   # recent steps (start, end), epoch s
 
     @property
