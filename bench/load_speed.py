@@ -42,8 +42,8 @@ def one_spec(model: str, spec: str, layers: range, cold: bool) -> dict:
     names = [n for i in layers for n in layer_tensor_names(i, has_qkv_bias(source.config))]
     nbytes = sum(source.tensor(n).nbytes for n in names[:len(names) // len(layers)]) * len(layers)
     dropped = _drop_page_cache() if cold else False
-    read_cold = timed(lambda: [source.tensor(n) for n in names]) if dropped else None
-    read = timed(lambda: [source.tensor(n) for n in names])
+    read_cold = timed(lambda: [source.tensor(n).clone() for n in names]) if dropped else None
+    read = timed(lambda: [source.tensor(n).clone() for n in names])   # clone: every page touched
     fp32 = timed(lambda: [fp32_block(source, i) for i in layers])
     _, todo = remaining(source, spec)
     built = timed(lambda: [build_block(source, i, todo) for i in layers])

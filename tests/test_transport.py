@@ -49,7 +49,8 @@ def test_a_hung_shard_is_found_within_deadline_and_ping(fast):
         return t, time.monotonic() - t0
     t, took = asyncio.run(run())
     (ev,) = list(t.shards.events)
-    assert ev["action"] == "hung" and ev["shards"] == [1] and 0.35 <= ev["detect_s"] <= took < 5
+    # detect_s is rounded to 10 ms in the event
+    assert ev["action"] == "hung" and ev["shards"] == [1] and 0.35 <= ev["detect_s"] <= took + 0.005 < 5
 
 
 def test_a_slow_step_of_answering_shards_is_waited_for(fast):

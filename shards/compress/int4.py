@@ -29,14 +29,20 @@ def rtn_grid(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.T
 
 def codes_on(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int = GROUP) -> torch.Tensor:
     """4-bit codes of w [N, K] on the grid (d, m): q = round((w - m) / d) in 0..15, int32;
-    QUANT_ROWS rows at a time, so the fp32 temporaries are of a block."""
+    QUANT_ROWS rows at a time through one fp32 scratch block, every step in place: a fresh
+    temporary per step page-faulted its memory in each time (1.37 -> 0.4 s for 16384 x 2048,
+    2 threads), and loading a 4-bit model is mostly this."""
+    n, k = w.shape
     out = torch.empty(w.shape, dtype=torch.int32, device=w.device)
-    for a in range(0, w.shape[0], QUANT_ROWS):
-        g = w[a:a + QUANT_ROWS].float().reshape(-1, w.shape[1] // group, group)
-        da = d[a:a + QUANT_ROWS]
-        da = torch.where(da > 0, da, torch.ones_like(da))   # a constant group (d = 0): every code 0
-        q = torch.round((g - m[a:a + QUANT_ROWS].unsqueeze(-1)) / da.unsqueeze(-1)).clamp_(0, 15)
-        out[a:a + QUANT_ROWS] = q.reshape(-1, w.shape[1])
+    d = torch.where(d > 0, d, torch.ones_like(d)).unsqueeze(-1)   # a constant group (d = 0): every code 0
+    m = m.unsqueeze(-1)
+    scratch = torch.empty(min(n, QUANT_ROWS), k // group, group, device=w.device)
+    for a in range(0, n, QUANT_ROWS):
+        g = w[a:a + QUANT_ROWS].reshape(-1, k // group, group)
+        x = scratch[:len(g)]
+        torch.sub(g, m[a:a + QUANT_ROWS], out=x)
+        x.div_(d[a:a + QUANT_ROWS]).round_().clamp_(0, 15)
+        out[a:a + QUANT_ROWS] = x.reshape(-1, k)
     return out
 
 

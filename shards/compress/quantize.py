@@ -45,15 +45,18 @@ class CastLinear(nn.Module):
 
 
 def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric absmax int8 per row: (int8 [rows, in], bf16 scales [rows]), QUANT_ROWS rows at a time."""
-    parts = [_int8_block(w[a:a + QUANT_ROWS]) for a in range(0, w.shape[0], QUANT_ROWS)]
-    return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
-
-
-def _int8_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    w = w.float()
-    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
-    return torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8), scales.to(torch.bfloat16)
+    """Symmetric absmax int8 per row: (int8 [rows, in], bf16 scales [rows]); QUANT_ROWS rows at
+    a time through one fp32 scratch block, in place (as int4.codes_on, for the same reason)."""
+    n, k = w.shape
+    q, scales = torch.empty(n, k, dtype=torch.int8, device=w.device), torch.empty(n, device=w.device)
+    scratch = torch.empty(min(n, QUANT_ROWS), k, device=w.device)
+    for a in range(0, n, QUANT_ROWS):
+        rows = w[a:a + QUANT_ROWS].float()
+        x = scratch[:len(rows)]
+        s = torch.amax(torch.abs(rows, out=x), dim=1).div_(127.0).clamp_(min=1e-8)
+        torch.div(rows, s[:, None], out=x).round_().clamp_(-127, 127)
+        q[a:a + QUANT_ROWS], scales[a:a + QUANT_ROWS] = x, s
+    return q, scales.to(torch.bfloat16)
 
 
 # `_weight_int8pack_mm` is a row-at-a-time kernel: its time grows linearly with the rows (60 us a

@@ -2,7 +2,8 @@
 the runtime a shard actor imports, and inductor's runtime once a graph is compiled and loaded.
 
 The probe runs in a fresh process as a shard would: a Ray actor when this process is connected
-to Ray (its worker's own threads and buffers counted), else a subprocess. The numbers depend
+to Ray (its worker's own threads and buffers counted: ~20 MiB more), else a subprocess, whose
+numbers serve only until a Ray worker's have been measured on this machine. The numbers depend
 on the machine and the versions, not the model: they are cached per Python, torch,
 transformers, Ray and bitsandbytes version and CPU model under the cache directory.
 
@@ -92,6 +93,9 @@ def measure_overheads(compile_: bool, bitsandbytes: bool, max_batch: int, prefil
     except ImportError:
         ray_worker = False
     path = cache_dir() / _key(compile_, bitsandbytes, ray_worker)
+    as_worker = cache_dir() / _key(compile_, bitsandbytes, True)
+    if not ray_worker and as_worker.is_file():
+        path = as_worker    # a Ray worker's numbers from an earlier start: what the shards will hold
     if path.is_file():
         d = json.loads(path.read_text())
     else:
