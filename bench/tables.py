@@ -64,6 +64,26 @@ def _plan_rows(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def bandwidth(result: dict) -> str:
+    """bench/bandwidth.py: STREAM triad, GiB/s by torch threads."""
+    t = result["triad_gib_s"]
+    return ("| threads | triad GiB/s |\n|---:|---:|\n" +
+            "\n".join(f"| {k} | {v:.1f} |" for k, v in t.items()) + f"\n\n{result['mib_per_array']} MiB per array.")
+
+
+def load_speed(result: dict) -> str:
+    """bench/load_speed.py: the parts of loading, timed on the same layers."""
+    out = [f"Model `{result['model']}`, {result['rows'][0]['layers']} layers, {result['rows'][0]['source_gib']} GiB "
+           "of source tensors.", "",
+           "| spec | read, cold GiB/s | read, cached GiB/s | built as fp32 GiB/s | built at the spec GiB/s | "
+           "reading | converting | quantizing |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        out.append(f"| {_spec(r['compression'])} | {_num(r['read_cold_gib_s'], '.2f')} | {r['read_gib_s']:.2f} | "
+                   f"{r['source_gib'] / r['fp32_s']:.2f} | {r['built_gib_s']:.2f} | {r['read_share']:.0%} | "
+                   f"{r['convert_share']:.0%} | {r['quantize_share']:.0%} |")
+    return "\n".join(out)
+
+
 def controller(result: dict) -> str:
     rows = [f"{result['requests']} requests ({result['tokens']} tokens) in {result['seconds']:.0f} s, "
             f"{result['failed']} failed, {len(result['step_errors'])} failed steps recomputed.", "",
@@ -126,7 +146,7 @@ def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-RENDER = {"chaos": chaos, "scale-correctness": scale_correctness, "http-serving": http, "compression": compression, "quantization": compression, "plan-vs-rss": plan_vs_rss, "controller": controller,
+RENDER = {"chaos": chaos, "scale-correctness": scale_correctness, "http-serving": http, "compression": compression, "quantization": compression, "plan-vs-rss": plan_vs_rss, "bandwidth": bandwidth, "load-speed": load_speed, "controller": controller,
           "cuda-paths": cuda}
 
 
