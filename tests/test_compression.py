@@ -46,14 +46,14 @@ def test_int8_cpu_kernel_by_step_kind_and_batch_invariant():
     channels, and each row's result does not depend on the rows batched with it."""
     from shards.compress import quantize as q
     torch.manual_seed(0)
-    lin = q.Int8CpuLinear(torch.nn.Linear(96, q.DEQUANT_CHUNK + 40, bias=False))   # two chunks
+    lin = q.Int8CpuLinear(torch.nn.Linear(96, q.DEQUANT_ROWS + 40, bias=False))   # two chunks
     deq = lin.qweight.float() * lin.scales.float()[:, None]
     dec = torch.randn(3, 96)
     packed = torch._weight_int8pack_mm(dec.bfloat16(), lin.qweight, lin.scales).float()
     assert torch.equal(lin(dec), packed) and torch.equal(lin(dec[:, None])[:, 0], packed)
     pre = torch.randn(4, 40, 96)
     got, want = lin(pre), pre @ deq.t()
-    assert got.shape == (4, 40, q.DEQUANT_CHUNK + 40)
+    assert got.shape == (4, 40, q.DEQUANT_ROWS + 40)
     assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()   # fp32, not bf16 inputs
     for i, j, n in ((0, 1, 2), (0, 1, 7), (1, 3, 20), (2, 3, 40)):             # 2 .. 40 rows
         assert torch.equal(lin(pre[i:j, :n]), got[i:j, :n])
