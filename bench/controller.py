@@ -99,12 +99,12 @@ async def scenario(engine) -> None:
 
 
 async def main_async(args) -> dict:
-    from serving.config import load
+    from serving.config import load as load_config
     from serving.launch import build_engine
     from shards.data import read_prompts
     from shards.model.source import chat_prompt_ids
     from shards.runtime.actor import stop_pipeline
-    engine = await build_engine(load(model=args.model, shards=2, prefix="bench-", kv_tokens=4096,
+    engine = await build_engine(load_config(model=args.model, shards=2, prefix="bench-", kv_tokens=4096,
                                      compile=args.compile, compression=args.compression, controller=CONTROL))
     try:
         prompts = [chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": p}]) for p in read_prompts(64)]
