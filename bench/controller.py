@@ -6,7 +6,7 @@
 A 2-shard pipeline (the default model at fp32, eager, unless told otherwise) on a local Ray
 serves a steady load (concurrency 16, prompts-500 through the chat template, 64 new tokens,
 greedy) while the script applies pressure through the same path as `PATCH /v1/shards/{k}`:
-  1. shard 0's budget goes to 80% of its use       -> the controller moves layers to shard 1;
+  1. shard 0's budget goes to 80% of its use (`--squeeze`)       -> the controller moves layers to shard 1;
   2. shard 1's budget to 80% of its use, with shard 0 left no room -> a split onto a new actor;
   3. `ray.kill` of shard 1                          -> the router re-places it, sequences recompute;
   4. the last shard's budget to 80% of its use, no room anywhere, max_shards reached
@@ -68,17 +68,18 @@ async def wait_event(engine, n: int, timeout: float = 90) -> dict:
     return ev
 
 
-async def scenario(engine) -> None:
+async def scenario(engine, squeeze: float) -> None:
+    """squeeze: a squeezed shard's budget, as a fraction of its use."""
     import ray
     n = len(engine.pipeline.shards.events)
     await asyncio.sleep(10)
     print("1. shard 0 budget 80% of use", flush=True)
-    await engine.set_budget(0, int(0.8 * await used(engine, 0)))
+    await engine.set_budget(0, int(squeeze * await used(engine, 0)))
     n += (await wait_event(engine, n)) is not None
     await asyncio.sleep(8)
     print("2. shard 1 budget 80% of use; shard 0 has no room", flush=True)
     await engine.set_budget(0, int(await used(engine, 0) / 0.9))
-    await engine.set_budget(1, int(0.8 * await used(engine, 1)))
+    await engine.set_budget(1, int(squeeze * await used(engine, 1)))
     n += (await wait_event(engine, n)) is not None
     await asyncio.sleep(8)
     print("3. ray.kill shard-1", flush=True)
@@ -88,7 +89,7 @@ async def scenario(engine) -> None:
     last = len(engine.pipeline.shards.handles) - 1
     print(f"4. shard {last} budget 80% of use; its neighbour has no room", flush=True)
     await engine.set_budget(last - 1, int(await used(engine, last - 1) / 0.9))
-    await engine.set_budget(last, int(0.8 * await used(engine, last)))
+    await engine.set_budget(last, int(squeeze * await used(engine, last)))
     n += (await wait_event(engine, n)) is not None
     await asyncio.sleep(8)
     print("5. budgets lifted", flush=True)
@@ -112,7 +113,7 @@ async def main_async(args) -> dict:
         tasks = [asyncio.ensure_future(load(engine, prompts, stop, args.concurrency, results)),
                  asyncio.ensure_future(sample(engine, t0, samples, stop))]
         try:
-            await scenario(engine)
+            await scenario(engine, args.squeeze)
         finally:
             stop.set()
             await asyncio.wait_for(asyncio.gather(*tasks), 300)
@@ -165,6 +166,8 @@ def main() -> int:
     ap.add_argument("--compression", default="fp32")
     ap.add_argument("--compile", action="store_true", help="compiled decode steps (recompiled after each change)")
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--squeeze", type=float, default=0.8,
+                    help="a squeezed shard's budget as a fraction of its use (above the least it can hold)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
