@@ -56,7 +56,7 @@ async def used(engine, k: int) -> int:
     return st.rss_bytes - st.base_rss_bytes
 
 
-async def wait_event(engine, n: int, timeout: float = 90) -> dict:
+async def wait_event(engine, n: int, timeout: float = 300) -> dict:
     deadline = time.time() + timeout
     while len(engine.pipeline.shards.events) <= n:
         if time.time() > deadline:
@@ -95,7 +95,7 @@ async def scenario(engine, squeeze: float) -> None:
     print("5. budgets lifted", flush=True)
     for k in range(len(engine.pipeline.shards.handles)):
         await engine.set_budget(k, None)
-    await wait_event(engine, n, timeout=120)
+    await wait_event(engine, n)
     await asyncio.sleep(5)
 
 
