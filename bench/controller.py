@@ -73,11 +73,11 @@ async def scenario(engine, squeeze: float) -> None:
     import ray
     n = len(engine.pipeline.shards.events)
     await asyncio.sleep(10)
-    print("1. shard 0 budget 80% of use", flush=True)
+    print(f"1. shard 0 budget {squeeze:.0%} of use", flush=True)
     await engine.set_budget(0, int(squeeze * await used(engine, 0)))
     n += (await wait_event(engine, n)) is not None
     await asyncio.sleep(8)
-    print("2. shard 1 budget 80% of use; shard 0 has no room", flush=True)
+    print(f"2. shard 1 budget {squeeze:.0%} of use; shard 0 has no room", flush=True)
     await engine.set_budget(0, int(await used(engine, 0) / 0.9))
     await engine.set_budget(1, int(squeeze * await used(engine, 1)))
     n += (await wait_event(engine, n)) is not None
@@ -87,7 +87,7 @@ async def scenario(engine, squeeze: float) -> None:
     n += (await wait_event(engine, n)) is not None
     await asyncio.sleep(8)
     last = len(engine.pipeline.shards.handles) - 1
-    print(f"4. shard {last} budget 80% of use; its neighbour has no room", flush=True)
+    print(f"4. shard {last} budget {squeeze:.0%} of use; its neighbour has no room", flush=True)
     await engine.set_budget(last - 1, int(await used(engine, last - 1) / 0.9))
     await engine.set_budget(last, int(squeeze * await used(engine, last)))
     n += (await wait_event(engine, n)) is not None
