@@ -130,13 +130,15 @@ async def main_async(args) -> dict:
         stop_pipeline("bench-")
 
 
-def rss_at(samples: list[dict], t: float, before: bool) -> dict[str, int]:
-    """Each shard's RSS (MiB) in its last sample before t, or its first after t."""
+def rss_at(samples: list[dict], t: float, before: bool, window: float = 5.0) -> dict[str, int]:
+    """Each shard's RSS (MiB) in its last sample within `window` s before t, or its first within
+    `window` s after t, by actor name."""
     out: dict[str, int] = {}
     for x in sorted(samples, key=lambda x: x["t"], reverse=before):
-        if (x["t"] <= t) == before and x["name"] not in out:
+        near = t - window <= x["t"] <= t if before else t <= x["t"] <= t + window
+        if near and x["name"] not in out:
             out[x["name"]] = round(x["rss_bytes"] / 2**20)
-    return out
+    return dict(sorted(out.items()))
 
 
 def plot(result: dict, path: str) -> None:

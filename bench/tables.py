@@ -87,13 +87,13 @@ def load_speed(result: dict) -> str:
 def controller(result: dict) -> str:
     rows = [f"{result['requests']} requests ({result['tokens']} tokens) in {result['seconds']:.0f} s, "
             f"{result['failed']} failed, {len(result['step_errors'])} failed steps recomputed.", "",
-            "| t s | action | shard | seconds | layers after | shards' RSS MiB before -> after |",
+            "| t s | action | shard | seconds | layers after | RSS MiB by actor, before -> after |",
             "|---:|---|---|---:|---|---|"]
     for e in result["events"]:
         shape = " ".join(f"[{x['start']}, {x['end']}) {_spec(x['compression'])}" for x in e["after"])
         rss = "-" if "rss_before" not in e else \
             f"{' + '.join(map(str, e['rss_before'].values()))} -> {' + '.join(map(str, e['rss_after'].values()))}"
-        rows.append(f"| {e['t']:.1f} | {e['action']} | {e['name'].split('-shard-')[-1]} | {e['seconds']:.1f} | {shape} | {rss} |")
+        rows.append(f"| {e['t']:.1f} | {e['action']} | {e['shard']} | {e['seconds']:.1f} | {shape} | {rss} |")
     return "\n".join(rows)
 
 
