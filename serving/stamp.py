@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import subprocess
 from pathlib import Path
 
+from shards.runtime.probe import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cpu_model() -> str:
-    try:
-        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name"))
-        return line.split(":", 1)[1].strip()
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def _commit() -> str:
@@ -34,5 +27,5 @@ def stamp() -> dict:
     """{commit, date, cpu, cores, torch, ray}: the metadata of one measurement."""
     import ray
     import torch
-    return {"commit": _commit(), "date": datetime.date.today().isoformat(), "cpu": _cpu_model(),
+    return {"commit": _commit(), "date": datetime.date.today().isoformat(), "cpu": cpu_model(),
             "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__, "ray": ray.__version__}

@@ -90,13 +90,14 @@ def _key(compile_: bool, bitsandbytes: bool, ray_worker: bool) -> str:
             return "-"
     # the installation too: a fresh one's libraries sit whole in the page cache, and the pages a
     # process maps of them count in its RSS (measured: 436 MiB against 370 for the same versions)
-    parts = [sys.prefix, platform.python_version(), _cpu_model()] + \
+    parts = [sys.prefix, platform.python_version(), cpu_model()] + \
         [v(p) for p in ("torch", "transformers", "ray", "bitsandbytes")]
     digest = hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
     return f"overheads-v1-{digest}-c{int(compile_)}-b{int(bitsandbytes)}-{'ray' if ray_worker else 'proc'}.json"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the machine type."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")), platform.machine())
