@@ -4,9 +4,9 @@ the runtime a shard actor imports, and inductor's runtime once a graph is compil
 The probe runs in a fresh process as a shard would: a Ray actor when this process is connected
 to Ray (its worker's own threads and buffers counted: ~20 MiB more), else a subprocess, whose
 numbers serve only until a Ray worker's have been measured on this machine. The numbers depend
-on the machine and the installation, not the model: they are cached per Python environment,
-its torch, transformers, Ray and bitsandbytes versions and the CPU model under the cache
-directory.
+on the machine and the installation, not the model: they are cached for ten minutes per Python
+environment, its torch, transformers, Ray and bitsandbytes versions and the CPU model under the
+cache directory.
 
     python -m shards.runtime.probe [--compile] [--bitsandbytes]     # prints the JSON
 """
@@ -20,6 +20,8 @@ import subprocess
 import sys
 
 from shards.plan.footprint import COMPILED_LAYER_BYTES, Overheads
+
+CACHE_S = 600.0   # how long a measurement serves later plans (_fresh)
 
 
 def _measure(compile_: bool, bitsandbytes: bool) -> dict:
@@ -105,6 +107,14 @@ def cpu_model() -> str:
         return platform.machine()
 
 
+def _fresh(path) -> bool:
+    """A measurement younger than CACHE_S: the library pages a process maps depend on what the
+    page cache holds, which changes over minutes (a shard's runtime measured 392 MiB where a
+    probe of the same installation an hour earlier measured 481)."""
+    import time
+    return path.is_file() and time.time() - path.stat().st_mtime < CACHE_S
+
+
 def measure_overheads(compile_: bool, bitsandbytes: bool, max_batch: int, prefill_tokens: int) -> Overheads:
     """This machine's Overheads for a shard that compiles (or not) and imports bitsandbytes (or
     not), its workspace sized for `max_batch` and `prefill_tokens`; measured once, then cached."""
@@ -116,9 +126,9 @@ def measure_overheads(compile_: bool, bitsandbytes: bool, max_batch: int, prefil
         ray_worker = False
     path = cache_dir() / _key(compile_, bitsandbytes, ray_worker)
     as_worker = cache_dir() / _key(compile_, bitsandbytes, True)
-    if not ray_worker and as_worker.is_file():
-        path = as_worker    # a Ray worker's numbers from an earlier start: what the shards will hold
-    if path.is_file():
+    if not ray_worker and _fresh(as_worker):
+        path = as_worker    # a Ray worker's numbers from a recent start: what the shards will hold
+    if _fresh(path):
         d = json.loads(path.read_text())
     else:
         d = (_in_ray if ray_worker else _in_subprocess)(compile_, bitsandbytes)
