@@ -175,3 +175,24 @@ def test_least_bytes_is_the_weights_at_the_last_ladder_step_plus_what_is_not_wei
     assert least_bytes(r, config(actions=("move", "split"))) == (200 * MiB, "fp32")
     assert least_bytes(r, None) == (200 * MiB, "fp32")
     assert least_bytes(shard(0, 0, 10, used=200 * MiB, comp="fp4"), config()) == (200 * MiB, "fp4")   # off the ladder
+
+
+def test_least_bytes_counts_the_layers_moves_and_splits_can_take():
+    """A budget a move to a neighbour with room could meet is not refused: the floor keeps only
+    the layers no action can take away (one at least)."""
+    r = shard(0, 0, 10, used=200 * MiB, budget=300 * MiB)     # 20 MiB a layer, 14 of it weights
+    per_layer = 20 * MiB - (140 * MiB - int(140 * MiB * 0.16)) // 10         # one layer at nf4
+    roomy = shard(1, 10, 20, used=100 * MiB, budget=400 * MiB)  # 0.85 * 400 - 100 = 240 MiB: 12 layers
+    snap = Snapshot(0.0, 20, (r, roomy))
+    floor = 200 * MiB - (140 * MiB - int(140 * MiB * 0.16)) - 9 * per_layer
+    assert least_bytes(r, config(), snap) == (floor, "nf4")
+    # room for 3 layers only, no split: 7 stay
+    tight = shard(1, 10, 20, used=280 * MiB, budget=400 * MiB)   # 60 MiB: 3 layers
+    assert least_bytes(r, config(actions=("move", "recompress")), Snapshot(0.0, 20, (r, tight))) == (200 * MiB - (140 * MiB - int(140 * MiB * 0.16)) - 3 * per_layer, "nf4")
+    # no room next door, but a split may take half where the node has room for a new actor
+    full = shard(1, 10, 20, used=340 * MiB, budget=400 * MiB)
+    assert least_bytes(r, config(), Snapshot(0.0, 20, (r, full))) == (200 * MiB - (140 * MiB - int(140 * MiB * 0.16)) - 5 * per_layer, "nf4")
+    assert least_bytes(r, config(max_shards=2), Snapshot(0.0, 20, (r, full))) == least_bytes(r, config())
+    # moves only, no recompression: whole fp32 layers leave
+    assert least_bytes(r, config(actions=("move",)), snap) == (200 * MiB - 9 * 20 * MiB, "fp32")
+    assert least_bytes(r, config(actions=("recompress",)), snap) == least_bytes(r, config())

@@ -205,16 +205,38 @@ def _relax(snap: Snapshot, cfg: ControllerConfig, state: PolicyState) -> tuple[l
     return [], state
 
 
-def least_bytes(r: ShardReading, cfg: ControllerConfig | None) -> tuple[int, str]:
-    """The least a shard's own layers can be made to use, and at which spec: its weights at
-    the most compressed ladder step it may be raised to (its own spec when recompression is off
-    or its spec is off the ladder), plus what it holds besides weights (KV pool, workspace).
-    A budget under this cannot be met by compressing (docs/controller.md)."""
+def least_bytes(r: ShardReading, cfg: ControllerConfig | None, snap: Snapshot | None = None) -> tuple[int, str]:
+    """The least shard r can be made to use, and at which spec. Its layers at the most compressed
+    ladder step it may be raised to (its own spec when recompression is off or its spec is off
+    the ladder), plus what it holds besides them; less the layers the allowed actions can take
+    away (`shed`). A budget under this cannot be met by any action (docs/controller.md)."""
     i = None if cfg is None or "recompress" not in cfg.actions else _step(cfg, r.compression)
-    if i is None or not cfg.ladder_bytes:
-        return r.used_bytes, r.compression
-    weights = int(r.weight_bytes * cfg.ladder_bytes[-1] / cfg.ladder_bytes[i])
-    return max(r.used_bytes - r.weight_bytes, 0) + weights, cfg.ladder[-1]
+    ratio, spec = 1.0, r.compression
+    if i is not None and cfg.ladder_bytes:
+        ratio, spec = cfg.ladder_bytes[-1] / cfg.ladder_bytes[i], cfg.ladder[-1]
+    saved = r.weight_bytes - int(r.weight_bytes * ratio)
+    per_layer = r.layer_bytes - saved // max(r.n_layers, 1)    # one layer at the spec above
+    gone = shed(r, cfg, snap) * max(per_layer, 0)
+    return max(r.used_bytes - saved - gone, 0), spec
+
+
+def shed(r: ShardReading, cfg: ControllerConfig | None, snap: Snapshot | None) -> int:
+    """How many of shard r's layers moves to its neighbours (their headroom, each layer at the
+    neighbour's size) or one split (half of them, where the node has room for a new actor) can
+    take away; a shard keeps at least one layer."""
+    if cfg is None or snap is None or not r.layer_bytes:
+        return 0
+    moved = 0
+    if "move" in cfg.actions:
+        for nb in snap.shards:
+            if abs(nb.index - r.index) == 1:
+                room = _headroom(nb, r, cfg)
+                size = nb.layer_bytes or r.layer_bytes
+                moved += r.n_layers if math.isinf(room) else max(int(room // size), 0)
+    split = 0
+    if "split" in cfg.actions and _split(r, snap, cfg, "") is not None:
+        split = r.n_layers // 2
+    return min(max(moved, split), r.n_layers - 1)
 
 
 def acted(state: PolicyState, now: float) -> PolicyState:

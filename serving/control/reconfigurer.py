@@ -11,7 +11,7 @@ import os
 import time
 
 from serving.config import ControllerConfig
-from serving.control.policy import least_bytes, reading
+from serving.control.policy import Snapshot, least_bytes, reading, shed
 from serving.control.shardset import ShardSet, answers, describe
 from serving.control.transport import Transport
 from shards.errors import ShardServeError
@@ -88,12 +88,18 @@ class Reconfigurer:
         """BudgetTooSmall when shard k's layers cannot fit budget_bytes at the most compressed
         spec allowed: such a budget would only make the controller move, split and recompress
         for every client without ever meeting it."""
-        r = reading(k, self.shards.names[k], await self._answer(k, self.shards.handles[k].stats.remote()))
-        least, spec = least_bytes(r, self.controller)
+        names = self.shards.names
+        stats = await asyncio.gather(*(self._answer(j, h.stats.remote()) for j, h in enumerate(self.shards.handles)))
+        snap = Snapshot(time.monotonic(), stats[-1].end, tuple(reading(j, n, st) for j, (n, st) in
+                                                               enumerate(zip(names, stats))))
+        r = snap.shards[k]
+        least, spec = least_bytes(r, self.controller, snap)
         if budget_bytes < least:
+            kept = r.n_layers - shed(r, self.controller, snap)
             raise BudgetTooSmall(
-                f"shard {k} ({r.name}) needs at least {least / MiB:.0f} MiB for layers [{r.start}, {r.end}) at "
-                f"{spec} (its KV pool and workspace included); a budget of {budget_bytes / MiB:.0f} MiB "
+                f"shard {k} ({r.name}) needs at least {least / MiB:.0f} MiB: {kept} of its layers "
+                f"[{r.start}, {r.end}) at {spec} (its KV pool and workspace included), the rest moved "
+                f"to neighbours with room or split off; a budget of {budget_bytes / MiB:.0f} MiB "
                 f"({budget_bytes} bytes) cannot be met")
 
     def index(self, shard: int | str) -> int:
