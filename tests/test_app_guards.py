@@ -6,7 +6,7 @@ import pytest
 from fastapi import HTTPException
 from starlette.requests import Request
 
-from serving.api import app
+from serving.api import app, http
 
 pytestmark = pytest.mark.unit
 
@@ -28,16 +28,16 @@ def _request(chunks: list[bytes], headers: dict | None = None, admin: str | None
 
 def test_a_chunked_body_over_the_limit_is_refused_before_it_is_all_read():
     chunk = b"x" * (64 << 10)
-    n = 2 * app.MAX_BODY_BYTES // len(chunk)        # 2 MiB in 64 KiB chunks, no content-length
+    n = 2 * http.MAX_BODY_BYTES // len(chunk)        # 2 MiB in 64 KiB chunks, no content-length
     req, sent = _request([chunk] * n)
     with pytest.raises(HTTPException) as e:
-        asyncio.run(app._body(req))
-    assert e.value.status_code == 413 and len(sent) == app.MAX_BODY_BYTES // len(chunk) + 1 < n
+        asyncio.run(http._body(req))
+    assert e.value.status_code == 413 and len(sent) == http.MAX_BODY_BYTES // len(chunk) + 1 < n
 
 
 def test_a_body_under_the_limit_is_read_whole():
     req, _ = _request([b'{"a": ', b"1}"])
-    assert asyncio.run(app._body(req)) == b'{"a": 1}'
+    assert asyncio.run(http._body(req)) == b'{"a": 1}'
 
 
 @pytest.mark.parametrize("admin,key,sent,ok", [
@@ -47,10 +47,10 @@ def test_a_body_under_the_limit_is_read_whole():
 def test_admin_routes_take_the_admin_key(admin, key, sent, ok):
     req, _ = _request([], {"authorization": sent}, admin=admin, key=key)
     if ok:
-        app._check_admin(req)
+        http.check_admin(req)
     else:
         with pytest.raises(HTTPException) as e:
-            app._check_admin(req)
+            http.check_admin(req)
         assert e.value.status_code == 401
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from shards.model.step import SamplingParams, StepBatch, from_wire
+from shards.model.step import Sampled, SamplingParams, StepBatch, from_wire
 from shards.runtime.channel import (
     ChannelBroken,
     ChannelServer,
@@ -25,8 +25,8 @@ pytestmark = pytest.mark.unit
 def _batch(**kw) -> StepBatch:
     base = dict(seq_ids=[2 ** 62 + 5, 7], starts=[0, 12], q_lens=[3, 1],
                 tokens=np.array([[1, 2, 3], [4, 0, 0]], dtype=np.int64),
-                sampling=[SamplingParams(), SamplingParams(0.7, 0.9, 40, 11, 16, ("\n\n", "END"))],
-                steps=[0, 5], free=[99], alone=True)
+                sampling=[SamplingParams(), SamplingParams(0.7, 0.9, 40, 11, 16, ("\n\n", "END"), 3, 1)],
+                steps=[0, 5], free=[99], alone=True, targets=[[2, 3, 9], []])
     return StepBatch(**{**base, **kw})
 
 
@@ -36,7 +36,7 @@ def test_a_step_crosses_the_wire_whole():
     got = decode_step(header, bytearray(body))
     assert (got.seq_ids, got.starts, got.q_lens, got.steps, got.free, got.alone, got.layer) == \
         (b.seq_ids, b.starts, b.q_lens, b.steps, b.free, b.alone, 0)
-    assert got.sampling == b.sampling and got.hidden is None
+    assert got.sampling == b.sampling and got.hidden is None and got.targets == [[2, 3, 9], []]
     assert got.tokens.dtype == np.int64 and np.array_equal(got.tokens, b.tokens)
     assert torch.equal(from_wire(got.tokens), torch.from_numpy(b.tokens)) and got.tokens.flags.writeable
 
@@ -53,8 +53,10 @@ def test_hidden_states_pass_to_the_next_shard_bit_exact(dtype):
     assert torch.equal(from_wire(got.hidden), hidden)
 
 
-def test_last_shard_reply_is_token_ids():
-    assert encode_reply([5, 17]) == ({"ok": True, "tokens": [5, 17]}, b"")
+def test_last_shard_reply_is_token_ids_and_logprobs():
+    assert encode_reply(Sampled([5, 17])) == ({"ok": True, "tokens": [5, 17], "logprobs": None}, b"")
+    lps = [None, [[-0.5, [[17, -0.5]]], [[-2.0, []]]]]
+    assert encode_reply(Sampled([5, 17], lps))[0]["logprobs"] == lps
 
 
 def test_other_dtypes_are_refused_by_name():

@@ -8,7 +8,7 @@ from serving.config import SchedulerSection
 from serving.router.detokenizer import Detokenizer, stop_prefix_len
 from serving.router.engine import Engine, Overloaded, RequestTimeout, _Flight
 from serving.router.scheduler import Group, Sequence
-from shards.model.step import SamplingParams
+from shards.model.step import Sampled, SamplingParams
 
 pytestmark = pytest.mark.unit
 
@@ -49,7 +49,7 @@ class EchoTransport(FakeTransport):
         import numpy as np
         self.steps += 1
         fut = asyncio.get_running_loop().create_future()
-        fut.set_result(np.full(len(batch.seq_ids), self.token, dtype=np.int64))
+        fut.set_result(Sampled(np.full(len(batch.seq_ids), self.token, dtype=np.int64).tolist()))
         return fut
 
 

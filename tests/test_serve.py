@@ -400,3 +400,100 @@ def test_shards_report_where_decode_time_goes(url):
     assert abs(t["ray_router_ms"] - (t["decode_hop_ms_p50"] - sum(t["shard_decode_ms_p50"]))) < 1e-6
     later = httpx.get(url + "/v1/shards", params={"since": _time.time() + 60}, timeout=30).json()["timing"]
     assert later["decode_groups"] == 0 and later["decode_hop_ms_p50"] is None
+
+
+def _hf_logprobs(hf_model, ids: list[int]):
+    """transformers' log_softmax over the vocabulary at every position of ids: [len(ids), vocab]."""
+    import torch
+    with torch.no_grad():
+        return torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def test_echo_scores_the_prompt_as_transformers_does(url, tokenizer, hf_model):
+    """/v1/completions with echo and max_tokens 0 (what evaluation harnesses send): each prompt
+    token's log probability and top alternatives equal transformers' to 1e-3; the prompt may be
+    text, token ids, or a list of either (one choice each)."""
+    text = "The capital of France is Paris, and the capital of Italy is Rome."
+    ids = tokenizer.encode(text)
+    ref = _hf_logprobs(hf_model, ids)
+    for prompt in (text, [text, text], ids, [ids]):
+        n = len(prompt) if isinstance(prompt[0], (str, list)) and not isinstance(prompt, str) else 1
+        r = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 0, "echo": True,
+                                                       "logprobs": 2, "temperature": 0}, timeout=120).json()
+        assert [c["index"] for c in r["choices"]] == list(range(n)), r
+        assert r["usage"] == {"prompt_tokens": n * len(ids), "completion_tokens": 0, "total_tokens": n * len(ids)}
+    for c in r["choices"]:
+        lp = c["logprobs"]
+        assert c["text"] == text and c["finish_reason"] == "length"
+        assert len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        want = [float(ref[i - 1, ids[i]]) for i in range(1, len(ids))]
+        assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:], want)) < 1e-3
+        top = ref[len(ids) - 2].topk(2)
+        assert list(lp["top_logprobs"][-1].values()) == pytest.approx(top.values.tolist(), abs=1e-3)
+        assert list(lp["top_logprobs"][-1]) == [tokenizer.decode([i]) for i in top.indices.tolist()]
+        assert lp["text_offset"][:3] == [0, len(lp["tokens"][0]), len(lp["tokens"][0]) + len(lp["tokens"][1])]
+
+
+def test_generated_logprobs_chat_and_completions_streamed_and_not(url, tokenizer, hf_model):
+    """Greedy: the sampled token is the most likely, its logprob transformers' at that step;
+    top_logprobs alternatives come sorted; streamed chunks carry the same numbers."""
+    from openai import OpenAI
+    sdk = OpenAI(base_url=url + "/v1", api_key="unused")
+    kw = dict(model="shardserve-default", messages=QUESTION, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    r = sdk.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    ids = chat_ids(tokenizer, QUESTION[0]["content"])
+    gen = tokenizer.encode(r.choices[0].message.content)
+    ref = _hf_logprobs(hf_model, ids + gen)
+    # every generated token has its entry, the end-of-turn token too (it counts in usage)
+    assert len(content) == r.usage.completion_tokens and content[-1].token == "<|im_end|>"
+    assert "".join(c.token for c in content[:-1]) == r.choices[0].message.content
+    for i, c in enumerate(content[:len(gen)]):
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token
+        assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob >= c.top_logprobs[2].logprob
+        assert abs(c.logprob - float(ref[len(ids) - 1 + i].max())) < 1e-3
+    streamed = [x for ch in sdk.chat.completions.create(**kw, stream=True) if ch.choices and ch.choices[0].logprobs
+                for x in ch.choices[0].logprobs.content]
+    assert [(x.token, round(x.logprob, 4)) for x in streamed] == [(x.token, round(x.logprob, 4)) for x in content]
+    comp = sdk.completions.create(model="shardserve-default", prompt="The capital of France is", max_tokens=4,
+                                  temperature=0, logprobs=1)
+    lp = comp.choices[0].logprobs
+    assert "".join(lp.tokens) == comp.choices[0].text and lp.token_logprobs[0] == max(lp.top_logprobs[0].values())
+    bad = httpx.post(url + "/v1/chat/completions", json={"messages": QUESTION, "top_logprobs": 2})
+    assert bad.status_code == 400 and "top_logprobs needs logprobs" in bad.json()["error"]["message"]
+    bad = httpx.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 0})
+    assert bad.status_code == 400 and "max_tokens 0 needs echo" in bad.json()["error"]["message"]
+    bad = httpx.post(url + "/v1/completions", json={"prompt": [10**9], "max_tokens": 1})
+    assert bad.status_code == 400 and "outside the vocabulary" in bad.json()["error"]["message"]
+
+
+def test_lm_eval_local_completions_equals_transformers(url, hf_model, tmp_path, monkeypatch):
+    """lm-evaluation-harness's local-completions model on a small multiple-choice task file:
+    every loglikelihood it reads through the server equals transformers' on the same tokens to
+    1e-3, and so does its greedy flag."""
+    import pathlib
+
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from lm_eval.tasks import TaskManager
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = pathlib.Path(__file__).parent / "data"
+    (tmp_path / "facts.yaml").write_text((data / "facts.yaml").read_text().replace("DATA_FILE", str(data / "facts.jsonl")))
+    lm = LocalCompletionsAPI(base_url=url + "/v1/completions", model="shardserve-default", tokenizer_backend="remote",
+                             num_concurrent=4, max_retries=1)
+    out = simple_evaluate(model=lm, tasks=["shardserve_facts"], task_manager=TaskManager(include_path=str(tmp_path)),
+                          log_samples=True, limit=None)
+    samples = out["samples"]["shardserve_facts"]
+    worst = 0.0
+    for s in samples:
+        for (context, continuation), ((ll, greedy),) in zip(s["arguments"], s["resps"]):
+            ctx, cont = lm._encode_pair(context, continuation)
+            ref = _hf_logprobs(hf_model, ctx + cont)[len(ctx) - 1:-1]
+            want = float(sum(ref[i, t] for i, t in enumerate(cont)))
+            worst = max(worst, abs(ll - want))
+            assert greedy == bool(all(int(torch.argmax(ref[i])) == t for i, t in enumerate(cont)))
+    acc = out["results"]["shardserve_facts"]["acc,none"]
+    print(f"lm-eval shardserve_facts: acc {acc:.3f} over {len(samples)} questions, max |ll - transformers| {worst:.2e}")
+    assert len(samples) == 12 and worst < 1e-3 and acc >= 0.5

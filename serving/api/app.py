@@ -8,9 +8,9 @@ GET /v1/shards, GET /healthz (200 only when every shard is loaded and answers).
 # No `from __future__ import annotations` here: Serve pickles this class by value, and string
 # annotations would be resolved against globals that cloudpickle only fills with names the code
 # uses, so FastAPI would lose the `Request` type of route parameters. For the same reason every
-# helper the class calls is defined above it (one defined below was a NameError in the replica).
+# helper the class calls is imported or defined above it (one defined below was a NameError in
+# the replica).
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -23,7 +23,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from serving import config as app_config
-from serving.api import responses
+from serving.api import fanout, responses
+from serving.api.http import check_admin, check_key, error_response, key_ok, next_delta, parse_body
+from serving.api.logprobs import TokenText
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ShardPatch, TokenizeRequest
 from serving.control.pipeline import BudgetTooSmall, ShardUnanswered
 from serving.launch import replica_prefixes
@@ -34,23 +36,18 @@ from shards.runtime.actor import stop_pipeline
 log = logging.getLogger(__name__)
 
 api = FastAPI(title="shardserve")
-MAX_BODY_BYTES = 1 << 20     # 1 MiB: far above the longest prompt the KV pools can hold
 # a replaced deployment's replicas drain and stop within Serve's graceful shutdown (20 s by
 # default) of this one serving; its shards are reclaimed after this long
 STALE_GRACE_S = 60.0
 DOC_PATHS = ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
 
 
-def _error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
-                        status_code=status)
-
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException):
     kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
             503: "service_unavailable", 504: "timeout"}.get(exc.status_code, "invalid_request_error")
-    resp = _error(exc.status_code, str(exc.detail), kind)
+    resp = error_response(exc.status_code, str(exc.detail), kind)
     if exc.status_code in (429, 503):
         resp.headers["Retry-After"] = "1"
     return resp
@@ -59,79 +56,16 @@ async def _http_error(request: Request, exc: HTTPException):
 @api.middleware("http")
 async def _guard_docs(request: Request, call_next):
     """With an API key set, the schema and docs pages need it too."""
-    if request.url.path in DOC_PATHS and not _key_ok(request):
-        return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
+    if request.url.path in DOC_PATHS and not key_ok(request):
+        return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
     return await call_next(request)
 
 
-async def _parse(request: Request, model):
-    """The JSON body as `model`: 413 over MAX_BODY_BYTES, else a 400 in OpenAI's error shape."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise HTTPException(413, f"request body of {declared} bytes is over the {MAX_BODY_BYTES}-byte limit")
-    raw = await _body(request)
-    try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
-        if not isinstance(data, dict):
-            raise ValueError(f"the body must be a JSON object, not {type(data).__name__}")
-        return model.model_validate(data)
-    except ValueError as e:  # bad UTF-8, JSONDecodeError and pydantic's ValidationError are ValueErrors
-        errors = getattr(e, "errors", None)
-        msg = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errors()) if errors else str(e)
-        raise HTTPException(400, f"invalid request body: {msg[:1000]}") from e
 
 
-async def _body(request: Request) -> bytes:
-    """The body, read chunk by chunk and refused (413) as soon as it passes MAX_BODY_BYTES: a
-    chunked body declares no length, and must not be buffered whole first."""
-    parts, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise HTTPException(413, f"request body of more than {MAX_BODY_BYTES} bytes is over the limit")
-        parts.append(chunk)
-    return b"".join(parts)
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
 
-
-def _key_ok(request: Request) -> bool:
-    key = request.app.state.api_key
-    if not key:
-        return True
-    sent = request.headers.get("authorization", "").encode()
-    return hmac.compare_digest(sent, f"Bearer {key}".encode())   # constant time
-
-
-def _check_key(request: Request) -> None:
-    if not _key_ok(request):
-        raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
-
-
-def _check_admin(request: Request) -> None:
-    """/v1/shards and its changes (budgets move layers and recompress shards for every client):
-    the admin key where one is set, else the API key."""
-    admin = getattr(request.app.state, "admin_key", None)
-    if admin is None:
-        return _check_key(request)
-    sent = request.headers.get("authorization", "").encode()
-    if not hmac.compare_digest(sent, f"Bearer {admin}".encode()):
-        raise HTTPException(401, "missing or wrong admin key: send 'Authorization: Bearer <admin key>'")
-
-
-async def _first(gen):
-    """The next Delta, with the engine's refusals as HTTP errors."""
-    from serving.router.engine import Overloaded, PipelineDown, RequestTimeout
-    try:
-        return await gen.__anext__()
-    except Overloaded as e:
-        raise HTTPException(429, f"server busy: {e}; retry shortly") from e
-    except PipelineDown as e:
-        raise HTTPException(503, f"pipeline down: {e}") from e
-    except RequestTimeout as e:
-        raise HTTPException(504, str(e)) from e
 
 
 def _check_bind(cfg: app_config.Config) -> None:
@@ -232,28 +166,28 @@ class ShardServe:
         for the admin, in /v1/shards); it never starts a build."""
         b = self._build
         if b is None or not b.done():
-            return _error(503, "starting", "service_unavailable")
+            return error_response(503, "starting", "service_unavailable")
         if b.cancelled() or b.exception() is not None:
             log.warning("engine build failed: %r", None if b.cancelled() else b.exception())
-            return _error(503, "not ready", "service_unavailable")
+            return error_response(503, "not ready", "service_unavailable")
         engine = b.result()
         try:
             if not engine.down:
                 await asyncio.wait_for(engine.stats(), timeout=10)
         except Exception as e:  # any shard missing, dead or slow: not healthy
             log.warning("health check: a shard did not answer: %s", e)
-            return _error(503, "not ready", "service_unavailable")
+            return error_response(503, "not ready", "service_unavailable")
         if engine.down:
             log.warning("health check: pipeline down: %s", engine.down)
-            return _error(503, "pipeline down", "service_unavailable")
+            return error_response(503, "pipeline down", "service_unavailable")
         return {"status": "ok"}
 
-    @api.get("/v1/models", dependencies=[Depends(_check_key)])
+    @api.get("/v1/models", dependencies=[Depends(check_key)])
     async def models(self):
         return {"object": "list", "data": [{"id": self.model_name, "object": "model",
                                             "created": self.created, "owned_by": "shardserve"}]}
 
-    @api.get("/v1/shards", dependencies=[Depends(_check_admin)])
+    @api.get("/v1/shards", dependencies=[Depends(check_admin)])
     async def shards(self, since: float = 0.0):
         """The plan, each shard's measured numbers, the controller's actions (newest last), and
         where decode time goes (steps that ended after `since`, epoch seconds)."""
@@ -269,12 +203,12 @@ class ShardServe:
                 "timing": await engine.timing(since),
                 "replica": self.replica, "replicas": self.cfg.server.replicas, "router_pid": os.getpid()}
 
-    @api.patch("/v1/shards/{index}", dependencies=[Depends(_check_admin)])
+    @api.patch("/v1/shards/{index}", dependencies=[Depends(check_admin)])
     async def patch_shard(self, index: str, request: Request):
         """{"budget_bytes": N} (or null): the bytes shard `index` (its index, or its actor name,
         which a split does not shift) may hold; the controller acts when its measured use goes
         over the watermark."""
-        body = await _parse(request, ShardPatch)
+        body = await parse_body(request, ShardPatch)
         engine = await self.engine()
         try:
             st = await engine.set_budget(index, body.budget_bytes)
@@ -286,27 +220,58 @@ class ShardServe:
             raise HTTPException(503, str(e)) from e
         return st.to_dict()
 
-    @api.post("/v1/chat/completions", dependencies=[Depends(_check_key)])
+    @api.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat(self, request: Request):
-        return await self._chat(await _parse(request, ChatCompletionRequest))
+        return await self._chat(await parse_body(request, ChatCompletionRequest))
 
     async def _chat(self, body: ChatCompletionRequest):
         engine = await self._engine_for(body)
         ids = await self._encode(engine, chat_prompt_ids, body.chat())
-        return await self._respond(engine, ids, body, chat=True)
+        return await self._respond(engine, [responses.View(0, True, self._token_text(engine, body.logprobs),
+                                                           prompt_ids=ids)], body)
 
-    @api.post("/v1/completions", dependencies=[Depends(_check_key)])
+    @api.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(self, request: Request):
-        body = await _parse(request, CompletionRequest)
+        body = await parse_body(request, CompletionRequest)
         engine = await self._engine_for(body)
-        ids = await self._encode(engine, lambda tok, text: tok.encode(text), body.prompt)
-        return await self._respond(engine, ids, body, chat=False)
+        text = self._token_text(engine, body.logprobs is not None)
+        views = []
+        for i, prompt in enumerate(body.prompts()):
+            if isinstance(prompt, str):
+                ids = await self._encode(engine, lambda tok, t: tok.encode(t), prompt)
+            else:
+                ids = self._known_ids(engine, prompt)
+            echo = None
+            if body.echo:
+                echo = prompt if isinstance(prompt, str) else await self._decode(engine, ids)
+            views.append(responses.View(i, False, text, echo, ids, drop=body.max_tokens == 0, prompt=i))
+        return await self._respond(engine, views, body)
 
-    @api.post("/tokenize", dependencies=[Depends(_check_key)])
+    def _token_text(self, engine, wanted: bool):
+        """Token texts for log probabilities (one cache per replica), or None when not wanted."""
+        if not wanted:
+            return None
+        if getattr(self, "_texts", None) is None:
+            self._texts = TokenText(engine.tokenizer.decode)
+        return self._texts
+
+    @staticmethod
+    def _known_ids(engine, ids: list[int]) -> list[int]:
+        vocab = len(engine.tokenizer)
+        bad = [t for t in ids if t >= vocab]
+        if bad or not ids:
+            raise HTTPException(400, f"token ids {bad[:5]} are outside the vocabulary of {vocab} tokens"
+                                if bad else "the prompt is empty")
+        return ids
+
+    async def _decode(self, engine, ids: list[int]) -> str:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, engine.tokenizer.decode, ids)
+
+    @api.post("/tokenize", dependencies=[Depends(check_key)])
     async def tokenize(self, request: Request):
         """vLLM's /tokenize: a prompt's (or a chat's) token ids, as /v1/completions (or
         /v1/chat/completions) would feed them, and the longest prompt + completion served."""
-        body = await _parse(request, TokenizeRequest)
+        body = await parse_body(request, TokenizeRequest)
         engine = await self._engine_for(body)
         if body.messages is not None:
             ids = await self._encode(engine, lambda tok, a: chat_prompt_ids(tok, *a),
@@ -319,17 +284,26 @@ class ShardServe:
             out["token_strs"] = self._encoder.convert_ids_to_tokens(ids)
         return out
 
-    @api.post("/detokenize", dependencies=[Depends(_check_key)])
+    @api.get("/tokenizer_info", dependencies=[Depends(check_key)])
+    async def tokenizer_info(self):
+        """vLLM's /tokenizer_info: the special tokens and chat template, which evaluation
+        harnesses (lm-eval's remote tokenizer) read beside /tokenize and /detokenize."""
+        engine = await self.engine()
+        tok = engine.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token, "unk_token": tok.unk_token, "chat_template": tok.chat_template,
+                "model_max_length": self.max_model_len, "vocab_size": len(tok)}
+
+    @api.post("/detokenize", dependencies=[Depends(check_key)])
     async def detokenize(self, request: Request):
         """vLLM's /detokenize: token ids back to text; an id outside the vocabulary is a 400."""
-        body = await _parse(request, DetokenizeRequest)
+        body = await parse_body(request, DetokenizeRequest)
         engine = await self._engine_for(body)
         vocab = len(engine.tokenizer)
         bad = [t for t in body.tokens if t >= vocab]
         if bad:
             raise HTTPException(400, f"token ids {bad[:5]} are outside the vocabulary of {vocab} tokens")
-        text = await asyncio.get_running_loop().run_in_executor(self._tokenize, engine.tokenizer.decode, body.tokens)
-        return {"prompt": text}
+        return {"prompt": await self._decode(engine, body.tokens)}
 
     async def chat_handle(self, body: dict) -> dict:
         """In-cluster entry for DeploymentHandle callers: an OpenAI chat body in, response out."""
@@ -356,39 +330,41 @@ class ShardServe:
             raise HTTPException(400, "the prompt is empty after tokenization")
         return ids
 
-    async def _respond(self, engine, ids, body, chat: bool):
+    async def _respond(self, engine, views: list, body):
+        """Every choice's stream started together (429 / 503 / 504 before any byte is sent);
+        then one body, or one merged event stream."""
         try:
             params = body.sampling()
-            engine.check(len(ids), params.max_tokens)
+            for v in views:
+                engine.check(len(v.prompt_ids), params.max_tokens)
         except ValueError as e:
             raise HTTPException(400, str(e)) from e
-        gen = engine.generate(ids, params)
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        gens = [engine.generate(v.prompt_ids, params) for v in views]
+        rid = ("chatcmpl-" if views[0].chat else "cmpl-") + uuid.uuid4().hex[:24]
+        firsts = await fanout.start(gens, next_delta)
+        if body.stream:
+            return StreamingResponse(self._sse(gens, firsts, views, rid, body.include_usage),
+                                     media_type="text/event-stream")
         try:
-            first = await _first(gen)     # 429 / 503 / 504 before any byte is sent
-            if body.stream:
-                return StreamingResponse(self._sse(first, gen, rid, chat, body.include_usage),
-                                         media_type="text/event-stream")
-            text, last = [first.text], first
-            while not last.finish_reason:
-                last = await _first(gen)
-                text.append(last.text)
+            deltas = await fanout.drain(gens, firsts, next_delta)
         finally:
-            if not body.stream:
-                await gen.aclose()   # a client gone mid-request aborts it and frees its KV
-        if last.finish_reason == "error":
-            raise HTTPException(503, last.error)
-        return JSONResponse(responses.completion_body(rid, chat, self.model_name, "".join(text), last))
+            await fanout.close(gens)   # a client gone mid-request aborts it and frees its KV
+        for ds in deltas:
+            if ds[-1].finish_reason == "error":
+                raise HTTPException(503, ds[-1].error)
+        return JSONResponse(responses.completion_body(rid, self.model_name, views, deltas))
 
-    async def _sse(self, first, gen, rid, chat, include_usage):
+    async def _sse(self, gens, firsts, views, rid, include_usage):
+        events = fanout.merged(gens, firsts, next_delta)
         try:
-            async for event in responses.sse(first, lambda: _first(gen), rid, chat, self.model_name, include_usage):
+            async for event in responses.sse(events, views, rid, self.model_name, include_usage):
                 yield event
         except HTTPException as e:    # timed out, or the pipeline went down mid-stream
             yield responses.error_event(str(e.detail))
             yield "data: [DONE]\n\n"
         finally:
-            await gen.aclose()  # client gone mid-stream: the engine aborts and frees its KV
+            await events.aclose()
+            await fanout.close(gens)  # client gone mid-stream: the engine aborts and frees its KV
 
 
 def build_app(args: dict) -> serve.Application:

@@ -1,29 +1,101 @@
 """OpenAI response bodies and server-sent event streams, from the router's deltas.
 
-A delta (serving/router/engine.py) carries the text since the last one, `finish_reason` on the
-last, and the prompt and completion token counts. Pure: no Serve, no Ray.
+A delta (serving/router/engine.py) carries the text since the last one, its token ids and
+(when asked) their log probabilities, `finish_reason` on the last, and the prompt and completion
+token counts. A response has one choice per prompt and per `n`; each choice is a `View` over its
+deltas. Pure: no Serve, no Ray.
 """
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from serving.api.logprobs import Legacy, TokenText, chat_content, merge
 
 
-def usage(d) -> dict:
-    return {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
-            "total_tokens": d.prompt_tokens + d.completion_tokens}
+@dataclass
+class View:
+    """How one choice reads: chat or completion, with or without log probabilities; `echo`
+    is the prompt's text to put first (completions' echo), `prompt_ids` its tokens; `drop`:
+    the generated token is not shown (max_tokens 0 with echo)."""
+
+    index: int
+    chat: bool
+    text: TokenText | None = None       # set: log probabilities asked
+    echo: str | None = None
+    prompt_ids: list[int] = field(default_factory=list)
+    drop: bool = False
+    prompt: int = 0                     # which prompt of the request it answers (n choices share one)
+    legacy: Legacy | None = None
+
+    def __post_init__(self):
+        if self.text is not None and not self.chat:
+            self.legacy = Legacy(self.text)
+
+    def prompt_part(self, d) -> tuple[str, dict | None]:
+        """The echoed prompt: its text, and its log probabilities from the first delta."""
+        if self.legacy is None:
+            return self.echo, None
+        entries = d.prompt_logprobs or [None] * len(self.prompt_ids)
+        return self.echo, self.legacy.block(self.prompt_ids, entries)
+
+    def part(self, d) -> tuple[str, dict | None]:
+        """A delta's generated text and log probabilities ('' and None where dropped)."""
+        if self.drop:
+            return "", None
+        if self.text is None:
+            return d.text, None
+        if self.chat:
+            return d.text, chat_content(d.token_ids, d.logprobs or [], self.text)
+        return d.text, self.legacy.block(d.token_ids, d.logprobs or [])
+
+    def completion_tokens(self, d) -> int:
+        return 0 if self.drop else d.completion_tokens
 
 
-def completion_body(rid: str, chat: bool, model: str, text: str, last) -> dict:
-    """A whole (non-streamed) chat.completion or text_completion."""
-    choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def total_usage(views: list[View], lasts: list) -> dict:
+    """Each distinct prompt's tokens once (n choices share one), every choice's completion."""
+    prompts = {}
+    for v, d in zip(views, lasts):
+        prompts.setdefault(v.prompt, d.prompt_tokens)
+    return usage(sum(prompts.values()), sum(v.completion_tokens(d) for v, d in zip(views, lasts)))
+
+
+def choice_body(view: View, deltas: list) -> dict:
+    """One whole (non-streamed) choice from all its deltas."""
+    texts, legacy, content = [], None, []
+    if view.echo is not None:
+        text, legacy = view.prompt_part(deltas[0])
+        texts.append(text)
+    for d in deltas:
+        text, lp = view.part(d)
+        texts.append(text)
+        if lp is not None and view.chat:
+            content += lp["content"]
+        elif lp is not None:
+            legacy = merge(legacy, lp)
+    lps = ({"content": content} if view.text is not None else None) if view.chat else legacy
+    choice = {"index": view.index, "finish_reason": deltas[-1].finish_reason, "logprobs": lps}
+    if view.chat:
+        choice["message"] = {"role": "assistant", "content": "".join(texts)}
     else:
-        choice["text"] = text
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice], "usage": usage(last)}
+        choice["text"] = "".join(texts)
+    return choice
+
+
+def completion_body(rid: str, model: str, views: list[View], deltas: list[list]) -> dict:
+    """A whole (non-streamed) chat.completion or text_completion."""
+    chat = views[0].chat
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [choice_body(v, ds) for v, ds in zip(views, deltas)],
+            "usage": total_usage(views, [ds[-1] for ds in deltas])}
 
 
 def _event(payload: dict) -> str:
@@ -35,35 +107,49 @@ def error_event(message: str) -> str:
     return _event({"error": {"message": message, "type": "service_unavailable"}})
 
 
-def chunk(rid: str, chat: bool, model: str, d, first: bool, include_usage: bool) -> str:
-    """One streamed chunk. With include_usage every chunk carries `usage: null` and the counts
-    come in a last chunk of their own (OpenAI's stream_options); without, on the final chunk."""
-    piece = {"role": "assistant", "content": d.text} if first else {"content": d.text}
-    choice = {"index": 0, "finish_reason": d.finish_reason, "logprobs": None}
-    choice.update({"delta": piece} if chat else {"text": d.text})
-    body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+def chunk(rid: str, model: str, view: View, text: str, lps, finish: str | None, first: bool) -> dict:
+    """One streamed chunk of one choice."""
+    choice = {"index": view.index, "finish_reason": finish, "logprobs": lps}
+    if view.chat:
+        choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
+    else:
+        choice["text"] = text
+    return {"id": rid, "object": "chat.completion.chunk" if view.chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice]}
-    if include_usage:
-        body["usage"] = None
-    elif d.finish_reason:
-        body["usage"] = usage(d)
-    return _event(body)
 
 
-async def sse(first, following: Callable[[], Awaitable], rid: str, chat: bool, model: str,
+async def sse(events: AsyncIterator, views: list[View], rid: str, model: str,
               include_usage: bool = False) -> AsyncIterator[str]:
-    """The events of one streamed response, from its first delta and `following()` for each
-    next one, through `data: [DONE]`. A delta that ends in error becomes an error chunk."""
-    d, is_first = first, True
-    while True:
+    """The events of one streamed response, from (choice index, delta) pairs in arrival order,
+    through `data: [DONE]`. With include_usage every chunk carries `usage: null` and the counts
+    come in a last chunk of their own (OpenAI's stream_options); without, on each choice's final
+    chunk. A delta that ends in error becomes an error chunk and ends the stream."""
+    lasts: dict[int, object] = {}
+    async for i, d in events:
+        view = views[i]
         if d.finish_reason == "error":
             yield error_event(d.error)
             break
-        yield chunk(rid, chat, model, d, is_first, include_usage)
-        if d.finish_reason:
+        first = i not in lasts
+        if first and view.echo is not None:
+            text, lps = view.prompt_part(d)
+            yield _with_usage(chunk(rid, model, view, text, lps, None, True), include_usage, None)
+            first = False
+        lasts[i] = d
+        text, lps = view.part(d)
+        body = chunk(rid, model, view, text, lps, d.finish_reason, first)
+        yield _with_usage(body, include_usage, d.finish_reason and usage(d.prompt_tokens, view.completion_tokens(d)))
+        if len(lasts) == len(views) and all(x.finish_reason for x in lasts.values()):
             if include_usage:
-                yield _event({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                              "created": int(time.time()), "model": model, "choices": [], "usage": usage(d)})
+                yield _event({"id": rid, "object": body["object"], "created": int(time.time()), "model": model,
+                              "choices": [], "usage": total_usage(views, [lasts[v.index] for v in views])})
             break
-        d, is_first = await following(), False
     yield "data: [DONE]\n\n"
+
+
+def _with_usage(body: dict, include_usage: bool, final: dict | None) -> str:
+    if include_usage:
+        body["usage"] = None
+    elif final:
+        body["usage"] = final
+    return _event(body)

@@ -5,19 +5,20 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shards.model.step import DEFAULT_MAX_TOKENS, SamplingParams
+from shards.model.step import DEFAULT_MAX_TOKENS, MAX_LOGPROBS, SamplingParams
 
 MAX_TOKENS_LIMIT = 4096
 MAX_STOP_CHARS = 256
 # OpenAI fields this server does not implement: refused by name, never silently ignored
 # (a value equal to OpenAI's default is accepted: SDKs send some of them unasked)
 UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None,
-               "logprobs": False, "top_logprobs": None, "response_format": None, "logit_bias": None,
+               "response_format": None, "logit_bias": None,
                "presence_penalty": 0, "frequency_penalty": 0, "audio": None, "modalities": None,
-               "prediction": None, "best_of": None, "echo": False, "suffix": None}
+               "prediction": None, "best_of": None, "suffix": None}
 # accepted and without effect here (bookkeeping fields of the OpenAI API)
 IGNORED = {"user", "metadata", "store", "parallel_tool_calls", "service_tier"}
 MAX_DETOKENIZE = 1 << 20     # token ids one /detokenize takes
+MAX_PROMPTS = 64             # prompts one /v1/completions takes (a list of them: one choice each)
 
 
 class TextPart(BaseModel):
@@ -93,21 +94,67 @@ class _Sampling(BaseModel):
 
     def sampling(self, default_max: int = DEFAULT_MAX_TOKENS) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        logprobs, prompt_logprobs = self.logprob_counts()
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               seed=self.seed, max_tokens=self.max_completion_tokens or self.max_tokens
-                              or default_max, stop=stop)
+                              or default_max, stop=stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        """Alternatives per generated token and per prompt token (None: no log probabilities)."""
+        return None, None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     def chat(self) -> list[dict]:
         """Messages as the chat template takes them (text parts joined)."""
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return (self.top_logprobs or 0) if self.logprobs else None, None
+
 
 class CompletionRequest(_Sampling):
-    prompt: str
+    # a string, a list of strings, token ids, or a list of token-id lists: one choice a prompt
+    prompt: str | list[str] | list[Annotated[int, Field(ge=0)]] | list[list[Annotated[int, Field(ge=0)]]]
+    # 0 with echo: score the prompt only (its log probabilities), generate nothing
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False          # the prompt's text (and log probabilities) before the completion's
+
+    @model_validator(mode="after")
+    def _prompts(self):
+        if isinstance(self.prompt, list) and not 0 < len(self.prompt) <= MAX_PROMPTS:
+            raise ValueError(f"prompt must be a string, or a list of 1 to {MAX_PROMPTS} prompts or token ids")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 needs echo: true (it scores the prompt, generates nothing)")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt as text or token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return self.logprobs, self.logprobs if self.echo else None
+
+    def sampling(self, default_max: int = DEFAULT_MAX_TOKENS) -> SamplingParams:
+        """max_tokens 0 samples one token from the prefill that is then dropped: the prompt's
+        log probabilities need the prefill, which ends in a sample anyway."""
+        if self.max_tokens == 0:
+            return self.model_copy(update={"max_tokens": 1}).sampling(default_max)
+        return super().sampling(default_max)
 
 
 class TokenizeRequest(BaseModel):

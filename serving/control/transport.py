@@ -26,6 +26,7 @@ import time
 from collections import deque
 
 from serving.control.shardset import ShardSet, answers, describe
+from shards.model.step import Sampled
 from shards.runtime.channel import ChannelBroken, StepChannel, StepFailed, encode_step, next_step
 
 CONNECT_TIMEOUT_S = 30.0  # opening channels: every shard hands out its address and secret
@@ -134,7 +135,7 @@ class Transport:
             if not reply["ok"]:
                 raise StepFailed(reply["error"])
             if "tokens" in reply:
-                return reply["tokens"]
+                return Sampled(reply["tokens"], reply.get("logprobs"))
             header = next_step(header, reply)
             fut = chans[k + 1].send(header, body)
         raise StepFailed(f"the last shard ({len(chans) - 1}) sent hidden states, not tokens")

@@ -37,6 +37,10 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None            # with finish_reason "error": why
+    # when the request asked (SamplingParams.logprobs / prompt_logprobs): an entry per token of
+    # token_ids (shards/model/logprobs.py), and, on the first delta, one per prompt token
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None
 
 
 class Overloaded(RuntimeError):
@@ -52,6 +56,7 @@ class _Request:
     seq: Sequence
     detok: Detokenizer
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    first: bool = True          # no delta sent yet: the prompt's log probabilities go with the first
 
 
 @dataclass(frozen=True)
@@ -150,13 +155,15 @@ class Engine:
 
     async def complete(self, prompt_ids: list[int], params: SamplingParams) -> Delta:
         """Whole reply at once."""
-        text, ids, last = [], [], None
+        text, ids, lps, last, prompt_lps = [], [], [], None, None
         async for d in self.generate(prompt_ids, params):
             text.append(d.text)
             ids += d.token_ids
+            lps += d.logprobs or []
+            prompt_lps = prompt_lps or d.prompt_logprobs
             last = d
         return Delta("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                     last.error)
+                     last.error, lps if params.logprobs is not None else None, prompt_lps)
 
     async def warm_up(self, prompt_ids: list[int], max_tokens: int = 2) -> Delta:
         """One request through the whole path (router, step channels, every shard's prefill and
@@ -245,7 +252,7 @@ class Engine:
         batch = StepBatch(list(g.seq_ids), list(g.starts), [len(x) for x in g.inputs], tokens=tokens,
                           sampling=list(g.sampling), steps=list(g.steps), free=self._pending_free,
                           pins=[list(c) for c in g.pins], copies=[list(c) for c in g.copies],
-                          alone=not self._inflight)
+                          alone=not self._inflight, targets=[list(t) for t in g.targets] if any(g.targets) else [])
         fut = self.pipeline.transport.launch(batch)
         self._pending_free = []
         return fut
@@ -255,12 +262,12 @@ class Engine:
         group = flight.group
         self.hops.append((time.time(), time.perf_counter() - flight.launched, group.prefill))
         try:
-            tokens = fut.result()
+            out = fut.result()
         except Exception as e:
             self._group_failed(group, e, flight.freed)
             return
         try:
-            changed, freed = self.sched.complete(group, tokens)
+            changed, freed = self.sched.complete(group, out.tokens, out.logprobs)
             for seq in changed:
                 freed += self._emit(seq)
         except Exception as e:                     # the router's own fault: this group recomputes
@@ -379,7 +386,10 @@ class Engine:
                 seq.finished = "stop"
             else:
                 freed = self.sched.finish(seq.id, "stop")
-        req.queue.put_nowait(Delta(piece.text, piece.token_ids, seq.finished, len(seq.prompt), len(seq.generated)))
+        lps = seq.logprobs[len(seq.logprobs) - len(piece.token_ids):] if seq.params.logprobs is not None else None
+        prompt_lps, req.first = (seq.prompt_logprobs if req.first else None), False
+        req.queue.put_nowait(Delta(piece.text, piece.token_ids, seq.finished, len(seq.prompt), len(seq.generated),
+                                   logprobs=lps, prompt_logprobs=prompt_lps))
         return freed
 
     def _free(self, seq_ids: list[int]) -> None:

@@ -46,6 +46,10 @@ class Sequence:
     finished: str | None = None    # "stop" | "length" | "abort" | "error"
     preemptions: int = 0
     failures: int = 0              # steps of this sequence that raised (recomputed each time)
+    # log-probability entries (shards/model/logprobs.py) of each generated token, when asked
+    logprobs: list = field(default_factory=list)
+    # of each prompt token, when asked: None at 0 (nothing predicts the first), filled per chunk
+    prompt_logprobs: list | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -71,6 +75,8 @@ class Group:
     # frees, and (sequence, holder, blocks) copied into a sequence after them
     pins: tuple[tuple[int, int, int], ...] = ()
     copies: tuple[tuple[int, int, int], ...] = ()
+    # per sequence, the prompt tokens following its inputs (StepBatch.targets); () for none
+    targets: tuple[tuple[int, ...], ...] = ()
 
 
 class Scheduler:
@@ -167,11 +173,12 @@ class Scheduler:
                      tuple(tuple(t[s.cached:s.cached + n]) for (s, n), t in zip(picked, toks)),
                      tuple(s.params for s, _ in picked), tuple(len(s.generated) for s, _ in picked),
                      tuple(s.cached + n == len(t) for (s, n), t in zip(picked, toks)), use_prefill,
-                     pins, tuple(copies)), freed
+                     pins, tuple(copies), tuple(_targets(s, n) for s, n in picked)), freed
 
     def _prefix_hit(self, s: Sequence, n: int) -> tuple[int, int] | None:
         """(holder, blocks) to copy before s prefills its whole history from nothing, or None."""
-        if self.prefix is None or s.cached or n != s.pending:
+        # prompt log probabilities need every prompt position computed
+        if self.prefix is None or s.cached or n != s.pending or s.params.prompt_logprobs is not None:
             return None
         return self.prefix.lookup(s.tokens)
 
@@ -232,16 +239,22 @@ class Scheduler:
             freed.append(v.id)
         return True
 
-    def complete(self, group: Group, tokens: list[int]) -> tuple[list[Sequence], list[int]]:
-        """Record a group's sampled tokens. Returns (sequences that gained a token or finished,
-        ids whose KV the shards should free)."""
+    def complete(self, group: Group, tokens: list[int], logprobs: list | None = None
+                 ) -> tuple[list[Sequence], list[int]]:
+        """Record a group's sampled tokens (and their log-probability records, per sequence).
+        Returns (sequences that gained a token or finished, ids whose KV the shards should free)."""
         changed, freed = [], []
         if self.prefix:
             self.prefix.confirm(h for h, _, _ in group.pins)
-        for sid, n, keep, tok in zip(group.seq_ids, map(len, group.inputs), group.samples, tokens):
+        records = logprobs or [None] * len(tokens)
+        for sid, n, keep, tok, rec in zip(group.seq_ids, map(len, group.inputs), group.samples, tokens, records):
             s = self.running.get(sid)
             if s is None:
                 continue
+            if rec is not None and rec[1]:
+                _record_prompt(s, rec[1])
+            if keep and not s.finished and s.params.logprobs is not None:
+                s.logprobs.append(rec[0] if rec else None)
             s.cached += n
             s.in_flight = 0
             if self.prefix and group.prefill and s.cached - n < len(s.prompt) <= s.cached and not s.finished:
@@ -322,3 +335,20 @@ class Scheduler:
                 s.finished = reason
                 return True
         return False
+
+
+def _targets(s: Sequence, n: int) -> tuple[int, ...]:
+    """The prompt tokens that follow s's next n positions (from s.cached), when s asked for
+    prompt log probabilities."""
+    if s.params.prompt_logprobs is None:
+        return ()
+    return tuple(s.prompt[s.cached + 1:min(s.cached + n + 1, len(s.prompt))])
+
+
+def _record_prompt(s: Sequence, got: list) -> None:
+    """A prefill step's prompt entries: the one at position p is prompt token p + 1's. A
+    recomputed step writes the same positions again."""
+    if s.prompt_logprobs is None:
+        s.prompt_logprobs = [None] * len(s.prompt)
+    for j, entry in enumerate(got):
+        s.prompt_logprobs[s.cached + 1 + j] = entry

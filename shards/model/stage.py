@@ -239,9 +239,10 @@ class Stage(nn.Module):
         return source.tensor(name).to(device=self.device, dtype=self.dtype)
 
     @torch.inference_mode()
-    def forward(self, batch: StepBatch, all_logits: bool = False) -> torch.Tensor:
+    def forward(self, batch: StepBatch, all_logits: bool = False, extra: list[tuple[int, int]] = ()) -> torch.Tensor:
         """First/middle stages return hidden [B, Q, hidden]; the last returns logits
-        [B, vocab] at each sequence's last new token ([B, Q, vocab] with all_logits)."""
+        [B, vocab] at each sequence's last new token, then those of the (row, position) pairs in
+        `extra` ([B + len(extra), vocab]); with all_logits, [B, Q, vocab]."""
         self.check_step(batch)
         ctx = StepContext(batch, self.kv, self.inv_freq, self.rope_scale)
         if self.is_first:
@@ -259,7 +260,11 @@ class Stage(nn.Module):
         if not self.is_last:
             return x                                                   # all_logits: last stage only
         if not all_logits:
-            x = x[torch.arange(x.shape[0]), ctx.last]                  # [B, hidden]
+            rows, at = torch.arange(x.shape[0]), ctx.last
+            if extra:
+                rows = torch.cat([rows, torch.tensor([b for b, _ in extra])])
+                at = torch.cat([at, torch.tensor([j for _, j in extra], dtype=at.dtype)])
+            x = x[rows, at]                                            # [B + len(extra), hidden]
         return self.lm_head(self.norm(x)).float()
 
     def check_step(self, batch: StepBatch) -> None:

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 DEFAULT_MAX_TOKENS = 256     # a request that names no max_tokens (the API's and the engine's default)
+MAX_LOGPROBS = 20            # alternatives per position, as OpenAI's top_logprobs
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,10 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = DEFAULT_MAX_TOKENS
     stop: tuple[str, ...] = ()
+    # log probabilities of the model's distribution (before temperature, top-k, top-p): None
+    # for none, else the chosen token's and this many alternatives' (0 .. MAX_LOGPROBS)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None     # the same for each prompt token after the first
 
     def __post_init__(self) -> None:
         # written so that NaN fails every check
@@ -28,6 +33,10 @@ class SamplingParams:
                 f"(0, 1], top_k {self.top_k} (>= 0), max_tokens {self.max_tokens} (>= 1)")
         if any(not x for x in self.stop):
             raise ValueError("stop strings must not be empty")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be 0 to {MAX_LOGPROBS}, got {k}")
 
 
 @dataclass
@@ -58,6 +67,10 @@ class StepBatch:
     # (at concurrency 1 the shards take turns; giving each all cores always would oversubscribe
     # them when groups overlap: measured 20 vs 50 tok/s at 32 concurrent requests)
     alone: bool = False
+    # per sequence, the prompt tokens that follow each of its new positions (the first len()
+    # of them), for prompt log probabilities; empty for a sequence that wants none. Only the
+    # last stage reads it: the others see hidden states, not tokens
+    targets: list = field(default_factory=list)
     # the layer the step's input is at: 0 for token ids, a stage's end for its hidden states. A
     # stage computes only a step that starts at its own first layer, so a gap or an overlap in
     # the pipeline's ranges (a failed rollback) is an error, never silently wrong output
@@ -71,7 +84,16 @@ class StepBatch:
         """The same step for the stage that starts at `layer`, carrying hidden states of layers
         [0, layer) instead of tokens."""
         return StepBatch(self.seq_ids, self.starts, self.q_lens, None, hidden, self.sampling, self.steps,
-                         self.free, self.pins, self.copies, self.alone, layer)
+                         self.free, self.pins, self.copies, self.alone, self.targets, layer)
+
+
+@dataclass
+class Sampled:
+    """The last stage's answer to a step: a token id per sequence, and (shards/model/logprobs.py)
+    per sequence its log-probability record, or None where no sequence asked for any."""
+
+    tokens: list[int]
+    logprobs: list | None = None
 
 
 # dtypes a step's tensors cross process boundaries in as numpy arrays

@@ -18,10 +18,11 @@ import torch
 
 from shards.compress.spec import parse as parse_compression
 from shards.errors import KVCacheFull
+from shards.model.logprobs import prompt_rows, step_logprobs
 from shards.model.sampling import sample
 from shards.model.source import open_source
 from shards.model.stage import Stage
-from shards.model.step import StepBatch, to_wire
+from shards.model.step import Sampled, StepBatch, to_wire
 from shards.plan.layer_range import LayerRange
 from shards.plan.memory import module_bytes
 from shards.plan.plan import ShardSpec
@@ -107,10 +108,13 @@ class ShardWorker:
             want = self.all_cores if batch.alone and batch.width > 1 else self.threads
             if torch.get_num_threads() != want:
                 torch.set_num_threads(want)
-        out = self.stage(batch)
+        extra = prompt_rows(batch) if self.stage.is_last else []
+        out = self.stage(batch, extra=extra)
         # hidden states and logits leave the device: the next hop may be another node or GPU
         if self.stage.is_last:
-            out = sample(out.cpu(), batch.sampling, batch.steps).tolist()
+            logits = out.cpu()
+            tokens = sample(logits[:len(batch.seq_ids)], batch.sampling, batch.steps)
+            out = Sampled(tokens.tolist(), step_logprobs(logits, tokens, batch, extra))
         else:
             out = batch.with_hidden(to_wire(out.cpu()), self.stage.layers.end)
         t1 = time.time()

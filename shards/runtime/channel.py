@@ -25,7 +25,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from shards.model.step import SamplingParams, StepBatch
+from shards.model.step import Sampled, SamplingParams, StepBatch
 
 _FRAME = struct.Struct("<II")
 MAX_HEADER = 16 << 20     # bytes: a header holds ids and sampling of at most a few thousand rows
@@ -51,9 +51,9 @@ def encode_step(batch: StepBatch) -> tuple[dict, bytes]:
     """A first-stage step (token ids) as (header, body)."""
     header = {"seq_ids": batch.seq_ids, "starts": batch.starts, "q_lens": batch.q_lens, "steps": batch.steps,
               "free": batch.free, "pins": [list(c) for c in batch.pins], "copies": [list(c) for c in batch.copies],
-              "alone": batch.alone, "layer": batch.layer,
-              "sampling": [[p.temperature, p.top_p, p.top_k, p.seed, p.max_tokens, list(p.stop)]
-                           for p in batch.sampling]}
+              "alone": batch.alone, "layer": batch.layer, "targets": batch.targets,
+              "sampling": [[p.temperature, p.top_p, p.top_k, p.seed, p.max_tokens, list(p.stop), p.logprobs,
+                            p.prompt_logprobs] for p in batch.sampling]}
     meta, body = encode_array(batch.tokens if batch.tokens is not None else batch.hidden)
     header.update(meta, array="tokens" if batch.tokens is not None else "hidden")
     return header, body
@@ -61,12 +61,13 @@ def encode_step(batch: StepBatch) -> tuple[dict, bytes]:
 
 def decode_step(header: dict, body) -> StepBatch:
     """encode_step's inverse (the array is a writable view of body when body is a bytearray)."""
-    sampling = [SamplingParams(t, p, k, seed, n, tuple(stop)) for t, p, k, seed, n, stop in header["sampling"]]
+    sampling = [SamplingParams(t, p, k, seed, n, tuple(stop), lp, plp)
+                for t, p, k, seed, n, stop, lp, plp in header["sampling"]]
     x = decode_array(header, body)
     tokens, hidden = (x, None) if header["array"] == "tokens" else (None, x)
     return StepBatch(header["seq_ids"], header["starts"], header["q_lens"], tokens, hidden, sampling,
                      header["steps"], header["free"], header["pins"], header["copies"], header["alone"],
-                     header["layer"])
+                     header["targets"], header["layer"])
 
 
 def encode_array(x) -> tuple[dict, bytes]:
@@ -89,9 +90,10 @@ def decode_array(meta: dict, body):
 
 
 def encode_reply(out) -> tuple[dict, bytes]:
-    """A shard's forward result: sampled token ids (last shard) or the step for the next one."""
-    if isinstance(out, list):
-        return {"ok": True, "tokens": out}, b""
+    """A shard's forward result: sampled token ids and log probabilities (last shard) or the
+    step for the next one."""
+    if isinstance(out, Sampled):
+        return {"ok": True, "tokens": out.tokens, "logprobs": out.logprobs}, b""
     meta, body = encode_array(out.hidden)
     return {"ok": True, "layer": out.layer, **meta}, body
 
