@@ -225,3 +225,28 @@ def test_a_prefill_flies_beside_a_full_set_of_decode_groups():
     for i in range(3):
         s2.add(seq(i, 3))
     assert s2.next_group(0, 0)[0] and s2.next_group(1, 0)[0] and s2.next_group(2, 0)[0] is None
+
+
+def test_prompt_logprobs_targets_span_chunks_and_skip_the_prefix_cache():
+    """A prompt of 10 tokens in chunks of 4: each chunk carries the prompt tokens after its
+    positions (the last chunk one fewer: its last position predicts the first generated token);
+    the records land at the positions they score, and the prefix cache is not used for it."""
+    s = Scheduler(SchedulerConfig(kv_blocks=64, block_size=4, prefill_tokens=4, n_groups=1))
+    p = list(range(10, 20))
+    a = Sequence(1, p, SamplingParams(max_tokens=2, logprobs=1, prompt_logprobs=1), frozenset({2}))
+    s.add(a)
+    got = []
+    for want in (p[1:5], p[5:9], p[9:10]):
+        g, _ = s.next_group()
+        assert g.targets == (tuple(want),)
+        got.append(g)
+        s.complete(g, [7], [[[-0.25, [[7, -0.25]]], [[-1.0 * t, []] for t in want]]])
+    assert a.prompt_logprobs[0] is None and [e[0] for e in a.prompt_logprobs[1:]] == [-1.0 * t for t in p[1:]]
+    assert a.generated == [7] and a.logprobs == [[-0.25, [[7, -0.25]]]]   # only the sampled step keeps its entry
+    b = Sequence(2, list(p), SamplingParams(max_tokens=2, prompt_logprobs=0), frozenset({2}))
+    s.add(b)
+    g, _ = s.next_group()
+    assert g.seq_ids == (1,)                     # a decodes
+    s.complete(g, [7])
+    g, _ = s.next_group()
+    assert g.seq_ids == (2,) and g.starts == (0,) and g.copies == ()   # no cached prefix for b

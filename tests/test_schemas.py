@@ -30,7 +30,7 @@ def test_text_parts_joined_other_parts_refused():
         ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
 
 
-@pytest.mark.parametrize("field,value", [("tools", [{"type": "function"}]), ("logprobs", True),
+@pytest.mark.parametrize("field,value", [("tools", [{"type": "function"}]), ("best_of", 3),
                                          ("response_format", {"type": "json_object"}), ("logit_bias", {"1": 2}),
                                          ("presence_penalty", 0.5)])
 def test_unsupported_fields_refused_by_name(field, value):
@@ -71,3 +71,31 @@ def test_tokenize_and_detokenize_bodies():
 def test_more_refused(bad):
     with pytest.raises(ValidationError):
         ChatCompletionRequest(**{"messages": MSG, **bad})
+
+
+def test_logprob_fields_and_their_invalid_combinations():
+    chat = ChatCompletionRequest(messages=MSG, logprobs=True, top_logprobs=5)
+    assert (chat.sampling().logprobs, chat.sampling().prompt_logprobs) == (5, None)
+    assert ChatCompletionRequest(messages=MSG, logprobs=True).sampling().logprobs == 0
+    assert ChatCompletionRequest(messages=MSG).sampling().logprobs is None
+    with pytest.raises(ValidationError, match="top_logprobs needs logprobs"):
+        ChatCompletionRequest(messages=MSG, top_logprobs=2)
+    with pytest.raises(ValidationError, match="less than or equal to 20"):
+        ChatCompletionRequest(messages=MSG, logprobs=True, top_logprobs=21)
+    echo = CompletionRequest(prompt="a", echo=True, logprobs=1, max_tokens=0)
+    assert (echo.sampling().max_tokens, echo.sampling().logprobs, echo.sampling().prompt_logprobs) == (1, 1, 1)
+    assert CompletionRequest(prompt="a", logprobs=1).sampling().prompt_logprobs is None   # no echo: no prompt scores
+    with pytest.raises(ValidationError, match="max_tokens 0 needs echo"):
+        CompletionRequest(prompt="a", max_tokens=0)
+
+
+@pytest.mark.parametrize("prompt,want", [("a b", ["a b"]), (["a", "b"], ["a", "b"]), ([1, 2], [[1, 2]]),
+                                         ([[1], [2, 3]], [[1], [2, 3]])])
+def test_completion_prompt_forms(prompt, want):
+    assert CompletionRequest(prompt=prompt).prompts() == want
+
+
+@pytest.mark.parametrize("prompt", [[], ["a"] * 65, [-1], [["a"]], ["a", [1]]])
+def test_bad_prompts_are_refused(prompt):
+    with pytest.raises(ValidationError):
+        CompletionRequest(prompt=prompt)
