@@ -52,12 +52,12 @@ def test_a_second_prompt_copies_the_pinned_prefix_after_the_pin_ran():
     s.add(a)
     g1, _ = s.next_group()
     assert g1.prefill and g1.seq_ids == (1,) and not g1.copies
-    s.add(b)
     s.complete(g1, [7])                                   # a's prompt is in: its blocks get pinned
     g2, _ = s.next_group()                                # a's decode carries the pin
     (hid, src, blocks), = g2.pins
-    assert src == 1 and blocks == 2 and hid < 0 and not g2.copies
+    assert src == 1 and blocks == 2 and hid < 0 and not g2.copies and not g2.prefill
     assert s.used_blocks == s.blocks(len(a.tokens)) + 2    # the holder's blocks count (a's in flight)
+    s.add(b)
     g3, _ = s.next_group()                                # b prefills before the pin's step is back:
     assert g3.prefill and g3.seq_ids == (2,) and not g3.copies and g3.starts == (0,)   # no copy
     s.complete(g2, [7])
@@ -72,6 +72,20 @@ def test_a_second_prompt_copies_the_pinned_prefix_after_the_pin_ran():
     assert g.copies == ((3, hid, 2),) and g.starts == (8,) and g.inputs == (tuple(c.tokens[8:]),)
     assert s.prefix.hits == 1 and s.prefix.tokens_copied == 8
     assert s.prefix_failed(g) == [hid] and not s.prefix.holders   # a failed copy drops its holder
+
+
+def test_a_waiting_prompt_copies_a_pin_in_the_step_that_carries_it():
+    """A prompt waiting when the pin is made: its prefill carries the pin and copies from it
+    (each shard pins before it copies), rather than a decode carrying the pin."""
+    s = Scheduler(SchedulerConfig(kv_blocks=64, block_size=BS, prefill_tokens=64, n_groups=1))
+    a, b = seq(1, SYSTEM + [1] * 7), seq(2, SYSTEM + [2] * 7)
+    s.add(a)
+    g1, _ = s.next_group()
+    s.add(b)
+    s.complete(g1, [7])
+    g2, _ = s.next_group()
+    (hid, src, _), = g2.pins
+    assert g2.prefill and g2.seq_ids == (2,) and g2.copies == ((2, hid, 2),) and g2.starts == (8,) and src == 1
 
 
 def test_holders_yield_to_a_request_that_needs_their_blocks():
@@ -131,3 +145,27 @@ def test_kv_copy_prefix_copies_every_layer_and_refuses_what_is_not_held():
         kv.copy_prefix(-1, 1, 1)
     with pytest.raises(KeyError, match="holds 0 tokens"):
         kv.copy_prefix(-3, 99, 1)
+
+
+def test_the_same_prompt_sent_at_once_is_prefilled_once():
+    """n choices of one request (or one prompt sent twice together): the later ones wait for
+    the first's prefill, then copy its pinned blocks in the step that carries the pin."""
+    s = Scheduler(SchedulerConfig(kv_blocks=64, block_size=BS, prefill_tokens=64))
+    prompt = SYSTEM + [1] * 7                              # 16 tokens: 2 whole blocks can be copied
+    a, b, c = seq(1, prompt), seq(2, prompt), seq(3, SYSTEM + [2] * 7)
+    for x in (a, b, c):
+        s.add(x)
+    g1, _ = s.next_group()
+    assert g1.seq_ids == (1, 3)                            # b waits behind a; c's prompt differs
+    assert s.next_group()[0] is None                       # b still waits while a's prefill flies
+    s.complete(g1, [7, 7])
+    g2, _ = s.next_group()
+    assert g2.prefill and g2.seq_ids == (2,) and g2.starts == (8,) and len(g2.inputs[0]) == len(prompt) - 8
+    assert {src for _, src, _ in g2.pins} == {1}            # a's pin rides on the step that copies from it
+    (dst, hid, blocks), = g2.copies
+    assert dst == 2 and blocks == 2 and hid in {h for h, _, _ in g2.pins}
+    with_scores = Sequence(4, list(prompt), SamplingParams(max_tokens=2, prompt_logprobs=0), frozenset({0}))
+    s.add(with_scores)
+    s.complete(g2, [7])
+    g3, _ = s.next_group()
+    assert 4 not in g3.seq_ids or g3.starts[g3.seq_ids.index(4)] == 0   # scored prompts compute every position

@@ -15,7 +15,7 @@ def test_defaults_and_mapping():
     assert CompletionRequest(prompt="a").sampling(default_max=99).max_tokens == 99
 
 
-@pytest.mark.parametrize("bad", [{"temperature": 3}, {"top_p": 0}, {"max_tokens": 0}, {"n": 2},
+@pytest.mark.parametrize("bad", [{"temperature": 3}, {"top_p": 0}, {"max_tokens": 0}, {"n": 9},
                                  {"stop": ["a", "b", "c", "d", "e"]}, {"messages": []}])
 def test_refused(bad):
     with pytest.raises(ValidationError):
@@ -99,3 +99,13 @@ def test_completion_prompt_forms(prompt, want):
 def test_bad_prompts_are_refused(prompt):
     with pytest.raises(ValidationError):
         CompletionRequest(prompt=prompt)
+
+
+def test_n_choices_get_their_own_seeds_reproducibly():
+    body = ChatCompletionRequest(messages=MSG, n=3, seed=11, temperature=0.8)
+    seeds = [body.choice_sampling(j).seed for j in range(3)]
+    assert seeds[0] == 11 and len(set(seeds)) == 3
+    assert seeds == [ChatCompletionRequest(messages=MSG, n=3, seed=11).choice_sampling(j).seed for j in range(3)]
+    assert ChatCompletionRequest(messages=MSG, n=2).choice_sampling(1).seed is None
+    with pytest.raises(ValidationError, match="over 64 choices"):
+        CompletionRequest(prompt=["a"] * 9, n=8)

@@ -497,3 +497,28 @@ def test_lm_eval_local_completions_equals_transformers(url, hf_model, tmp_path, 
     acc = out["results"]["shardserve_facts"]["acc,none"]
     print(f"lm-eval shardserve_facts: acc {acc:.3f} over {len(samples)} questions, max |ll - transformers| {worst:.2e}")
     assert len(samples) == 12 and worst < 1e-3 and acc >= 0.5
+
+
+def test_n_seeded_choices_reproducible_and_the_prompt_prefilled_once(url):
+    """n=3 seeded: three choices, the same again for the same request, choice 0 equal to n=1
+    with that seed, streamed equal to not; the other choices copy the first's prompt blocks."""
+    from openai import OpenAI
+    sdk = OpenAI(base_url=url + "/v1", api_key="unused")
+    kw = dict(model="shardserve-default", messages=[{"role": "user", "content": "Write a word about the sea."}],
+              max_tokens=12, temperature=1.0, seed=1234)
+    before = Client(url).shards()["timing"]
+    r = sdk.chat.completions.create(**kw, n=3)
+    after = Client(url).shards()["timing"]
+    texts = [c.message.content for c in sorted(r.choices, key=lambda c: c.index)]
+    assert [c.index for c in sorted(r.choices, key=lambda c: c.index)] == [0, 1, 2] and len(set(texts)) > 1
+    assert texts == [c.message.content for c in sorted(sdk.chat.completions.create(**kw, n=3).choices,
+                                                      key=lambda c: c.index)]
+    assert sdk.chat.completions.create(**kw).choices[0].message.content == texts[0]
+    streamed = ["", "", ""]
+    for ch in sdk.chat.completions.create(**kw, n=3, stream=True):
+        for c in ch.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert streamed == texts
+    one = sdk.chat.completions.create(**{**kw, "max_tokens": 1})
+    assert r.usage.prompt_tokens == one.usage.prompt_tokens          # one prompt, counted once
+    assert after["prefix_hits"] - before["prefix_hits"] >= 2 and after["prefix_tokens"] - before["prefix_tokens"] >= 32

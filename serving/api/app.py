@@ -227,8 +227,8 @@ class ShardServe:
     async def _chat(self, body: ChatCompletionRequest):
         engine = await self._engine_for(body)
         ids = await self._encode(engine, chat_prompt_ids, body.chat())
-        return await self._respond(engine, [responses.View(0, True, self._token_text(engine, body.logprobs),
-                                                           prompt_ids=ids)], body)
+        text = self._token_text(engine, body.logprobs)
+        return await self._respond(engine, [responses.View(j, True, text, prompt_ids=ids) for j in range(body.n)], body)
 
     @api.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(self, request: Request):
@@ -244,7 +244,8 @@ class ShardServe:
             echo = None
             if body.echo:
                 echo = prompt if isinstance(prompt, str) else await self._decode(engine, ids)
-            views.append(responses.View(i, False, text, echo, ids, drop=body.max_tokens == 0, prompt=i))
+            views += [responses.View(i * body.n + j, False, text, echo, ids, drop=body.max_tokens == 0, prompt=i)
+                      for j in range(body.n)]
         return await self._respond(engine, views, body)
 
     def _token_text(self, engine, wanted: bool):
@@ -334,12 +335,13 @@ class ShardServe:
         """Every choice's stream started together (429 / 503 / 504 before any byte is sent);
         then one body, or one merged event stream."""
         try:
-            params = body.sampling()
-            for v in views:
-                engine.check(len(v.prompt_ids), params.max_tokens)
+            params = [body.choice_sampling(v.index - v.prompt * body.n) for v in views]
+            for v, p in zip(views, params):
+                engine.check(len(v.prompt_ids), p.max_tokens)
         except ValueError as e:
             raise HTTPException(400, str(e)) from e
-        gens = [engine.generate(v.prompt_ids, params) for v in views]
+        # a prompt's choices are started together; the router prefills it once (Scheduler._behind)
+        gens = [engine.generate(v.prompt_ids, p) for v, p in zip(views, params)]
         rid = ("chatcmpl-" if views[0].chat else "cmpl-") + uuid.uuid4().hex[:24]
         firsts = await fanout.start(gens, next_delta)
         if body.stream:

@@ -1,10 +1,12 @@
 """OpenAI-compatible request bodies (pydantic only here, at the HTTP boundary)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shards.model.sampling import choice_seed
 from shards.model.step import DEFAULT_MAX_TOKENS, MAX_LOGPROBS, SamplingParams
 
 MAX_TOKENS_LIMIT = 4096
@@ -18,6 +20,7 @@ UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_
 # accepted and without effect here (bookkeeping fields of the OpenAI API)
 IGNORED = {"user", "metadata", "store", "parallel_tool_calls", "service_tier"}
 MAX_DETOKENIZE = 1 << 20     # token ids one /detokenize takes
+MAX_N = 8                    # choices per prompt
 MAX_PROMPTS = 64             # prompts one /v1/completions takes (a list of them: one choice each)
 
 
@@ -64,7 +67,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)     # choices; the prompt is prefilled once and its blocks copied
 
     @field_validator("stop")
     @classmethod
@@ -87,6 +90,11 @@ class _Sampling(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
         return self
+
+    def choice_sampling(self, choice: int) -> SamplingParams:
+        """Choice `choice`'s sampling: seeded ones reproducible per index (sampling.choice_seed)."""
+        p = self.sampling()
+        return dataclasses.replace(p, seed=choice_seed(p.seed, choice))
 
     @property
     def include_usage(self) -> bool:
@@ -135,6 +143,8 @@ class CompletionRequest(_Sampling):
     def _prompts(self):
         if isinstance(self.prompt, list) and not 0 < len(self.prompt) <= MAX_PROMPTS:
             raise ValueError(f"prompt must be a string, or a list of 1 to {MAX_PROMPTS} prompts or token ids")
+        if len(self.prompts()) * self.n > MAX_PROMPTS:
+            raise ValueError(f"{len(self.prompts())} prompts x n {self.n} is over {MAX_PROMPTS} choices")
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens 0 needs echo: true (it scores the prompt, generates nothing)")
         return self

@@ -47,13 +47,14 @@ class PrefixCache:
     def blocks_held(self) -> int:
         return sum(h.blocks for h in self.holders.values())
 
-    def lookup(self, tokens: list[int]) -> tuple[int, int] | None:
+    def lookup(self, tokens: list[int], riding=frozenset()) -> tuple[int, int] | None:
         """(holder, blocks) of the longest confirmed cached prefix of tokens that leaves at least
-        MIN_PIECE tokens to prefill, or None."""
+        MIN_PIECE tokens to prefill, or None. `riding`: holders whose pins ride on the very step
+        that would copy from them (a shard pins before it copies; a failed step drops both)."""
         bs = self.block_size
         for i in range((len(tokens) - MIN_PIECE) // bs, 0, -1):
             hit = self._keys.get(tuple(tokens[:i * bs]))
-            if hit is not None and self.holders[hit[0]].confirmed:
+            if hit is not None and (self.holders[hit[0]].confirmed or hit[0] in riding):
                 self._tick += 1
                 self.holders[hit[0]].used = self._tick
                 return hit

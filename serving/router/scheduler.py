@@ -8,6 +8,7 @@ later from their token history (prompt + generated so far).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections import deque
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from serving.config import SchedulerSection
-from serving.router.prefix import PrefixCache
+from serving.router.prefix import MIN_PIECE, PrefixCache
 from shards.model.step import SamplingParams
 
 
@@ -54,6 +55,10 @@ class Sequence:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.generated
+
+    @functools.cached_property
+    def prompt_key(self) -> int:
+        return hash(tuple(self.prompt))
 
     @property
     def pending(self) -> int:
@@ -143,9 +148,9 @@ class Scheduler:
         if total >= n + self.cfg.extra_groups:
             return None, freed
         idle = [s for s in self.running.values() if not s.in_flight and not s.finished]
-        prefills = [s for s in idle if s.pending > 1] if prefills_flying < n else []
+        prefills = [s for s in idle if s.pending > 1 and not self._behind(s)] if prefills_flying < n else []
         decodes = [s for s in idle if s.pending == 1] if decodes_flying < n else []
-        use_prefill = bool(prefills) and (not decodes or not self._last_prefill)
+        use_prefill = bool(prefills) and (not decodes or not self._last_prefill or self._pins_feed(prefills))
         chosen = self._take_prefill(prefills) if use_prefill else self._take_decode(decodes)
         picked, copies = [], []
         for s, n in chosen:
@@ -180,7 +185,23 @@ class Scheduler:
         # prompt log probabilities need every prompt position computed
         if self.prefix is None or s.cached or n != s.pending or s.params.prompt_logprobs is not None:
             return None
-        return self.prefix.lookup(s.tokens)
+        return self.prefix.lookup(s.tokens, riding={h for h, _, _ in self._pins})
+
+    def _pins_feed(self, prefills: list[Sequence]) -> bool:
+        """A prompt waiting to prefill can copy a pin that rides on the next group: let that
+        group be its prefill (a pin on a decode group is usable only once that group is back)."""
+        return bool(self._pins) and any(self._prefix_hit(s, s.pending) for s in prefills)
+
+    def _behind(self, s: Sequence) -> bool:
+        """s would prefill a prompt that an earlier sequence (a request's other choice, or the
+        same prompt sent twice at once) has yet to prefill: it waits, then copies that one's
+        blocks (its pin rides on s's step), so the prompt is computed once."""
+        if self.prefix is None or s.cached or s.params.prompt_logprobs is not None \
+                or len(s.prompt) - MIN_PIECE < self.cfg.block_size:
+            return False
+        ahead = itertools.chain(self.running.values(), self.waiting)
+        return any(o.id < s.id and not o.finished and o.cached < len(o.prompt) and o.prompt_key == s.prompt_key
+                   and o.prompt == s.prompt for o in ahead)
 
     def _admit(self, freed: list[int]) -> None:
         while self.waiting:

@@ -90,6 +90,14 @@ def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return torch.zeros_like(probs[0]).scatter(0, order[0], probs[0] / probs[0].sum())
 
 
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """The seed of a request's choice `choice` (its `n`): the request's own for the first, so
+    n=1 and the first of n draw the same tokens; a golden-ratio step apart for the others."""
+    if seed is None or choice == 0:
+        return seed
+    return (seed + choice * 0x9E3779B97F4A7C15) & _MASK64
+
+
 def _uniform(seed: int | None, step: int) -> float:
     """A uniform draw in [0, 1): from the global generator, or (seeded) from splitmix64 of
     (seed, step), a counter-based generator: no per-step Generator object."""
