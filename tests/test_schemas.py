@@ -31,7 +31,7 @@ def test_text_parts_joined_other_parts_refused():
 
 
 @pytest.mark.parametrize("field,value", [("tools", [{"type": "function"}]), ("best_of", 3),
-                                         ("response_format", {"type": "json_object"}), ("logit_bias", {"1": 2}),
+                                         ("suffix", "x"), ("logit_bias", {"1": 2}),
                                          ("presence_penalty", 0.5)])
 def test_unsupported_fields_refused_by_name(field, value):
     with pytest.raises(ValidationError, match=f"field '{field}' is not supported"):

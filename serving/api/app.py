@@ -29,6 +29,7 @@ from serving.api.logprobs import TokenText
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ShardPatch, TokenizeRequest
 from serving.control.pipeline import BudgetTooSmall, ShardUnanswered
 from serving.launch import replica_prefixes
+from serving.router.grammar import GrammarError, Grammars
 from shards.compat import serve_client
 from shards.model.source import chat_prompt_ids, open_source
 from shards.runtime.actor import stop_pipeline
@@ -102,6 +103,7 @@ class ShardServe:
         # tokenizer (the router's detokenizes on the loop meanwhile)
         self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self._encoder = None
+        self._grammars = None     # structured output's compiler, built on first use
         self._build = asyncio.ensure_future(self._build_engine())
 
     def __del__(self):
@@ -126,7 +128,9 @@ class ShardServe:
         from serving.launch import build_engine
         engine = await build_engine(self.cfg)
         # the longest prompt + completion: a shard's KV pool, or the model's positions if fewer
-        positions = getattr(open_source(self.cfg.model.name).config, "max_position_embeddings", None)
+        model_cfg = open_source(self.cfg.model.name).config
+        positions = getattr(model_cfg, "max_position_embeddings", None)
+        self.vocab_size = model_cfg.vocab_size      # the logits' width: structured-output masks cover it
         pool = engine.sched.cfg.kv_blocks * engine.sched.cfg.block_size
         self.max_model_len = min(pool, positions or pool)
         try:
@@ -265,6 +269,21 @@ class ShardServe:
                                 if bad else "the prompt is empty")
         return ids
 
+    async def _compile(self, engine, constraint):
+        """A request's output constraint compiled in the tokenizer thread (None for none); one
+        that does not compile is a 400 naming why."""
+        if constraint is None:
+            return None
+
+        def build():
+            if self._grammars is None:
+                self._grammars = Grammars(engine.tokenizer, self.vocab_size, engine.eos)
+            return self._grammars.compile(constraint)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._tokenize, build)
+        except GrammarError as e:
+            raise HTTPException(400, str(e)) from e
+
     async def _decode(self, engine, ids: list[int]) -> str:
         return await asyncio.get_running_loop().run_in_executor(self._tokenize, engine.tokenizer.decode, ids)
 
@@ -340,8 +359,10 @@ class ShardServe:
                 engine.check(len(v.prompt_ids), p.max_tokens)
         except ValueError as e:
             raise HTTPException(400, str(e)) from e
+        grammar = await self._compile(engine, body.constraint())
         # a prompt's choices are started together; the router prefills it once (Scheduler._behind)
-        gens = [engine.generate(v.prompt_ids, p) for v, p in zip(views, params)]
+        gens = [engine.generate(v.prompt_ids, p, grammar and self._grammars.matcher(grammar))
+                for v, p in zip(views, params)]
         rid = ("chatcmpl-" if views[0].chat else "cmpl-") + uuid.uuid4().hex[:24]
         firsts = await fanout.start(gens, next_delta)
         if body.stream:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serving.router.grammar import Constraint
 from shards.model.sampling import choice_seed
 from shards.model.step import DEFAULT_MAX_TOKENS, MAX_LOGPROBS, SamplingParams
 
@@ -14,13 +16,14 @@ MAX_STOP_CHARS = 256
 # OpenAI fields this server does not implement: refused by name, never silently ignored
 # (a value equal to OpenAI's default is accepted: SDKs send some of them unasked)
 UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None,
-               "response_format": None, "logit_bias": None,
+               "logit_bias": None,
                "presence_penalty": 0, "frequency_penalty": 0, "audio": None, "modalities": None,
                "prediction": None, "best_of": None, "suffix": None}
 # accepted and without effect here (bookkeeping fields of the OpenAI API)
 IGNORED = {"user", "metadata", "store", "parallel_tool_calls", "service_tier"}
 MAX_DETOKENIZE = 1 << 20     # token ids one /detokenize takes
 MAX_N = 8                    # choices per prompt
+MAX_GRAMMAR_CHARS = 1 << 16  # a regex or grammar's length
 MAX_PROMPTS = 64             # prompts one /v1/completions takes (a list of them: one choice each)
 
 
@@ -55,6 +58,28 @@ class StreamOptions(BaseModel):
     include_usage: bool = False      # a last chunk with `usage` and no choices; `usage: null` before
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text, any JSON object, or JSON that validates against a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format json_schema needs its json_schema, and only it")
+        return self
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
@@ -68,6 +93,12 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N)     # choices; the prompt is prefilled once and its blocks copied
+    response_format: ResponseFormat | None = None
+    # vLLM's names for the other constraints (at most one constraint a request)
+    guided_json: dict | str | None = None
+    guided_regex: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+    guided_choice: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1, max_length=256)
+    guided_grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
 
     @field_validator("stop")
     @classmethod
@@ -89,7 +120,30 @@ class _Sampling(BaseModel):
                 raise ValueError(f"unknown field {name!r}")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
+        given = [n for n in ("guided_json", "guided_regex", "guided_choice", "guided_grammar") if getattr(self, n)]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append("response_format")
+        if len(given) > 1:
+            raise ValueError(f"at most one output constraint a request, got {', '.join(given)}")
         return self
+
+    def constraint(self) -> Constraint | None:
+        """The output constraint the request asks for, if any (serving/router/grammar.py)."""
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            return Constraint("json_object")
+        if rf is not None and rf.type == "json_schema":
+            return Constraint("json_schema", json.dumps(rf.json_schema.schema_), rf.json_schema.strict is not False)
+        if self.guided_json is not None:
+            text = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+            return Constraint("json_schema", text)
+        if self.guided_regex:
+            return Constraint("regex", self.guided_regex)
+        if self.guided_choice:
+            return Constraint("choice", json.dumps(self.guided_choice))
+        if self.guided_grammar:
+            return Constraint("grammar", self.guided_grammar)
+        return None
 
     def choice_sampling(self, choice: int) -> SamplingParams:
         """Choice `choice`'s sampling: seeded ones reproducible per index (sampling.choice_seed)."""

@@ -122,8 +122,9 @@ class Engine:
         return self.pipeline.shards.handles
 
     # ---- requests -------------------------------------------------------------------------
-    async def generate(self, prompt_ids: list[int], params: SamplingParams):
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, matcher=None):
         """Async iterator of Delta for one request; closing it early aborts the request.
+        matcher: its structured-output grammar matcher (serving/router/grammar.py), or None.
         Raises PipelineDown when the pipeline cannot serve and a new recovery fails too,
         Overloaded when max_waiting requests already wait, RequestTimeout past timeout_s."""
         self._ensure_loop()
@@ -133,7 +134,7 @@ class Engine:
                 raise PipelineDown(self.down)
         if len(self.sched.waiting) >= self.max_waiting:
             raise Overloaded(f"{len(self.sched.waiting)} requests are waiting (max_waiting {self.max_waiting})")
-        req = _Request(Sequence(next(self._ids), list(prompt_ids), params, self.eos),
+        req = _Request(Sequence(next(self._ids), list(prompt_ids), params, self.eos, matcher=matcher),
                        Detokenizer(self.tokenizer, tuple(params.stop or ())))
         self.sched.add(req.seq)
         self.requests[req.seq.id] = req
@@ -252,10 +253,27 @@ class Engine:
         batch = StepBatch(list(g.seq_ids), list(g.starts), [len(x) for x in g.inputs], tokens=tokens,
                           sampling=list(g.sampling), steps=list(g.steps), free=self._pending_free,
                           pins=[list(c) for c in g.pins], copies=[list(c) for c in g.copies],
-                          alone=not self._inflight, targets=[list(t) for t in g.targets] if any(g.targets) else [])
+                          alone=not self._inflight, targets=[list(t) for t in g.targets] if any(g.targets) else [],
+                          masks=self._masks(g))
         fut = self.pipeline.transport.launch(batch)
         self._pending_free = []
         return fut
+
+    def _masks(self, g: Group) -> list:
+        """Each constrained sequence's allowed tokens for a step that samples it; [] if none."""
+        seqs = [self.sched.running.get(sid) for sid in g.seq_ids]
+        if not any(s is not None and s.matcher is not None for s in seqs):
+            return []
+        return [s.matcher.mask() if s is not None and s.matcher is not None and keep else None
+                for s, keep in zip(seqs, g.samples)]
+
+    def _advance(self, seq: Sequence) -> list[int]:
+        """A constrained sequence's new token through its matcher; one the grammar refuses (the
+        mask allowed it: a fault) ends the request with an error. Returns ids to free."""
+        if seq.matcher is None or seq.matcher.accept(seq.generated[-1]):
+            return []
+        self._end(seq.id, f"token {seq.generated[-1]} broke the request's output constraint")
+        return self.sched.fail(seq.id)
 
     def _finish_group(self, flight: _Flight, fut: asyncio.Future) -> None:
         self.pipeline.transport.landed()
@@ -269,7 +287,8 @@ class Engine:
         try:
             changed, freed = self.sched.complete(group, out.tokens, out.logprobs)
             for seq in changed:
-                freed += self._emit(seq)
+                bad = self._advance(seq)
+                freed += bad or self._emit(seq)
         except Exception as e:                     # the router's own fault: this group recomputes
             self._loop_error("finish", e)
             self._group_failed(group, e, [])

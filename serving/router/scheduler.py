@@ -51,6 +51,9 @@ class Sequence:
     logprobs: list = field(default_factory=list)
     # of each prompt token, when asked: None at 0 (nothing predicts the first), filled per chunk
     prompt_logprobs: list | None = None
+    # structured output: the sequence's grammar matcher (serving/router/grammar.py: mask(),
+    # accept(token)), advanced by the router as tokens come back; None when unconstrained
+    matcher: object = None
 
     @property
     def tokens(self) -> list[int]:

@@ -71,6 +71,9 @@ class StepBatch:
     # of them), for prompt log probabilities; empty for a sequence that wants none. Only the
     # last stage reads it: the others see hidden states, not tokens
     targets: list = field(default_factory=list)
+    # per sequence, the tokens it may sample (structured output: serving/router/grammar.py) as
+    # int32 bits [ceil(vocab / 32)], or None; empty when no sequence is constrained
+    masks: list = field(default_factory=list)
     # the layer the step's input is at: 0 for token ids, a stage's end for its hidden states. A
     # stage computes only a step that starts at its own first layer, so a gap or an overlap in
     # the pipeline's ranges (a failed rollback) is an error, never silently wrong output
@@ -84,7 +87,7 @@ class StepBatch:
         """The same step for the stage that starts at `layer`, carrying hidden states of layers
         [0, layer) instead of tokens."""
         return StepBatch(self.seq_ids, self.starts, self.q_lens, None, hidden, self.sampling, self.steps,
-                         self.free, self.pins, self.copies, self.alone, self.targets, layer)
+                         self.free, self.pins, self.copies, self.alone, self.targets, self.masks, layer)
 
 
 @dataclass

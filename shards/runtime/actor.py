@@ -19,7 +19,7 @@ import torch
 from shards.compress.spec import parse as parse_compression
 from shards.errors import KVCacheFull
 from shards.model.logprobs import prompt_rows, step_logprobs
-from shards.model.sampling import sample
+from shards.model.sampling import allow_only, sample
 from shards.model.source import open_source
 from shards.model.stage import Stage
 from shards.model.step import Sampled, StepBatch, to_wire
@@ -113,7 +113,7 @@ class ShardWorker:
         # hidden states and logits leave the device: the next hop may be another node or GPU
         if self.stage.is_last:
             logits = out.cpu()
-            tokens = sample(logits[:len(batch.seq_ids)], batch.sampling, batch.steps)
+            tokens = sample(allow_only(logits[:len(batch.seq_ids)], batch.masks), batch.sampling, batch.steps)
             out = Sampled(tokens.tolist(), step_logprobs(logits, tokens, batch, extra))
         else:
             out = batch.with_hidden(to_wire(out.cpu()), self.stage.layers.end)

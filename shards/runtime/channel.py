@@ -14,6 +14,7 @@ keeps at most 16 connections open. A shard answers a connection's frames one at 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import secrets
@@ -52,6 +53,8 @@ def encode_step(batch: StepBatch) -> tuple[dict, bytes]:
     header = {"seq_ids": batch.seq_ids, "starts": batch.starts, "q_lens": batch.q_lens, "steps": batch.steps,
               "free": batch.free, "pins": [list(c) for c in batch.pins], "copies": [list(c) for c in batch.copies],
               "alone": batch.alone, "layer": batch.layer, "targets": batch.targets,
+              "masks": [None if m is None else base64.b64encode(np.ascontiguousarray(m, np.int32)).decode()
+                        for m in batch.masks],
               "sampling": [[p.temperature, p.top_p, p.top_k, p.seed, p.max_tokens, list(p.stop), p.logprobs,
                             p.prompt_logprobs] for p in batch.sampling]}
     meta, body = encode_array(batch.tokens if batch.tokens is not None else batch.hidden)
@@ -67,7 +70,8 @@ def decode_step(header: dict, body) -> StepBatch:
     tokens, hidden = (x, None) if header["array"] == "tokens" else (None, x)
     return StepBatch(header["seq_ids"], header["starts"], header["q_lens"], tokens, hidden, sampling,
                      header["steps"], header["free"], header["pins"], header["copies"], header["alone"],
-                     header["targets"], header["layer"])
+                     header["targets"], [None if m is None else np.frombuffer(base64.b64decode(m), np.int32)
+                                         for m in header["masks"]], header["layer"])
 
 
 def encode_array(x) -> tuple[dict, bytes]:
