@@ -78,7 +78,7 @@ def main() -> None:
     tok = src.tokenizer()
     vocab = src.config.vocab_size
     doc_ids = tok.encode(json.dumps(DOC, separators=(",", ":")))
-    out = {"stamp": stamp(), "vocab": vocab, "doc_tokens": len(doc_ids),
+    out = {"meta": stamp(), "vocab": vocab, "doc_tokens": len(doc_ids),
            "xgrammar": xgrammar_run(tok, vocab, doc_ids), "llguidance": llguidance_run(tok, vocab, doc_ids)}
     print(json.dumps(out, indent=1))
     if args.json:

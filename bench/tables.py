@@ -142,12 +142,35 @@ def cuda(result: dict) -> str:
     return "\n".join(rows)
 
 
+def grammar_engines(result: dict) -> str:
+    rows = ["| engine | tokenizer + compiler, s | schema compile, ms | mask p50, us | p90 | max |", "|---|---:|---:|---:|---:|---:|"]
+    for name in ("xgrammar", "llguidance"):
+        r = result[name]
+        m = r["mask_us"]
+        rows.append(f"| {name} | {r['compiler_s']:.2f} | {1000 * r['compile_s']:.1f} | {m['p50']:.1f} | "
+                    f"{m['p90']:.1f} | {m['max']:.0f} |")
+    return (f"A {result['doc_tokens']}-token JSON document decoded token by token under a 6-property schema, "
+            f"vocabulary {result['vocab']}.\n\n" + "\n".join(rows))
+
+
+def structured_output(result: dict) -> str:
+    rows = ["| round | batch | unconstrained ITL p50, ms | wall, s |", "|---:|---|---:|---:|"]
+    for r in result["runs"]:
+        batch = "16 plain" if not r["constrained"] else f"{16 - r['constrained']} plain + {r['constrained']} json_schema"
+        rows.append(f"| {r['round']} | {batch} | {r['plain_itl_ms_p50']:.1f} | {r['wall_s']:.2f} |")
+    v = result["validity"]
+    return ("\n".join(rows) + f"\n\nMedian over rounds: {result['plain_itl_ms']:.1f} ms alone, "
+            f"{result['mixed_itl_ms']:.1f} ms beside constrained requests ({100 * result['slowdown']:+.1f}%). "
+            f"Validity: {v['valid']} of {v['requests']} replies under the person schema validate "
+            f"({v['finished_stop']} ended on their own).")
+
+
 def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
 RENDER = {"chaos": chaos, "scale-correctness": scale_correctness, "http-serving": http, "compression": compression, "quantization": compression, "plan-vs-rss": plan_vs_rss, "bandwidth": bandwidth, "load-speed": load_speed, "controller": controller,
-          "cuda-paths": cuda}
+          "cuda-paths": cuda, "grammar-engines": grammar_engines, "structured-output": structured_output}
 
 
 def render(path: Path) -> str:

@@ -165,6 +165,7 @@ async def build_engine(cfg: Config, on_ready=None):
 
     from serving.control.pipeline import Pipeline
     from serving.router.engine import Engine
+    from serving.router.metrics import RouterMetrics
     from shards.model.source import open_source
     # planning reads the model file and measures costs (seconds of CPU): off the loop, which
     # in a Serve replica must keep answering health checks and Serve's queue-length probes
@@ -193,7 +194,8 @@ async def build_engine(cfg: Config, on_ready=None):
     pipeline = Pipeline.of(cfg.model.name, p, handles, kv_blocks, cfg.cache.block_size, cfg.server.prefix,
                         cfg.transport.compiled_graph, cfg.transport.channels, settings, names)
     engine = Engine(pipeline, tokenizer, set(eos if isinstance(eos, list) else [eos]), cfg.scheduler,
-                    controller=controller, prefix_cache=cfg.cache.prefix_cache)
+                    controller=controller, prefix_cache=cfg.cache.prefix_cache,
+                    metrics=RouterMetrics(cfg.server.prefix or "default"))
     # the first request after a start took 268 ms against 55-58 for the next ones (2 shards, in
     # process, 1 generated token): the path's first use, paid here. A prompt under one KV block,
     # so the prefix cache pins nothing

@@ -565,3 +565,47 @@ def test_structured_output_validates_streamed_and_not(url):
     assert bad.status_code == 400 and "json_schema constraint does not compile" in bad.json()["error"]["message"]
     two = httpx.post(url + "/v1/completions", json={"prompt": "a", "guided_regex": "a", "guided_choice": ["b"]})
     assert two.status_code == 400 and "at most one output constraint" in two.json()["error"]["message"]
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 30}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+def test_tool_calls_required_named_and_auto_streamed_and_not(url):
+    """tool_choice required and named: the reply is a call whose arguments validate against
+    the function's schema, as tool_calls, streamed as OpenAI streams them; auto: content or a
+    valid call; a conversation carrying the call and its result goes on."""
+    import jsonschema
+    from openai import OpenAI
+    sdk = OpenAI(base_url=url + "/v1", api_key="unused")
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = dict(model="shardserve-default", messages=msgs, tools=[WEATHER, CLOCK], max_tokens=80)
+    for choice, want in (("required", None), ({"type": "function", "function": {"name": "get_time"}}, "get_time")):
+        r = sdk.chat.completions.create(**kw, tool_choice=choice, temperature=0.7, seed=5, n=3)
+        for c in r.choices:
+            assert c.finish_reason == "tool_calls" and c.message.content is None
+            call = c.message.tool_calls[0]
+            fn = {"get_weather": WEATHER, "get_time": CLOCK}[call.function.name]
+            assert want in (None, call.function.name)
+            jsonschema.validate(json.loads(call.function.arguments), fn["function"]["parameters"])
+        chunks = list(sdk.chat.completions.create(**kw, tool_choice=choice, temperature=0, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        calls = [t for d in deltas for t in (d.tool_calls or [])]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls" and calls[0].index == 0 and calls[0].id
+        jsonschema.validate(json.loads("".join(t.function.arguments for t in calls)),
+                            {"get_weather": WEATHER, "get_time": CLOCK}[calls[0].function.name]["function"]["parameters"])
+    auto = sdk.chat.completions.create(**kw, temperature=0)
+    c = auto.choices[0]
+    assert (c.finish_reason == "tool_calls") == bool(c.message.tool_calls) and (c.message.content or c.message.tool_calls)
+    call = r.choices[0].message.tool_calls[0]
+    follow = msgs + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, sunny"}]
+    again = sdk.chat.completions.create(model="shardserve-default", messages=follow, tools=[WEATHER, CLOCK],
+                                        tool_choice="none", max_tokens=20, temperature=0)
+    assert again.choices[0].message.content and again.choices[0].finish_reason in ("stop", "length")

@@ -19,12 +19,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 
 from serving import config as app_config
-from serving.api import fanout, responses
-from serving.api.http import check_admin, check_key, error_response, key_ok, next_delta, parse_body
+from serving.api import fanout, prometheus, responses, tools
+from serving.api.http import check_admin, check_key, count_error, error_response, key_ok, next_delta, parse_body
 from serving.api.logprobs import TokenText
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ShardPatch, TokenizeRequest
 from serving.control.pipeline import BudgetTooSmall, ShardUnanswered
@@ -48,6 +48,7 @@ DOC_PATHS = ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
 async def _http_error(request: Request, exc: HTTPException):
     kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
             503: "service_unavailable", 504: "timeout"}.get(exc.status_code, "invalid_request_error")
+    count_error(exc.status_code)
     resp = error_response(exc.status_code, str(exc.detail), kind)
     if exc.status_code in (429, 503):
         resp.headers["Retry-After"] = "1"
@@ -230,9 +231,20 @@ class ShardServe:
 
     async def _chat(self, body: ChatCompletionRequest):
         engine = await self._engine_for(body)
-        ids = await self._encode(engine, chat_prompt_ids, body.chat())
+        messages, mode = body.chat(), body.tool_mode
+        if mode is not None:        # tools through the template where it has a tools section
+            functions = body.functions()
+            if "tools" in (engine.tokenizer.chat_template or ""):
+                specs = [{"type": "function", "function": f} for f in functions]
+                ids = await self._encode(engine, lambda tok, m: chat_prompt_ids(tok, m, tools=specs), messages)
+            else:
+                ids = await self._encode(engine, chat_prompt_ids, tools.with_tools(messages, functions))
+        else:
+            ids = await self._encode(engine, chat_prompt_ids, messages)
         text = self._token_text(engine, body.logprobs)
-        return await self._respond(engine, [responses.View(j, True, text, prompt_ids=ids) for j in range(body.n)], body)
+        names = frozenset(f.function.name for f in body.tools or []) if mode else frozenset()
+        return await self._respond(engine, [responses.View(j, True, text, prompt_ids=ids, tools=names,
+                                                           forced=mode not in (None, "auto")) for j in range(body.n)], body)
 
     @api.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(self, request: Request):
@@ -303,6 +315,11 @@ class ShardServe:
         if body.return_token_strs:
             out["token_strs"] = self._encoder.convert_ids_to_tokens(ids)
         return out
+
+    @api.get("/metrics", dependencies=[Depends(check_key)])
+    async def metrics(self):
+        """Prometheus text: the shardserve series of every Ray node (serving/api/prometheus.py)."""
+        return PlainTextResponse(await prometheus.scrape(), media_type="text/plain; version=0.0.4")
 
     @api.get("/tokenizer_info", dependencies=[Depends(check_key)])
     async def tokenizer_info(self):

@@ -82,3 +82,18 @@ async def next_delta(gen):
         raise HTTPException(503, f"pipeline down: {e}") from e
     except RequestTimeout as e:
         raise HTTPException(504, str(e)) from e
+
+
+_errors = None     # the Prometheus counter of error responses, made on first use (needs Ray)
+
+
+def count_error(status: int) -> None:
+    """One more error response with this status, in `shardserve_http_errors{code}`."""
+    global _errors
+    import ray
+    if not ray.is_initialized():
+        return
+    if _errors is None:
+        from ray.util.metrics import Counter
+        _errors = Counter("shardserve_http_errors", "error responses by HTTP status", tag_keys=("code",))
+    _errors.inc(tags={"code": str(status)})

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from serving.api import tools
 from serving.api.logprobs import Legacy, TokenText, chat_content, merge
 
 
@@ -28,6 +29,8 @@ class View:
     prompt_ids: list[int] = field(default_factory=list)
     drop: bool = False
     prompt: int = 0                     # which prompt of the request it answers (n choices share one)
+    tools: frozenset[str] = frozenset()  # functions a reply may call (serving/api/tools.py)
+    forced: bool = False                # tool_choice required or named: the reply is a call
     legacy: Legacy | None = None
 
     def __post_init__(self):
@@ -50,6 +53,16 @@ class View:
         if self.chat:
             return d.text, chat_content(d.token_ids, d.logprobs or [], self.text)
         return d.text, self.legacy.block(d.token_ids, d.logprobs or [])
+
+    def calls(self, text: str, finish: str | None) -> list | None:
+        """The reply as tool_calls, when it may call tools, ended on its own, and is a call."""
+        if not self.tools or finish != "stop":
+            return None
+        return tools.parse_call(text, set(self.tools))
+
+    def holds(self, text: str) -> bool:
+        """A stream keeps a reply that begins with `text` back: it may still be a call."""
+        return bool(self.tools) and (self.forced or tools.may_be_call(text))
 
     def completion_tokens(self, d) -> int:
         return 0 if self.drop else d.completion_tokens
@@ -83,7 +96,10 @@ def choice_body(view: View, deltas: list) -> dict:
             legacy = merge(legacy, lp)
     lps = ({"content": content} if view.text is not None else None) if view.chat else legacy
     choice = {"index": view.index, "finish_reason": deltas[-1].finish_reason, "logprobs": lps}
-    if view.chat:
+    calls = view.calls("".join(texts), deltas[-1].finish_reason)
+    if calls:
+        choice.update(message={"role": "assistant", "content": None, "tool_calls": calls}, finish_reason="tool_calls")
+    elif view.chat:
         choice["message"] = {"role": "assistant", "content": "".join(texts)}
     else:
         choice["text"] = "".join(texts)
@@ -123,28 +139,68 @@ async def sse(events: AsyncIterator, views: list[View], rid: str, model: str,
     """The events of one streamed response, from (choice index, delta) pairs in arrival order,
     through `data: [DONE]`. With include_usage every chunk carries `usage: null` and the counts
     come in a last chunk of their own (OpenAI's stream_options); without, on each choice's final
-    chunk. A delta that ends in error becomes an error chunk and ends the stream."""
+    chunk. A delta that ends in error becomes an error chunk and ends the stream. A reply that
+    may be a tool call is held back until it cannot be, or ends: then comes as tool_calls."""
     lasts: dict[int, object] = {}
+    held: dict[int, list] = {}
+    flowing: set[int] = set()             # choices whose text streams as it comes
     async for i, d in events:
         view = views[i]
         if d.finish_reason == "error":
             yield error_event(d.error)
             break
-        first = i not in lasts
-        if first and view.echo is not None:
-            text, lps = view.prompt_part(d)
-            yield _with_usage(chunk(rid, model, view, text, lps, None, True), include_usage, None)
-            first = False
-        lasts[i] = d
-        text, lps = view.part(d)
-        body = chunk(rid, model, view, text, lps, d.finish_reason, first)
-        yield _with_usage(body, include_usage, d.finish_reason and usage(d.prompt_tokens, view.completion_tokens(d)))
+        if view.tools and i not in flowing:
+            held.setdefault(i, []).append(d)
+            text = "".join(x.text for x in held[i])
+            if not d.finish_reason and view.holds(text):
+                continue
+            calls = view.calls(text, d.finish_reason)
+            if calls:
+                lasts[i] = d
+                for body in _call_chunks(rid, model, view, calls, d, include_usage):
+                    yield body
+            else:
+                flowing.add(i)
+                for x in held.pop(i):
+                    for event in _chunks(rid, model, view, x, i not in lasts, include_usage):
+                        yield event
+                    lasts[i] = x
+        else:
+            for event in _chunks(rid, model, view, d, i not in lasts, include_usage):
+                yield event
+            lasts[i] = d
         if len(lasts) == len(views) and all(x.finish_reason for x in lasts.values()):
             if include_usage:
-                yield _event({"id": rid, "object": body["object"], "created": int(time.time()), "model": model,
-                              "choices": [], "usage": total_usage(views, [lasts[v.index] for v in views])})
+                yield _event({"id": rid, "object": "chat.completion.chunk" if view.chat else "text_completion",
+                              "created": int(time.time()), "model": model, "choices": [],
+                              "usage": total_usage(views, [lasts[v.index] for v in views])})
             break
     yield "data: [DONE]\n\n"
+
+
+def _chunks(rid: str, model: str, view: View, d, first: bool, include_usage: bool) -> list[str]:
+    """A delta's chunks: the echoed prompt before a choice's first, then its text."""
+    out = []
+    if first and view.echo is not None:
+        text, lps = view.prompt_part(d)
+        out.append(_with_usage(chunk(rid, model, view, text, lps, None, True), include_usage, None))
+        first = False
+    text, lps = view.part(d)
+    final = d.finish_reason and usage(d.prompt_tokens, view.completion_tokens(d))
+    out.append(_with_usage(chunk(rid, model, view, text, lps, d.finish_reason, first), include_usage, final))
+    return out
+
+
+def _call_chunks(rid: str, model: str, view: View, calls: list, d, include_usage: bool) -> list[str]:
+    """A reply that is a call, as OpenAI streams one: the role with the call (its whole
+    arguments in one piece), then an empty delta with finish_reason tool_calls."""
+    body = chunk(rid, model, view, "", None, None, True)
+    body["choices"][0]["delta"] = {"role": "assistant", "content": None,
+                                   "tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+    end = chunk(rid, model, view, "", None, "tool_calls", False)
+    end["choices"][0]["delta"] = {}
+    final = usage(d.prompt_tokens, view.completion_tokens(d))
+    return [_with_usage(body, include_usage, None), _with_usage(end, include_usage, final)]
 
 
 def _with_usage(body: dict, include_usage: bool, final: dict | None) -> str:

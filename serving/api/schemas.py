@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serving.api import tools
 from serving.router.grammar import Constraint
 from shards.model.sampling import choice_seed
 from shards.model.step import DEFAULT_MAX_TOKENS, MAX_LOGPROBS, SamplingParams
@@ -15,7 +16,7 @@ MAX_TOKENS_LIMIT = 4096
 MAX_STOP_CHARS = 256
 # OpenAI fields this server does not implement: refused by name, never silently ignored
 # (a value equal to OpenAI's default is accepted: SDKs send some of them unasked)
-UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None,
+UNSUPPORTED = {"functions": None, "function_call": None,
                "logit_bias": None,
                "presence_penalty": 0, "frequency_penalty": 0, "audio": None, "modalities": None,
                "prediction": None, "best_of": None, "suffix": None}
@@ -35,11 +36,36 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str = "{}"        # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    """An earlier assistant turn's call, as a client sends the conversation back."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None     # assistant turns that called tools
+    tool_call_id: str | None = None              # a tool's result: the call it answers
+
+    @model_validator(mode="after")
+    def _content_or_calls(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content (only an assistant's with tool_calls may omit it)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -50,7 +76,37 @@ class ChatMessage(BaseModel):
         return v
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        """The content as text; an assistant's calls written as the model writes them."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        if self.tool_calls:
+            calls = tools.call_text([c.model_dump() for c in self.tool_calls])
+            text = f"{text}\n{calls}" if text else calls
+        return text
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None    # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -170,12 +226,46 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @model_validator(mode="after")
+    def _tool_choice_fits_tools(self):
+        names = [t.function.name for t in self.tools or []]
+        if self.tool_choice not in (None, "none") and not names:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names function {self.tool_choice.function.name!r}; "
+                             f"the tools are {', '.join(names)}")
+        if self.tool_mode not in (None, "auto") and super().constraint() is not None:
+            raise ValueError("a required or named tool_choice constrains the reply: no other output constraint")
+        return self
+
+    @property
+    def tool_mode(self) -> str | None:
+        """None (no tools, or tool_choice none), "auto", "required", or the function named."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or "auto"
+
+    def functions(self) -> list[dict]:
+        return [t.function.model_dump(exclude_none=True) for t in self.tools or []]
+
+    def constraint(self) -> Constraint | None:
+        """A required or named tool_choice: a call whose arguments validate (tools.call_schema)."""
+        mode = self.tool_mode
+        if mode in (None, "auto"):
+            return super().constraint()
+        schema = tools.call_schema(self.functions(), None if mode == "required" else mode)
+        return Constraint("json_schema", json.dumps(schema))
 
     def chat(self) -> list[dict]:
         """Messages as the chat template takes them (text parts joined)."""

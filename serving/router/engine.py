@@ -19,6 +19,7 @@ import numpy as np
 from serving.config import SchedulerSection
 from serving.control.pipeline import ActionError, Pipeline, describe
 from serving.router.detokenizer import Detokenizer
+from serving.router.metrics import RouterMetrics
 from serving.router.recovery import Recovery
 from serving.router.scheduler import Group, Scheduler, SchedulerConfig, Sequence
 from shards.model.step import SamplingParams, StepBatch
@@ -57,6 +58,8 @@ class _Request:
     detok: Detokenizer
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     first: bool = True          # no delta sent yet: the prompt's log probabilities go with the first
+    started: float = field(default_factory=time.perf_counter)
+    last: float | None = None   # when its last tokens were pushed (perf_counter)
 
 
 @dataclass(frozen=True)
@@ -83,9 +86,11 @@ class Engine:
     recomputed, and a dead shard is re-placed before anything else is launched."""
 
     def __init__(self, pipeline: Pipeline, tokenizer, eos: set[int], limits: SchedulerSection = SchedulerSection(),
-                 controller: str | None = None, prefix_cache: bool = True, max_failures: int = 3):
-        """limits: the config's scheduler section (batch, prefill chunk, queue, timeout)."""
-        self.pipeline, self.tokenizer = pipeline, tokenizer
+                 controller: str | None = None, prefix_cache: bool = True, max_failures: int = 3,
+                 metrics: RouterMetrics | None = None):
+        """limits: the config's scheduler section (batch, prefill chunk, queue, timeout);
+        metrics: where to record the Prometheus series (None: nowhere)."""
+        self.pipeline, self.tokenizer, self.metrics = pipeline, tokenizer, metrics
         self._wake = asyncio.Event()
         pipeline.transport.on_resume = self._wake.set
         self.eos = frozenset(eos)
@@ -138,6 +143,8 @@ class Engine:
                        Detokenizer(self.tokenizer, tuple(params.stop or ())))
         self.sched.add(req.seq)
         self.requests[req.seq.id] = req
+        if self.metrics:
+            self.metrics.requests.inc()
         self._wake.set()
         deadline = time.monotonic() + self.timeout_s
         try:
@@ -279,6 +286,10 @@ class Engine:
         self.pipeline.transport.landed()
         group = flight.group
         self.hops.append((time.time(), time.perf_counter() - flight.launched, group.prefill))
+        if self.metrics:
+            p = self.sched.prefix
+            self.metrics.stepped(self.hops[-1][1], group.prefill, len(self.sched.running), len(self.sched.waiting),
+                                 (p.hits, p.tokens_copied) if p else (0, 0))
         try:
             out = fut.result()
         except Exception as e:
@@ -333,8 +344,12 @@ class Engine:
             pinged = time.time()
             for k in await self.pipeline.transport.dead():
                 await self.apply(ReplaceShard(k, f"shard {k} unreachable after: {why}", unanswered_at=pinged))
+                if self.metrics:
+                    self.metrics.recovered(True)
             self.down = None
         except Exception as e:
+            if self.metrics:
+                self.metrics.recovered(False)
             self.down = f"shard lost and not re-placed ({type(e).__name__}: {e}); after: {why}"
             for sid in [s.id for s in self.sched.waiting] + list(self.sched.running):
                 self._free(self.sched.fail(sid))
@@ -347,7 +362,12 @@ class Engine:
         if isinstance(action, ReplaceShard):
             self._hold += 1
         try:
-            event = await self.pipeline.reconfigure.apply(action)
+            try:
+                event = await self.pipeline.reconfigure.apply(action)
+            except ActionError as e:
+                self._acted(e.event)
+                raise
+            self._acted(event)
             if isinstance(action, ReplaceShard) and "skipped" not in event:
                 self._free(self.sched.requeue_all())     # the new actor holds no KV
             self.sched.set_groups(max(2, len(self.pipeline.shards.handles)))
@@ -357,6 +377,10 @@ class Engine:
             if isinstance(action, ReplaceShard):
                 self._hold -= 1
                 self._wake.set()
+
+    def _acted(self, event: dict) -> None:
+        if self.metrics and "skipped" not in event:
+            self.metrics.acted(event["action"], bool(event.get("ok")))
 
     async def _control(self) -> None:
         """Every second: tell the controller actor what the pipeline looks like and what was
@@ -407,6 +431,12 @@ class Engine:
                 freed = self.sched.finish(seq.id, "stop")
         lps = seq.logprobs[len(seq.logprobs) - len(piece.token_ids):] if seq.params.logprobs is not None else None
         prompt_lps, req.first = (seq.prompt_logprobs if req.first else None), False
+        if self.metrics:
+            now = time.perf_counter()
+            self.metrics.emitted(req.started, req.last, now, len(piece.token_ids))
+            if seq.finished:
+                self.metrics.finished(req.started, now, len(seq.prompt))
+            req.last = now if piece.token_ids else req.last
         req.queue.put_nowait(Delta(piece.text, piece.token_ids, seq.finished, len(seq.prompt), len(seq.generated),
                                    logprobs=lps, prompt_logprobs=prompt_lps))
         return freed

@@ -350,8 +350,9 @@ def open_source(spec: str) -> ModelSource:
     raise ModelSourceError(f"model {spec!r} is neither a .gguf file nor a model folder")
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict], open_turn: bool = True) -> list[int]:
+def chat_prompt_ids(tokenizer, messages: list[dict], open_turn: bool = True, tools: list[dict] | None = None
+                    ) -> list[int]:
     """Token ids of a chat through the model's template, ending where the assistant answers
-    (open_turn; else after the last message)."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=open_turn, tokenize=True)
+    (open_turn; else after the last message); `tools` for a template with a tools section."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=open_turn, tokenize=True, tools=tools)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

@@ -27,6 +27,7 @@ from shards.plan.layer_range import LayerRange
 from shards.plan.memory import module_bytes
 from shards.plan.plan import ShardSpec
 from shards.runtime.channel import ChannelServer, decode_step, encode_reply
+from shards.runtime.metrics import ShardMetrics
 from shards.runtime.stats import ShardStats
 
 NAMESPACE = "shardserve"
@@ -73,6 +74,7 @@ class ShardWorker:
         self._lock = threading.RLock()
         self.channel: ChannelServer | None = None
         self.holders: set[int] = set()   # prefix holders pinned here (serving/router/prefix.py): not requests
+        self.metrics = _metrics(spec)
 
     def ready(self) -> ShardStats:
         return self.stats()
@@ -118,6 +120,9 @@ class ShardWorker:
         else:
             out = batch.with_hidden(to_wire(out.cpu()), self.stage.layers.end)
         t1 = time.time()
+        if self.metrics:
+            table = self.stage.kv.table
+            self.metrics.stepped(t1 - t0, batch.width == 1, table.used_blocks, table.n_blocks)
         self.busy.append((t0, t1))
         if batch.width == 1:   # a decode step: one token per sequence
             self.decode_steps.append((t1, t1 - t0))
@@ -253,6 +258,14 @@ class ShardWorker:
 
 class ShardFault(RuntimeError):
     """A step failed inside a shard (injected, or a bug surfaced as an exception)."""
+
+
+def _metrics(spec: ShardSpec) -> ShardMetrics | None:
+    """The shard's Prometheus series, tagged with its actor name; None outside a Ray actor."""
+    import ray
+    if not ray.is_initialized():
+        return None
+    return ShardMetrics(ray.get_runtime_context().get_actor_name() or f"shard-{spec.index}")
 
 
 def private_rss() -> int:
