@@ -30,7 +30,7 @@ def test_text_parts_joined_other_parts_refused():
         ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
 
 
-@pytest.mark.parametrize("field,value", [("tools", [{"type": "function"}]), ("best_of", 3),
+@pytest.mark.parametrize("field,value", [("functions", [{"name": "f"}]), ("best_of", 3),
                                          ("suffix", "x"), ("logit_bias", {"1": 2}),
                                          ("presence_penalty", 0.5)])
 def test_unsupported_fields_refused_by_name(field, value):
