@@ -609,3 +609,25 @@ def test_tool_calls_required_named_and_auto_streamed_and_not(url):
     again = sdk.chat.completions.create(model="shardserve-default", messages=follow, tools=[WEATHER, CLOCK],
                                         tool_choice="none", max_tokens=20, temperature=0)
     assert again.choices[0].message.content and again.choices[0].finish_reason in ("stop", "length")
+
+
+def test_metrics_page_has_the_series_after_requests(url):
+    """/metrics gathers the shardserve series from Ray's metrics agents: request latencies,
+    tokens, the queue, each shard's KV blocks and step time, round trips, error codes."""
+    from openai import OpenAI
+    sdk = OpenAI(base_url=url + "/v1", api_key="unused")
+    for _ in range(2):
+        sdk.chat.completions.create(model="shardserve-default", messages=QUESTION, max_tokens=8, temperature=0)
+    assert httpx.post(url + "/v1/chat/completions", json={"messages": []}).status_code == 400
+    want = ["time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket", "request_latency_seconds_count",
+            "prompt_tokens", "generation_tokens", "requests_running", "requests_waiting", "kv_blocks_used",
+            "kv_blocks_total", "shard_step_seconds_bucket", "step_round_trip_seconds_bucket", "http_errors"]
+    deadline, page = time.time() + 90, ""
+    while time.time() < deadline:            # Ray's agents export every few seconds
+        page = httpx.get(url + "/metrics", timeout=30).text
+        if all(f"ray_shardserve_{w}" in page for w in want):
+            break
+        time.sleep(2)
+    missing = [w for w in want if f"ray_shardserve_{w}" not in page]
+    assert not missing, f"missing {missing} in:\n{page[:3000]}"
+    assert f'shard="{PREFIX}shard-1"' in page and 'code="400"' in page and 'kind="decode"' in page

@@ -19,7 +19,7 @@ import numpy as np
 from serving.config import SchedulerSection
 from serving.control.pipeline import ActionError, Pipeline, describe
 from serving.router.detokenizer import Detokenizer
-from serving.router.metrics import RouterMetrics
+from serving.router.metrics import GAUGE_REFRESH_S, RouterMetrics
 from serving.router.recovery import Recovery
 from serving.router.scheduler import Group, Scheduler, SchedulerConfig, Sequence
 from shards.model.step import SamplingParams, StepBatch
@@ -112,6 +112,7 @@ class Engine:
         self._pending_free: list[int] = []   # sent with the next step, or on their own when idle
         self._loop_task: asyncio.Task | None = None
         self._control_task: asyncio.Task | None = None
+        self._gauge_task: asyncio.Task | None = None
         self.controller = controller         # the controller actor's name (serving/control/controller.py)
         # per group: (time.time() when it landed, seconds from launch to tokens back, prefill?)
         self.hops: deque[tuple[float, float, bool]] = deque(maxlen=1024)
@@ -191,6 +192,13 @@ class Engine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
         if self.controller and (self._control_task is None or self._control_task.done()):
             self._control_task = asyncio.get_running_loop().create_task(self._control())
+        if self.metrics and (self._gauge_task is None or self._gauge_task.done()):
+            self._gauge_task = asyncio.get_running_loop().create_task(self._gauges())
+
+    async def _gauges(self) -> None:
+        while True:
+            self.metrics.queue(len(self.sched.running), len(self.sched.waiting))
+            await asyncio.sleep(GAUGE_REFRESH_S)
 
     async def _run(self) -> None:
         """The router loop, supervised: an exception in an iteration fails only the group it
@@ -288,8 +296,7 @@ class Engine:
         self.hops.append((time.time(), time.perf_counter() - flight.launched, group.prefill))
         if self.metrics:
             p = self.sched.prefix
-            self.metrics.stepped(self.hops[-1][1], group.prefill, len(self.sched.running), len(self.sched.waiting),
-                                 (p.hits, p.tokens_copied) if p else (0, 0))
+            self.metrics.stepped(self.hops[-1][1], group.prefill, (p.hits, p.tokens_copied) if p else (0, 0))
         try:
             out = fut.result()
         except Exception as e:
@@ -452,7 +459,7 @@ class Engine:
 
     def close(self) -> None:
         """Stop the router loop (the shard actors are the caller's to keep or kill)."""
-        for task in (self._loop_task, self._control_task):
+        for task in (self._loop_task, self._control_task, self._gauge_task):
             if task is not None:
                 task.cancel()
         self.recovery.cancel()

@@ -10,6 +10,7 @@ from __future__ import annotations
 TTFT_S = [0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 ITL_S = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
 LATENCY_S = [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
+GAUGE_REFRESH_S = 2.0
 
 
 class RouterMetrics:
@@ -68,11 +69,15 @@ class RouterMetrics:
         self.latency.observe(now - started)
         self.prompt_tokens.inc(prompt_tokens)
 
-    def stepped(self, seconds: float, prefill: bool, running: int, waiting: int, prefix: tuple[int, int]) -> None:
-        """A group came back: its round trip, the queue now, the prefix cache's (hits, tokens)."""
-        self.step.observe(seconds, tags={"kind": "prefill" if prefill else "decode"})
+    def queue(self, running: int, waiting: int) -> None:
+        """The requests holding KV and those queued (set every GAUGE_REFRESH_S too: Ray drops a
+        gauge not set again within two export intervals)."""
         self.running.set(running)
         self.waiting.set(waiting)
+
+    def stepped(self, seconds: float, prefill: bool, prefix: tuple[int, int]) -> None:
+        """A group came back: its round trip, the prefix cache's (hits, tokens) so far."""
+        self.step.observe(seconds, tags={"kind": "prefill" if prefill else "decode"})
         hits, tokens = prefix[0] - self._prefix[0], prefix[1] - self._prefix[1]
         if hits > 0:
             self.prefix_hits.inc(hits)

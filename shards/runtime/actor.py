@@ -74,7 +74,7 @@ class ShardWorker:
         self._lock = threading.RLock()
         self.channel: ChannelServer | None = None
         self.holders: set[int] = set()   # prefix holders pinned here (serving/router/prefix.py): not requests
-        self.metrics = _metrics(spec)
+        self.metrics = _metrics(spec, lambda: (self.stage.kv.table.used_blocks, self.stage.kv.table.n_blocks))
 
     def ready(self) -> ShardStats:
         return self.stats()
@@ -121,8 +121,7 @@ class ShardWorker:
             out = batch.with_hidden(to_wire(out.cpu()), self.stage.layers.end)
         t1 = time.time()
         if self.metrics:
-            table = self.stage.kv.table
-            self.metrics.stepped(t1 - t0, batch.width == 1, table.used_blocks, table.n_blocks)
+            self.metrics.stepped(t1 - t0, batch.width == 1)
         self.busy.append((t0, t1))
         if batch.width == 1:   # a decode step: one token per sequence
             self.decode_steps.append((t1, t1 - t0))
@@ -260,12 +259,12 @@ class ShardFault(RuntimeError):
     """A step failed inside a shard (injected, or a bug surfaced as an exception)."""
 
 
-def _metrics(spec: ShardSpec) -> ShardMetrics | None:
+def _metrics(spec: ShardSpec, kv_blocks) -> ShardMetrics | None:
     """The shard's Prometheus series, tagged with its actor name; None outside a Ray actor."""
     import ray
     if not ray.is_initialized():
         return None
-    return ShardMetrics(ray.get_runtime_context().get_actor_name() or f"shard-{spec.index}")
+    return ShardMetrics(ray.get_runtime_context().get_actor_name() or f"shard-{spec.index}", kv_blocks)
 
 
 def private_rss() -> int:
