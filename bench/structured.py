@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import time
 
 import httpx
 
+from serving.bench import serving
 from serving.stamp import stamp
 from shards.data import read_prompts
 
@@ -111,24 +107,6 @@ def _valid(text: str) -> bool:
         return False
 
 
-def serve(port: int) -> subprocess.Popen:
-    """`shardserve serve` in a process group of its own; returns once /healthz answers 200."""
-    cmd = [sys.executable, "-m", "serving.cli", "serve", "--shards", "2", "--port", str(port)]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"shardserve serve exited with {proc.returncode}")
-        time.sleep(1)
-    os.killpg(proc.pid, signal.SIGTERM)
-    raise RuntimeError("the server did not become healthy in 600 s")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=6)
@@ -138,9 +116,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
-    proc = serve(args.port)
-    url = f"http://127.0.0.1:{args.port}"
-    try:
+    with serving(args.port, "--shards", "2") as url:
         prompts = asyncio.run(long_prompts(url, args.concurrency, args.max_tokens))
         runs = []
         for r in range(args.rounds):
@@ -150,13 +126,6 @@ def main() -> None:
                 print(json.dumps(runs[-1]), flush=True)
         checked = asyncio.run(validity(url, read_prompts(args.valid, start=200), args.concurrency))
         print(json.dumps(checked), flush=True)
-    finally:
-        proc.send_signal(signal.SIGINT)       # the CLI stops its app, actors and Ray
-        try:
-            proc.wait(120)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
     plain = statistics.median(x["plain_itl_ms_p50"] for x in runs if x["constrained"] == 0)
     mixed = statistics.median(x["plain_itl_ms_p50"] for x in runs if x["constrained"])
     out = {"meta": stamp(), "concurrency": args.concurrency, "max_tokens": args.max_tokens, "runs": runs,

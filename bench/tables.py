@@ -165,12 +165,21 @@ def structured_output(result: dict) -> str:
             f"({v['finished_stop']} ended on their own).")
 
 
+def lm_eval_quality(result: dict) -> str:
+    rows = ["| spec | accuracy | loglikelihoods | max abs diff vs transformers fp32 | mean abs diff | greedy flag agrees |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        rows.append(f"| {_spec(r['spec'])} | {r['acc']:.3f} ({r['questions']} questions) | {r['loglikelihoods']} | "
+                    f"{r['max_abs_diff']:.2e} | {r['mean_abs_diff']:.2e} | {r['greedy_flag_agrees']} |")
+    return "\n".join(rows)
+
+
 def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
 RENDER = {"chaos": chaos, "scale-correctness": scale_correctness, "http-serving": http, "compression": compression, "quantization": compression, "plan-vs-rss": plan_vs_rss, "bandwidth": bandwidth, "load-speed": load_speed, "controller": controller,
-          "cuda-paths": cuda, "grammar-engines": grammar_engines, "structured-output": structured_output}
+          "cuda-paths": cuda, "grammar-engines": grammar_engines, "lm-eval-quality": lm_eval_quality, "structured-output": structured_output}
 
 
 def render(path: Path) -> str:

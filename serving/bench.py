@@ -10,11 +10,14 @@ transformers `generate` in this process (batch = concurrency, same prompts) and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
+import sys
 import time
 
 
@@ -200,3 +203,36 @@ def hf_levels(source, prompts, concurrency: list[int], max_tokens: int) -> list[
         levels.append(hf_level(model, source.tokenizer(), prompts(c), c, max_tokens))
         print("hf_generate", json.dumps(levels[-1]), flush=True)
     return levels
+
+
+@contextlib.contextmanager
+def serving(port: int, *flags: str, timeout_s: float = 600):
+    """`shardserve serve` with these CLI flags as a child in a process group of its own; yields
+    its URL once /healthz answers 200. Stopped with Ctrl-C (the CLI then stops its app, actors
+    and Ray), the group killed after."""
+    cmd = [sys.executable, "-m", "serving.cli", "serve", "--port", str(port), *flags]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + timeout_s
+        while not _healthy(url):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}")
+            if time.time() > deadline:
+                raise RuntimeError(f"the server did not become healthy in {timeout_s:.0f} s")
+            time.sleep(1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _healthy(url: str) -> bool:
+    import httpx
+    try:
+        return httpx.get(url + "/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False

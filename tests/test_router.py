@@ -6,8 +6,9 @@ import pytest
 
 from serving.config import SchedulerSection
 from serving.router.detokenizer import Detokenizer, stop_prefix_len
-from serving.router.engine import Engine, Overloaded, RequestTimeout, _Flight
+from serving.router.engine import Engine, _Flight
 from serving.router.scheduler import Group, Sequence
+from serving.router.stream import Overloaded, RequestStream, RequestTimeout
 from shards.model.step import Sampled, SamplingParams
 
 pytestmark = pytest.mark.unit
@@ -69,9 +70,8 @@ def engine(**limits) -> Engine:
 
 def emit_all(e: Engine, text: str, stop=(), max_tokens=100):
     """Feed text one character per step through _emit; returns the deltas' texts and the last."""
-    from serving.router.engine import _Request
     seq = Sequence(1, [5], SamplingParams(max_tokens=max_tokens, stop=tuple(stop)))
-    req = e.requests[1] = _Request(seq, Detokenizer(e.tokenizer, tuple(stop)))
+    req = e.requests[1] = RequestStream(seq, Detokenizer(e.tokenizer, tuple(stop)))
     e.sched.running[1] = seq
     out = []
     for i, ch in enumerate(text):

@@ -73,7 +73,7 @@ def check_admin(request: Request) -> None:
 
 async def next_delta(gen):
     """The next Delta, with the engine's refusals as HTTP errors."""
-    from serving.router.engine import Overloaded, PipelineDown, RequestTimeout
+    from serving.router.stream import Overloaded, PipelineDown, RequestTimeout
     try:
         return await gen.__anext__()
     except Overloaded as e:

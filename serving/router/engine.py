@@ -12,54 +12,22 @@ import logging
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from serving.config import SchedulerSection
 from serving.control.pipeline import ActionError, Pipeline, describe
+from serving.router.control_link import follow_controller
 from serving.router.detokenizer import Detokenizer
 from serving.router.metrics import GAUGE_REFRESH_S, RouterMetrics
 from serving.router.recovery import Recovery
 from serving.router.scheduler import Group, Scheduler, SchedulerConfig, Sequence
+from serving.router.stream import Delta, Overloaded, PipelineDown, RequestStream, RequestTimeout
 from shards.model.step import SamplingParams, StepBatch
 from shards.plan.layer_range import LayerRange
 from shards.plan.plan import MoveLayers, Plan, ReplaceShard
 from shards.runtime.stats import ShardStats
-
-
-@dataclass
-class Delta:
-    """What a request's stream yields: new text and token ids; finish_reason on the last."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None    # stop | length | abort | error
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None            # with finish_reason "error": why
-    # when the request asked (SamplingParams.logprobs / prompt_logprobs): an entry per token of
-    # token_ids (shards/model/logprobs.py), and, on the first delta, one per prompt token
-    logprobs: list | None = None
-    prompt_logprobs: list | None = None
-
-
-class Overloaded(RuntimeError):
-    """The waiting queue is full (HTTP 429): try again shortly."""
-
-
-class RequestTimeout(RuntimeError):
-    """A request ran past its deadline; it was aborted and its KV freed."""
-
-
-@dataclass
-class _Request:
-    seq: Sequence
-    detok: Detokenizer
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    first: bool = True          # no delta sent yet: the prompt's log probabilities go with the first
-    started: float = field(default_factory=time.perf_counter)
-    last: float | None = None   # when its last tokens were pushed (perf_counter)
 
 
 @dataclass(frozen=True)
@@ -71,13 +39,8 @@ class _Flight:
     launched: float        # time.perf_counter() at launch
 
 
-CONTROL_PERIOD_S = 1.0   # how often the router syncs with the controller actor
 LOOP_ERROR_PAUSE_S = 0.05   # after a fault outside any group, before the loop goes on
 log = logging.getLogger("shardserve.router")
-
-
-class PipelineDown(RuntimeError):
-    """The pipeline cannot serve (a shard could not be re-placed); says why."""
 
 
 class Engine:
@@ -104,7 +67,7 @@ class Engine:
         self.max_failures = max_failures   # a sequence whose steps fail this often ends in error
         self.max_waiting = limits.max_waiting  # queued, not admitted: beyond this, Overloaded (429)
         self.timeout_s = limits.timeout_s      # a request still running after this is aborted
-        self.requests: dict[int, _Request] = {}
+        self.requests: dict[int, RequestStream] = {}
         self._inflight: dict[asyncio.Future, _Flight] = {}
         self._hold = 0                       # > 0: a shard is being re-placed, launch nothing
         self.recovery = Recovery(self._recover)
@@ -140,7 +103,7 @@ class Engine:
                 raise PipelineDown(self.down)
         if len(self.sched.waiting) >= self.max_waiting:
             raise Overloaded(f"{len(self.sched.waiting)} requests are waiting (max_waiting {self.max_waiting})")
-        req = _Request(Sequence(next(self._ids), list(prompt_ids), params, self.eos, matcher=matcher),
+        req = RequestStream(Sequence(next(self._ids), list(prompt_ids), params, self.eos, matcher=matcher),
                        Detokenizer(self.tokenizer, tuple(params.stop or ())))
         self.sched.add(req.seq)
         self.requests[req.seq.id] = req
@@ -191,7 +154,7 @@ class Engine:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
         if self.controller and (self._control_task is None or self._control_task.done()):
-            self._control_task = asyncio.get_running_loop().create_task(self._control())
+            self._control_task = asyncio.get_running_loop().create_task(follow_controller(self))
         if self.metrics and (self._gauge_task is None or self._gauge_task.done()):
             self._gauge_task = asyncio.get_running_loop().create_task(self._gauges())
 
@@ -210,7 +173,7 @@ class Engine:
             except asyncio.CancelledError:
                 raise
             except Exception as e:       # outside any group (a connect, a free): nothing to fail
-                self._loop_error("loop", e)
+                self.loop_error("loop", e)
                 await asyncio.sleep(LOOP_ERROR_PAUSE_S)    # a fault that repeats must not spin a core
 
     async def _iteration(self) -> None:
@@ -232,7 +195,7 @@ class Engine:
         for fut in done:
             self._finish_group(self._inflight.pop(fut), fut)
 
-    def _loop_error(self, where: str, err: Exception) -> None:
+    def loop_error(self, where: str, err: Exception) -> None:
         self.loop_errors.append({"time": time.time(), "where": where, "error": f"{type(err).__name__}: {err}"})
         log.error("router %s failed: %s", where, err, exc_info=err)
 
@@ -256,7 +219,7 @@ class Engine:
                 fut = self._chain(group)
             except Exception as e:                 # never launched: its sequences recompute
                 self._pending_free = []
-                self._loop_error("launch", e)
+                self.loop_error("launch", e)
                 self._group_failed(group, e, rode)
                 return
             self._inflight[fut] = _Flight(group, rode, time.perf_counter())
@@ -308,7 +271,7 @@ class Engine:
                 bad = self._advance(seq)
                 freed += bad or self._emit(seq)
         except Exception as e:                     # the router's own fault: this group recomputes
-            self._loop_error("finish", e)
+            self.loop_error("finish", e)
             self._group_failed(group, e, [])
             waiting = {s.id for s in self.sched.waiting}
             for sid in group.seq_ids:   # finished by this very step, so nothing recomputes it: say why
@@ -388,35 +351,6 @@ class Engine:
     def _acted(self, event: dict) -> None:
         if self.metrics and "skipped" not in event:
             self.metrics.acted(event["action"], bool(event.get("ok")))
-
-    async def _control(self) -> None:
-        """Every second: tell the controller actor what the pipeline looks like and what was
-        done, take its actions and carry them out. A dead controller is looked up again (Ray
-        restarts it; it re-adopts the pipeline from this sync)."""
-        import ray
-
-        from serving.control.controller import NAMESPACE
-        done: list[dict] = []
-        handle = None
-        while True:
-            await asyncio.sleep(CONTROL_PERIOD_S)
-            p = self.pipeline.shards
-            try:
-                handle = handle or ray.get_actor(self.controller, namespace=NAMESPACE)
-                actions = await handle.sync.remote(p.prefix, list(p.names), p.plan.n_layers, done)
-                done = []
-            except Exception:   # restarting, or gone: look it up again next time
-                handle = None
-                continue
-            for a in actions:
-                try:
-                    done.append(await self.apply(a))
-                except ActionError as e:
-                    done.append(e.event)
-                except Exception as e:   # a stale action (a shard index a split moved): reported, not fatal
-                    self._loop_error("control", e)
-                    done.append({"time": time.time(), "action": type(a).__name__, "ok": False,
-                                 "error": f"{type(e).__name__}: {e}"})
 
     async def set_budget(self, k: int | str, budget_bytes: int | None) -> ShardStats:
         return await self.pipeline.reconfigure.set_budget(k, budget_bytes)
