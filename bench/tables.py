@@ -171,7 +171,7 @@ def lm_eval_quality(result: dict) -> str:
     for r in result["rows"]:
         rows.append(f"| {_spec(r['spec'])} | {r['acc']:.3f} ({r['questions']} questions) | {r['loglikelihoods']} | "
                     f"{r['max_abs_diff']:.2e} | {r['mean_abs_diff']:.2e} | {r['greedy_flag_agrees']} |")
-    return "\n".join(rows)
+    return "\n".join(rows) + "\n\n`fast` is the default spec (`w4a8x2`)."
 
 
 def _num(v, fmt: str) -> str:
