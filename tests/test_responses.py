@@ -106,3 +106,13 @@ def test_choices_interleave_and_usage_counts_a_shared_prompt_once():
     assert [(c["choices"][0]["index"], c["choices"][0]["text"]) for c in got[:4]] == [(1, "x"), (0, "y"), (1, "z"),
                                                                                      (0, "w")]
     assert got[4]["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+
+
+def test_streamed_echo_sends_the_prompt_first_then_offsets_continue():
+    view = responses.View(0, False, TEXT, echo="Ab", prompt_ids=[1, 2])
+    got = events([delta(" c", ids=[3], lps=[[-1.5, []]], prompt_lps=[None, [-0.5, []]]),
+                  delta("d", "stop", 2, ids=[7], lps=[[-0.2, []]])], include_usage=False, views=[view])
+    assert [c["choices"][0]["text"] for c in got] == ["Ab", " c", "d"]
+    assert got[0]["choices"][0]["logprobs"]["token_logprobs"] == [None, -0.5]
+    assert [c["choices"][0]["logprobs"]["text_offset"] for c in got[1:]] == [[2], [4]]
+    assert got[-1]["choices"][0]["finish_reason"] == "stop" and got[-1]["usage"]["completion_tokens"] == 2
