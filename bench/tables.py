@@ -174,12 +174,22 @@ def lm_eval_quality(result: dict) -> str:
     return "\n".join(rows) + "\n\n`fast` is the default spec (`w4a8x2`)."
 
 
+def decode_threads(result: dict) -> str:
+    import statistics
+    rows = ["| concurrency (requests) | A: share, tok/s | B: every core when alone, tok/s | B / A |", "|---|---|---|---:|"]
+    for c, n in result["levels"]:
+        a, b = ([r["tok_s"] for r in result["runs"] if r["variant"] == v and r["c"] == c] for v in "AB")
+        rows.append(f"| {c} ({n}) | {' / '.join(f'{x:.1f}' for x in a)} | {' / '.join(f'{x:.1f}' for x in b)} | "
+                    f"{statistics.fmean(b) / statistics.fmean(a):.2f} |")
+    return f"Model: {result['model']}, 2 shards, servers in the order A B B A.\n\n" + "\n".join(rows)
+
+
 def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
 RENDER = {"chaos": chaos, "scale-correctness": scale_correctness, "http-serving": http, "compression": compression, "quantization": compression, "plan-vs-rss": plan_vs_rss, "bandwidth": bandwidth, "load-speed": load_speed, "controller": controller,
-          "cuda-paths": cuda, "grammar-engines": grammar_engines, "lm-eval-quality": lm_eval_quality, "structured-output": structured_output}
+          "cuda-paths": cuda, "grammar-engines": grammar_engines, "lm-eval-quality": lm_eval_quality, "decode-threads": decode_threads, "structured-output": structured_output}
 
 
 def render(path: Path) -> str:

@@ -124,3 +124,18 @@ def test_load_peak_stays_within_the_planned_transient(folder, spec, layers):
     print(f"{spec} {layers}: at rest +{rest / MiB:.0f} MiB, load peak +{peak / MiB:.0f}, transient "
           f"{(peak - rest) / MiB:.0f} MiB, bound {bound / MiB:.0f} ({method(spec).load_layers} x {layer / MiB:.0f} MiB)")
     assert peak - rest <= bound
+
+
+@pytest.mark.unit
+def test_decode_steps_take_every_core_alone_only_for_large_cpu_shards(monkeypatch):
+    """shards/runtime/actor.py::decodes_alone: 256 MiB of weights and up, CPU only; the bench's
+    override of the threshold is read each time."""
+    from shards.plan.layer_range import LayerRange
+    from shards.plan.plan import ShardSpec
+    from shards.runtime.actor import ALONE_DECODE_BYTES, decodes_alone
+    monkeypatch.delenv("SHARDSERVE_ALONE_DECODE_BYTES", raising=False)
+    spec = lambda b, dev="cpu": ShardSpec(0, LayerRange(0, 4), weight_bytes=b, device=dev)  # noqa: E731
+    assert decodes_alone(spec(ALONE_DECODE_BYTES)) and not decodes_alone(spec(ALONE_DECODE_BYTES - 1))
+    assert not decodes_alone(spec(8 << 30, "cuda:0"))
+    monkeypatch.setenv("SHARDSERVE_ALONE_DECODE_BYTES", "0")
+    assert decodes_alone(spec(1))

@@ -40,13 +40,11 @@ class ShardWorker:
     def __init__(self, model: str, spec: ShardSpec, kv_blocks: int, block_size: int = 16,
                  threads: int | None = None):
         # pipelined actors must not fight over the same cores: each gets its share, and all of
-        # them for a prefill step no other group overlaps (StepBatch.alone). Decode steps keep
-        # the share even alone: at concurrency 1 a 2-thread step ran ~2x slower than a 1-thread
-        # one, since the other shard's OpenMP worker was still spinning on the second core
-        # (2 actors chained at c=1, 19 + 11 layers, w8a8, compiled: steps 13.1-13.8 + 11.7-12.5
-        # ms, 30-32 ms a token, against 7.3-9.5 + 6.7-8.5 ms, 19-23 ms a token)
+        # them for a step no other group overlaps (StepBatch.alone): a prefill, and a decode step
+        # where the shard's weights are large enough (decodes_alone)
         self.threads = threads or torch.get_num_threads()
         self.all_cores = max(self.threads, os.cpu_count() or 1)
+        self.decode_alone = decodes_alone(spec) and self.all_cores > self.threads
         torch.set_num_threads(self.threads)
         _keep_step_heap()
         self.model, self.spec = model, spec
@@ -60,7 +58,7 @@ class ShardWorker:
         with _own_mmaps():
             self.stage = Stage(self.source, spec.layers, kv_blocks, block_size, device=self.device,
                                compression=spec.compression, compile=spec.compile,
-                               threads=(self.threads,))
+                               threads=(self.threads, self.all_cores) if self.decode_alone else (self.threads,))
         self.load_s = time.time() - t0   # reading, converting, quantizing and compiling its layers
         # steps run on a Compiled Graph's thread (serving/control/pipeline.py), stats on the main one:
         # readers copy these deques with list() (atomic) before iterating
@@ -107,7 +105,7 @@ class ShardWorker:
         if self.faults:
             raise ShardFault(f"shard {self.spec.index}: {self.faults.pop(0)}")
         if self.device == "cpu":
-            want = self.all_cores if batch.alone and batch.width > 1 else self.threads
+            want = self.all_cores if batch.alone and (batch.width > 1 or self.decode_alone) else self.threads
             if torch.get_num_threads() != want:
                 torch.set_num_threads(want)
         extra = prompt_rows(batch) if self.stage.is_last else []
@@ -259,6 +257,24 @@ class ShardFault(RuntimeError):
     """A step failed inside a shard (injected, or a bug surfaced as an exception)."""
 
 
+# A decode step no other group overlaps takes every core of the node when the shard's weights
+# (what a decode step reads) are at least this large; its OpenMP threads then sleep as soon as a
+# region ends (GOMP_SPINCOUNT=0), so a shard that finished its step leaves the cores to the next.
+# Measured at concurrency 1, 2 shards on 2 cores, 4 interleaved server runs each: Llama-3.2-1B
+# shape (644 / 499 MiB a shard) 9.8 -> 11.3 tok/s (c=8 35.6 -> 38.8, c=32 64.7 -> 65.8); the
+# default model (71 / 54 MiB) 43.1 -> 33.9: a small step loses more to the threads' wake-ups
+# than it gains. Without the spin limit the other shard's spinning worker made a 2-thread step
+# ~2x slower.
+ALONE_DECODE_BYTES = 256 << 20
+
+
+def decodes_alone(spec: ShardSpec) -> bool:
+    """Whether this CPU shard's decode steps take every core when no other group overlaps
+    (SHARDSERVE_ALONE_DECODE_BYTES overrides the threshold: bench/decode_threads.py's A/B)."""
+    least = int(os.environ.get("SHARDSERVE_ALONE_DECODE_BYTES", ALONE_DECODE_BYTES))
+    return not spec.device.startswith("cuda") and spec.weight_bytes >= least
+
+
 def _metrics(spec: ShardSpec, kv_blocks) -> ShardMetrics | None:
     """The shard's Prometheus series, tagged with its actor name; None outside a Ray actor."""
     import ray
@@ -388,6 +404,8 @@ def start_shard(model: str, spec: ShardSpec, kv_blocks: int, block_size: int, na
         lifetime="detached")
     if spec.node:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(spec.node, soft=not attach)
+    if decodes_alone(spec):     # read when OpenMP loads, before the actor's code runs
+        options["runtime_env"] = {"env_vars": {"GOMP_SPINCOUNT": "0"}}
     return ray.remote(ShardWorker).options(**options).remote(model, spec, kv_blocks, block_size, threads)
 
 

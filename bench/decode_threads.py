@@ -1,0 +1,44 @@
+"""Decode steps on every core when no other group overlaps, or on the shard's share: an A/B of
+`shards/runtime/actor.py::decodes_alone` over HTTP (docs/benchmarks.md, "decode-threads").
+
+    .venv/bin/python bench/decode_threads.py --json bench/results/decode-threads-NAME.json [--model GGUF]
+
+Variant A: never (SHARDSERVE_ALONE_DECODE_BYTES huge); B: always (0). Servers of each variant
+are started in the order A B B A, 2 shards, and each runs c=1, 8 and 32 on serving prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+
+from serving.bench import http_level, serving
+from serving.stamp import stamp
+from shards.data import read_prompts
+
+VARIANTS = {"A": str(1 << 62), "B": "0"}
+LEVELS = ((1, 4), (8, 16), (32, 32))       # (concurrency, requests)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--port", type=int, default=8125)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    runs = []
+    for rnd, name in enumerate("ABBA"):
+        os.environ["SHARDSERVE_ALONE_DECODE_BYTES"] = VARIANTS[name]
+        with serving(args.port, "--shards", "2", "--model", args.model) as url:
+            for c, n in LEVELS:
+                r = asyncio.run(http_level(url, read_prompts(n, start=100 * rnd), c, 64))
+                runs.append({"variant": name, "round": rnd, "c": c, "tok_s": r["tokens_per_s"], "itl_ms": r["itl_p50_ms"]})
+                print(json.dumps(runs[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": stamp(), "model": args.model, "levels": LEVELS, "runs": runs}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
