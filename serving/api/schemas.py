@@ -28,31 +28,33 @@ MAX_GRAMMAR_CHARS = 1 << 16  # a regex or grammar's length
 MAX_PROMPTS = 64             # prompts one /v1/completions takes (a list of them: one choice each)
 
 
-class TextPart(BaseModel):
-    """One part of a list-of-parts message content; only text parts are served."""
+class _Strict(BaseModel):
+    """A request part that refuses fields it does not name."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    """One part of a list-of-parts message content; only text parts are served."""
+
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionCall(_Strict):
     name: str
     arguments: str = "{}"        # JSON text, as OpenAI sends it
 
 
-class ToolCall(BaseModel):
+class ToolCall(_Strict):
     """An earlier assistant turn's call, as a client sends the conversation back."""
 
-    model_config = ConfigDict(extra="forbid")
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -84,48 +86,42 @@ class ChatMessage(BaseModel):
         return text
 
 
-class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionDef(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict | None = None    # a JSON schema of the arguments object
     strict: bool | None = None
 
 
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Tool(_Strict):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NamedFunction(_Strict):
     name: str
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NamedToolChoice(_Strict):
     type: Literal["function"]
     function: NamedFunction
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StreamOptions(_Strict):
     include_usage: bool = False      # a last chunk with `usage` and no choices; `usage: null` before
 
 
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)   # `schema` shadows a BaseModel name
     name: str = Field("response", max_length=64)
     description: str | None = None
     schema_: dict = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(_Strict):
     """OpenAI's response_format: text, any JSON object, or JSON that validates against a schema."""
 
-    model_config = ConfigDict(extra="forbid")
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -311,10 +307,9 @@ class CompletionRequest(_Sampling):
         return super().sampling(default_max)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Strict):
     """POST /tokenize (vLLM's shape): a `prompt`, or chat `messages` through the template."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=1024)
@@ -332,16 +327,14 @@ class TokenizeRequest(BaseModel):
         return [{"role": m.role, "content": m.text()} for m in self.messages or []]
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Strict):
     """POST /detokenize (vLLM's shape): token ids back to text."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=MAX_DETOKENIZE)
 
 
-class ShardPatch(BaseModel):
+class ShardPatch(_Strict):
     """PATCH /v1/shards/{k}: the bytes shard k may hold for its tensors (null: no budget)."""
 
-    model_config = {"extra": "forbid"}
     budget_bytes: int | None = Field(..., ge=0)
