@@ -97,16 +97,17 @@ def hf_level(model, tok, prompts: list[str], batch: int, max_tokens: int = 64) -
             "tokens_per_s": toks / wall}
 
 
-def llama_server(gguf: str, port: int = 8090, threads: int | None = None):
+def llama_server(gguf: str, port: int = 8090, threads: int | None = None, context: int = 0):
     """Start llama.cpp's server on the GGUF; (process, url), or None without a binary ($LLAMA_SERVER,
-    llama-server on PATH, or .llama/build/bin/llama-server from deploy/build-llama-server.sh)."""
+    llama-server on PATH, or .llama/build/bin/llama-server from deploy/build-llama-server.sh).
+    32 slots, each `context` + 1024 tokens long (llama-server splits -c among its slots)."""
     from pathlib import Path
     built = Path(__file__).resolve().parents[1] / ".llama" / "build" / "bin" / "llama-server"
     binary = os.environ.get("LLAMA_SERVER") or shutil.which("llama-server") or (str(built) if built.is_file() else None)
     if binary is None:
         return None
     import httpx
-    cmd = [binary, "-m", gguf, "--port", str(port), "-np", "32", "-c", str(32 * 1024), "-cb",
+    cmd = [binary, "-m", gguf, "--port", str(port), "-np", "32", "-c", str(32 * (context + 1024)), "-cb",
            "-t", str(threads or os.cpu_count())]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -174,11 +175,12 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def llama_server_levels(source, prompts, concurrency: list[int], max_tokens: int) -> tuple[list | None, str | None]:
+def llama_server_levels(source, prompts, concurrency: list[int], max_tokens: int,
+                        context: int = 0) -> tuple[list | None, str | None]:
     """llama.cpp's llama-server on the source's GGUF at each concurrency (prompts(c) -> its
-    prompts): (levels, None), or (None, why it was skipped)."""
+    prompts, each after `context` tokens of passage): (levels, None), or (None, why it was skipped)."""
     try:
-        started = llama_server(str(source.path))
+        started = llama_server(str(source.path), context=context)
         note = "no llama-server binary ($LLAMA_SERVER, PATH, .llama/build/bin; deploy/build-llama-server.sh builds it)"
     except RuntimeError as e:   # it never came up: the other rows still count
         started, note = None, str(e)

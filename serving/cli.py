@@ -191,7 +191,9 @@ def cmd_bench(args) -> int:
     key = cfg.key()
     source = open_source(cfg.model.name)
     tok = source.tokenizer() if args.context else None
-    prompts = lambda c: with_context(read_prompts(args.requests or max(8, 2 * c)), args.context, tok)  # noqa: E731
+    count = lambda c: args.requests or max(8, 2 * c)  # noqa: E731
+    first = {c: sum(count(b) for b in args.concurrency[:i]) for i, c in enumerate(args.concurrency)}
+    prompts = lambda c: with_context(read_prompts(count(c)), args.context, tok, first[c])  # noqa: E731
     url = args.url
     try:
         if url is None:
@@ -207,7 +209,8 @@ def cmd_bench(args) -> int:
         if args.url is None:
             stop_service(cfg)
     if "llama-server" in args.baselines and hasattr(source, "path"):
-        result["llama_server"], note = bench.llama_server_levels(source, prompts, args.concurrency, args.max_tokens)
+        result["llama_server"], note = bench.llama_server_levels(source, prompts, args.concurrency, args.max_tokens,
+                                                                  args.context)
         if note:
             result["llama_server_note"] = note
     if "hf" in args.baselines:

@@ -17,15 +17,17 @@ def read_prompts(n: int, start: int = 0) -> list[str]:
     return [json.loads(x)["prompt"] for x in lines[start:start + n]]
 
 
-def with_context(prompts: list[str], tokens: int, tokenizer) -> list[str]:
+def with_context(prompts: list[str], tokens: int, tokenizer, first: int = 0) -> list[str]:
     """Each prompt after a WikiText-2 passage of `tokens` tokens, a different one per prompt
-    (consecutive parts of the file, wrapping): load at long context, "<passage>\n\n<prompt>"."""
+    (consecutive parts of the file from passage `first`, wrapping): load at long context,
+    "<passage>\n\n<prompt>". A bench level starts where the last one ended, so no level's
+    passages are already in a prefix cache."""
     if tokens <= 0:
         return prompts
     ids = _wikitext_ids(tokenizer)
     n = len(ids) // tokens
-    return [tokenizer.decode(ids[(i % n) * tokens:(i % n + 1) * tokens]).strip() + "\n\n" + p
-            for i, p in enumerate(prompts)]
+    return [tokenizer.decode(ids[(k % n) * tokens:(k % n + 1) * tokens]).strip() + "\n\n" + p
+            for k, p in enumerate(prompts, start=first)]
 
 
 @functools.cache

@@ -100,3 +100,6 @@ def test_long_context_prompts_for_the_bench(tokenizer):
     assert len(set(passages)) == 3
     assert all(490 <= len(tokenizer(x)["input_ids"]) <= 510 for x in passages)   # decode/encode may merge a few
     assert with_context(base, 0, tokenizer) == base
+    later = with_context(base, 500, tokenizer, first=3)   # the next bench level: passages 3, 4, 5
+    assert not set(passages) & {p[:-len(b)] for p, b in zip(later, base)}
+    assert with_context(base[:1], 500, tokenizer, first=1)[0] == long[1][:-len(base[1])] + base[0]
