@@ -28,7 +28,19 @@ def _spec(name: str) -> str:
 
 
 def http(result: dict) -> str:
-    return bench.table(result)
+    """bench.table, headed by the prompts' passage length where there is one, and followed by
+    shardserve's per-token time split at each level (serving/bench.py::time_split)."""
+    head = (f"Each prompt after a {result['context_tokens']}-token WikiText-2 passage, "
+            f"{result['max_tokens']} new tokens.\n\n" if result.get("context_tokens") else "")
+    split = [r for r in result.get("shardserve") or [] if (r.get("time_split") or {}).get("shard_compute_ms")]
+    if not split:
+        return head + bench.table(result)
+    rows = ["| c | shard compute ms | hops + router ms | Serve + HTTP ms |", "|---:|---:|---:|---:|"]
+    for r in split:
+        t = r["time_split"]
+        rows.append(f"| {r['concurrency']} | {t['shard_compute_ms']:.1f} | {_num(t.get('ray_router_ms'), '.2f')} | "
+                    f"{_num(t.get('serve_http_ms'), '.2f')} |")
+    return head + bench.table(result) + "\n\nshardserve's time a token, medians:\n\n" + "\n".join(rows)
 
 
 def compression(result: dict) -> str:
@@ -184,12 +196,22 @@ def decode_threads(result: dict) -> str:
     return f"Model: {result['model']}, 2 shards, servers in the order A B B A.\n\n" + "\n".join(rows)
 
 
+def startup(result: dict) -> str:
+    """bench/startup.py: `serve --shards 2 --ask` to its answer, empty caches then warm."""
+    rows = ["| round | caches | to the answer s | to exit s | caches on disk MiB |", "|---:|---|---:|---:|---:|"]
+    for r in result["runs"]:
+        rows.append(f"| {r['round']} | {r['kind']} | {_num(r['answer_s'], '.1f')} | {r['exit_s']:.1f} | "
+                    f"{r['cache_mb']:.0f} |")
+    return f"Model: {result['model']}, 2 shards.\n\n" + "\n".join(rows)
+
+
 def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
 RENDER = {"chaos": chaos, "scale-correctness": scale_correctness, "http-serving": http, "compression": compression, "quantization": compression, "plan-vs-rss": plan_vs_rss, "bandwidth": bandwidth, "load-speed": load_speed, "controller": controller,
-          "cuda-paths": cuda, "grammar-engines": grammar_engines, "lm-eval-quality": lm_eval_quality, "decode-threads": decode_threads, "structured-output": structured_output}
+          "cuda-paths": cuda, "grammar-engines": grammar_engines, "lm-eval-quality": lm_eval_quality, "decode-threads": decode_threads, "structured-output": structured_output,
+          "startup": startup}
 
 
 def render(path: Path) -> str:
