@@ -34,11 +34,14 @@ def timed_ask(cache: Path, model: str) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)
-    answer, answered = None, None
+    answer, answered, ready = None, None, False
     try:
         for line in proc.stdout:
-            if line.strip() and not line.startswith("shardserve"):
+            # the reply is the first line after the CLI's "OpenAI API at" line (Ray's own
+            # messages, coloured, may come later on the same stream)
+            if ready and answer is None and line.strip():
                 answer, answered = line.strip(), time.perf_counter() - t0
+            ready = ready or line.startswith("shardserve:")
         rc = proc.wait(600)
     finally:
         if proc.poll() is None:
