@@ -9,8 +9,8 @@ greedy) while the script applies pressure through the same path as `PATCH /v1/sh
   1. shard 0's budget goes to 80% of its use (`--squeeze`)       -> the controller moves layers to shard 1;
   2. shard 1's budget to 80% of its use, with shard 0 left no room -> a split onto a new actor;
   3. `ray.kill` of shard 1                          -> the router re-places it, sequences recompute;
-  4. the last shard's budget to 80% of its use, no room anywhere, max_shards reached
-                                                    -> its compression is raised a ladder step;
+  4. the last shard's budget to 80% of its use (`--recompress-squeeze`), no room anywhere,
+     max_shards reached                             -> its compression is raised a ladder step;
   5. every budget lifted                            -> after relax_s calm, back to the served spec.
 Every request must complete (the script exits 1 otherwise).
 """
@@ -68,8 +68,9 @@ async def wait_event(engine, n: int, timeout: float = 300) -> dict:
     return ev
 
 
-async def scenario(engine, squeeze: float) -> None:
-    """squeeze: a squeezed shard's budget, as a fraction of its use."""
+async def scenario(engine, squeeze: float, recompress_squeeze: float) -> None:
+    """squeeze: a squeezed shard's budget, as a fraction of its use; recompress_squeeze: the
+    same for step 4, which the ladder's next step alone must meet."""
     import ray
     n = len(engine.pipeline.shards.events)
     await asyncio.sleep(10)
@@ -87,9 +88,9 @@ async def scenario(engine, squeeze: float) -> None:
     n += (await wait_event(engine, n)) is not None
     await asyncio.sleep(8)
     last = len(engine.pipeline.shards.handles) - 1
-    print(f"4. shard {last} budget {squeeze:.0%} of use; its neighbour has no room", flush=True)
+    print(f"4. shard {last} budget {recompress_squeeze:.0%} of use; its neighbour has no room", flush=True)
     await engine.set_budget(last - 1, int(await used(engine, last - 1) / 0.9))
-    await engine.set_budget(last, int(squeeze * await used(engine, last)))
+    await engine.set_budget(last, int(recompress_squeeze * await used(engine, last)))
     n += (await wait_event(engine, n)) is not None
     await asyncio.sleep(8)
     print("5. budgets lifted", flush=True)
@@ -113,7 +114,7 @@ async def main_async(args) -> dict:
         tasks = [asyncio.ensure_future(load(engine, prompts, stop, args.concurrency, results)),
                  asyncio.ensure_future(sample(engine, t0, samples, stop))]
         try:
-            await scenario(engine, args.squeeze)
+            await scenario(engine, args.squeeze, args.recompress_squeeze or args.squeeze)
         finally:
             stop.set()
             await asyncio.wait_for(asyncio.gather(*tasks), 300)
@@ -170,6 +171,9 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--squeeze", type=float, default=0.8,
                     help="a squeezed shard's budget as a fraction of its use (above the least it can hold)")
+    ap.add_argument("--recompress-squeeze", type=float, default=None,
+                    help="step 4's fraction (default --squeeze): one ladder step must meet it, and "
+                         "nf4 holds ~90%% of a w4a8x2 shard's bytes")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
