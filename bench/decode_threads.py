@@ -3,8 +3,10 @@
 
     .venv/bin/python bench/decode_threads.py --json bench/results/decode-threads-NAME.json [--model GGUF]
 
-Variant A: never (SHARDSERVE_ALONE_DECODE_BYTES huge); B: always (0). Servers of each variant
-are started in the order A B B A, 2 shards, and each runs c=1, 8 and 32 on serving prompts.
+Variant A: the shard's share, the 4-bit kernel alone (SHARDSERVE_ALONE_DECODE_BYTES huge,
+SHARDSERVE_KERNEL_TEAM=0); B: every core through torch's threads (bytes 0); T: the share, with
+the kernel's panels split over every core (qmatmul.team). `--order` names the servers started,
+in turn (default A B B A), 2 shards each; each runs c=1, 8 and 32 on serving prompts.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from serving.bench import http_level, serving
 from serving.stamp import stamp
 from shards.data import read_prompts
 
-VARIANTS = {"A": str(1 << 62), "B": "0"}
+VARIANTS = {"A": {"SHARDSERVE_ALONE_DECODE_BYTES": str(1 << 62), "SHARDSERVE_KERNEL_TEAM": "0"},
+            "B": {"SHARDSERVE_ALONE_DECODE_BYTES": "0", "SHARDSERVE_KERNEL_TEAM": "0"},
+            "T": {"SHARDSERVE_ALONE_DECODE_BYTES": str(1 << 62), "SHARDSERVE_KERNEL_TEAM": "1"}}
 LEVELS = ((1, 4), (8, 16), (32, 32))       # (concurrency, requests)
 
 
@@ -26,10 +30,11 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--port", type=int, default=8125)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--order", default="ABBA", help="variants, one server each, in this order")
     args = ap.parse_args()
     runs = []
-    for rnd, name in enumerate("ABBA"):
-        os.environ["SHARDSERVE_ALONE_DECODE_BYTES"] = VARIANTS[name]
+    for rnd, name in enumerate(args.order):
+        os.environ.update(VARIANTS[name])
         with serving(args.port, "--shards", "2", "--model", args.model) as url:
             for c, n in LEVELS:
                 r = asyncio.run(http_level(url, read_prompts(n, start=100 * rnd), c, 64))
@@ -37,7 +42,7 @@ def main() -> None:
                 print(json.dumps(runs[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": stamp(), "model": args.model, "levels": LEVELS, "runs": runs}, f, indent=1)
+            json.dump({"meta": stamp(), "model": args.model, "levels": LEVELS, "order": args.order, "runs": runs}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ def main() -> None:
                compile=a.compile, threads=(a.threads,))
 
     def inputs(b: int, q: int) -> dict:
-        return {"tokens": torch.randint(100, 900, (b, q))} if st.is_first else {"hidden": torch.randn(b, q, 576)}
+        if st.is_first:
+            return {"tokens": torch.randint(100, 900, (b, q))}
+        return {"hidden": torch.randn(b, q, st.config.hidden_size), "layer": a.layers[0]}
 
     def decode(b: int, steps: int = 10, prof=None) -> float:
         sids = list(range(b))

@@ -186,14 +186,22 @@ def lm_eval_quality(result: dict) -> str:
     return "\n".join(rows) + "\n\n`fast` is the default spec (`w4a8x2`)."
 
 
+DECODE_VARIANTS = {"A": "A: share", "B": "B: every core when alone", "T": "T: share, kernel team when alone"}
+
+
 def decode_threads(result: dict) -> str:
     import statistics
-    rows = ["| concurrency (requests) | A: share, tok/s | B: every core when alone, tok/s | B / A |", "|---|---|---|---:|"]
+    order = result.get("order", "ABBA")
+    names = sorted(set(order), key="ABT".index)        # the first is the base of the ratios
+    base, others = names[0], names[1:]
+    rows = ["| concurrency (requests) | " + " | ".join(f"{DECODE_VARIANTS[v]}, tok/s" for v in names) + " | "
+            + " | ".join(f"{v} / {base}" for v in others) + " |",
+            "|---|" + "---|" * len(names) + "---:|" * len(others)]
     for c, n in result["levels"]:
-        a, b = ([r["tok_s"] for r in result["runs"] if r["variant"] == v and r["c"] == c] for v in "AB")
-        rows.append(f"| {c} ({n}) | {' / '.join(f'{x:.1f}' for x in a)} | {' / '.join(f'{x:.1f}' for x in b)} | "
-                    f"{statistics.fmean(b) / statistics.fmean(a):.2f} |")
-    return f"Model: {result['model']}, 2 shards, servers in the order A B B A.\n\n" + "\n".join(rows)
+        tok = {v: [r["tok_s"] for r in result["runs"] if r["variant"] == v and r["c"] == c] for v in names}
+        rows.append(f"| {c} ({n}) | " + " | ".join(" / ".join(f"{x:.1f}" for x in tok[v]) for v in names) + " | "
+                    + " | ".join(f"{statistics.fmean(tok[v]) / statistics.fmean(tok[base]):.2f}" for v in others) + " |")
+    return f"Model: {result['model']}, 2 shards, servers in the order {' '.join(order)}.\n\n" + "\n".join(rows)
 
 
 def startup(result: dict) -> str:
@@ -205,12 +213,22 @@ def startup(result: dict) -> str:
     return f"Model: {result['model']}, 2 shards.\n\n" + "\n".join(rows)
 
 
+def cpu_split(result: dict) -> str:
+    """bench/cpu_split.py: CPU milliseconds a generated token costs in each process."""
+    rows = ["| process | CPU ms a token |", "|---|---:|"]
+    rows += [f"| `{r['process']}` | {r['ms_per_token']:.2f} |" for r in result["processes"]]
+    total = sum(r["ms_per_token"] for r in result["processes"])
+    return (f"Model: {result['model']}, 2 shards, c={result['concurrency']}, {result['tokens']} tokens at "
+            f"{result['tokens_per_s']:.1f} tok/s (so {2e3 / result['tokens_per_s']:.1f} core-ms a token on "
+            f"2 cores). All processes: {total:.1f} CPU ms a token.\n\n" + "\n".join(rows))
+
+
 def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
 RENDER = {"chaos": chaos, "scale-correctness": scale_correctness, "http-serving": http, "compression": compression, "quantization": compression, "plan-vs-rss": plan_vs_rss, "bandwidth": bandwidth, "load-speed": load_speed, "controller": controller,
-          "cuda-paths": cuda, "grammar-engines": grammar_engines, "lm-eval-quality": lm_eval_quality, "decode-threads": decode_threads, "structured-output": structured_output,
+          "cuda-paths": cuda, "grammar-engines": grammar_engines, "lm-eval-quality": lm_eval_quality, "decode-threads": decode_threads, "cpu-split": cpu_split, "structured-output": structured_output,
           "startup": startup}
 
 

@@ -2,11 +2,15 @@
 batch, the portable path bit for bit; a Q4_1 / Q8_0 source's own weights kept exactly; the real
 model's w4a8x2 stages against fp32."""
 import ctypes
+import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from shards.compress import qmatmul
 from shards.compress.int4 import GROUP, codes_on, rtn_grid
 from shards.compress.qmatmul import SOURCE, Q8Linear, W4A8CpuLinear, pack
 from shards.runtime import kernels
@@ -93,6 +97,42 @@ def test_a_rows_result_does_not_depend_on_its_batch(levels):
                     assert torch.equal(mod(x[:b]), alone[:b]), (type(mod).__name__, threads, b)
     finally:
         torch.set_num_threads(was)
+
+
+@pytest.mark.parametrize("team", [2, 3])
+def test_the_team_gives_each_row_its_bits(team):
+    """Inside qmatmul.team(n) a step's panels are split over n threads: the same bits as one
+    thread, for panel counts below, at and above n, 4-bit and 8-bit, below and at AMX's rows
+    (19 x 2 levels), step after step; and the helpers do compute (their thread time grows)."""
+    w, *_ = grid4(160, 96, seed=3)
+    mods = [W4A8CpuLinear(w, levels=2), W4A8CpuLinear(w[:16], levels=2),
+            Q8Linear.from_rows(lambda a, b: w[a:b], 160)]
+    x = torch.randn(19, 96)
+    batches = (1, 3, 19)
+    alone = [[mod(x[:b]) for b in batches] for mod in mods]
+    big = W4A8CpuLinear(torch.randn(4096, 1024) / 8)
+    xb = torch.randn(1, 1024)
+    before = _thread_cpu()
+    with qmatmul.team(team):
+        for _ in range(3):
+            for mod, want in zip(mods, alone):
+                for b, y in zip(batches, want):
+                    assert torch.equal(mod(x[:b]), y), (team, type(mod).__name__, b)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.5:       # seconds: well above the clock's 10 ms ticks
+            big(xb)
+    helpers = {t: s - before.get(t, 0.0) for t, s in _thread_cpu().items() if t != threading.get_native_id()}
+    assert max(helpers.values(), default=0.0) > 0.1, helpers
+    assert torch.equal(mods[0](x[:3]), alone[0][1])      # off again: the calling thread alone
+
+
+def _thread_cpu() -> dict[int, float]:
+    """CPU seconds of each thread of this process (Linux /proc), by native thread id."""
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
 
 
 def test_amx_path_gives_the_vnni_paths_bits():

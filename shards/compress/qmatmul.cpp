@@ -23,8 +23,13 @@
 // both give the same bits; so does the AMX path (qmatmul_amx below) that takes steps of 16
 // activation rows and more where the CPU has AMX-INT8: its integer sums are exact too.
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 // Paths (QM_PATH): 2 AVX-512 VNNI, 1 AVX2 (CPUs without AVX-512, as AMD Zen 2 / 3; built for
@@ -233,6 +238,71 @@ static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const f
 }
 #endif
 
+// The team: helper threads that share a decode step's panels with the calling thread while a
+// step no other group overlaps runs (qmatmul_team), so a shard's step reads its weights with
+// every core the node gives the pipeline. They spin between calls only while the step runs:
+// a hand-off costs ~0.1 us where waking an OpenMP worker from sleep costs tens, tens of times a
+// step; after the step they sleep, so overlapping steps of other shards keep their cores.
+// Panels are independent, so a row's bits do not depend on who computed them. Each thread takes
+// the next chunk of panels while any is left: a helper that the OS runs late (another process's
+// work on its core) leaves more to the caller instead of holding the step back.
+struct TeamJob {
+    void (*run)(const void *ctx, int64_t begin, int64_t end);
+    const void *ctx;
+    int64_t count, chunk;           // panels, taken chunk by chunk by whoever is free
+    std::atomic<int64_t> next{0};
+};
+
+struct Team {
+    std::vector<std::thread> threads;
+    std::atomic<bool> active{false};
+    std::atomic<uint64_t> posted{0};
+    std::atomic<int> pending{0};
+    TeamJob job;
+    std::mutex m;
+    std::condition_variable wake;
+    int size = 1;                   // threads a job is split over, the caller's included
+};
+
+static Team &team = *new Team;   // never destroyed: helpers may still wait on its condition at exit
+
+static void job_share(TeamJob &j) {
+    for (int64_t i; (i = j.next.fetch_add(j.chunk, std::memory_order_relaxed)) < j.count;)
+        j.run(j.ctx, i, i + j.chunk < j.count ? i + j.chunk : j.count);
+}
+
+static void helper(uint64_t seen) {   // seen: the jobs posted before it started
+    for (;;) {
+        if (!team.active.load(std::memory_order_acquire)) {
+            std::unique_lock<std::mutex> lock(team.m);
+            team.wake.wait(lock, [] { return team.active.load(std::memory_order_acquire); });
+        }
+        const uint64_t p = team.posted.load(std::memory_order_acquire);
+        if (p != seen) {
+            seen = p;
+            job_share(team.job);
+            team.pending.fetch_sub(1, std::memory_order_acq_rel);
+        } else {
+            __builtin_ia32_pause();
+        }
+    }
+}
+
+// run(ctx, begin, end) over [0, count) on the team, the caller included; chunks of about a
+// quarter of a thread's share
+static bool team_on() { return team.size > 1 && team.active.load(std::memory_order_relaxed); }
+
+static void team_run(void (*run)(const void *, int64_t, int64_t), const void *ctx, int64_t count) {
+    TeamJob &j = team.job;
+    j.run = run, j.ctx = ctx, j.count = count;
+    j.chunk = count / (4 * team.size) > 1 ? count / (4 * team.size) : 1;
+    j.next.store(0, std::memory_order_relaxed);
+    team.pending.store((int)team.threads.size(), std::memory_order_relaxed);   // every helper answers
+    team.posted.fetch_add(1, std::memory_order_release);
+    job_share(j);
+    while (team.pending.load(std::memory_order_acquire)) __builtin_ia32_pause();
+}
+
 #if QM_AMX
 // AMX: one TDPBSUD multiplies 16 activation rows by a group's 32 inputs of 16
 // output rows (8192 products; vpdpbusd does 64), the int32 tile is stored and folded into y
@@ -328,25 +398,48 @@ static const uint8_t *vnni_codes(const uint8_t *w, int bits, int64_t ng, uint8_t
     return buf;
 }
 
-static void qmatmul_amx(const uint8_t *packed, const uint16_t *scales, const int8_t *xq, const float *a,
-                        const float *s, float *y, int64_t B, int64_t N, int64_t K, int bits, int levels,
-                        int threads) {
-    const int64_t ng = K / GROUP, panel_bytes = K * PANEL * bits / 8;
+struct AmxJob {
+    const uint8_t *packed;
+    const uint16_t *scales;
+    const int8_t *xq;
+    const float *a, *s;
+    float *y;
+    int64_t B, N, K;
+    int bits, levels;
+};
+
+// panels [begin, end) of j on this thread, with its tile configuration and a buffer of its own
+// for a panel's codes (kept: a fresh one of 100s of KiB was an mmap and its page faults per call)
+static void amx_panels(const AmxJob &j, int64_t begin, int64_t end) {
+    const int64_t ng = j.K / GROUP, panel_bytes = j.K * PANEL * j.bits / 8;
+    thread_local std::vector<uint8_t> buf;
+    if (buf.size() < (size_t)(ng * 512 + 64)) buf.resize(ng * 512 + 64);
+    uint8_t *aligned = buf.data() + (64 - (uintptr_t)buf.data() % 64) % 64;
+    amx_configure();
+    for (int64_t p = begin; p < end; p++) {
+        const uint8_t *codes = vnni_codes(j.packed + p * panel_bytes, j.bits, ng, aligned);
+        (j.levels == 1 ? panel_amx<1> : panel_amx<2>)(codes, j.scales + p * ng * 32, j.xq, j.a, j.s, j.K, j.B,
+                                                      j.y + p * PANEL, j.N);
+    }
+    _tile_release();
+}
+
+static void qmatmul_amx(const AmxJob &j, int threads) {
+    const int64_t panels = j.N / PANEL;
+    if (team_on()) {
+        team_run([](const void *ctx, int64_t begin, int64_t end) {
+            amx_panels(*static_cast<const AmxJob *>(ctx), begin, end);
+        }, &j, panels);
+        return;
+    }
     #pragma omp parallel num_threads(threads)
     {
-        amx_configure();
-        std::vector<uint8_t> buf(ng * 512 + 64);
-        uint8_t *aligned = buf.data() + (64 - (uintptr_t)buf.data() % 64) % 64;
-        #pragma omp for schedule(static)
-        for (int64_t p = 0; p < N / PANEL; p++) {
-            const uint8_t *codes = vnni_codes(packed + p * panel_bytes, bits, ng, aligned);
-            (levels == 1 ? panel_amx<1> : panel_amx<2>)(codes, scales + p * ng * 32, xq, a, s, K, B,
-                                                        y + p * PANEL, N);
-        }
-        _tile_release();
+        const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+        amx_panels(j, panels * t / n, panels * (t + 1) / n);
     }
 }
 #endif
+
 
 typedef void (*tile_fn)(const uint8_t *, const uint16_t *, const int8_t *, const float *, const float *,
                         int64_t, float *, int64_t);
@@ -360,6 +453,25 @@ template <int BITS> struct Tiles {   // [levels - 1][x rows - 1], for tiles of u
 extern "C" {
 
 int qmatmul_path() { return QM_PATH; }
+
+// n > 1: from now on, steps split their panels over n threads (the caller
+// and n - 1 helpers, started on first use, spinning until qmatmul_team(1)); n <= 1: helpers sleep.
+// One caller at a time while the team is on (a shard's steps are serialized by its actor).
+void qmatmul_team(int n) {
+    std::lock_guard<std::mutex> lock(team.m);
+    if (n > 1) {
+        while ((int)team.threads.size() < n - 1) {
+            team.threads.emplace_back(helper, team.posted.load());
+            team.threads.back().detach();
+        }
+        team.size = n;
+        team.active.store(true, std::memory_order_release);
+        team.wake.notify_all();
+    } else {
+        team.active.store(false, std::memory_order_release);
+        team.size = 1;
+    }
+}
 
 // Whether steps of AMX_ROWS activation rows and more (x rows times levels) take the AMX path;
 // want 0 / 1 turns it off / on (where the CPU and kernel allow), -1 only asks
@@ -395,7 +507,7 @@ int qmatmul(const float *x, const uint8_t *packed, const uint16_t *scales, float
     }
 #if QM_AMX
     if (B * levels >= AMX_ROWS && amx_on()) {
-        qmatmul_amx(packed, scales, xq.data(), a.data(), s.data(), y, B, N, K, bits, levels, threads);
+        qmatmul_amx(AmxJob{packed, scales, xq.data(), a.data(), s.data(), y, B, N, K, bits, levels}, threads);
         return 0;
     }
 #endif
@@ -408,6 +520,12 @@ int qmatmul(const float *x, const uint8_t *packed, const uint16_t *scales, float
                           y + b0 * N + p * PANEL, N);
         }
     };
+    if (team_on()) {
+        team_run([](const void *ctx, int64_t begin, int64_t end) {
+            for (int64_t p = begin; p < end; p++) (*static_cast<const decltype(panel) *>(ctx))(p);
+        }, &panel, N / PANEL);
+        return 0;
+    }
     if (threads <= 1) {
         for (int64_t p = 0; p < N / PANEL; p++) panel(p);
         return 0;

@@ -19,6 +19,7 @@ it keeps exactly, and 4 bits would be the table's first loss.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import subprocess
@@ -44,6 +45,7 @@ def _kernel() -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.qmatmul.argtypes = [p, p, p, p, i64, i64, i64, i32, i32, i32]
     lib.qmatmul_use_amx.argtypes = [i32]
+    lib.qmatmul_team.argtypes = [i32]
     return lib
 
 
@@ -53,6 +55,22 @@ PATHS = ("portable", "avx2", "avx512-vnni")
 def path() -> str:
     """The kernel's path on this CPU: avx512-vnni, avx2 (no AVX-512) or portable loops."""
     return PATHS[_kernel().qmatmul_path()]
+
+
+@contextlib.contextmanager
+def team(n: int):
+    """Inside, steps split the kernel's panels over n threads (AMX tiles or not): this one and
+    n - 1 helpers that spin between calls until the block ends (qmatmul.cpp, "The team"). For a
+    step no other group overlaps; one calling thread at a time. A no-op where n <= 1 or no stage
+    of this process loaded the kernel."""
+    lib = _kernel() if n > 1 and _kernel.cache_info().currsize else None
+    if lib is not None:
+        lib.qmatmul_team(n)
+    try:
+        yield
+    finally:
+        if lib is not None:
+            lib.qmatmul_team(1)
 
 
 def amx(on: bool | None = None) -> bool:

@@ -43,6 +43,9 @@ class Method:
     # "block" DEQUANT_BYTES of a projection at a time (prefill), "whole" a projection at once
     dequantizes: str = ""
     load_layers: float = 1.0         # fp32 layers loading holds beside the finished ones (a bound, measured)
+    # its projections and table run shards/compress/qmatmul.cpp, whose team splits a decode step
+    # that no other group overlaps over every core (shards/runtime/actor.py::kernel_team)
+    kernel_team: bool = False
 
     @property
     def gptq(self) -> bool:
@@ -80,7 +83,7 @@ METHODS: tuple[Method, ...] = (
            bits=8.25, int8_table=True, act_maxima=True),
     Method("w4a8x2", "4-bit weights per group of 32; activations as two int8 levels per row (~15 bits), "
            "our VNNI/AVX2 kernel", "shards.compress.qmatmul:from_linear", "shards.compress.qmatmul:q8_table", aliases=("w4a8-cpu",),
-           bits=5.0, int8_table=True, keeps_q4_codes=True),
+           bits=5.0, int8_table=True, keeps_q4_codes=True, kernel_team=True),
     Method("llm-int8", "bitsandbytes LLM.int8 (int8 weights, fp16 outlier columns above 6.0)",
            f"{_Q}:bnb_linear", f"{_Q}:int8_table", aliases=("int8",), bits=8.25, int8_table=True, compiles=False, bitsandbytes=True,
            variant="8bit", dequantizes="whole", load_layers=LOAD_LAYERS_BNB),

@@ -16,6 +16,7 @@ from collections import deque
 import psutil
 import torch
 
+from shards.compress import qmatmul
 from shards.compress.spec import parse as parse_compression
 from shards.errors import KVCacheFull
 from shards.model.logprobs import prompt_rows, step_logprobs
@@ -45,6 +46,7 @@ class ShardWorker:
         self.threads = threads or torch.get_num_threads()
         self.all_cores = max(self.threads, os.cpu_count() or 1)
         self.decode_alone = decodes_alone(spec) and self.all_cores > self.threads
+        self.team = self.all_cores if kernel_team(spec) else 1   # threads of an alone decode's kernel calls
         torch.set_num_threads(self.threads)
         _keep_step_heap()
         self.model, self.spec = model, spec
@@ -104,12 +106,15 @@ class ShardWorker:
         self._copy(batch.copies, must=True)  # after: a re-prefilled id is freed first
         if self.faults:
             raise ShardFault(f"shard {self.spec.index}: {self.faults.pop(0)}")
+        team = 1       # threads sharing the 4-bit kernel's panels (qmatmul.team)
         if self.device == "cpu":
             want = self.all_cores if batch.alone and (batch.width > 1 or self.decode_alone) else self.threads
             if torch.get_num_threads() != want:
                 torch.set_num_threads(want)
+            team = self.team if batch.alone and want == self.threads else 1
         extra = prompt_rows(batch) if self.stage.is_last else []
-        out = self.stage(batch, extra=extra)
+        with qmatmul.team(team):
+            out = self.stage(batch, extra=extra)
         # hidden states and logits leave the device: the next hop may be another node or GPU
         if self.stage.is_last:
             logits = out.cpu()
@@ -185,6 +190,7 @@ class ShardWorker:
         with self._lock, _own_mmaps():
             self.stage.recompress(self.source, compression)
         self.spec = dataclasses.replace(self.spec, compression=compression)
+        self.team = self.all_cores if kernel_team(self.spec) else 1
         return self.stats()
 
     def set_budget(self, budget_bytes: int | None) -> ShardStats:
@@ -266,13 +272,29 @@ class ShardFault(RuntimeError):
 # than it gains. Without the spin limit the other shard's spinning worker made a 2-thread step
 # ~2x slower.
 ALONE_DECODE_BYTES = 256 << 20
+# A shard whose projections run our 4-bit kernel (`Method.kernel_team`) takes the other cores
+# for a decode step no other group overlaps through the kernel's team instead (qmatmul.team):
+# helpers that spin between the step's kernel calls and sleep after it, so no wake-ups, and one
+# set of graphs. Measured over HTTP, 2 shards, servers in the order B T T B: Llama-3.2-1B shape,
+# c=1 10.1 -> 11.1 tok/s (ITL 96 -> 82 ms) against every core through OpenMP; the default model
+# neither gains nor loses at c=1, since the router's and Serve's work of each token holds the
+# other core while the first shard steps (docs/performance.md). SHARDSERVE_KERNEL_TEAM=0 turns
+# it off (bench/decode_threads.py's A/B).
+KERNEL_TEAM = os.environ.get("SHARDSERVE_KERNEL_TEAM", "1") != "0"
+
+
+def kernel_team(spec: ShardSpec) -> bool:
+    """Whether this CPU shard's decode steps with no other group overlapping split its kernel's
+    panels over every core (qmatmul.team)."""
+    return KERNEL_TEAM and not spec.device.startswith("cuda") and parse_compression(spec.compression).method.kernel_team
 
 
 def decodes_alone(spec: ShardSpec) -> bool:
-    """Whether this CPU shard's decode steps take every core when no other group overlaps
+    """Whether this CPU shard's decode steps take every core (torch's threads) when no other
+    group overlaps: a shard of ALONE_DECODE_BYTES or more, unless its kernel's team does it
     (SHARDSERVE_ALONE_DECODE_BYTES overrides the threshold: bench/decode_threads.py's A/B)."""
     least = int(os.environ.get("SHARDSERVE_ALONE_DECODE_BYTES", ALONE_DECODE_BYTES))
-    return not spec.device.startswith("cuda") and spec.weight_bytes >= least
+    return not spec.device.startswith("cuda") and spec.weight_bytes >= least and not kernel_team(spec)
 
 
 def _metrics(spec: ShardSpec, kv_blocks) -> ShardMetrics | None:
