@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 
 import psutil
@@ -22,14 +23,26 @@ from serving.stamp import stamp
 from shards.data import read_prompts
 
 
+def label(cmdline: list[str], name: str) -> str:
+    """A process's short name: Ray's process title (ray::ShardWorker), else its program, or for
+    Python the script or module it runs."""
+    if not cmdline:
+        return name
+    if cmdline[0].startswith("ray::"):
+        return cmdline[0].split()[0]
+    args = [a for a in cmdline[1:] if not a.startswith("-") or a == "-m"]
+    if "python" in os.path.basename(cmdline[0]) and args:
+        return "python " + (" ".join(args[:2]) if args[0] == "-m" else os.path.basename(args[0]))
+    return os.path.basename(cmdline[0])
+
+
 def cpu_seconds() -> dict[int, tuple[float, str]]:
-    """pid -> (user + system CPU seconds, a name: Ray's process title or the command line)."""
+    """pid -> (user + system CPU seconds, label)."""
     out = {}
     for p in psutil.process_iter(["name", "cmdline"]):
         try:
             t = p.cpu_times()
-            name = " ".join(p.info["cmdline"] or [p.info["name"]])
-            out[p.pid] = (t.user + t.system, name.split()[0] if name.startswith("ray::") else name[:80])
+            out[p.pid] = (t.user + t.system, label(p.info["cmdline"] or [], p.info["name"]))
         except psutil.Error:
             continue
     return out

@@ -186,13 +186,14 @@ def lm_eval_quality(result: dict) -> str:
     return "\n".join(rows) + "\n\n`fast` is the default spec (`w4a8x2`)."
 
 
-DECODE_VARIANTS = {"A": "A: share", "B": "B: every core when alone", "T": "T: share, kernel team when alone"}
+DECODE_VARIANTS = {"A": "A: share", "B": "B: every core when alone", "T": "T: share, kernel team when alone",
+                   "S": "S: T, OpenMP threads never spin"}
 
 
 def decode_threads(result: dict) -> str:
     import statistics
     order = result.get("order", "ABBA")
-    names = sorted(set(order), key="ABT".index)        # the first is the base of the ratios
+    names = sorted(set(order), key="ABTS".index)        # the first is the base of the ratios
     base, others = names[0], names[1:]
     rows = ["| concurrency (requests) | " + " | ".join(f"{DECODE_VARIANTS[v]}, tok/s" for v in names) + " | "
             + " | ".join(f"{v} / {base}" for v in others) + " |",
@@ -216,8 +217,10 @@ def startup(result: dict) -> str:
 def cpu_split(result: dict) -> str:
     """bench/cpu_split.py: CPU milliseconds a generated token costs in each process."""
     rows = ["| process | CPU ms a token |", "|---|---:|"]
-    rows += [f"| `{r['process']}` | {r['ms_per_token']:.2f} |" for r in result["processes"]]
+    big = [r for r in result["processes"] if r["ms_per_token"] >= 0.2]
+    rows += [f"| `{r['process'][:60]}` | {r['ms_per_token']:.2f} |" for r in big]
     total = sum(r["ms_per_token"] for r in result["processes"])
+    rows.append(f"| {len(result['processes']) - len(big)} others | {total - sum(r['ms_per_token'] for r in big):.2f} |")
     return (f"Model: {result['model']}, 2 shards, c={result['concurrency']}, {result['tokens']} tokens at "
             f"{result['tokens_per_s']:.1f} tok/s (so {2e3 / result['tokens_per_s']:.1f} core-ms a token on "
             f"2 cores). All processes: {total:.1f} CPU ms a token.\n\n" + "\n".join(rows))

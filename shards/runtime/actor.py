@@ -275,11 +275,11 @@ ALONE_DECODE_BYTES = 256 << 20
 # A shard whose projections run our 4-bit kernel (`Method.kernel_team`) takes the other cores
 # for a decode step no other group overlaps through the kernel's team instead (qmatmul.team):
 # helpers that spin between the step's kernel calls and sleep after it, so no wake-ups, and one
-# set of graphs. Measured over HTTP, 2 shards, servers in the order B T T B: Llama-3.2-1B shape,
-# c=1 10.1 -> 11.1 tok/s (ITL 96 -> 82 ms) against every core through OpenMP; the default model
-# neither gains nor loses at c=1, since the router's and Serve's work of each token holds the
-# other core while the first shard steps (docs/performance.md). SHARDSERVE_KERNEL_TEAM=0 turns
-# it off (bench/decode_threads.py's A/B).
+# set of graphs. Measured over HTTP, 2 shards, servers in the order T B B T: Llama-3.2-1B
+# shape, against every core through torch's threads, c=1 10.4 -> 12.4 tok/s (ITL 92 -> 75 ms),
+# c=8 35.7 -> 34.2, c=32 57.6 -> 60.7; the default model neither gains nor loses at c=1, since
+# the router's and Serve's work of each token holds the other core while the first shard steps
+# (docs/performance.md). SHARDSERVE_KERNEL_TEAM=0 turns it off (bench/decode_threads.py's A/B).
 KERNEL_TEAM = os.environ.get("SHARDSERVE_KERNEL_TEAM", "1") != "0"
 
 
