@@ -288,10 +288,10 @@ static void helper(uint64_t seen) {   // seen: the jobs posted before it started
     }
 }
 
-// run(ctx, begin, end) over [0, count) on the team, the caller included; chunks of about a
-// quarter of a thread's share
 static bool team_on() { return team.size > 1 && team.active.load(std::memory_order_relaxed); }
 
+// run(ctx, begin, end) over [0, count) on the team, the caller included; chunks of about a
+// quarter of a thread's share
 static void team_run(void (*run)(const void *, int64_t, int64_t), const void *ctx, int64_t count) {
     TeamJob &j = team.job;
     j.run = run, j.ctx = ctx, j.count = count;
@@ -439,7 +439,6 @@ static void qmatmul_amx(const AmxJob &j, int threads) {
     }
 }
 #endif
-
 
 typedef void (*tile_fn)(const uint8_t *, const uint16_t *, const int8_t *, const float *, const float *,
                         int64_t, float *, int64_t);

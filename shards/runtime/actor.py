@@ -46,7 +46,7 @@ class ShardWorker:
         self.threads = threads or torch.get_num_threads()
         self.all_cores = max(self.threads, os.cpu_count() or 1)
         self.decode_alone = decodes_alone(spec) and self.all_cores > self.threads
-        self.team = self.all_cores if kernel_team(spec) else 1   # threads of an alone decode's kernel calls
+        self.team = self._team_size(spec)
         torch.set_num_threads(self.threads)
         _keep_step_heap()
         self.model, self.spec = model, spec
@@ -190,8 +190,13 @@ class ShardWorker:
         with self._lock, _own_mmaps():
             self.stage.recompress(self.source, compression)
         self.spec = dataclasses.replace(self.spec, compression=compression)
-        self.team = self.all_cores if kernel_team(self.spec) else 1
+        self.team = self._team_size(self.spec)
         return self.stats()
+
+    def _team_size(self, spec: ShardSpec) -> int:
+        """Threads an alone decode step's kernel calls split over: every core where the shard's
+        share is less (on a node it has to itself its torch threads already take them all)."""
+        return self.all_cores if kernel_team(spec) and self.all_cores > self.threads else 1
 
     def set_budget(self, budget_bytes: int | None) -> ShardStats:
         """The bytes this shard may hold for its tensors (weights + KV + workspace); the
