@@ -163,12 +163,17 @@ class CompiledDecode:
         if len(blocks) == self.whole:
             return self.stage_fn(tuple(blocks), tuple(pools), x, *rest,
                                  tuple(kernel_for(b, kp) for b, (kp, _) in zip(blocks, pools)))
+        x = self._chunks(blocks, pools, x, *rest)
         whole = len(blocks) - len(blocks) % self.chunk
-        for i in range(0, whole, self.chunk):
-            bs, ps = tuple(blocks[i:i + self.chunk]), tuple(pools[i:i + self.chunk])
-            x = self.chunk_fn(bs, ps, x, *rest, tuple(kernel_for(b, kp) for b, (kp, _) in zip(bs, ps)))
         for block, (kp, vp) in zip(blocks[whole:], pools[whole:]):
             x = self.fn(block, x, kp, vp, *rest, kernel_for(block, kp))
+        return x
+
+    def _chunks(self, blocks, pools, x, *rest) -> torch.Tensor:
+        """x after the stage's whole chunks of layers, through the chunk graph."""
+        for i in range(0, len(blocks) - len(blocks) % self.chunk, self.chunk):
+            bs, ps = tuple(blocks[i:i + self.chunk]), tuple(pools[i:i + self.chunk])
+            x = self.chunk_fn(bs, ps, x, *rest, tuple(kernel_for(b, kp) for b, (kp, _) in zip(bs, ps)))
         return x
 
     def drop_whole(self) -> None:
@@ -176,17 +181,19 @@ class CompiledDecode:
         self.whole = None
 
     def warm(self, blocks, pools, hidden: int, scratch_block: int, block_size: int,
-             dtype: torch.dtype, device, whole: bool = False) -> None:
+             dtype: torch.dtype, device, whole: bool = False, lead: bool = True) -> None:
         """Compile (or load) every graph the stage's layers need, on the pool's scratch block
         (no sequence's KV is touched), then prove a third shape runs without compiling. whole:
-        also the graph of all these layers in one call (at load; a re-shard passes False)."""
+        also the graph of all these layers in one call (at load; a re-shard passes False).
+        lead: the pipeline's first stage, which compiles its own graphs first (see _trace)."""
         counters = compat.dynamo_counters()
         self.drop_whole()
         t0, before = time.time(), counters["stats"]["unique_graphs"]
         head_dim = pools[0][0].shape[-1] if pools else 1
         dummy = lambda b, nb: _dummy(b, nb, hidden, head_dim, scratch_block, block_size, dtype, device)  # noqa: E731
         try:
-            self._trace(blocks, pools, dummy, device.type == "cpu", whole and len(blocks) not in (1, self.chunk))
+            self._trace(blocks, pools, dummy, device.type == "cpu", whole and len(blocks) not in (1, self.chunk),
+                        lead)
         except Exception as e:
             # e.g. no C++ compiler on the node (inductor builds its CPU kernels with g++)
             first = str(e).strip().splitlines()[0][:300]
@@ -198,28 +205,44 @@ class CompiledDecode:
         self.warm_s += time.time() - t0
         log.info("compiled decode: %d new graph(s) for %d layer(s) in %.1f s", new, len(blocks), time.time() - t0)
 
-    def _trace(self, blocks, pools, dummy, cpu: bool, whole: bool) -> None:
-        """Every layer at every warm shape, alone and in the stage's chunks (and, `whole`, all
+    def _trace(self, blocks, pools, dummy, cpu: bool, whole: bool, lead: bool) -> None:
+        """Every layer alone and the stage's chunks at every warm shape (and, `whole`, all layers
         in one call), for each thread count (CPU), then the check shape under fail_on_recompile
         (through the whole-stage graph where there is one). Every layer alone and the chunks: a
-        re-shard may leave any layer outside a chunk, and any run of layers in one."""
+        re-shard may leave any layer outside a chunk, and any run of layers in one.
+
+        The layer and chunk graphs of one model's stages are the same graphs, while the
+        whole-stage graph is the stage's own. So the lead (first) stage compiles its whole-stage
+        graphs first and then finds the layer and chunk graphs in inductor's cache, compiled
+        meanwhile by the other shards, which take them first. Default model, cold caches, 1
+        thread: layers [0, 19) compile the layer and chunk graphs in 44 s and their whole-stage
+        graphs in 38 s; layers [19, 30) then load the layer and chunk graphs in 15 s."""
         was = torch.get_num_threads()
         try:
             for n in self.threads if cpu else [was]:
                 torch.set_num_threads(n)
                 with torch.inference_mode():
-                    for b, nb in WARM_SHAPES:
-                        x, *rest = dummy(b, nb)
-                        for block, (kp, vp) in zip(blocks, pools):
-                            self.fn(block, x, kp, vp, *rest, kernel_for(block, kp))
-                        self.whole = None
-                        self._layers(blocks, pools, x, *rest)
-                        if whole:
-                            self.whole = len(blocks)
-                            self._layers(blocks, pools, x, *rest)
+                    if whole and lead:
+                        self._warm_whole(blocks, pools, dummy)
+                    for kind in (self._warm_layers, self._chunks):
+                        for b, nb in WARM_SHAPES:
+                            kind(blocks, pools, *dummy(b, nb))
+                    if whole and not lead:
+                        self._warm_whole(blocks, pools, dummy)
                     self._run(blocks, pools, *dummy(*CHECK_SHAPE))
         finally:
             torch.set_num_threads(was)
+
+    def _warm_whole(self, blocks, pools, dummy) -> None:
+        """The whole-stage graph at every warm shape; steps take it from now on."""
+        self.whole = len(blocks)
+        for b, nb in WARM_SHAPES:
+            self._layers(blocks, pools, *dummy(b, nb))
+
+    def _warm_layers(self, blocks, pools, x, *rest) -> None:
+        """Every layer alone through the layer graph (not chained: only its graphs matter)."""
+        for block, (kp, vp) in zip(blocks, pools):
+            self.fn(block, x, kp, vp, *rest, kernel_for(block, kp))
 
 
 def kernel_for(block, k_pool) -> bool:

@@ -231,8 +231,10 @@ class Stage(nn.Module):
                         ", ".join(m.name for m in registry.METHODS if m.compiles))
             return
         blocks, pools = self._ordered()
+        # the first stage compiles its whole-stage graphs while later ones compile the layer
+        # and chunk graphs all stages share (CompiledDecode._trace)
         self.compiled.warm(blocks, pools, self.config.hidden_size, self.kv.table.n_blocks,
-                           self.kv.table.block_size, self.dtype, self.device, whole)
+                           self.kv.table.block_size, self.dtype, self.device, whole, lead=self.is_first)
 
     def _load(self, source: ModelSource, name: str) -> torch.Tensor:
         """One tensor, straight to this stage's device and dtype (CPU peak: one tensor)."""

@@ -9,6 +9,7 @@ kind. ~4 s a kernel here, once; then loading takes milliseconds.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import os
 import platform
@@ -43,7 +44,18 @@ def build(source: Path, extra: tuple[str, ...] = ()) -> Path:
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    # built beside its final name and renamed: shard actors of one node may build at once
+    # one build at a time per library: shard actors of one node that start at once would each
+    # spend a core on the same build (~4 s); the one that waits finds it built
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.is_file():
+            _compile(cxx, flags, source, out)
+    return out
+
+
+def _compile(cxx: str, flags: tuple[str, ...], source: Path, out: Path) -> None:
+    """Build beside the final name and rename: a reader (or a node whose file system ignores
+    the lock) never loads half a library."""
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
@@ -54,7 +66,6 @@ def build(source: Path, extra: tuple[str, ...] = ()) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return out
 
 
 def load(source: Path, extra: tuple[str, ...] = ()) -> ctypes.CDLL:
