@@ -53,6 +53,23 @@ def test_corrupt_gguf(tmp_path, monkeypatch):
         GGUFSource(bad)
 
 
+def test_gguf_cache_is_built_from_one_parse(source, tokenizer, tmp_path, monkeypatch):
+    """A first open parses the GGUF once (transformers' config and tokenizer loaders reuse that
+    parse) and writes the same config and tokenizer as the `source` fixture's cache."""
+    import gguf
+    monkeypatch.setenv("SHARDSERVE_CACHE", str(tmp_path / "cache"))
+    parses = []
+    parse = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parses.append(a) or parse(*a, **k))
+    fresh = GGUFSource(source.path)
+    assert len(parses) == 1 and fresh.cache.parent == tmp_path / "cache"
+    own = lambda cfg: {k: v for k, v in cfg.to_dict().items() if k != "_name_or_path"}  # noqa: E731
+    assert own(fresh.config) == own(source.config)
+    text = "Paris est la capitale de la France. 1234"
+    assert fresh.tokenizer()(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert gguf.GGUFReader is not parse and fresh._tensors == source._tensors
+
+
 def test_folder_without_weights_and_unsupported_arch(tiny_folder, tmp_path):
     empty = tmp_path / "noweights"
     empty.mkdir()

