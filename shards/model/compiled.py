@@ -164,14 +164,18 @@ class CompiledDecode:
             return self.stage_fn(tuple(blocks), tuple(pools), x, *rest,
                                  tuple(kernel_for(b, kp) for b, (kp, _) in zip(blocks, pools)))
         x = self._chunks(blocks, pools, x, *rest)
-        whole = len(blocks) - len(blocks) % self.chunk
-        for block, (kp, vp) in zip(blocks[whole:], pools[whole:]):
+        chunked = self._chunked(len(blocks))
+        for block, (kp, vp) in zip(blocks[chunked:], pools[chunked:]):
             x = self.fn(block, x, kp, vp, *rest, kernel_for(block, kp))
         return x
 
+    def _chunked(self, n: int) -> int:
+        """Layers of n that run in whole chunks; the rest run one at a time."""
+        return n - n % self.chunk
+
     def _chunks(self, blocks, pools, x, *rest) -> torch.Tensor:
         """x after the stage's whole chunks of layers, through the chunk graph."""
-        for i in range(0, len(blocks) - len(blocks) % self.chunk, self.chunk):
+        for i in range(0, self._chunked(len(blocks)), self.chunk):
             bs, ps = tuple(blocks[i:i + self.chunk]), tuple(pools[i:i + self.chunk])
             x = self.chunk_fn(bs, ps, x, *rest, tuple(kernel_for(b, kp) for b, (kp, _) in zip(bs, ps)))
         return x
