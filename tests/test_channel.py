@@ -259,3 +259,120 @@ def test_fuzzed_frames_never_stop_the_shard():
         loop.run_until_complete(asyncio.sleep(0))
         loop.close()
         server.close()
+
+
+def _head(header, body):
+    """A stand-in last shard: token ids out = hidden states in + 1000; 'boom' in free raises."""
+    if 777 in header["free"]:
+        raise ValueError("shard 1: boom")
+    x = decode_step(header, body)
+    assert x.tokens is None and x.layer == 0
+    return encode_reply(Sampled([int(v) + 1000 for v in x.hidden.reshape(-1)]))
+
+
+async def _chain(servers, router="r1"):
+    """A router's channels to the servers, opened last first, each told the next one's address."""
+    chans = []
+    for k in reversed(range(len(servers))):
+        nxt = ({"host": servers[k + 1].address[0], "port": servers[k + 1].address[1],
+                "secret": servers[k + 1].secret} if k + 1 < len(servers) else None)
+        chans.insert(0, await StepChannel.open(*servers[k].address, servers[k].secret, f"shard-{k}",
+                                               router=router, nxt=nxt))
+    for c in chans:
+        c.on_broken = lambda err: [c.fail(err) for c in chans]
+    return chans
+
+
+def test_steps_go_shard_to_shard_and_replies_come_back_in_order():
+    """Shard 0 sends each step's hidden states straight to shard 1, whose tokens come back on the
+    router's channel to it, in step order; a failure on either shard comes back in its place
+    and the connections stay."""
+    servers = [ChannelServer(_echo), ChannelServer(_head)]
+
+    async def go():
+        chans = await _chain(servers)
+        futs = []
+        for k in range(50):
+            free = [666] if k == 20 else [777] if k == 30 else []
+            chans[0].post(*encode_step(_batch(tokens=np.full((1, 1), k, dtype=np.int64), free=free)))
+            futs.append(chans[1].expect())
+        replies = await asyncio.gather(*futs)
+        for c in chans:
+            c.close()
+        return replies
+    try:
+        replies = _run(go())
+    finally:
+        for s in servers:
+            s.close()
+    assert replies[20][0] == {"ok": False, "error": "ValueError: shard 0: boom"}
+    assert replies[30][0] == {"ok": False, "error": "ValueError: shard 1: boom"}
+    got = [h["tokens"][0] for k, (h, _) in enumerate(replies) if k not in (20, 30)]
+    assert got == [k + 1000 for k in range(50) if k not in (20, 30)]
+
+
+def test_a_peer_of_an_unknown_router_is_refused():
+    """Only a router that opened its own channel to a shard can have steps sent to it by the
+    shard before: a connection naming another router is closed at the hello."""
+    servers = [ChannelServer(_echo), ChannelServer(_head)]
+    try:
+        with socket.create_connection(servers[1].address, timeout=10) as s:
+            s.sendall(frame({"secret": servers[1].secret, "peer": "nobody"}))
+            assert _closed(s)
+        assert servers[1].refused == 1
+    finally:
+        for s in servers:
+            s.close()
+
+
+SHARD = """
+import sys, time
+import numpy as np
+from shards.model.step import Sampled, StepBatch
+from shards.runtime.channel import ChannelServer, decode_step, encode_reply
+def first(h, b):   # hidden states on to the next shard at once
+    x = decode_step(h, b)
+    return encode_reply(StepBatch(x.seq_ids, x.starts, x.q_lens, None, x.tokens.astype(np.float32)))
+def last(h, b):    # never answers: the steps stay out
+    time.sleep(60)
+server = ChannelServer(first if sys.argv[1] == "first" else last)
+print(server.address[1], server.secret, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("dies", ["first", "last"])
+def test_a_dead_shard_fails_the_steps_out(dies):
+    """Either shard's process is killed with steps out between them: they fail with ChannelBroken
+    (not a hang), and a later step fails at once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", SHARD, role], stdout=subprocess.PIPE, text=True, cwd=root)
+             for role in ("first", "last")]
+
+    async def go():
+        where = [dict(zip(("port", "secret"), p.stdout.readline().split()), host="127.0.0.1") for p in procs]
+        last = await StepChannel.open("127.0.0.1", int(where[1]["port"]), where[1]["secret"], "shard-1", router="r2")
+        chans = [await StepChannel.open("127.0.0.1", int(where[0]["port"]), where[0]["secret"], "shard-0",
+                                        router="r2", nxt=where[1]), last]
+        for c in chans:
+            c.on_broken = lambda err: [c.fail(err) for c in chans]
+        futs = []
+        for _ in range(2):
+            chans[0].post(*encode_step(_batch()))
+            futs.append(chans[1].expect())
+        await asyncio.sleep(0.2)
+        os.kill(procs[0 if dies == "first" else 1].pid, signal.SIGKILL)
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        chans[0].post(*encode_step(_batch()))
+        return results + await asyncio.gather(chans[1].expect(), return_exceptions=True)
+    try:
+        results = _run(asyncio.wait_for(go(), 30))
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert len(results) == 3 and all(isinstance(r, ChannelBroken) for r in results), results

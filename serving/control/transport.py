@@ -4,10 +4,12 @@ Reconfigurer (serving/control/reconfigurer.py) changes the shards.
 
 Steps go by default over a step channel per shard (shards/runtime/channel.py: a TCP socket the
 router opens to each actor, ~0.08 ms a round trip against ~2.7 ms for a Ray call): the router
-sends a step to shard 0, passes its hidden states on to shard 1, and so on. Channels are opened
-with no step in flight (the router's loop calls connect) and closed at every change; a broken
-one (a dead actor) fails its steps like a dead actor's Ray call, and steps go by `.remote`
-calls until the router reconnects at its next idle moment (after the dead shard is re-placed).
+sends a step to shard 0, which sends its hidden states straight on to shard 1, and so on; the
+last shard's tokens come back on the router's channel to it. Channels are opened with no step
+in flight (the router's loop calls connect) and closed at every change; one that breaks (a dead
+actor) fails every step out, like a dead actor's Ray call, and steps go by `.remote` calls until
+the router reconnects at its next idle moment (after the dead shard is re-placed).
+SHARDSERVE_DIRECT_HOPS=0 has the router pass each shard's hidden states on itself (A/B runs).
 
 With compiled_graph (opt-in), steps go through a Ray Compiled Graph over the shard actors
 (shared-memory channels, actor to actor, built at the first step and again after every
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
 import threading
 import time
 from collections import deque
@@ -41,6 +45,7 @@ DEADLINE_FLOOR_S = 2.0
 DEADLINE_FACTOR = 3.0
 LATENCIES = 64
 TEARDOWN_S = 30.0         # wait at most this for a graph's teardown before a change
+DIRECT_HOPS = os.environ.get("SHARDSERVE_DIRECT_HOPS", "1") != "0"
 
 
 class ShardLost(RuntimeError):
@@ -80,9 +85,14 @@ class Transport:
     def _submit(self, batch) -> asyncio.Future:
         if self._chans is not None:
             header, body = encode_step(batch)
-            first = self._chans[0].send(header, body)   # now: steps reach shard 0 in launch order
+            chans = self._chans
+            if DIRECT_HOPS and len(chans) > 1:      # on from shard to shard; the last one answers here
+                chans[0].post(header, body)         # now: steps reach shard 0 in launch order
+                first = chans[-1].expect()
+            else:
+                first = chans[0].send(header, body)
             self.channel_steps += 1
-            return asyncio.ensure_future(self._over_channels(self._chans, header, first, batch.width == 1))
+            return asyncio.ensure_future(self._over_channels(chans, header, first, batch.width == 1))
         graph = self._graph_now()
         if graph is not None:
             self.graph_steps += 1
@@ -103,8 +113,12 @@ class Transport:
         try:
             where = await asyncio.wait_for(asyncio.gather(*(h.open_channel.remote() for h in self.shards.handles)),
                                            CONNECT_TIMEOUT_S)
-            for w, name in zip(where, self.shards.names):
-                chans.append(await StepChannel.open(w["host"], w["port"], w["secret"], name))
+            # the last shard first: a shard connects on to the next one, which must know this router
+            router = secrets.token_hex(8)
+            for k in reversed(range(len(where))):
+                w, nxt = where[k], where[k + 1] if DIRECT_HOPS and k + 1 < len(where) else None
+                chans.insert(0, await StepChannel.open(w["host"], w["port"], w["secret"], self.shards.names[k],
+                                                       router=router, nxt=nxt))
         except Exception as e:
             for c in chans:
                 c.close()
@@ -116,6 +130,8 @@ class Transport:
             for c in chans:
                 c.close()
             return
+        for c in chans:     # a step out is on several channels: one broken fails it on all
+            c.on_broken = lambda err, chans=chans: [c.fail(err) for c in chans]
         self._chans = chans
 
     async def _over_channels(self, chans: list, header: dict, fut: asyncio.Future, decode: bool):
@@ -127,15 +143,17 @@ class Transport:
             raise ShardLost(str(e)) from e
 
     async def _relay(self, chans: list, header: dict, fut: asyncio.Future):
-        """Each shard's reply on to the next; the last one's sampled tokens. A step reaches shard
-        k + 1 in the order it left shard k: replies resolve their futures in order, and each
-        waiter sends on before it awaits again."""
+        """The last shard's sampled tokens. Without direct hops, each shard's reply on to the
+        next: a step reaches shard k + 1 in the order it left shard k, as replies resolve their
+        futures in order and each waiter sends on before it awaits again."""
         for k in range(len(chans)):
             reply, body = await fut
             if not reply["ok"]:
                 raise StepFailed(reply["error"])
             if "tokens" in reply:
                 return Sampled(reply["tokens"], reply.get("logprobs"))
+            if DIRECT_HOPS:
+                break
             header = next_step(header, reply)
             fut = chans[k + 1].send(header, body)
         raise StepFailed(f"the last shard ({len(chans) - 1}) sent hidden states, not tokens")
