@@ -195,7 +195,7 @@ def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="16 x 32 multiples"):
         Q8Linear.from_rows(lambda a, b: torch.ones(b - a, 32), 24)
     packed, scales = pack(torch.zeros(16, 32, dtype=torch.int32), torch.ones(16, 1), torch.zeros(16, 1), 4)
-    with pytest.raises(ValueError, match="levels"):
+    with pytest.raises((ValueError, RuntimeError), match="levels"):   # RuntimeError: from the C++ kernel
         torch.ops.shardserve.qmatmul(torch.ones(1, 32), packed, scales, 16, 4, 3)
 
 

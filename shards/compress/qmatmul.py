@@ -46,6 +46,8 @@ def _kernel() -> ctypes.CDLL:
     lib.qmatmul.argtypes = [p, p, p, p, i64, i64, i64, i32, i32, i32]
     lib.qmatmul_use_amx.argtypes = [i32]
     lib.qmatmul_team.argtypes = [i32]
+    from shards.runtime import ops
+    ops.register(_LIB, "qmatmul", lib.qmatmul, qmatmul)
     return lib
 
 
@@ -203,7 +205,7 @@ class Q8Linear(GroupQuantLinear):
 
 _LIB = torch.library.Library("shardserve", "FRAGMENT")
 _LIB.define("qmatmul(Tensor x, Tensor packed, Tensor scales, int n, int bits, int levels) -> Tensor")
-_LIB.impl("qmatmul", qmatmul, "CPU")
+# its CPU kernel is registered when the kernel library is loaded (_kernel: C++, shards/runtime/ops.py)
 torch.library.register_fake("shardserve::qmatmul")(lambda x, packed, scales, n, bits, levels: x.new_empty(x.shape[0], n))
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from shards.runtime import kernels
+from shards.runtime import kernels, ops
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def _library() -> ctypes.CDLL | None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.paged_decode_attention.argtypes = [p] * 6 + [i64] * 6 + [ctypes.c_float, ctypes.c_int]
     lib.paged_decode_attention_supports.argtypes = [i64, i64]
+    ops.register(_LIB, "paged_decode_attention", lib.paged_decode_attention, paged_decode_attention)
     return lib
 
 
@@ -97,5 +98,5 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
 _LIB = torch.library.Library("shardserve", "DEF")
 _LIB.define("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_ids, "
             "Tensor lens, float scale) -> Tensor")
-_LIB.impl("paged_decode_attention", paged_decode_attention, "CPU")
+# its CPU kernel is registered when the kernel library is loaded (_library: C++, shards/runtime/ops.py)
 torch.library.register_fake("shardserve::paged_decode_attention")(lambda q, *_: torch.empty_like(q))

@@ -1,6 +1,6 @@
 """Our C++ kernels (shards/*.cpp): built with the node's C++ compiler at first use, cached, loaded
-with ctypes. Used by shards/model/attention.py (paged decode attention) and shards/compress/int4.py (w4a8x2's
-4-bit matmul).
+with ctypes. Used by shards/model/attention.py (paged decode attention), shards/compress/qmatmul.py
+(w4a8x2's 4-bit matmul) and shards/runtime/ops.py (the torch ops' C++ kernels).
 
 Built with -march=native for the node's CPU: the cached library is keyed by source, compiler,
 flags and the CPU's flags, so a cache shared between nodes of different CPUs keeps one build per
@@ -34,12 +34,13 @@ def _cpu_key() -> str:
     return platform.machine() + flags
 
 
-def build(source: Path, extra: tuple[str, ...] = ()) -> Path:
+def build(source: Path, extra: tuple[str, ...] = (), libs: tuple[str, ...] = ()) -> Path:
     """The shared library of `source` (built now unless cached); raises OSError when the
-    compiler fails or is missing, subprocess.TimeoutExpired past 300 s."""
+    compiler fails or is missing, subprocess.TimeoutExpired past 300 s. libs: linker arguments,
+    which go after the source (a linker drops a library named before any object needs it)."""
     cxx = os.environ.get("CXX", "g++")
     flags = FLAGS + tuple(extra)
-    key = hashlib.sha256(source.read_bytes() + " ".join((cxx,) + flags).encode() + _cpu_key().encode())
+    key = hashlib.sha256(source.read_bytes() + " ".join((cxx,) + flags + tuple(libs)).encode() + _cpu_key().encode())
     out = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if out.is_file():
         return out
@@ -49,17 +50,17 @@ def build(source: Path, extra: tuple[str, ...] = ()) -> Path:
     with open(out.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not out.is_file():
-            _compile(cxx, flags, source, out)
+            _compile(cxx, flags, source, out, tuple(libs))
     return out
 
 
-def _compile(cxx: str, flags: tuple[str, ...], source: Path, out: Path) -> None:
+def _compile(cxx: str, flags: tuple[str, ...], source: Path, out: Path, libs: tuple[str, ...]) -> None:
     """Build beside the final name and rename: a reader (or a node whose file system ignores
     the lock) never loads half a library."""
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cxx, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([cxx, *flags, str(source), "-o", tmp, *libs], capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise OSError(f"{cxx} failed ({r.returncode}): {r.stderr.strip()[:500]}")
         os.replace(tmp, out)
@@ -68,7 +69,7 @@ def _compile(cxx: str, flags: tuple[str, ...], source: Path, out: Path) -> None:
             os.unlink(tmp)
 
 
-def load(source: Path, extra: tuple[str, ...] = ()) -> ctypes.CDLL:
+def load(source: Path, extra: tuple[str, ...] = (), libs: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Build (or find) and load; linked against libgomp.so.1, so the copy torch loaded serves it
     too (one OpenMP runtime in the process)."""
-    return ctypes.CDLL(str(build(source, extra)))
+    return ctypes.CDLL(str(build(source, extra, libs)))
