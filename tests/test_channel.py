@@ -311,15 +311,19 @@ def test_steps_go_shard_to_shard_and_replies_come_back_in_order():
     assert got == [k + 1000 for k in range(50) if k not in (20, 30)]
 
 
-def test_a_peer_of_an_unknown_router_is_refused():
+def test_a_peer_of_an_unknown_router_or_a_bad_next_address_is_refused():
     """Only a router that opened its own channel to a shard can have steps sent to it by the
-    shard before: a connection naming another router is closed at the hello."""
+    shard before: a connection naming another router is closed at the hello, as is a router's
+    whose next shard cannot be reached."""
     servers = [ChannelServer(_echo), ChannelServer(_head)]
     try:
         with socket.create_connection(servers[1].address, timeout=10) as s:
             s.sendall(frame({"secret": servers[1].secret, "peer": "nobody"}))
             assert _closed(s)
-        assert servers[1].refused == 1
+        with socket.create_connection(servers[0].address, timeout=10) as s:   # a next shard with no port
+            s.sendall(frame({"secret": servers[0].secret, "router": "r3", "next": {"host": "127.0.0.1"}}))
+            assert _closed(s)
+        assert servers[1].refused == 1 and servers[0].refused == 1
     finally:
         for s in servers:
             s.close()

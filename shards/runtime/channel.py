@@ -216,7 +216,7 @@ class ChannelServer:
     def _run(self, conn: socket.socket, route: _Route, router: str) -> bool:
         try:
             downstream = _open_peer(route.next, router) if route.next else None
-        except OSError:
+        except (OSError, KeyError, TypeError, ValueError):   # unreachable, or a malformed address
             return False
         try:
             conn.sendall(frame({"ok": True}))
