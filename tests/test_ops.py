@@ -35,3 +35,9 @@ def test_decode_attention_runs_in_cpp_with_the_python_kernels_bits():
                        attention.paged_decode_attention(q, kp, vp, ids, lens, 0.125))
     with pytest.raises(RuntimeError, match="outside 3 blocks of 16 a sequence, 6 in the pool"):
         torch.ops.shardserve.paged_decode_attention(q, kp, vp, ids, torch.tensor([40, 49]), 0.125)
+
+
+def test_an_op_without_a_kernel_in_the_glue_is_refused_by_name():
+    qm._kernel()
+    with pytest.raises(ValueError, match="'qmatmul2'"):
+        ops.register(torch.library.Library("shardserve", "FRAGMENT"), "qmatmul2", qm._kernel().qmatmul, qm.qmatmul)

@@ -9,6 +9,7 @@
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <stdint.h>
+#include <string.h>
 
 using torch::stable::Tensor;
 
@@ -19,9 +20,12 @@ typedef int (*attention_fn)(const void *, const void *, const void *, const void
 static qmatmul_fn qmatmul_kernel = nullptr;
 static attention_fn attention_kernel = nullptr;
 
-extern "C" void shardserve_bind(const char *op, void *fn) {
-    if (op[0] == 'q') qmatmul_kernel = (qmatmul_fn)fn;
-    else attention_kernel = (attention_fn)fn;
+// op: the torch op's name; returns 0, or -1 for a name without a kernel here
+extern "C" int shardserve_bind(const char *op, void *fn) {
+    if (strcmp(op, "qmatmul") == 0) qmatmul_kernel = (qmatmul_fn)fn;
+    else if (strcmp(op, "paged_decode_attention") == 0) attention_kernel = (attention_fn)fn;
+    else return -1;
+    return 0;
 }
 
 static Tensor dense(const Tensor &t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }

@@ -25,7 +25,6 @@ from shards.runtime import kernels
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("ops.cpp")
-_PYTHON: set[str] = set()    # ops whose Python kernel is registered (no glue)
 
 
 def _flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -46,6 +45,7 @@ def _glue() -> ctypes.CDLL | None:
         log.warning("torch op glue unavailable, our ops run through Python kernels: %s", e)
         return None
     lib.shardserve_bind.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+    lib.shardserve_bind.restype = ctypes.c_int
     return lib
 
 
@@ -53,11 +53,10 @@ def register(lib: torch.library.Library, op: str, kernel: ctypes._CFuncPtr, pyth
     """Give `shardserve::<op>` its CPU kernel: the glue's, calling `kernel` (the C function in our
     loaded library), or else `python_kernel` on `lib`. Call once per op, after loading `kernel`."""
     glue = _glue()
-    if glue is not None:
-        glue.shardserve_bind(op.encode(), ctypes.cast(kernel, ctypes.c_void_p))
-    elif op not in _PYTHON:
-        _PYTHON.add(op)
+    if glue is None:
         lib.impl(op, python_kernel, "CPU")
+    elif glue.shardserve_bind(op.encode(), ctypes.cast(kernel, ctypes.c_void_p)):
+        raise ValueError(f"shards/runtime/ops.cpp has no kernel for an op named {op!r}")
 
 
 def native() -> bool:
