@@ -5,7 +5,7 @@
 
 Variant A: the shard's share, the 4-bit kernel alone (SHARDSERVE_ALONE_DECODE_BYTES huge,
 SHARDSERVE_KERNEL_TEAM=0); B: every core through torch's threads (bytes 0); T: the share, with
-the kernel's panels split over every core (qmatmul.team); S: T with every process's OpenMP
+the kernel's panels split over every core (qmatmul.team, bytes 0: any shard qualifies); S: T with every process's OpenMP
 threads sleeping as soon as a region ends (GOMP_SPINCOUNT=0). `--order` names the servers started,
 in turn (default A B B A), 2 shards each; each runs c=1, 8 and 32 on serving prompts.
 """
@@ -22,8 +22,8 @@ from shards.data import read_prompts
 
 VARIANTS = {"A": {"SHARDSERVE_ALONE_DECODE_BYTES": str(1 << 62), "SHARDSERVE_KERNEL_TEAM": "0"},
             "B": {"SHARDSERVE_ALONE_DECODE_BYTES": "0", "SHARDSERVE_KERNEL_TEAM": "0"},
-            "T": {"SHARDSERVE_ALONE_DECODE_BYTES": str(1 << 62), "SHARDSERVE_KERNEL_TEAM": "1"},
-            "S": {"SHARDSERVE_ALONE_DECODE_BYTES": str(1 << 62), "SHARDSERVE_KERNEL_TEAM": "1", "GOMP_SPINCOUNT": "0"}}
+            "T": {"SHARDSERVE_ALONE_DECODE_BYTES": "0", "SHARDSERVE_KERNEL_TEAM": "1"},
+            "S": {"SHARDSERVE_ALONE_DECODE_BYTES": "0", "SHARDSERVE_KERNEL_TEAM": "1", "GOMP_SPINCOUNT": "0"}}
 LEVELS = ((1, 4), (8, 16), (32, 32))       # (concurrency, requests)
 
 

@@ -277,29 +277,37 @@ class ShardFault(RuntimeError):
 # than it gains. Without the spin limit the other shard's spinning worker made a 2-thread step
 # ~2x slower.
 ALONE_DECODE_BYTES = 256 << 20
-# A shard whose projections run our 4-bit kernel (`Method.kernel_team`) takes the other cores
-# for a decode step no other group overlaps through the kernel's team instead (qmatmul.team):
-# helpers that spin between the step's kernel calls and sleep after it, so no wake-ups, and one
-# set of graphs. Measured over HTTP, 2 shards, servers in the order T B B T: Llama-3.2-1B
-# shape, against every core through torch's threads, c=1 10.4 -> 12.4 tok/s (ITL 92 -> 75 ms),
-# c=8 35.7 -> 34.2, c=32 57.6 -> 60.7; the default model neither gains nor loses at c=1, since
-# the router's and Serve's work of each token holds the other core while the first shard steps
-# (docs/performance.md). SHARDSERVE_KERNEL_TEAM=0 turns it off (bench/decode_threads.py's A/B).
+# A shard whose projections run our 4-bit kernel (`Method.kernel_team`) and whose weights reach
+# the same threshold takes the other cores for a decode step no other group overlaps through the
+# kernel's team instead (qmatmul.team): helpers that spin between the step's kernel calls and
+# sleep after it, so no wake-ups, and one set of graphs. Measured over HTTP, 2 shards, servers in
+# the order T B B T: Llama-3.2-1B shape, against every core through torch's threads, c=1 10.4 ->
+# 12.4 tok/s (ITL 92 -> 75 ms), c=8 35.7 -> 34.2, c=32 57.6 -> 60.7. A smaller shard's step is
+# too short to gain: on the default model (71 / 54 MiB) the router's, Serve's and the client's
+# work of each token needs the other core while the first shard steps, and the spinning helper
+# takes it from them (c=1, 4 interleaved servers on an EPYC: 70.7 / 63.8 tok/s with the team,
+# 79.7 / 88.6 without; Serve + HTTP 1.95 / 1.51 against 0.72 / 0.59 ms a token).
+# SHARDSERVE_KERNEL_TEAM=0 turns it off (bench/decode_threads.py's A/B).
 KERNEL_TEAM = os.environ.get("SHARDSERVE_KERNEL_TEAM", "1") != "0"
+
+
+def alone_decode_bytes() -> int:
+    """The weight bytes from which a shard's alone decode steps take every core
+    (SHARDSERVE_ALONE_DECODE_BYTES overrides ALONE_DECODE_BYTES: bench/decode_threads.py's A/B)."""
+    return int(os.environ.get("SHARDSERVE_ALONE_DECODE_BYTES", ALONE_DECODE_BYTES))
 
 
 def kernel_team(spec: ShardSpec) -> bool:
     """Whether this CPU shard's decode steps with no other group overlapping split its kernel's
-    panels over every core (qmatmul.team)."""
-    return KERNEL_TEAM and not spec.device.startswith("cuda") and parse_compression(spec.compression).method.kernel_team
+    panels over every core (qmatmul.team): a 4-bit kernel shard of alone_decode_bytes or more."""
+    return (KERNEL_TEAM and not spec.device.startswith("cuda") and spec.weight_bytes >= alone_decode_bytes()
+            and parse_compression(spec.compression).method.kernel_team)
 
 
 def decodes_alone(spec: ShardSpec) -> bool:
     """Whether this CPU shard's decode steps take every core (torch's threads) when no other
-    group overlaps: a shard of ALONE_DECODE_BYTES or more, unless its kernel's team does it
-    (SHARDSERVE_ALONE_DECODE_BYTES overrides the threshold: bench/decode_threads.py's A/B)."""
-    least = int(os.environ.get("SHARDSERVE_ALONE_DECODE_BYTES", ALONE_DECODE_BYTES))
-    return not spec.device.startswith("cuda") and spec.weight_bytes >= least and not kernel_team(spec)
+    group overlaps: a shard of alone_decode_bytes or more, unless its kernel's team does it."""
+    return not spec.device.startswith("cuda") and spec.weight_bytes >= alone_decode_bytes() and not kernel_team(spec)
 
 
 def _metrics(spec: ShardSpec, kv_blocks) -> ShardMetrics | None:
