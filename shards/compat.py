@@ -100,6 +100,13 @@ def set_stance():
     return private("torch", "torch.compiler.set_stance", "decode steps that must not recompile")
 
 
+def dynamo_cache_entries():
+    """code -> dynamo's cache entries for it (each with .code, the transformed bytecode that
+    calls its graph, and .guard_manager)."""
+    return private("torch", "torch._dynamo.eval_frame._debug_get_cache_entry_list",
+                   "the decode step's direct calls of its whole-stage graph")
+
+
 # transformers: the GGUF reader's internals and Llama's RoPE
 def gguf_tensor_processors():
     """(TENSOR_PROCESSORS, TensorProcessor): per-architecture GGUF tensor fixes (Q/K permutes)."""
