@@ -41,9 +41,9 @@ def test_compiled_greedy_equals_eager(src, compression, kernel, monkeypatch):
     eager = Generator(src, 2, kv_blocks=32, compression=compression)
     compiled = Generator(src, 2, kv_blocks=32, compression=compression, compile=True)
     assert all(s.runs_compiled for s in compiled.stages) and not any(s.runs_compiled for s in eager.stages)
-    # decode steps call the whole-stage graphs bound at load, never through dynamo
+    # decode steps call the whole-stage graphs' bytecode, bound at each kind's first step,
+    # never through dynamo
     for s in compiled.stages:
-        assert set(s.compiled.direct) == {(True, torch.get_num_threads()), (False, torch.get_num_threads())}
         monkeypatch.setattr(s.compiled, "stage_fn", _through_dynamo)
     want = eager.generate(PROMPTS, SamplingParams(max_tokens=24), stop_at_eos=False)
     before = graphs()
@@ -55,6 +55,8 @@ def test_compiled_greedy_equals_eager(src, compression, kernel, monkeypatch):
     compiled.step(step)
     dec = StepBatch([0], [5], [1], tokens=eager.step(step).argmax(-1, keepdim=True))
     assert (eager.step(dec) - compiled.step(dec)).abs().max().item() < (1e-4 if compression == "fp32" else 0.1)
+    t = torch.get_num_threads()
+    assert all(set(s.compiled.direct) == {("whole", 0, True, t), ("whole", 0, False, t)} for s in compiled.stages)
 
 
 def _through_dynamo(*args):
@@ -128,7 +130,7 @@ def test_chunks_of_layers_equal_eager_and_follow_a_move(src, monkeypatch):
     # 5 threads: graphs no earlier test built; a layer, a chunk and a 3-layer graph, each for
     # batch 1 and more
     assert pipes[1][0].compiled.graphs == 6 and pipes[1][0].compiled.whole == 3
-    assert set(pipes[1][0].compiled.direct) == {(True, 5), (False, 5)}
+    assert not pipes[1][0].compiled.direct     # bound at each call's first step
 
     def step(stages, batch):
         x = None
@@ -153,4 +155,6 @@ def test_chunks_of_layers_equal_eager_and_follow_a_move(src, monkeypatch):
         torch.set_num_threads(was)
     assert outs[0] == outs[1] and pipes[1][1].layers == LayerRange(2, 4)
     assert pipes[1][0].compiled.whole is None and pipes[1][1].compiled.whole is None   # chunks since the move
-    assert not pipes[1][0].compiled.direct and not pipes[1][1].compiled.direct
+    # since the move, each stage's chunk call is bound for direct calls, not its old whole graph
+    assert set(pipes[1][0].compiled.direct) == {("chunk", 0, False, 5)}
+    assert set(pipes[1][1].compiled.direct) == {("chunk", 0, False, 5)}

@@ -67,12 +67,13 @@ CHECK_SHAPE = (2, MIN_BLOCKS + 1)                       # must run without compi
 # Layers [0, 19), w4a8x2, batch 1, 1 thread, 16 interleaved rounds of 20 steps: median 7.57
 # against 8.26 ms a step. SHARDSERVE_SKIP_GUARDS=0 checks them all (A/B runs).
 SKIP_GUARDS = os.environ.get("SHARDSERVE_SKIP_GUARDS", "1") != "0"
-# Past that, a step of the whole-stage graph skips dynamo altogether: at load, for each (batch 1
-# or more, thread count) the warm-up ran, the cache entry whose guards the warm-up's inputs pass
-# is bound once, and steps call its transformed bytecode (what dynamo runs after a lookup: it
-# unpacks the blocks' tensors and calls the graph) directly. Layers [0, 19), w4a8x2, batch 1,
-# 1 thread, 4 alternating rounds of 200 calls on an EPYC: 2.35-2.38 against 2.91-2.96 ms a call
-# through dynamo, the same output. SHARDSERVE_DIRECT_GRAPH=0 goes through dynamo (A/B runs).
+# Past that, a step's graph calls skip dynamo altogether: at a call's first step (the whole
+# stage, a chunk or a layer, at batch 1 or more, at a thread count), the cache entry whose
+# guards its inputs pass is bound, and later steps call its transformed bytecode (what dynamo
+# runs after a lookup: it unpacks the blocks' tensors and calls the graph) directly. Layers
+# [0, 19), w4a8x2, batch 1, 1 thread, 4 alternating rounds of 200 calls on an EPYC: 2.35-2.38
+# against 2.91-2.96 ms a call through dynamo, the same output. SHARDSERVE_DIRECT_GRAPH=0 goes
+# through dynamo (A/B runs).
 DIRECT_GRAPH = SKIP_GUARDS and os.environ.get("SHARDSERVE_DIRECT_GRAPH", "1") != "0"
 _SET_STANCE = compat.set_stance()   # read once: a step does not look it up again
 CHUNK = 8   # layers per call of the chunk graph
@@ -148,8 +149,9 @@ class CompiledDecode:
         self.stage_fn = torch.compile(stage_decode, dynamic=True, fullgraph=True)
         self.chunk = CHUNK      # read here, not at import: tests set a smaller one
         self.whole: int | None = None   # the layer count the whole-stage graph was warmed for
-        # (batch is 1, thread count) -> the whole-stage graph's bytecode, called without dynamo
-        self.direct: dict[tuple[bool, int], types.FunctionType] = {}
+        # (graph, first layer, batch is 1, thread count) -> that call's bytecode, called without
+        # dynamo (DIRECT_GRAPH); cleared when the stage's layers change
+        self.direct: dict[tuple, types.FunctionType] = {}
         # dynamo guards on torch's thread count: one set of graphs for each count steps use
         self.threads = sorted(set(threads))
         self.warm_s = 0.0       # seconds spent in warm-ups (compiling or loading from the cache)
@@ -160,36 +162,56 @@ class CompiledDecode:
         """inputs: x, slots, block_ids, bias, lens, cos, sin of layer_decode; returns x after
         every block."""
         self.steps += 1
-        if len(blocks) == self.whole:
-            direct = self.direct.get((inputs[0].shape[0] == 1, torch.get_num_threads()))
-            if direct is not None:
-                return direct(*_whole_args(blocks, pools, *inputs))
-        return self._run(blocks, pools, *inputs)
+        if not DIRECT_GRAPH:
+            return self._run(blocks, pools, *inputs)
+        return self._layers(blocks, pools, *inputs, call=self._step_call)
 
     def _run(self, blocks, pools, *inputs) -> torch.Tensor:
         with _SET_STANCE("fail_on_recompile", skip_guard_eval_unsafe=SKIP_GUARDS):
             return self._layers(blocks, pools, *inputs)
 
-    def _layers(self, blocks, pools, x, *rest) -> torch.Tensor:
+    def _step_call(self, key: tuple, fn, code, args: tuple) -> torch.Tensor:
+        """fn(*args) for a step: through the bytecode bound for key (at the key's first step,
+        from the first of code's cache entries whose guards args pass, as dynamo's lookup would
+        take it), else through dynamo, which must not compile."""
+        key = (*key, torch.get_num_threads())
+        direct = self.direct.get(key)
+        if direct is None:
+            direct = _bind(code, args)
+            if direct is not None:
+                self.direct[key] = direct
+        if direct is not None:
+            return direct(*args)
+        with _SET_STANCE("fail_on_recompile", skip_guard_eval_unsafe=SKIP_GUARDS):
+            return fn(*args)
+
+    def _layers(self, blocks, pools, x, *rest, call=None) -> torch.Tensor:
         """The whole stage in one call where its graph was warmed for these layers; else whole
-        chunks through the chunk graph and the remaining layers one at a time."""
+        chunks through the chunk graph and the remaining layers one at a time. call(key, fn,
+        code, args) makes each graph call (default: fn(*args)); key names the call's place in
+        the stage and whether the batch is 1."""
+        call, one = call or _plain, x.shape[0] == 1
         if len(blocks) == self.whole:
-            return self.stage_fn(*_whole_args(blocks, pools, x, *rest))
-        x = self._chunks(blocks, pools, x, *rest)
+            return call(("whole", 0, one), self.stage_fn, stage_decode.__code__, _whole_args(blocks, pools, x, *rest))
+        x = self._chunks(blocks, pools, x, *rest, call=call)
         chunked = self._chunked(len(blocks))
-        for block, (kp, vp) in zip(blocks[chunked:], pools[chunked:]):
-            x = self.fn(block, x, kp, vp, *rest, kernel_for(block, kp))
+        for j in range(chunked, len(blocks)):
+            (kp, vp), block = pools[j], blocks[j]
+            x = call(("layer", j, one), self.fn, layer_decode.__code__,
+                     (block, x, kp, vp, *rest, kernel_for(block, kp)))
         return x
 
     def _chunked(self, n: int) -> int:
         """Layers of n that run in whole chunks; the rest run one at a time."""
         return n - n % self.chunk
 
-    def _chunks(self, blocks, pools, x, *rest) -> torch.Tensor:
+    def _chunks(self, blocks, pools, x, *rest, call=None) -> torch.Tensor:
         """x after the stage's whole chunks of layers, through the chunk graph."""
+        call, one = call or _plain, x.shape[0] == 1
         for i in range(0, self._chunked(len(blocks)), self.chunk):
             bs, ps = tuple(blocks[i:i + self.chunk]), tuple(pools[i:i + self.chunk])
-            x = self.chunk_fn(bs, ps, x, *rest, tuple(kernel_for(b, kp) for b, (kp, _) in zip(bs, ps)))
+            x = call(("chunk", i, one), self.chunk_fn, chunk_decode.__code__,
+                     (bs, ps, x, *rest, tuple(kernel_for(b, kp) for b, (kp, _) in zip(bs, ps))))
         return x
 
     def drop_whole(self) -> None:
@@ -251,23 +273,30 @@ class CompiledDecode:
             torch.set_num_threads(was)
 
     def _warm_whole(self, blocks, pools, dummy) -> None:
-        """The whole-stage graph at every warm shape; steps take it from now on, bound for
-        direct calls (DIRECT_GRAPH) where exactly one cache entry's guards pass."""
+        """The whole-stage graph at every warm shape; steps take it from now on."""
         self.whole = len(blocks)
         for b, nb in WARM_SHAPES:
             self._layers(blocks, pools, *dummy(b, nb))
-            args = _whole_args(blocks, pools, *dummy(b, nb))
-            entries = compat.dynamo_cache_entries()(stage_decode.__code__)
-            names = stage_decode.__code__.co_varnames[:stage_decode.__code__.co_argcount]
-            fits = [e for e in entries if e.guard_manager.check(dict(zip(names, args)))]
-            if DIRECT_GRAPH and len(fits) == 1:
-                self.direct[(b == 1, torch.get_num_threads())] = types.FunctionType(
-                    fits[0].code, stage_decode.__globals__, "stage_decode_direct")
 
     def _warm_layers(self, blocks, pools, x, *rest) -> None:
         """Every layer alone through the layer graph (not chained: only its graphs matter)."""
         for block, (kp, vp) in zip(blocks, pools):
             self.fn(block, x, kp, vp, *rest, kernel_for(block, kp))
+
+
+def _plain(key: tuple, fn, code, args: tuple) -> torch.Tensor:
+    return fn(*args)
+
+
+def _bind(code, args: tuple) -> types.FunctionType | None:
+    """The transformed bytecode of the first of dynamo's cache entries for `code` whose guards
+    `args` pass (what dynamo runs after a lookup: it unpacks the inputs and calls the graph),
+    as a function of code's arguments; None where none passes."""
+    names = code.co_varnames[:code.co_argcount]
+    for entry in compat.dynamo_cache_entries()(code):
+        if entry.guard_manager.check(dict(zip(names, args))):
+            return types.FunctionType(entry.code, chunk_decode.__globals__, code.co_name + "_direct")
+    return None
 
 
 def _whole_args(blocks, pools, x, *rest) -> tuple:
