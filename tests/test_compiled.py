@@ -72,6 +72,10 @@ def test_a_step_needing_a_new_graph_raises_instead_of_compiling(src):
         # the message says which stance caught it: all guards, or only those telling graphs apart
         with pytest.raises(RuntimeError, match="fail_on_recompile|Recompilation triggered with skip_guard_eval_unsafe"):
             stage(StepBatch([0], [5], [1], tokens=torch.tensor([[3]])))
+        # no cache entry fits: remembered, and the next such step goes through dynamo again
+        assert stage.compiled.direct == {("whole", 0, True, 3): False}
+        with pytest.raises(RuntimeError, match="fail_on_recompile|Recompilation triggered with skip_guard_eval_unsafe"):
+            stage(StepBatch([0], [5], [1], tokens=torch.tensor([[3]])))
     finally:
         torch.set_num_threads(was)
 

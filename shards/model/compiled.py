@@ -150,8 +150,8 @@ class CompiledDecode:
         self.chunk = CHUNK      # read here, not at import: tests set a smaller one
         self.whole: int | None = None   # the layer count the whole-stage graph was warmed for
         # (graph, first layer, batch is 1, thread count) -> that call's bytecode, called without
-        # dynamo (DIRECT_GRAPH); cleared when the stage's layers change
-        self.direct: dict[tuple, types.FunctionType] = {}
+        # dynamo (DIRECT_GRAPH), or False where none fits; cleared when the stage's layers change
+        self.direct: dict[tuple, types.FunctionType | bool] = {}
         # dynamo guards on torch's thread count: one set of graphs for each count steps use
         self.threads = sorted(set(threads))
         self.warm_s = 0.0       # seconds spent in warm-ups (compiling or loading from the cache)
@@ -176,11 +176,9 @@ class CompiledDecode:
         take it), else through dynamo, which must not compile."""
         key = (*key, torch.get_num_threads())
         direct = self.direct.get(key)
-        if direct is None:
-            direct = _bind(code, args)
-            if direct is not None:
-                self.direct[key] = direct
-        if direct is not None:
+        if direct is None:     # False: no entry's guards passed; no graph is compiled meanwhile
+            direct = self.direct[key] = _bind(code, args) or False
+        if direct:
             return direct(*args)
         with _SET_STANCE("fail_on_recompile", skip_guard_eval_unsafe=SKIP_GUARDS):
             return fn(*args)
