@@ -104,7 +104,7 @@ def dynamo_cache_entries():
     """code -> dynamo's cache entries for it (each with .code, the transformed bytecode that
     calls its graph, and .guard_manager)."""
     return private("torch", "torch._dynamo.eval_frame._debug_get_cache_entry_list",
-                   "the decode step's direct calls of its whole-stage graph")
+                   "the decode step's direct graph calls")
 
 
 # transformers: the GGUF reader's internals and Llama's RoPE

@@ -190,7 +190,7 @@ class CompiledDecode:
         the stage and whether the batch is 1."""
         call, one = call or _plain, x.shape[0] == 1
         if len(blocks) == self.whole:
-            return call(("whole", 0, one), self.stage_fn, stage_decode.__code__, _whole_args(blocks, pools, x, *rest))
+            return call(("whole", 0, one), self.stage_fn, stage_decode.__code__, _run_args(blocks, pools, x, *rest))
         x = self._chunks(blocks, pools, x, *rest, call=call)
         chunked = self._chunked(len(blocks))
         for j in range(chunked, len(blocks)):
@@ -208,8 +208,7 @@ class CompiledDecode:
         call, one = call or _plain, x.shape[0] == 1
         for i in range(0, self._chunked(len(blocks)), self.chunk):
             bs, ps = tuple(blocks[i:i + self.chunk]), tuple(pools[i:i + self.chunk])
-            x = call(("chunk", i, one), self.chunk_fn, chunk_decode.__code__,
-                     (bs, ps, x, *rest, tuple(kernel_for(b, kp) for b, (kp, _) in zip(bs, ps))))
+            x = call(("chunk", i, one), self.chunk_fn, chunk_decode.__code__, _run_args(bs, ps, x, *rest))
         return x
 
     def drop_whole(self) -> None:
@@ -297,8 +296,9 @@ def _bind(code, args: tuple) -> types.FunctionType | None:
     return None
 
 
-def _whole_args(blocks, pools, x, *rest) -> tuple:
-    """stage_decode's arguments for a stage's blocks and pools and a step's inputs."""
+def _run_args(blocks, pools, x, *rest) -> tuple:
+    """chunk_decode's (and stage_decode's) arguments for a run of blocks, their pools and a
+    step's inputs."""
     return (tuple(blocks), tuple(pools), x, *rest, tuple(kernel_for(b, kp) for b, (kp, _) in zip(blocks, pools)))
 
 
