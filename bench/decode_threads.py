@@ -5,7 +5,7 @@
 
 Variant A: the shard's share, the 4-bit kernel alone (SHARDSERVE_ALONE_DECODE_BYTES huge,
 SHARDSERVE_KERNEL_TEAM=0); B: every core through torch's threads (bytes 0); T: the share, with
-the kernel's panels split over every core (qmatmul.team, bytes 0: any shard qualifies); S: T with every process's OpenMP
+the kernel's panels split over every core (qmatmul.team, any shard); S: T with every process's OpenMP
 threads sleeping as soon as a region ends (GOMP_SPINCOUNT=0). `--order` names the servers started,
 in turn (default A B B A), 2 shards each; each runs c=1, 8 and 32 on serving prompts.
 """

@@ -126,6 +126,45 @@ def test_the_team_gives_each_row_its_bits(team):
     assert torch.equal(mods[0](x[:3]), alone[0][1])      # off again: the calling thread alone
 
 
+def test_the_team_never_waits_for_a_helper_that_is_not_running():
+    """A helper whose core another thread holds leaves its share to the caller: with every
+    thread of this process on one core (the helper runs only when the caller is preempted), a
+    call inside qmatmul.team(2) takes about what it takes alone, and gives the same bits."""
+    big = W4A8CpuLinear(torch.randn(4096, 1024) / 8)
+    xb = torch.randn(1, 1024)
+    want = big(xb)
+
+    def call_ms(n: int) -> float:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            big(xb)
+            times.append(time.perf_counter() - t0)
+        return 1000 * sorted(times)[n // 2]
+
+    with qmatmul.team(2):       # starts the helper, so that it is pinned below as well
+        big(xb)
+    was, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    one = {min(was)}
+    tasks = [int(t.name) for t in Path("/proc/self/task").iterdir()]
+    torch.set_num_threads(1)    # a shard's step: one torch thread, the team beside it
+    try:
+        for tid in tasks:
+            os.sched_setaffinity(tid, one)
+        alone = call_ms(60)
+        with qmatmul.team(2):
+            shared = call_ms(60)
+            assert torch.equal(big(xb), want)
+    finally:
+        torch.set_num_threads(threads)
+        for tid in tasks:
+            try:
+                os.sched_setaffinity(tid, was)
+            except OSError:     # a thread that ended meanwhile
+                pass
+    assert shared < 2 * alone + 0.05, f"{shared:.3f} ms a call with a helper on the caller's core, {alone:.3f} alone"
+
+
 def _thread_cpu() -> dict[int, float]:
     """CPU seconds of each thread of this process (Linux /proc), by native thread id."""
     out = {}

@@ -24,6 +24,7 @@
 // activation rows and more where the CPU has AMX-INT8: its integer sums are exact too.
 #include <math.h>
 #include <omp.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <atomic>
@@ -240,51 +241,58 @@ static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const f
 
 // The team: helper threads that share a decode step's panels with the calling thread while a
 // step no other group overlaps runs (qmatmul_team), so a shard's step reads its weights with
-// every core the node gives the pipeline. They spin between calls only while the step runs:
+// every core the node gives the pipeline. They wait between calls only while the step runs:
 // a hand-off costs ~0.1 us where waking an OpenMP worker from sleep costs tens, tens of times a
 // step; after the step they sleep, so overlapping steps of other shards keep their cores.
-// Panels are independent, so a row's bits do not depend on who computed them. Each thread takes
-// the next chunk of panels while any is left: a helper that the OS runs late (another process's
-// work on its core) leaves more to the caller instead of holding the step back.
-struct TeamJob {
-    void (*run)(const void *ctx, int64_t begin, int64_t end);
-    const void *ctx;
-    int64_t count, chunk;           // panels, taken chunk by chunk by whoever is free
-    std::atomic<int64_t> next{0};
-};
-
+// Panels are independent, so a row's bits do not depend on who computed them.
+//
+// Nothing waits for a helper that is not running. A call is cut into chunks; whoever is free
+// claims the next one, and the call ends when every claimed chunk is done. A helper that the OS
+// runs late (another process's work on its core: on a 2-core node the router, Serve's proxy and
+// the client deliver the previous token while the first shard steps) leaves its share to the
+// caller, and while it waits for a call it yields its core to any runnable thread (sched_yield),
+// so it takes only what no one else wants.
 struct Team {
     std::vector<std::thread> threads;
     std::atomic<bool> active{false};
-    std::atomic<uint64_t> posted{0};
-    std::atomic<int> pending{0};
-    TeamJob job;
+    // the current call's chunk count (high 32 bits) and next unclaimed chunk (low 32) in one
+    // word: a claim reads both at once, so a helper can never take a chunk of one call by
+    // another's count. The call's fields below are written before the word (release) and read
+    // after a claim (acquire); they cannot change before every claimed chunk is done.
+    std::atomic<uint64_t> claims{0};
+    std::atomic<int64_t> done{0};   // chunks of the current call finished
+    void (*run)(const void *ctx, int64_t begin, int64_t end) = nullptr;
+    const void *ctx = nullptr;
+    int64_t count = 0, chunk = 1;   // panels, and panels a chunk
     std::mutex m;
     std::condition_variable wake;
-    int size = 1;                   // threads a job is split over, the caller's included
+    int size = 1;                   // threads a call is split over, the caller's included
 };
 
 static Team &team = *new Team;   // never destroyed: helpers may still wait on its condition at exit
 
-static void job_share(TeamJob &j) {
-    for (int64_t i; (i = j.next.fetch_add(j.chunk, std::memory_order_relaxed)) < j.count;)
-        j.run(j.ctx, i, i + j.chunk < j.count ? i + j.chunk : j.count);
+static bool unclaimed(uint64_t c) { return (c & 0xffffffffu) < (c >> 32); }
+
+static void share_chunks() {
+    for (;;) {
+        const uint64_t c = team.claims.fetch_add(1, std::memory_order_acq_rel);
+        if (!unclaimed(c)) return;
+        const int64_t begin = (int64_t)(c & 0xffffffffu) * team.chunk;
+        team.run(team.ctx, begin, begin + team.chunk < team.count ? begin + team.chunk : team.count);
+        team.done.fetch_add(1, std::memory_order_release);
+    }
 }
 
-static void helper(uint64_t seen) {   // seen: the jobs posted before it started
+static void helper() {
     for (;;) {
         if (!team.active.load(std::memory_order_acquire)) {
             std::unique_lock<std::mutex> lock(team.m);
             team.wake.wait(lock, [] { return team.active.load(std::memory_order_acquire); });
         }
-        const uint64_t p = team.posted.load(std::memory_order_acquire);
-        if (p != seen) {
-            seen = p;
-            job_share(team.job);
-            team.pending.fetch_sub(1, std::memory_order_acq_rel);
-        } else {
-            __builtin_ia32_pause();
-        }
+        if (unclaimed(team.claims.load(std::memory_order_acquire)))
+            share_chunks();
+        else
+            sched_yield();
     }
 }
 
@@ -293,14 +301,13 @@ static bool team_on() { return team.size > 1 && team.active.load(std::memory_ord
 // run(ctx, begin, end) over [0, count) on the team, the caller included; chunks of about a
 // quarter of a thread's share
 static void team_run(void (*run)(const void *, int64_t, int64_t), const void *ctx, int64_t count) {
-    TeamJob &j = team.job;
-    j.run = run, j.ctx = ctx, j.count = count;
-    j.chunk = count / (4 * team.size) > 1 ? count / (4 * team.size) : 1;
-    j.next.store(0, std::memory_order_relaxed);
-    team.pending.store((int)team.threads.size(), std::memory_order_relaxed);   // every helper answers
-    team.posted.fetch_add(1, std::memory_order_release);
-    job_share(j);
-    while (team.pending.load(std::memory_order_acquire)) __builtin_ia32_pause();
+    const int64_t chunk = count / (4 * team.size) > 1 ? count / (4 * team.size) : 1;
+    const int64_t chunks = (count + chunk - 1) / chunk;
+    team.run = run, team.ctx = ctx, team.count = count, team.chunk = chunk;
+    team.done.store(0, std::memory_order_relaxed);
+    team.claims.store((uint64_t)chunks << 32, std::memory_order_release);
+    share_chunks();
+    while (team.done.load(std::memory_order_acquire) < chunks) __builtin_ia32_pause();
 }
 
 #if QM_AMX
@@ -464,7 +471,7 @@ void qmatmul_team(int n) {
     std::lock_guard<std::mutex> lock(team.m);
     if (n > 1) {
         while ((int)team.threads.size() < n - 1) {
-            team.threads.emplace_back(helper, team.posted.load());
+            team.threads.emplace_back(helper);
             team.threads.back().detach();
         }
         team.size = n;

@@ -62,7 +62,8 @@ def path() -> str:
 @contextlib.contextmanager
 def team(n: int):
     """Inside, steps split the kernel's panels over n threads (AMX tiles or not): this one and
-    n - 1 helpers that spin between calls until the block ends (qmatmul.cpp, "The team"). For a
+    n - 1 helpers that wait between calls, yielding their cores to any other runnable thread,
+    until the block ends (qmatmul.cpp, "The team"). For a
     step no other group overlaps; one calling thread at a time. A no-op where n <= 1 or no stage
     of this process loaded the kernel."""
     lib = _kernel() if n > 1 and _kernel.cache_info().currsize else None

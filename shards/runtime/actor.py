@@ -277,16 +277,17 @@ class ShardFault(RuntimeError):
 # than it gains. Without the spin limit the other shard's spinning worker made a 2-thread step
 # ~2x slower.
 ALONE_DECODE_BYTES = 256 << 20
-# A shard whose projections run our 4-bit kernel (`Method.kernel_team`) and whose weights reach
-# the same threshold takes the other cores for a decode step no other group overlaps through the
-# kernel's team instead (qmatmul.team): helpers that spin between the step's kernel calls and
-# sleep after it, so no wake-ups, and one set of graphs. Measured over HTTP, 2 shards, servers in
-# the order T B B T: Llama-3.2-1B shape, against every core through torch's threads, c=1 10.4 ->
-# 12.4 tok/s (ITL 92 -> 75 ms), c=8 35.7 -> 34.2, c=32 57.6 -> 60.7. A smaller shard's step is
-# too short to gain: on the default model (71 / 54 MiB) the router's, Serve's and the client's
-# work of each token needs the other core while the first shard steps, and the spinning helper
-# takes it from them (c=1, 4 interleaved servers on an EPYC: 70.7 / 63.8 tok/s with the team,
-# 79.7 / 88.6 without; Serve + HTTP 1.95 / 1.51 against 0.72 / 0.59 ms a token).
+# A shard whose projections run our 4-bit kernel (`Method.kernel_team`) takes the other cores for
+# a decode step no other group overlaps through the kernel's team (qmatmul.team): helpers that
+# wait between the step's kernel calls and sleep after it, so no wake-ups, and one set of graphs.
+# A helper yields its core to any other runnable thread and nothing waits for it, so it takes
+# only cores no one else wants: the first shard's step at c=1 overlaps the previous token's
+# delivery (the router, Serve's proxy, the client), which keeps the other core. Measured over
+# HTTP, 2 shards: Llama-3.2-1B shape, servers in the order T B B T, against every core through
+# torch's threads, c=1 10.4 -> 12.4 tok/s (ITL 92 -> 75 ms), c=8 35.7 -> 34.2, c=32 57.6 -> 60.7;
+# the default model (71 / 54 MiB) at c=1 on an EPYC, 6 alternating rounds in one server each:
+# without the team on the last shard ITL p50 6.20-7.11 ms, with it 5.63-6.05 (lower in every
+# round); the team on the first shard too, 6.37-6.78 against 6.16-6.79 (no difference).
 # SHARDSERVE_KERNEL_TEAM=0 turns it off (bench/decode_threads.py's A/B).
 KERNEL_TEAM = os.environ.get("SHARDSERVE_KERNEL_TEAM", "1") != "0"
 
@@ -299,8 +300,8 @@ def alone_decode_bytes() -> int:
 
 def kernel_team(spec: ShardSpec) -> bool:
     """Whether this CPU shard's decode steps with no other group overlapping split its kernel's
-    panels over every core (qmatmul.team): a 4-bit kernel shard of alone_decode_bytes or more."""
-    return (KERNEL_TEAM and not spec.device.startswith("cuda") and spec.weight_bytes >= alone_decode_bytes()
+    panels over every core (qmatmul.team): any shard whose projections run the 4-bit kernel."""
+    return (KERNEL_TEAM and not spec.device.startswith("cuda")
             and parse_compression(spec.compression).method.kernel_team)
 
 
