@@ -22,8 +22,8 @@ from shards.data import read_prompts
 
 VARIANTS = {"A": {"SHARDSERVE_ALONE_DECODE_BYTES": str(1 << 62), "SHARDSERVE_KERNEL_TEAM": "0"},
             "B": {"SHARDSERVE_ALONE_DECODE_BYTES": "0", "SHARDSERVE_KERNEL_TEAM": "0"},
-            "T": {"SHARDSERVE_ALONE_DECODE_BYTES": "0", "SHARDSERVE_KERNEL_TEAM": "1"},
-            "S": {"SHARDSERVE_ALONE_DECODE_BYTES": "0", "SHARDSERVE_KERNEL_TEAM": "1", "GOMP_SPINCOUNT": "0"}}
+            "T": {"SHARDSERVE_KERNEL_TEAM": "1"},
+            "S": {"SHARDSERVE_KERNEL_TEAM": "1", "GOMP_SPINCOUNT": "0"}}
 LEVELS = ((1, 4), (8, 16), (32, 32))       # (concurrency, requests)
 
 

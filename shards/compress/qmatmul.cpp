@@ -241,9 +241,9 @@ static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const f
 
 // The team: helper threads that share a decode step's panels with the calling thread while a
 // step no other group overlaps runs (qmatmul_team), so a shard's step reads its weights with
-// every core the node gives the pipeline. They wait between calls only while the step runs:
-// a hand-off costs ~0.1 us where waking an OpenMP worker from sleep costs tens, tens of times a
-// step; after the step they sleep, so overlapping steps of other shards keep their cores.
+// every core the node gives the pipeline. They poll between calls only while the step runs,
+// where waking an OpenMP worker from sleep costs tens of us, tens of times a step; after the
+// step they sleep, so overlapping steps of other shards keep their cores.
 // Panels are independent, so a row's bits do not depend on who computed them.
 //
 // Nothing waits for a helper that is not running. A call is cut into chunks; whoever is free
