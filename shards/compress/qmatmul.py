@@ -185,10 +185,11 @@ class Q8Linear(GroupQuantLinear):
     bits = 8
 
     @classmethod
-    def from_rows(cls, read, n_rows: int, chunk: int = 4096) -> "Q8Linear":
+    def from_rows(cls, read, n_rows: int, chunk: int = 4096, levels: int = LEVELS) -> "Q8Linear":
         """Quantize `chunk` rows at a time; read(start, end) -> fp32 rows [rows, K]."""
         parts = [cls._quantize(read(a, min(a + chunk, n_rows))) for a in range(0, n_rows, chunk)]
-        return cls(torch.cat([p for p, _ in parts]), torch.cat([s for _, s in parts]), parts[0][1].shape[1] * GROUP)
+        return cls(torch.cat([p for p, _ in parts]), torch.cat([s for _, s in parts]), parts[0][1].shape[1] * GROUP,
+                   levels=levels)
 
     @staticmethod
     def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,11 +211,18 @@ _LIB.define("qmatmul(Tensor x, Tensor packed, Tensor scales, int n, int bits, in
 torch.library.register_fake("shardserve::qmatmul")(lambda x, packed, scales, n, bits, levels: x.new_empty(x.shape[0], n))
 
 
-def from_linear(lin: nn.Linear, _method, grid: tuple[torch.Tensor, torch.Tensor] | None = None, _act_max=None) -> nn.Module:
-    """w4a8x2's module for one projection (the registry's factory); grid: a Q4 source's (d, m)."""
-    return W4A8CpuLinear(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), grid)
+def from_linear(lin: nn.Linear, method, grid: tuple[torch.Tensor, torch.Tensor] | None = None, _act_max=None) -> nn.Module:
+    """w4a8x2's and w4a8x1's module for one projection (the registry's factory, activations at
+    the method's `act_levels`); grid: a Q4 source's (d, m)."""
+    return W4A8CpuLinear(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), grid,
+                         method.act_levels)
 
 
 def q8_table(read, n_rows: int, _act_max=None, _head: bool = True) -> "Q8Linear":
     """w4a8x2's embedding / lm_head table: 8-bit groups (a Q8_0 source's own codes)."""
     return Q8Linear.from_rows(read, n_rows)
+
+
+def q8_table_x1(read, n_rows: int, _act_max=None, _head: bool = True) -> "Q8Linear":
+    """w4a8x1's table: w4a8x2's, its lm_head multiplying one int8 level of the final hidden state."""
+    return Q8Linear.from_rows(read, n_rows, levels=1)
