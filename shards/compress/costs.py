@@ -17,7 +17,7 @@ def measure_costs(source, compression: str | None = None, use_cache: bool = True
     """Build a layer (or each, one at a time, then dropped) and count its bytes."""
     cfg = source.config
     comp, todo = remaining(source, compression)
-    key = f"costs-v5-{comp.spec}.json"   # v5: the shape and the fp32 layer
+    key = f"costs-v6-{comp.spec}.json"   # v6: symmetric groups keep d alone (qmatmul.pack)
     cache = getattr(source, "cache", None)
     if use_cache and cache is not None and (cache / key).is_file():
         d = json.loads((cache / key).read_text())
@@ -65,7 +65,7 @@ def ladder_bytes(source, specs: tuple[str, ...], layer: int = 0) -> dict[str, in
     cache, out = getattr(source, "cache", None), {}
     for spec in specs:
         comp, todo = remaining(source, spec)
-        path = None if cache is None else cache / f"layer-bytes-v1-{layer}-{comp.spec}.json"
+        path = None if cache is None else cache / f"layer-bytes-v2-{layer}-{comp.spec}.json"
         if path is not None and path.is_file():
             out[spec] = json.loads(path.read_text())
             continue

@@ -17,7 +17,11 @@
 // high one; 8-bit: [N / 16, K / 4, 64], byte 4 r + j of chunk c holding u[16 p + r, 4 c + j]. So
 // a 64-byte load gives (4-bit: after an and / shift) the 16 rows x 4 inputs one dpbusd takes,
 // against one broadcast 4-byte word of xq: no horizontal sums. Scales: [N / 16, K / 32, 2, 16]
-// fp16, (d, m) of the panel's 16 rows per group. A row's result is computed the same way
+// fp16, (d, m) of the panel's 16 rows per group; or, where every group is symmetric (m = -Z d,
+// Z = 8 for 4 bits, 128 for 8: GGUF's Q4_0 and Q8_0), [N / 16, K / 32, 16], d alone, and the
+// kernel makes m = -Z d itself (the value a stored m would hold, bit for bit: Z is a power of
+// two), so a group of 32 weights takes 18 bytes instead of 20 (4-bit) and 34 instead of 36
+// (8-bit). A row's result is computed the same way
 // whatever the batch (tiles of up to 8 activation rows share each weight vector). The portable
 // path (no AVX-512 VNNI, or SHARDSERVE_GENERIC) does the same arithmetic in the same order, so
 // both give the same bits; so does the AMX path (qmatmul_amx below) that takes steps of 16
@@ -106,6 +110,10 @@ static inline float half_to_float(uint16_t h) {
     return (float)*reinterpret_cast<const _Float16 *>(&h);
 }
 
+// zero: Z of symmetric scales (d alone), 0 where they hold (d, m). fp16 numbers a group's
+// scales take in a panel
+static inline int64_t scale_step(float zero) { return zero ? PANEL : 2 * PANEL; }
+
 // 64-byte weight chunks per group, and inputs each chunk covers
 template <int BITS> struct Layout {
     static const int chunks = BITS == 4 ? 4 : 8;
@@ -116,9 +124,9 @@ template <int BITS> struct Layout {
 #if QM_PATH == 2
 template <int BITS, int NB, int L>
 static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const float *a, const float *s,
-                 int64_t K, float *y, int64_t N) {
+                 int64_t K, float *y, int64_t N, float zero) {
     typedef Layout<BITS> lay;
-    const int64_t ng = K / GROUP;
+    const int64_t ng = K / GROUP, sg = scale_step(zero);
     const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 acc[NB];
     for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
@@ -141,8 +149,9 @@ static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const f
                 }
             }
         }
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * 32)));
-        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * 32 + 16)));
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * sg)));
+        const __m512 m = zero ? _mm512_mul_ps(d, _mm512_set1_ps(-zero))
+                              : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * sg + 16)));
         for (int b = 0; b < NB; b++) {
             for (int l = 0; l < L; l++)
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[b * L + l]),
@@ -164,10 +173,10 @@ static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const f
 #define PIN(v) asm volatile("" : "+x"(v))
 template <int BITS, int NB, int L>
 static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const float *a, const float *s,
-                 int64_t K, float *y, int64_t N) {
+                 int64_t K, float *y, int64_t N, float zero) {
     typedef Layout<BITS> lay;
     constexpr int R = NB * L, P = BITS == 4 ? 1 : 2;
-    const int64_t ng = K / GROUP;
+    const int64_t ng = K / GROUP, sg = scale_step(zero);
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     __m256 acc[NB][2];
     for (int b = 0; b < NB; b++) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
@@ -199,8 +208,9 @@ static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const f
             }
         }
         for (int h = 0; h < 2; h++) {
-            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g * 32 + 8 * h)));
-            const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g * 32 + 16 + 8 * h)));
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g * sg + 8 * h)));
+            const __m256 m = zero ? _mm256_mul_ps(d, _mm256_set1_ps(-zero))
+                                  : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g * sg + 16 + 8 * h)));
             for (int r = 0; r < R; r++) {
                 const int b = r / L;
                 __m256i dot = _mm256_madd_epi16(p[r][0][h], ones);
@@ -218,9 +228,9 @@ static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const f
 #else
 template <int BITS, int NB, int L>
 static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const float *a, const float *s,
-                 int64_t K, float *y, int64_t N) {
+                 int64_t K, float *y, int64_t N, float zero) {
     typedef Layout<BITS> lay;
-    const int64_t ng = K / GROUP;
+    const int64_t ng = K / GROUP, sg = scale_step(zero);
     float acc[NB][PANEL] = {};
     for (int64_t g = 0; g < ng; g++) {
         int32_t dot[NB * L][PANEL] = {};
@@ -236,7 +246,8 @@ static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const f
         }
         for (int b = 0; b < NB; b++)
             for (int n = 0; n < PANEL; n++) {
-                const float d = half_to_float(sc[g * 32 + n]), m = half_to_float(sc[g * 32 + 16 + n]);
+                const float d = half_to_float(sc[g * sg + n]);
+                const float m = zero ? d * -zero : half_to_float(sc[g * sg + 16 + n]);
                 for (int l = 0; l < L; l++)
                     acc[b][n] = fmaf((float)dot[b * L + l][n], d * a[(b * L + l) * ng + g], acc[b][n]);
                 acc[b][n] = fmaf(m, s[b * ng + g], acc[b][n]);
@@ -355,9 +366,11 @@ static void amx_configure() {        // per thread: the tile configuration is th
 // the fp32 operations of tile() above, in its order
 template <int L>
 static inline void fold(__m512 *acc, const int32_t *sums, const uint16_t *sc, const float *a, const float *s,
-                        int64_t g, int64_t ng, int64_t b0, int nb) {
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * 32)));
-    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * 32 + 16)));
+                        int64_t g, int64_t ng, int64_t b0, int nb, float zero) {
+    const int64_t sg = scale_step(zero);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * sg)));
+    const __m512 m = zero ? _mm512_mul_ps(d, _mm512_set1_ps(-zero))
+                          : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * sg + 16)));
     for (int b = 0; b < nb; b++) {
         for (int l = 0; l < L; l++)
             acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums + (b * L + l) * 16)),
@@ -376,7 +389,7 @@ static inline void fold(__m512 *acc, const int32_t *sums, const uint16_t *sc, co
 // order, a group per 512 bytes. y: the panel's first output column.
 template <int L>
 static void panel_amx(const uint8_t *codes, const uint16_t *sc, const int8_t *xq, const float *a, const float *s,
-                      int64_t K, int64_t B, float *y, int64_t N) {
+                      int64_t K, int64_t B, float *y, int64_t N, float zero) {
     const int64_t ng = K / GROUP, rows = 16 / L;
     alignas(64) int32_t sums[2][16 * 16];
     for (int64_t b0 = 0; b0 < B; b0 += rows) {
@@ -393,10 +406,10 @@ static void panel_amx(const uint8_t *codes, const uint16_t *sc, const int8_t *xq
             if (g + 1 < ng) GROUP_DOT(3, 4, 5, x + (g + 1) * GROUP, codes + (g + 1) * 512, K);
             _tile_stored(0, sums[0], 64);
             if (g + 2 < ng) GROUP_DOT(0, 1, 2, x + (g + 2) * GROUP, codes + (g + 2) * 512, K);
-            fold<L>(acc, sums[0], sc, a, s, g, ng, b0, nb);
+            fold<L>(acc, sums[0], sc, a, s, g, ng, b0, nb, zero);
             if (g + 1 < ng) {
                 _tile_stored(3, sums[1], 64);
-                fold<L>(acc, sums[1], sc, a, s, g + 1, ng, b0, nb);
+                fold<L>(acc, sums[1], sc, a, s, g + 1, ng, b0, nb, zero);
             }
         }
         for (int b = 0; b < nb; b++) _mm512_storeu_ps(y + (b0 + b) * N, acc[b]);
@@ -424,6 +437,7 @@ struct AmxJob {
     float *y;
     int64_t B, N, K;
     int bits, levels;
+    float zero;                          // as tile()'s
 };
 
 // panels [begin, end) of j on this thread, with its tile configuration and a buffer of its own
@@ -436,8 +450,8 @@ static void amx_panels(const AmxJob &j, int64_t begin, int64_t end) {
     amx_configure();
     for (int64_t p = begin; p < end; p++) {
         const uint8_t *codes = vnni_codes(j.packed + p * panel_bytes, j.bits, ng, aligned);
-        (j.levels == 1 ? panel_amx<1> : panel_amx<2>)(codes, j.scales + p * ng * 32, j.xq, j.a, j.s, j.K, j.B,
-                                                      j.y + p * PANEL, j.N);
+        (j.levels == 1 ? panel_amx<1> : panel_amx<2>)(codes, j.scales + p * ng * scale_step(j.zero), j.xq, j.a, j.s,
+                                                      j.K, j.B, j.y + p * PANEL, j.N, j.zero);
     }
     _tile_release();
 }
@@ -459,7 +473,7 @@ static void qmatmul_amx(const AmxJob &j, int threads) {
 #endif
 
 typedef void (*tile_fn)(const uint8_t *, const uint16_t *, const int8_t *, const float *, const float *,
-                        int64_t, float *, int64_t);
+                        int64_t, float *, int64_t, float);
 
 template <int BITS> struct Tiles {   // [levels - 1][x rows - 1], for tiles of up to 8 activation rows
     static constexpr tile_fn one[8] = {tile<BITS, 1, 1>, tile<BITS, 2, 1>, tile<BITS, 3, 1>, tile<BITS, 4, 1>,
@@ -502,12 +516,14 @@ int qmatmul_use_amx(int want) {
 #endif
 }
 
-// x [B, K] fp32, packed (layout above, `bits` 4 or 8), scales [N / 16, K / 32, 2, 16] fp16 ->
-// y [B, N] fp32, with x rounded to `levels` (1 or 2) int8 levels. Returns -1 when N is not a
-// multiple of 16, K of 32, bits is not 4 or 8, or levels not 1 or 2.
+// x [B, K] fp32, packed (layout above, `bits` 4 or 8), scales [N / 16, K / 32, 2, 16] fp16
+// (minimum 1) or [N / 16, K / 32, 16] (minimum 0: symmetric, d alone) -> y [B, N] fp32, with x
+// rounded to `levels` (1 or 2) int8 levels. Returns -1 when N is not a multiple of 16, K of 32,
+// bits is not 4 or 8, or levels not 1 or 2.
 int qmatmul(const float *x, const uint8_t *packed, const uint16_t *scales, float *y,
-            int64_t B, int64_t N, int64_t K, int bits, int levels, int threads) {
+            int64_t B, int64_t N, int64_t K, int bits, int levels, int minimum, int threads) {
     if (N % PANEL || K % GROUP || B < 0 || (bits != 4 && bits != 8) || (levels != 1 && levels != 2)) return -1;
+    const float zero = minimum ? 0.f : (float)(1 << (bits - 1));
     const int64_t ng = K / GROUP, rows = TILE / levels, panel_bytes = K * PANEL * bits / 8;
     const tile_fn *tiles = bits == 4 ? (levels == 1 ? Tiles<4>::one : Tiles<4>::two)
                                      : (levels == 1 ? Tiles<8>::one : Tiles<8>::two);
@@ -524,17 +540,17 @@ int qmatmul(const float *x, const uint8_t *packed, const uint16_t *scales, float
     }
 #if QM_AMX
     if (B * levels >= AMX_ROWS && amx_on()) {
-        qmatmul_amx(AmxJob{packed, scales, xq.data(), a.data(), s.data(), y, B, N, K, bits, levels}, threads);
+        qmatmul_amx(AmxJob{packed, scales, xq.data(), a.data(), s.data(), y, B, N, K, bits, levels, zero}, threads);
         return 0;
     }
 #endif
     auto panel = [&](int64_t p) {
         const uint8_t *w = packed + p * panel_bytes;
-        const uint16_t *sc = scales + p * ng * 32;
+        const uint16_t *sc = scales + p * ng * scale_step(zero);
         for (int64_t b0 = 0; b0 < B; b0 += rows) {
             const int64_t nb = B - b0 < rows ? B - b0 : rows;
             tiles[nb - 1](w, sc, &xq[b0 * levels * K], &a[b0 * levels * ng], &s[b0 * ng], K,
-                          y + b0 * N + p * PANEL, N);
+                          y + b0 * N + p * PANEL, N, zero);
         }
     };
     if (team_on()) {

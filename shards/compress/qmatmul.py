@@ -43,7 +43,7 @@ def _kernel() -> ctypes.CDLL:
     except (OSError, subprocess.SubprocessError) as e:
         raise OSError(f"w4a8x2 needs its kernel, built with the node's C++ compiler: {e}") from e
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.qmatmul.argtypes = [p, p, p, p, i64, i64, i64, i32, i32, i32]
+    lib.qmatmul.argtypes = [p, p, p, p, i64, i64, i64, i32, i32, i32, i32]
     lib.qmatmul_use_amx.argtypes = [i32]
     lib.qmatmul_team.argtypes = [i32]
     from shards.runtime import ops
@@ -83,9 +83,10 @@ def amx(on: bool | None = None) -> bool:
     return bool(_kernel().qmatmul_use_amx(-1 if on is None else int(on)))
 
 
-def pack(u: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pack(u: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Unsigned codes u [N, K] (0..15 or 0..255) and the grid d, m [N, K / 32] -> the kernel's
-    (packed uint8 [N / 16, K * bits / 512, 64], scales fp16 [N / 16, K / 32, 2, 16]); layouts in
+    (packed uint8 [N / 16, K * bits / 512, 64], scales fp16 [N / 16, K / 32, 2, 16]); m None:
+    symmetric groups, m = -2^(bits - 1) d, scales [N / 16, K / 32, 16] (d alone). Layouts in
     qmatmul.cpp."""
     n, k = u.shape
     u = u.to(torch.uint8)
@@ -93,8 +94,11 @@ def pack(u: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> tuple[
         u = u.reshape(n // PANEL, PANEL, k // 8, 2, 4)                   # input 8 c + 4 h + j
         u = u[..., 0, :] | (u[..., 1, :] << 4)
     packed = u.reshape(n // PANEL, PANEL, -1, 4).permute(0, 2, 1, 3).contiguous()
-    scales = torch.stack([d.reshape(n // PANEL, PANEL, -1), m.reshape(n // PANEL, PANEL, -1)], 2)
-    return packed.reshape(n // PANEL, -1, 64), scales.permute(0, 3, 2, 1).contiguous().to(torch.float16)
+    if m is None:
+        scales = d.reshape(n // PANEL, PANEL, -1).permute(0, 2, 1)
+    else:
+        scales = torch.stack([d.reshape(n // PANEL, PANEL, -1), m.reshape(n // PANEL, PANEL, -1)], 2).permute(0, 3, 2, 1)
+    return packed.reshape(n // PANEL, -1, 64), scales.contiguous().to(torch.float16)
 
 
 def qmatmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, n: int, bits: int,
@@ -103,7 +107,7 @@ def qmatmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, n: int,
     x = x.contiguous()
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
     rc = _kernel().qmatmul(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), y.data_ptr(),
-                           x.shape[0], n, x.shape[1], bits, levels, torch.get_num_threads())
+                           x.shape[0], n, x.shape[1], bits, levels, int(scales.dim() == 4), torch.get_num_threads())
     if rc:
         raise ValueError(f"qmatmul: {n} x {x.shape[1]} is not a multiple of {PANEL} x {GROUP}, or "
                          f"{bits} bits / {levels} levels is not 4 or 8 / 1 or 2")
@@ -146,15 +150,22 @@ class GroupQuantLinear(nn.Module):
             b = torch.stack([b & 15, b >> 4], 2)                 # [rows, chunks, 2, 4]: input 8 c + 4 h + j
         return b.reshape(b.shape[0], self.in_features)
 
+    @property
+    def symmetric(self) -> bool:
+        """Scales hold d alone and m = -2^(bits - 1) d (GGUF's Q4_0, Q8_0)."""
+        return self.scales.dim() == 3
+
     def dequantized(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The weight [N, K] (or its `rows`) fp32 the kernel computes with: w = d u + m."""
         p, ng = self.scales.shape[:2]
         # rows picked before the fp32 cast: an embedding lookup must not convert the whole table
-        sc = self.scales.view(p, ng, 2, PANEL)
-        sc = (sc.permute(0, 3, 1, 2).reshape(p * PANEL, ng, 2) if rows is None
+        sc = self.scales.view(p, ng, -1, PANEL)
+        sc = (sc.permute(0, 3, 1, 2).reshape(p * PANEL, ng, -1) if rows is None
               else sc[rows // PANEL, :, :, rows % PANEL]).float()
+        d = sc[..., :1]
+        m = d * -(1 << (self.bits - 1)) if self.symmetric else sc[..., 1:]
         u = self.codes(rows).float().reshape(-1, ng, GROUP)
-        return (u * sc[..., :1] + sc[..., 1:]).reshape(-1, self.in_features)
+        return (u * d + m).reshape(-1, self.in_features)
 
 
 class W4A8CpuLinear(GroupQuantLinear):
@@ -170,16 +181,17 @@ class W4A8CpuLinear(GroupQuantLinear):
                              f"{PANEL} (the kernel's panels), got {n} x {k}")
         d, m = grid if grid is not None else rtn_grid(weight)
         d, m = d.half().float(), m.half().float()     # stored in fp16: the codes follow them
+        sym = torch.equal(m, -8 * d)                  # a Q4_0 source: d alone is stored
         # coded and packed QUANT_ROWS rows at a time (a multiple of PANEL: panels stay whole), so
         # the fp32 and int32 temporaries are of a block, not of the projection
         parts = [pack(codes_on(weight[a:a + QUANT_ROWS], d[a:a + QUANT_ROWS], m[a:a + QUANT_ROWS]),
-                      d[a:a + QUANT_ROWS], m[a:a + QUANT_ROWS], 4) for a in range(0, n, QUANT_ROWS)]
+                      d[a:a + QUANT_ROWS], None if sym else m[a:a + QUANT_ROWS], 4) for a in range(0, n, QUANT_ROWS)]
         super().__init__(torch.cat([p for p, _ in parts]), torch.cat([s for _, s in parts]), k, bias, levels)
 
 
 class Q8Linear(GroupQuantLinear):
     """8-bit codes per group of 32 with an fp16 scale (GGUF's Q8_0: w = d q, q in -127..127,
-    stored as u = q + 128 with m = -128 d). Rounded to nearest on each group's absmax, which
+    stored as u = q + 128: symmetric, m = -128 d, which the kernel makes from d). Rounded to nearest on each group's absmax, which
     gives a Q8_0 source's codes back exactly. Serves as lm_head and, by `rows`, the embedding."""
 
     bits = 8
@@ -198,7 +210,7 @@ class Q8Linear(GroupQuantLinear):
         g = w.float().reshape(w.shape[0], -1, GROUP)
         d = (g.abs().amax(-1) / 127).half().float()
         q = torch.round(g / torch.where(d > 0, d, 1).unsqueeze(-1)).clamp_(-127, 127)
-        return pack((q + 128).reshape(w.shape), d, -128 * d, 8)
+        return pack((q + 128).reshape(w.shape), d, None, 8)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows of token ids [...] -> [..., K] fp32."""

@@ -14,7 +14,7 @@
 using torch::stable::Tensor;
 
 typedef int (*qmatmul_fn)(const void *, const void *, const void *, void *, int64_t, int64_t, int64_t, int, int,
-                          int);
+                          int, int);
 typedef int (*attention_fn)(const void *, const void *, const void *, const void *, const void *, void *, int64_t,
                             int64_t, int64_t, int64_t, int64_t, int64_t, float, int);
 static qmatmul_fn qmatmul_kernel = nullptr;
@@ -36,8 +36,9 @@ static Tensor qmatmul(Tensor x, Tensor packed, Tensor scales, int64_t n, int64_t
     const Tensor xc = dense(x);
     const int64_t rows = xc.size(0), k = xc.size(1);
     Tensor y = torch::stable::new_empty(xc, {rows, n});
+    // scales [panels, groups, 2, 16] hold (d, m); [panels, groups, 16] d alone (symmetric groups)
     const int rc = qmatmul_kernel(xc.data_ptr(), packed.data_ptr(), scales.data_ptr(), y.data_ptr(), rows, n, k,
-                                  (int)bits, (int)levels, (int)torch::stable::get_num_threads());
+                                  (int)bits, (int)levels, scales.dim() == 4, (int)torch::stable::get_num_threads());
     STD_TORCH_CHECK(rc == 0, "qmatmul: ", n, " x ", k, " is not a multiple of 16 x 32, or ", bits, " bits / ",
                     levels, " levels is not 4 or 8 / 1 or 2");
     return y;
