@@ -2,8 +2,8 @@
 
     <method>                                       a quantization of the registry
                                                    (shards/compress/registry.py: fp32, bf16, w8a16,
-                                                   w4a16, w8a8, w4a8x2, llm-int8, nf4, fp4; older
-                                                   names such as int8-cpu are aliases)
+                                                   w4a16, w8a8, w4a8x2, w4a8x1, llm-int8, nf4,
+                                                   fp4; older names such as int8-cpu are aliases)
     magnitude:S | wanda:S | 2:4                    pruning, S = sparsity in (0, 1)
     sparsegpt:S | sparsegpt:2:4                    pruning with SparseGPT's weight update
     cut-mlp:F | cut-heads:F | drop-layers:N        structured cuts
