@@ -191,8 +191,9 @@ class W4A8CpuLinear(GroupQuantLinear):
 
 class Q8Linear(GroupQuantLinear):
     """8-bit codes per group of 32 with an fp16 scale (GGUF's Q8_0: w = d q, q in -127..127,
-    stored as u = q + 128: symmetric, m = -128 d, which the kernel makes from d). Rounded to nearest on each group's absmax, which
-    gives a Q8_0 source's codes back exactly. Serves as lm_head and, by `rows`, the embedding."""
+    stored as u = q + 128; symmetric, so the scales hold d alone and the kernel makes m = -128 d).
+    Rounded to nearest on each group's absmax, which gives a Q8_0 source's codes back exactly.
+    Serves as lm_head and, by `rows`, the embedding."""
 
     bits = 8
 
