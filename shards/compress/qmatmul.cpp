@@ -122,11 +122,19 @@ template <int BITS> struct Layout {
 
 // NB rows of x (NB * L activation rows, levels interleaved) against one panel of 16 output rows
 #if QM_PATH == 2
+// group g's d and m of the panel's 16 rows (m made from d where the scales are symmetric)
+static inline void group_scales(const uint16_t *sc, int64_t g, float zero, __m512 &d, __m512 &m) {
+    const int64_t sg = scale_step(zero);
+    d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * sg)));
+    m = zero ? _mm512_mul_ps(d, _mm512_set1_ps(-zero))
+             : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * sg + 16)));
+}
+
 template <int BITS, int NB, int L>
 static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const float *a, const float *s,
                  int64_t K, float *y, int64_t N, float zero) {
     typedef Layout<BITS> lay;
-    const int64_t ng = K / GROUP, sg = scale_step(zero);
+    const int64_t ng = K / GROUP;
     const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 acc[NB];
     for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
@@ -149,9 +157,8 @@ static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const f
                 }
             }
         }
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * sg)));
-        const __m512 m = zero ? _mm512_mul_ps(d, _mm512_set1_ps(-zero))
-                              : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * sg + 16)));
+        __m512 d, m;
+        group_scales(sc, g, zero, d, m);
         for (int b = 0; b < NB; b++) {
             for (int l = 0; l < L; l++)
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[b * L + l]),
@@ -367,10 +374,8 @@ static void amx_configure() {        // per thread: the tile configuration is th
 template <int L>
 static inline void fold(__m512 *acc, const int32_t *sums, const uint16_t *sc, const float *a, const float *s,
                         int64_t g, int64_t ng, int64_t b0, int nb, float zero) {
-    const int64_t sg = scale_step(zero);
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * sg)));
-    const __m512 m = zero ? _mm512_mul_ps(d, _mm512_set1_ps(-zero))
-                          : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * sg + 16)));
+    __m512 d, m;
+    group_scales(sc, g, zero, d, m);
     for (int b = 0; b < nb; b++) {
         for (int l = 0; l < L; l++)
             acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums + (b * L + l) * 16)),
