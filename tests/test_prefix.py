@@ -1,10 +1,11 @@
 """Tier 1: the prompt-prefix cache (serving/router/prefix.py) and its scheduler and KV sides: a prompt
-after a pinned, confirmed block prefix starts after it with a copy; holders count their blocks,
-yield to requests, and drop with a failed group; the KV copy moves every layer's blocks."""
+that shares tokens with a pinned, confirmed prompt starts after the longest shared prefix, to the
+token, with a copy; holders count their blocks, yield to requests, and drop with a failed group;
+the KV copy moves every layer's blocks that hold the copied positions."""
 import pytest
 import torch
 
-from serving.router.prefix import MIN_PIECE, PrefixCache
+from serving.router.prefix import MIN_PIECE, PrefixCache, common_prefix
 from serving.router.scheduler import Scheduler, SchedulerConfig, Sequence
 from shards.model.kv_cache import PagedKV
 from shards.model.step import SamplingParams
@@ -15,21 +16,33 @@ BS = 4
 SYSTEM = list(range(100, 109))          # 9 shared tokens: two whole blocks of 4
 
 
+def test_common_prefix_counts_to_the_token():
+    a = list(range(40))
+    for n in (0, 1, 15, 16, 17, 33, 40):
+        assert common_prefix(a, a[:n] + [-1] * 5, block=16) == n
+    assert common_prefix(a, a[:20], block=16) == 20 and common_prefix([], a) == 0
+
+
 def test_lookup_takes_the_longest_confirmed_prefix_that_leaves_a_piece():
     c, ids = PrefixCache(BS), iter(range(-1, -100, -1))
-    a = SYSTEM + [1, 2, 3, 4, 5, 6, 7]  # 16 tokens: pins (16 - MIN_PIECE) // 4 = 2 blocks
-    assert c.offer(a, lambda: next(ids), room=1) is None  # 2 blocks do not fit 1
-    hid, blocks = c.offer(a, lambda: next(ids), room=2)
-    assert blocks == (len(a) - MIN_PIECE) // BS == 2 and c.blocks_held == 2
+    a = SYSTEM + [1, 2, 3, 4, 5, 6, 7]  # 16 tokens: the whole prompt is pinned, 4 blocks
+    assert c.offer(a, lambda: next(ids), room=3) is None  # 4 blocks do not fit 3
+    hid, n = c.offer(a, lambda: next(ids), room=4)
+    assert n == len(a) and c.blocks_held == 4
     b = SYSTEM + [9] * 8
     assert c.lookup(b) is None                            # not confirmed: its pin may not have run
     c.confirm([hid])
-    assert c.lookup(b) == (hid, 2)                        # both blocks are SYSTEM's
-    assert c.lookup(SYSTEM[:4] + [0] * 9) == (hid, 1)     # the first block only
-    assert c.lookup(SYSTEM[:8] + [0] * 4) == (hid, 1)     # 2 blocks would leave 4 < MIN_PIECE tokens
+    assert c.lookup(b) == (hid, 9)                        # SYSTEM, to the token
+    assert c.lookup(SYSTEM[:4] + [0] * 9) == (hid, 4)
+    assert c.lookup(SYSTEM[:8] + [0] * 4) == (hid, 7)     # 8 would leave 4 < MIN_PIECE tokens
+    assert c.lookup(SYSTEM[:3] + [0] * 9) is None         # less than a block's worth
     assert c.lookup([0] * 20) is None
-    assert c.offer(SYSTEM[:8] + [5] * 5, lambda: next(ids), 9) is None   # its 2 blocks are held already
-    assert c.drop([hid, 12345]) == [hid] and c.lookup(b) is None and c.blocks_held == 0
+    assert c.offer(SYSTEM + [1] * 4, lambda: next(ids), 9) is None   # a holds all a repeat could copy
+    longer = c.offer(a + [8] * 6, lambda: next(ids), 9)   # a chat's next turn: a holder of its own
+    assert longer[1] == 22 and c.blocks_held == 4 + 6
+    c.confirm([longer[0]])
+    assert c.lookup(a + [8] * 6 + [3] * 9) == (longer[0], 22)
+    assert c.drop([hid, longer[0], 12345]) == [hid, longer[0]] and c.lookup(b) is None and c.blocks_held == 0
 
 
 def test_evict_goes_least_recently_used_first_and_spares_keep():
@@ -37,7 +50,7 @@ def test_evict_goes_least_recently_used_first_and_spares_keep():
     h1, _ = c.offer([1] * 4 + [0] * 6, lambda: next(ids), 9)
     h2, _ = c.offer([2] * 4 + [0] * 6, lambda: next(ids), 9)
     c.confirm([h1, h2])
-    assert c.lookup([1] * 4 + [5] * 6) == (h1, 1)          # h1 used last
+    assert c.lookup([1] * 4 + [5] * 6) == (h1, 4)          # h1 used last
     assert c.evict(keep={h2}) == h1 and c.evict(keep={h2}) is None
     assert c.evict() == h2 and not c.holders
 
@@ -54,9 +67,9 @@ def test_a_second_prompt_copies_the_pinned_prefix_after_the_pin_ran():
     assert g1.prefill and g1.seq_ids == (1,) and not g1.copies
     s.complete(g1, [7])                                   # a's prompt is in: its blocks get pinned
     g2, _ = s.next_group()                                # a's decode carries the pin
-    (hid, src, blocks), = g2.pins
-    assert src == 1 and blocks == 2 and hid < 0 and not g2.copies and not g2.prefill
-    assert s.used_blocks == s.blocks(len(a.tokens)) + 2    # the holder's blocks count (a's in flight)
+    (hid, src, n), = g2.pins
+    assert src == 1 and n == 16 and hid < 0 and not g2.copies and not g2.prefill
+    assert s.used_blocks == s.blocks(len(a.tokens)) + 4    # the holder's blocks count (a's in flight)
     s.add(b)
     g3, _ = s.next_group()                                # b prefills before the pin's step is back:
     assert g3.prefill and g3.seq_ids == (2,) and not g3.copies and g3.starts == (0,)   # no copy
@@ -69,9 +82,11 @@ def test_a_second_prompt_copies_the_pinned_prefix_after_the_pin_ran():
         if g.prefill:
             break
         s.complete(g, [7] * len(g.seq_ids))
-    assert g.copies == ((3, hid, 2),) and g.starts == (8,) and g.inputs == (tuple(c.tokens[8:]),)
-    assert s.prefix.hits == 1 and s.prefix.tokens_copied == 8
-    assert s.prefix_failed(g) == [hid] and not s.prefix.holders   # a failed copy drops its holder
+    assert g.copies == ((3, hid, 9),) and g.starts == (9,) and g.inputs == (tuple(c.tokens[9:]),)
+    assert s.prefix.hits == 1 and s.prefix.tokens_copied == 9
+    (b_hid, src, _), = g.pins                              # b's whole prompt rides on c's prefill
+    assert src == 2 and b_hid != hid
+    assert s.prefix_failed(g) == [b_hid, hid] and not s.prefix.holders   # a failed step drops both
 
 
 def test_a_waiting_prompt_copies_a_pin_in_the_step_that_carries_it():
@@ -85,24 +100,24 @@ def test_a_waiting_prompt_copies_a_pin_in_the_step_that_carries_it():
     s.complete(g1, [7])
     g2, _ = s.next_group()
     (hid, src, _), = g2.pins
-    assert g2.prefill and g2.seq_ids == (2,) and g2.copies == ((2, hid, 2),) and g2.starts == (8,) and src == 1
+    assert g2.prefill and g2.seq_ids == (2,) and g2.copies == ((2, hid, 9),) and g2.starts == (9,) and src == 1
 
 
 def test_holders_yield_to_a_request_that_needs_their_blocks():
-    s = Scheduler(SchedulerConfig(kv_blocks=8, block_size=BS, prefill_tokens=64))
+    s = Scheduler(SchedulerConfig(kv_blocks=9, block_size=BS, prefill_tokens=64))
     a = seq(1, SYSTEM + [1] * 7, max_tokens=2)
     s.add(a)
     g, _ = s.next_group()
     s.complete(g, [7])
     g, _ = s.next_group()
     (hid, _, _), = g.pins
-    assert s.used_blocks == s.blocks(17) + 2
+    assert s.used_blocks == s.blocks(17) + 4
     s.complete(g, [7])                                    # a is done: only the holder holds blocks
-    assert s.used_blocks == 2
-    s.add(seq(2, list(range(200, 228))))                  # 28 tokens + 1: all 8 blocks
+    assert s.used_blocks == 4
+    s.add(seq(2, list(range(200, 232))))                  # 32 tokens + 1: all 9 blocks
     g, freed = s.next_group()
     assert g.seq_ids == (2,) and freed == [hid]           # the shards free the holder first
-    assert not s.prefix.holders and s.used_blocks == s.blocks(28)
+    assert not s.prefix.holders and s.used_blocks == s.blocks(32)
 
 
 def test_clear_prefixes_drops_pending_pins_too():
@@ -134,24 +149,25 @@ def test_kv_copy_prefix_copies_every_layer_and_refuses_what_is_not_held():
     for layer, (kp, vp) in kv.pools.items():
         kp.normal_()
         vp.normal_()
-    kv.copy_prefix(-1, 1, 2)
-    src, dst = kv.table.blocks[1][:2], kv.table.blocks[-1]
-    assert len(dst) == 2 and not set(dst) & set(kv.table.blocks[1]) and kv.table.lengths[-1] == 8
-    for kp, vp in kv.pools.values():
-        assert torch.equal(kp[:, dst], kp[:, src]) and torch.equal(vp[:, dst], vp[:, src])
+    for dst_id, n in ((-1, 8), (-4, 6)):                   # whole blocks, and a block and a half
+        kv.copy_prefix(dst_id, 1, n)
+        src, dst = kv.table.blocks[1][:2], kv.table.blocks[dst_id]
+        assert len(dst) == 2 and not set(dst) & set(kv.table.blocks[1]) and kv.table.lengths[dst_id] == n
+        for kp, vp in kv.pools.values():
+            assert torch.equal(kp[:, dst], kp[:, src]) and torch.equal(vp[:, dst], vp[:, src])
     with pytest.raises(KeyError, match="holds 10 tokens"):
-        kv.copy_prefix(-2, 1, 3)
+        kv.copy_prefix(-2, 1, 11)
     with pytest.raises(KeyError, match="already holds"):
-        kv.copy_prefix(-1, 1, 1)
+        kv.copy_prefix(-1, 1, 4)
     with pytest.raises(KeyError, match="holds 0 tokens"):
-        kv.copy_prefix(-3, 99, 1)
+        kv.copy_prefix(-3, 99, 4)
 
 
 def test_the_same_prompt_sent_at_once_is_prefilled_once():
     """n choices of one request (or one prompt sent twice together): the later ones wait for
     the first's prefill, then copy its pinned blocks in the step that carries the pin."""
     s = Scheduler(SchedulerConfig(kv_blocks=64, block_size=BS, prefill_tokens=64))
-    prompt = SYSTEM + [1] * 7                              # 16 tokens: 2 whole blocks can be copied
+    prompt = SYSTEM + [1] * 7                              # 16 tokens: 11 can be copied
     a, b, c = seq(1, prompt), seq(2, prompt), seq(3, SYSTEM + [2] * 7)
     for x in (a, b, c):
         s.add(x)
@@ -160,10 +176,10 @@ def test_the_same_prompt_sent_at_once_is_prefilled_once():
     assert s.next_group()[0] is None                       # b still waits while a's prefill flies
     s.complete(g1, [7, 7])
     g2, _ = s.next_group()
-    assert g2.prefill and g2.seq_ids == (2,) and g2.starts == (8,) and len(g2.inputs[0]) == len(prompt) - 8
-    assert {src for _, src, _ in g2.pins} == {1}            # a's pin rides on the step that copies from it
-    (dst, hid, blocks), = g2.copies
-    assert dst == 2 and blocks == 2 and hid in {h for h, _, _ in g2.pins}
+    assert g2.prefill and g2.seq_ids == (2,) and g2.starts == (11,) and len(g2.inputs[0]) == MIN_PIECE
+    assert {src for _, src, _ in g2.pins} == {1, 3}         # a's pin rides on the step that copies from it (c's too)
+    (dst, hid, n), = g2.copies
+    assert dst == 2 and n == len(prompt) - MIN_PIECE and hid in {h for h, _, _ in g2.pins}
     with_scores = Sequence(4, list(prompt), SamplingParams(max_tokens=2, prompt_logprobs=0), frozenset({0}))
     s.add(with_scores)
     s.complete(g2, [7])

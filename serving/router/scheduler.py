@@ -79,8 +79,8 @@ class Group:
     steps: tuple[int, ...]             # tokens generated so far (seeds the sampler)
     samples: tuple[bool, ...]          # this step ends at the sequence's last token: keep its sample
     prefill: bool
-    # serving/router/prefix.py: (holder, sequence, blocks) copied into a new holder before the step's
-    # frees, and (sequence, holder, blocks) copied into a sequence after them
+    # serving/router/prefix.py: (holder, sequence, tokens) copied into a new holder before the step's
+    # frees, and (sequence, holder, tokens) copied into a sequence after them
     pins: tuple[tuple[int, int, int], ...] = ()
     copies: tuple[tuple[int, int, int], ...] = ()
     # per sequence, the prompt tokens following its inputs (StepBatch.targets); () for none
@@ -165,7 +165,7 @@ class Scheduler:
             # a copy's blocks are s's own: its whole prompt is fitted, then the copied part cached
             if self._fit(s, n, freed, keep=[x for x, _ in picked], holders=used):
                 if hit:
-                    s.cached = hit[1] * self.cfg.block_size
+                    s.cached = hit[1]
                     n -= s.cached
                     copies.append((s.id, *hit))
                     self.prefix.hits += 1
@@ -184,7 +184,7 @@ class Scheduler:
                      pins, tuple(copies), tuple(_targets(s, n) for s, n in picked)), freed
 
     def _prefix_hit(self, s: Sequence, n: int) -> tuple[int, int] | None:
-        """(holder, blocks) to copy before s prefills its whole history from nothing, or None."""
+        """(holder, tokens) to copy before s prefills its whole history from nothing, or None."""
         # prompt log probabilities need every prompt position computed
         if self.prefix is None or s.cached or n != s.pending or s.params.prompt_logprobs is not None:
             return None

@@ -111,18 +111,20 @@ class PagedKV:
         shape = (self.shape[0], b, nb * self.shape[2], self.shape[3])
         return kp[:, block_ids].view(shape), vp[:, block_ids].view(shape)
 
-    def copy_prefix(self, dst: int, src: int, n_blocks: int) -> None:
-        """Give dst, which holds nothing, a copy of src's first n_blocks blocks in every layer (a
-        cached prompt prefix, serving/router/prefix.py). Raises KeyError when src holds fewer, and
-        KVCacheFull when the pool has no room (nothing changes then)."""
-        bs, have = self.table.block_size, self.table.blocks.get(src, [])
-        if self.table.lengths.get(src, 0) < n_blocks * bs:
+    def copy_prefix(self, dst: int, src: int, n_tokens: int) -> None:
+        """Give dst, which holds nothing, a copy of src's K/V for its first n_tokens positions in
+        every layer (a cached prompt prefix, serving/router/prefix.py): the blocks holding them,
+        whole, so dst's last block may hold src's later positions, which dst's next step writes
+        over (attention reads only positions before a query's). Raises KeyError when src holds
+        fewer tokens, and KVCacheFull when the pool has no room (nothing changes then)."""
+        have = self.table.blocks.get(src, [])
+        if self.table.lengths.get(src, 0) < n_tokens:
             raise KeyError(f"prefix copy: sequence {src} holds {self.table.lengths.get(src, 0)} tokens on "
-                           f"this shard, {n_blocks * bs} to copy into {dst}")
+                           f"this shard, {n_tokens} to copy into {dst}")
         if dst in self.table.blocks:
             raise KeyError(f"prefix copy: sequence {dst} already holds {self.table.lengths[dst]} tokens")
-        self.table.reserve(dst, n_blocks * bs)
-        s = torch.tensor(have[:n_blocks], device=self.device)
+        self.table.reserve(dst, n_tokens)
+        s = torch.tensor(have[:self.table.blocks_for(n_tokens)], device=self.device)
         d = torch.tensor(self.table.blocks[dst], device=self.device)
         for kp, vp in self.pools.values():
             kp[:, d] = kp[:, s]

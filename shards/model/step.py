@@ -58,7 +58,7 @@ class StepBatch:
     # ordered before the step on every shard (a preempted sequence is re-prefilled later under
     # the same id, so a free that overtook or trailed a step would corrupt it)
     free: list[int] = field(default_factory=list)
-    # cached prompt prefixes (serving/router/prefix.py), [dst, src, blocks] each: pins copy a sequence's
+    # cached prompt prefixes (serving/router/prefix.py), [dst, src, tokens] each: pins copy a sequence's
     # blocks into a holder before the frees, copies a holder's into a sequence after them
     pins: list = field(default_factory=list)
     copies: list = field(default_factory=list)

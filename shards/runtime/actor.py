@@ -132,7 +132,7 @@ class ShardWorker:
         return out
 
     def _copy(self, copies, must: bool) -> None:
-        """Cached prompt prefixes (serving/router/prefix.py): [dst, src, blocks] each. A pin whose
+        """Cached prompt prefixes (serving/router/prefix.py): [dst, src, tokens] each. A pin whose
         sequence this shard no longer holds (aborted while its pin waited) is skipped: the
         holder is then missing here, and a copy from it raises, so that group is recomputed and
         the router drops the holder."""
