@@ -64,7 +64,7 @@ class CacheSection(Section):
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
     budgets: list[ByteSize] | None = Field(None, description="memory per shard, e.g. [300MiB, 300MiB]; the plan "
                                                              "fits layers and KV into them")
-    prefix_cache: bool = Field(True, description="prompts start after KV blocks cached from an earlier prompt")
+    prefix_cache: bool = Field(True, description="a prompt starts after the tokens it shares with an earlier prompt, their K/V copied")
 
 
 class SchedulerSection(Section):
