@@ -211,6 +211,44 @@ def test_the_team_never_waits_for_a_helper_that_is_not_running():
     assert shared < 2 * alone + 0.05, f"{shared:.3f} ms a call with a helper on the caller's core, {alone:.3f} alone"
 
 
+_TABLES = []   # node tables the kernel was pointed at: kept mapped for the process's life
+
+
+def test_lending_helpers_join_only_while_no_other_shard_steps(tmp_path, monkeypatch):
+    """Inside qmatmul.lend(2) a call takes the helper only while no other process of the
+    machine's table is stepping: with this process alone its helper runs chunks, with another
+    live process marked stepping it runs none; the same bits either way. A slot of a process
+    that is gone is cleared when a process joins."""
+    monkeypatch.setattr(qmatmul, "NODE_TABLE", tmp_path / "steps")
+    big = W4A8CpuLinear(torch.randn(4096, 1024) / 8)
+    xb = torch.randn(8, 1024)
+    want = big(xb)
+    words = torch.zeros(qmatmul.NODE_TABLE_BYTES // 4, dtype=torch.int32)
+    words[60:62] = torch.tensor([2 ** 31 - 2, 1], dtype=torch.int32)   # no such pid, left stepping
+    (tmp_path / "steps").write_bytes(words.numpy().tobytes())
+    qmatmul._node_table.cache_clear()
+    table = qmatmul._node_table()
+    _TABLES.append(table)
+    assert table is not None
+    slots = torch.frombuffer(bytearray(table[:]), dtype=torch.int32).view(-1, 2)
+    assert slots[30].tolist() == [0, 0] and os.getpid() in slots[:, 0].tolist()   # the dead one cleared
+
+    def helper_chunks(calls: int) -> int:
+        before = qmatmul.lent()
+        with qmatmul.stepping(), qmatmul.lend(2):
+            for _ in range(calls):
+                assert torch.equal(big(xb), want)
+        return qmatmul.lent() - before
+
+    assert helper_chunks(200) > 0
+    table[63 * 8:64 * 8] = torch.tensor([os.getppid(), 1], dtype=torch.int32).numpy().tobytes()
+    try:
+        assert helper_chunks(200) == 0
+    finally:
+        table[63 * 8:64 * 8] = bytes(8)
+    assert helper_chunks(200) > 0
+
+
 def _thread_cpu() -> dict[int, float]:
     """CPU seconds of each thread of this process (Linux /proc), by native thread id."""
     out = {}

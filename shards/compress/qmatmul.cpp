@@ -28,7 +28,10 @@
 // activation rows and more where the CPU has AMX-INT8: its integer sums are exact too.
 #include <math.h>
 #include <omp.h>
+#include <errno.h>
 #include <sched.h>
+#include <signal.h>
+#include <unistd.h>
 #include <stdint.h>
 #include <string.h>
 #include <atomic>
@@ -277,9 +280,17 @@ static void tile(const uint8_t *w, const uint16_t *sc, const int8_t *xq, const f
 // the client deliver the previous token while the first shard steps) leaves its share to the
 // caller, and while it waits for a call it yields its core to any runnable thread (sched_yield),
 // so it takes only what no one else wants.
+//
+// Lending (qmatmul_lend): while steps of other shards overlap this one, the helpers sleep and
+// join a call only if, when it starts, no other shard of the machine is stepping (a table in
+// shared memory, qmatmul_node_join / qmatmul_stepping): the other shard waits for its next group
+// and its core would idle. Woken per call (a few us against calls of 0.1-50 ms), and a helper
+// claims no further chunk once another shard's step begins, so that step gets its core back
+// within a chunk.
 struct Team {
     std::vector<std::thread> threads;
     std::atomic<bool> active{false};
+    std::atomic<bool> lend{false};  // helpers join calls only while no other shard steps
     // the current call's chunk count (high 32 bits) and next unclaimed chunk (low 32) in one
     // word: a claim reads both at once, so a helper can never take a chunk of one call by
     // another's count. The call's fields below are written before the word (release) and read
@@ -296,14 +307,35 @@ struct Team {
 
 static Team &team = *new Team;   // never destroyed: helpers may still wait on its condition at exit
 
+// Which shard processes of this machine are stepping now: a slot each (pid, stepping) in memory
+// they all map (qmatmul_node_join). Without one, lending never sees the machine idle.
+struct NodeSlot { int32_t pid, stepping; };
+static const int NODE_SLOTS = 64;
+static NodeSlot *node_slots = nullptr;
+static int node_slot = -1;
+
+static bool others_stepping() {
+    if (!node_slots) return true;
+    for (int i = 0; i < NODE_SLOTS; i++)
+        if (i != node_slot && __atomic_load_n(&node_slots[i].stepping, __ATOMIC_ACQUIRE)) return true;
+    return false;
+}
+
 static bool unclaimed(uint64_t c) { return (c & 0xffffffffu) < (c >> 32); }
 
-static void share_chunks() {
+// a lending helper stops claiming once another shard steps
+static bool holds_back() { return team.lend.load(std::memory_order_relaxed) && others_stepping(); }
+
+static std::atomic<int64_t> lent_chunks{0};   // chunks helpers ran in lending calls (qmatmul_lent)
+
+static void share_chunks(bool helper) {
     for (;;) {
+        if (helper && holds_back()) return;
         const uint64_t c = team.claims.fetch_add(1, std::memory_order_acq_rel);
         if (!unclaimed(c)) return;
         const int64_t begin = (int64_t)(c & 0xffffffffu) * team.chunk;
         team.run(team.ctx, begin, begin + team.chunk < team.count ? begin + team.chunk : team.count);
+        if (helper && team.lend.load(std::memory_order_relaxed)) lent_chunks.fetch_add(1, std::memory_order_relaxed);
         team.done.fetch_add(1, std::memory_order_release);
     }
 }
@@ -314,25 +346,40 @@ static void helper() {
             std::unique_lock<std::mutex> lock(team.m);
             team.wake.wait(lock, [] { return team.active.load(std::memory_order_acquire); });
         }
-        if (unclaimed(team.claims.load(std::memory_order_acquire)))
-            share_chunks();
+        if (unclaimed(team.claims.load(std::memory_order_acquire)) && !holds_back())
+            share_chunks(true);
         else
             sched_yield();
     }
 }
 
-static bool team_on() { return team.size > 1 && team.active.load(std::memory_order_relaxed); }
+static bool team_on() {
+    return team.size > 1 && (team.active.load(std::memory_order_relaxed) || team.lend.load(std::memory_order_relaxed));
+}
 
 // run(ctx, begin, end) over [0, count) on the team, the caller included; chunks of about a
 // quarter of a thread's share
 static void team_run(void (*run)(const void *, int64_t, int64_t), const void *ctx, int64_t count) {
+    const bool lending = team.lend.load(std::memory_order_relaxed);
+    if (lending && others_stepping()) {
+        run(ctx, 0, count);
+        return;
+    }
     const int64_t chunk = count / (4 * team.size) > 1 ? count / (4 * team.size) : 1;
     const int64_t chunks = (count + chunk - 1) / chunk;
     team.run = run, team.ctx = ctx, team.count = count, team.chunk = chunk;
     team.done.store(0, std::memory_order_relaxed);
     team.claims.store((uint64_t)chunks << 32, std::memory_order_release);
-    share_chunks();
+    if (lending) {                    // wake the helpers for this call alone
+        {
+            std::lock_guard<std::mutex> lock(team.m);
+            team.active.store(true, std::memory_order_release);
+        }
+        team.wake.notify_all();
+    }
+    share_chunks(false);
     while (team.done.load(std::memory_order_acquire) < chunks) __builtin_ia32_pause();
+    if (lending) team.active.store(false, std::memory_order_release);
 }
 
 #if QM_AMX
@@ -507,6 +554,56 @@ void qmatmul_team(int n) {
         team.active.store(false, std::memory_order_release);
         team.size = 1;
     }
+}
+
+// n > 1: from now on, calls are split over n threads only while no other shard of the machine
+// steps (the helpers sleep between calls); n <= 1: no lending. Not while the team is on.
+void qmatmul_lend(int n) {
+    std::lock_guard<std::mutex> lock(team.m);
+    if (n > 1) {
+        while ((int)team.threads.size() < n - 1) {
+            team.threads.emplace_back(helper);
+            team.threads.back().detach();
+        }
+        team.size = n;
+        team.lend.store(true, std::memory_order_release);
+    } else {
+        team.lend.store(false, std::memory_order_release);
+        if (!team.active.load(std::memory_order_relaxed)) team.size = 1;
+    }
+}
+
+// Take a slot of the machine's table (NODE_SLOTS x (pid, stepping) int32, zeroed when new,
+// shared by the shard processes): first the slots of processes that are gone are cleared (one
+// killed mid-step left its flag set), then a free one is claimed. Returns the slot, or -1 when
+// the table is full (no lending).
+int qmatmul_node_join(void *table) {
+    NodeSlot *t = static_cast<NodeSlot *>(table);
+    const int32_t me = (int32_t)getpid();
+    for (int i = 0; i < NODE_SLOTS; i++) {
+        int32_t p = __atomic_load_n(&t[i].pid, __ATOMIC_ACQUIRE);
+        if (p && p != me && kill(p, 0) != 0 && errno == ESRCH) {
+            __atomic_store_n(&t[i].stepping, 0, __ATOMIC_RELEASE);
+            __atomic_compare_exchange_n(&t[i].pid, &p, 0, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+        }
+    }
+    for (int i = 0; i < NODE_SLOTS; i++) {
+        int32_t free_ = 0;
+        if (__atomic_compare_exchange_n(&t[i].pid, &free_, me, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            __atomic_store_n(&t[i].stepping, 0, __ATOMIC_RELEASE);
+            node_slots = t, node_slot = i;
+            return i;
+        }
+    }
+    return -1;
+}
+
+// chunks this process's helpers ran in lending calls so far
+int64_t qmatmul_lent() { return lent_chunks.load(std::memory_order_relaxed); }
+
+// this process's step begins (1) or ends (0)
+void qmatmul_stepping(int on) {
+    if (node_slots) __atomic_store_n(&node_slots[node_slot].stepping, on, __ATOMIC_RELEASE);
 }
 
 // Whether steps of AMX_ROWS activation rows and more (x rows times levels) take the AMX path;

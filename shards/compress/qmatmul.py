@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import mmap
+import os
 import subprocess
 from pathlib import Path
 
@@ -31,6 +33,10 @@ from torch import nn
 from shards.compress.int4 import GROUP, QUANT_ROWS, codes_on, rtn_grid
 
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
+# the machine's table of shard processes and whether each steps now (qmatmul.cpp, "Lending"):
+# 64 slots of (pid, stepping) int32, in shared memory
+NODE_TABLE = Path("/dev/shm") / f"shardserve-steps-{os.getuid()}"
+NODE_TABLE_BYTES = 64 * 8
 PANEL = 16      # output rows one kernel vector serves
 LEVELS = 2      # int8 levels of the activations
 
@@ -46,6 +52,10 @@ def _kernel() -> ctypes.CDLL:
     lib.qmatmul.argtypes = [p, p, p, p, i64, i64, i64, i32, i32, i32, i32]
     lib.qmatmul_use_amx.argtypes = [i32]
     lib.qmatmul_team.argtypes = [i32]
+    lib.qmatmul_lend.argtypes = [i32]
+    lib.qmatmul_stepping.argtypes = [i32]
+    lib.qmatmul_node_join.argtypes = [p]
+    lib.qmatmul_lent.restype = i64
     from shards.runtime import ops
     ops.register(_LIB, "qmatmul", lib.qmatmul, qmatmul)
     return lib
@@ -57,6 +67,61 @@ PATHS = ("portable", "avx2", "avx512-vnni")
 def path() -> str:
     """The kernel's path on this CPU: avx512-vnni, avx2 (no AVX-512) or portable loops."""
     return PATHS[_kernel().qmatmul_path()]
+
+
+@functools.cache
+def _node_table() -> mmap.mmap | None:
+    """This process's slot in the machine's table of stepping shards (joined once; kept mapped
+    for the process's life); None where it cannot be mapped or is full: no lending then."""
+    try:
+        fd = os.open(NODE_TABLE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < NODE_TABLE_BYTES:
+                os.ftruncate(fd, NODE_TABLE_BYTES)      # new pages read as zeros: every slot free
+            table = mmap.mmap(fd, NODE_TABLE_BYTES)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    slot = _kernel().qmatmul_node_join(ctypes.addressof(ctypes.c_char.from_buffer(table)))
+    return table if slot >= 0 else None
+
+
+@contextlib.contextmanager
+def stepping(on: bool = True):
+    """Marks this process's step in the machine's table while the block runs, so lending
+    helpers of other shards stay out (see `lend`); a no-op when `on` is false or no stage of
+    this process loaded the kernel."""
+    lib = _kernel() if on and _kernel.cache_info().currsize and _node_table() is not None else None
+    if lib is not None:
+        lib.qmatmul_stepping(1)
+    try:
+        yield
+    finally:
+        if lib is not None:
+            lib.qmatmul_stepping(0)
+
+
+@contextlib.contextmanager
+def lend(n: int):
+    """Inside, a kernel call is split over n threads when, as it starts, no other shard process
+    of the machine is stepping (their steps are marked by `stepping`); otherwise it runs on this
+    thread alone. For a step that other groups overlap, so the cores one shard leaves idle while
+    it waits for its next group serve the other (qmatmul.cpp, "Lending"). A no-op where n <= 1,
+    no stage of this process loaded the kernel, or the machine's table cannot be mapped."""
+    lib = _kernel() if n > 1 and _kernel.cache_info().currsize and _node_table() is not None else None
+    if lib is not None:
+        lib.qmatmul_lend(n)
+    try:
+        yield
+    finally:
+        if lib is not None:
+            lib.qmatmul_lend(1)
+
+
+def lent() -> int:
+    """Chunks of kernel calls this process's helpers ran while lending, so far."""
+    return int(_kernel().qmatmul_lent())
 
 
 @contextlib.contextmanager

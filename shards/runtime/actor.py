@@ -106,22 +106,16 @@ class ShardWorker:
         self._copy(batch.copies, must=True)  # after: a re-prefilled id is freed first
         if self.faults:
             raise ShardFault(f"shard {self.spec.index}: {self.faults.pop(0)}")
-        team = 1       # threads sharing the 4-bit kernel's panels (qmatmul.team)
+        team = lend = 1   # threads sharing the 4-bit kernel's panels (qmatmul.team, qmatmul.lend)
         if self.device == "cpu":
             want = self.all_cores if batch.alone and (batch.width > 1 or self.decode_alone) else self.threads
             if torch.get_num_threads() != want:
                 torch.set_num_threads(want)
             team = self.team if batch.alone and want == self.threads else 1
-        extra = prompt_rows(batch) if self.stage.is_last else []
-        with qmatmul.team(team):
-            out = self.stage(batch, extra=extra)
-        # hidden states and logits leave the device: the next hop may be another node or GPU
-        if self.stage.is_last:
-            logits = out.cpu()
-            tokens = sample(allow_only(logits[:len(batch.seq_ids)], batch.masks), batch.sampling, batch.steps)
-            out = Sampled(tokens.tolist(), step_logprobs(logits, tokens, batch, extra))
-        else:
-            out = batch.with_hidden(to_wire(out.cpu()), self.stage.layers.end)
+            # a step other groups overlap takes the cores their shards leave idle, call by call
+            lend = self.team if not batch.alone and LEND else 1
+        with qmatmul.stepping(self.team > 1), qmatmul.team(team), qmatmul.lend(lend):
+            out = self._compute(batch)
         t1 = time.time()
         if self.metrics:
             self.metrics.stepped(t1 - t0, batch.width == 1)
@@ -130,6 +124,16 @@ class ShardWorker:
             self.decode_steps.append((t1, t1 - t0))
         self.steps += 1
         return out
+
+    def _compute(self, batch: StepBatch):
+        extra = prompt_rows(batch) if self.stage.is_last else []
+        out = self.stage(batch, extra=extra)
+        # hidden states and logits leave the device: the next hop may be another node or GPU
+        if self.stage.is_last:
+            logits = out.cpu()
+            tokens = sample(allow_only(logits[:len(batch.seq_ids)], batch.masks), batch.sampling, batch.steps)
+            return Sampled(tokens.tolist(), step_logprobs(logits, tokens, batch, extra))
+        return batch.with_hidden(to_wire(out.cpu()), self.stage.layers.end)
 
     def _copy(self, copies, must: bool) -> None:
         """Cached prompt prefixes (serving/router/prefix.py): [dst, src, tokens] each. A pin whose
@@ -290,6 +294,11 @@ ALONE_DECODE_BYTES = 256 << 20
 # round); the team on the first shard too, 6.37-6.78 against 6.16-6.79 (no difference).
 # SHARDSERVE_KERNEL_TEAM=0 turns it off (bench/decode_threads.py's A/B).
 KERNEL_TEAM = os.environ.get("SHARDSERVE_KERNEL_TEAM", "1") != "0"
+# Such a shard's steps that other groups overlap lend its helpers to a kernel call only while no
+# other shard process of the machine steps (qmatmul.lend): at c=8 and c=32 the two shards' steps
+# differ in length (the last one samples, the first prefills more layers), so each waits for the
+# other part of the time, its core idle. SHARDSERVE_LEND=0 turns it off (A/B runs).
+LEND = os.environ.get("SHARDSERVE_LEND", "1") != "0"
 
 
 def alone_decode_bytes() -> int:
