@@ -353,6 +353,15 @@ static void helper() {
     }
 }
 
+// calls split over n threads: the caller and n - 1 helpers, started on first use (team.m held)
+static void team_size(int n) {
+    while ((int)team.threads.size() < n - 1) {
+        team.threads.emplace_back(helper);
+        team.threads.back().detach();
+    }
+    team.size = n;
+}
+
 static bool team_on() {
     return team.size > 1 && (team.active.load(std::memory_order_relaxed) || team.lend.load(std::memory_order_relaxed));
 }
@@ -543,11 +552,7 @@ int qmatmul_path() { return QM_PATH; }
 void qmatmul_team(int n) {
     std::lock_guard<std::mutex> lock(team.m);
     if (n > 1) {
-        while ((int)team.threads.size() < n - 1) {
-            team.threads.emplace_back(helper);
-            team.threads.back().detach();
-        }
-        team.size = n;
+        team_size(n);
         team.active.store(true, std::memory_order_release);
         team.wake.notify_all();
     } else {
@@ -561,11 +566,7 @@ void qmatmul_team(int n) {
 void qmatmul_lend(int n) {
     std::lock_guard<std::mutex> lock(team.m);
     if (n > 1) {
-        while ((int)team.threads.size() < n - 1) {
-            team.threads.emplace_back(helper);
-            team.threads.back().detach();
-        }
-        team.size = n;
+        team_size(n);
         team.lend.store(true, std::memory_order_release);
     } else {
         team.lend.store(false, std::memory_order_release);
