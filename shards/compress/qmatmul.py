@@ -87,36 +87,40 @@ def _node_table() -> mmap.mmap | None:
     return table if slot >= 0 else None
 
 
+def _loaded(table: bool = False) -> ctypes.CDLL | None:
+    """The kernel library where a stage of this process loaded it (with `table`: and this
+    process holds a slot in the machine's table), else None."""
+    if not _kernel.cache_info().currsize or (table and _node_table() is None):
+        return None
+    return _kernel()
+
+
 @contextlib.contextmanager
-def stepping(on: bool = True):
-    """Marks this process's step in the machine's table while the block runs, so lending
-    helpers of other shards stay out (see `lend`); a no-op when `on` is false or no stage of
-    this process loaded the kernel."""
-    lib = _kernel() if on and _kernel.cache_info().currsize and _node_table() is not None else None
+def _switched(lib: ctypes.CDLL | None, call: str, on: int, off: int):
+    """lib.call(on) for the block, lib.call(off) after it; nothing where lib is None."""
     if lib is not None:
-        lib.qmatmul_stepping(1)
+        getattr(lib, call)(on)
     try:
         yield
     finally:
         if lib is not None:
-            lib.qmatmul_stepping(0)
+            getattr(lib, call)(off)
 
 
-@contextlib.contextmanager
+def stepping(on: bool = True):
+    """Marks this process's step in the machine's table while the block runs, so lending
+    helpers of other shards stay out (see `lend`); a no-op when `on` is false or no stage of
+    this process loaded the kernel."""
+    return _switched(_loaded(table=True) if on else None, "qmatmul_stepping", 1, 0)
+
+
 def lend(n: int):
     """Inside, a kernel call is split over n threads when, as it starts, no other shard process
     of the machine is stepping (their steps are marked by `stepping`); otherwise it runs on this
     thread alone. For a step that other groups overlap, so the cores one shard leaves idle while
     it waits for its next group serve the other (qmatmul.cpp, "Lending"). A no-op where n <= 1,
     no stage of this process loaded the kernel, or the machine's table cannot be mapped."""
-    lib = _kernel() if n > 1 and _kernel.cache_info().currsize and _node_table() is not None else None
-    if lib is not None:
-        lib.qmatmul_lend(n)
-    try:
-        yield
-    finally:
-        if lib is not None:
-            lib.qmatmul_lend(1)
+    return _switched(_loaded(table=True) if n > 1 else None, "qmatmul_lend", n, 1)
 
 
 def lent() -> int:
@@ -124,21 +128,13 @@ def lent() -> int:
     return int(_kernel().qmatmul_lent())
 
 
-@contextlib.contextmanager
 def team(n: int):
     """Inside, steps split the kernel's panels over n threads (AMX tiles or not): this one and
     n - 1 helpers that wait between calls, yielding their cores to any other runnable thread,
     until the block ends (qmatmul.cpp, "The team"). For a
     step no other group overlaps; one calling thread at a time. A no-op where n <= 1 or no stage
     of this process loaded the kernel."""
-    lib = _kernel() if n > 1 and _kernel.cache_info().currsize else None
-    if lib is not None:
-        lib.qmatmul_team(n)
-    try:
-        yield
-    finally:
-        if lib is not None:
-            lib.qmatmul_team(1)
+    return _switched(_loaded() if n > 1 else None, "qmatmul_team", n, 1)
 
 
 def amx(on: bool | None = None) -> bool:
