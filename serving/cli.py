@@ -115,14 +115,17 @@ def start_service(args, cfg: Config):
 
     from serving.api.app import ShardServe
     from serving.api.client import Client
+    from serving.ingress import choose, env, environment, starts_ray
     from serving.launch import replica_prefixes, start
     key = cfg.key()
     cfg.check_bind(args.host)
-    ray.init(address=args.address, namespace="shardserve", log_to_driver=False)
+    ingress = choose(args.port, cfg.server.replicas, starts_ray(args.address), cfg.server.direct_ingress, args.host)
+    with environment(env(ingress)):   # Ray's processes, started here, inherit it
+        ray.init(address=args.address, namespace="shardserve", log_to_driver=False)
     started = [(prefix, *start(cfg.replace(prefix=prefix))) for prefix in replica_prefixes(cfg)]
     for prefix, plan, hs, *_ in started:   # every pipeline loads here, with progress bars
         _wait_loaded(plan, hs, prefix)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(http_options={"host": args.host, "port": ingress.proxy_port})
     serve.run(ShardServe.options(num_replicas=cfg.server.replicas).bind(cfg.replace(api_key=key).model_dump()),
               name="shardserve", route_prefix="/", blocking=False)
     url = f"http://{args.host}:{args.port}"

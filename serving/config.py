@@ -124,6 +124,8 @@ class ServerSection(Section):
                                                     "admin_key_env; unset: the API key)")
     admin_key_env: str = Field("SHARDSERVE_ADMIN_KEY", description="the environment variable holding the admin key")
     insecure: bool = Field(False, description="serve on a non-loopback host without an API key")
+    direct_ingress: bool = Field(True, description="one replica on a Ray the CLI starts takes HTTP on its own "
+                                                   "server; false: through Serve's proxy")
 
 
 SECTIONS: dict[str, type[Section]] = {

@@ -131,3 +131,27 @@ def serve_client():
         return None
     return private("ray", "ray.serve.context._get_global_client", "build_app's bind check")(
         raise_if_no_controller_running=False)
+
+
+def ray_bootstrap_address(address: str | None) -> str | None:
+    """Where `ray.init(address)` connects: None when it starts a Ray of its own (with no address
+    it joins one `ray start` left on this machine)."""
+    return private("ray", "ray._private.services.canonicalize_bootstrap_address",
+                   "deciding whether `shardserve serve` starts Ray")(address)
+
+
+def reusable_direct_ingress() -> None:
+    """Start a Serve replica's direct-ingress HTTP server with SO_REUSEADDR and SO_REUSEPORT, as
+    Serve's proxy starts its own. Without them, every connection the replica served and closed
+    holds the port in TIME_WAIT for 60 s, and neither a restarted replica nor the next server on
+    that port can bind it meanwhile. Call in the replica before Serve starts that server (the
+    deployment's constructor runs first)."""
+    replica = private("ray", "ray.serve._private.replica", "direct ingress on a reusable port")
+    start = private("ray", "ray.serve._private.replica.start_asgi_http_server", "direct ingress on a reusable port")
+    if getattr(start, "reusable", False):
+        return
+
+    async def start_reusable(app, http_options, *, event_loop, enable_so_reuseport=False):
+        return await start(app, http_options, event_loop=event_loop, enable_so_reuseport=True)
+    start_reusable.reusable = True
+    replica.start_asgi_http_server = start_reusable

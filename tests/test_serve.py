@@ -41,20 +41,35 @@ def url():
     import ray
     from ray import serve
 
+    from serving.ingress import choose, env, environment
     from serving.launch import start
-    ray.init(namespace="shardserve", include_dashboard=False, log_to_driver=False)
+    # as `shardserve serve` starts it: HTTP straight into the one replica, Serve's proxy aside
+    ingress = choose(free_port(), replicas=1, starts_ray=True)
+    with environment(env(ingress)):
+        ray.init(namespace="shardserve", include_dashboard=False, log_to_driver=False)
     # shards owned by this process (as the CLI does), so redeploying the app keeps them
     _, handles, *_ = start(load(CONFIG, prefix=PREFIX))
     ray.get([h.ready.remote() for h in handles])
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = f"http://127.0.0.1:{port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": ingress.proxy_port})
+    base = f"http://127.0.0.1:{ingress.port}"
     deploy(CONFIG, base)
     yield base
     from shards.runtime.actor import stop_pipeline
     serve.shutdown()
     stop_pipeline(CONFIG["prefix"])
     ray.shutdown()
+
+
+def test_the_replica_serves_the_port_and_the_proxy_only_its_own(url):
+    """Direct ingress: the process listening on the users' port is the Serve replica (the router),
+    not Serve's proxy, and the proxy's port answers too (with the same app behind it)."""
+    import psutil
+    port = int(url.rsplit(":", 1)[1])
+    owner = {c.laddr.port: c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    assert "ServeReplica" in " ".join(psutil.Process(owner[port]).cmdline())
+    proxies = [p for p, pid in owner.items() if "ProxyActor" in " ".join(psutil.Process(pid).cmdline())]
+    assert proxies and port not in proxies
+    assert Client(f"http://127.0.0.1:{proxies[0]}").healthy()
 
 
 def test_openai_sdk_chat_equals_reference_generator(url, source, tokenizer):

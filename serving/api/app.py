@@ -30,7 +30,7 @@ from serving.api.schemas import ChatCompletionRequest, CompletionRequest, Detoke
 from serving.control.pipeline import BudgetTooSmall, ShardUnanswered
 from serving.launch import replica_prefixes
 from serving.router.grammar import GrammarError, Grammars
-from shards.compat import serve_client
+from shards.compat import reusable_direct_ingress, serve_client
 from shards.model.source import chat_prompt_ids, open_source
 from shards.runtime.actor import stop_pipeline
 
@@ -92,6 +92,7 @@ class ShardServe:
         CLI started, or starting them): /healthz reports on that build and never starts one."""
         cfg = app_config.load(config or {})
         _check_bind(cfg)
+        reusable_direct_ingress()   # before Serve starts this replica's own HTTP server, if it does
         api.state.api_key, api.state.admin_key = cfg.key(), cfg.admin_key()
         self.model_name = cfg.model.served_name or "shardserve-" + cfg.model.name
         # data parallel: each Serve replica routes its own pipeline, `<prefix><fp>-r<rank>-shard-<k>`
