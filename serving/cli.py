@@ -115,11 +115,13 @@ def start_service(args, cfg: Config):
 
     from serving.api.app import ShardServe
     from serving.api.client import Client
-    from serving.ingress import choose, env, environment, starts_ray
+    from serving.ingress import check_port, choose, env, environment, starts_ray
     from serving.launch import replica_prefixes, start
     key = cfg.key()
     cfg.check_bind(args.host)
     ingress = choose(args.port, cfg.server.replicas, starts_ray(args.address), cfg.server.direct_ingress, args.host)
+    if ingress.direct:
+        check_port(args.host, args.port)
     with environment(env(ingress)):   # Ray's processes, started here, inherit it
         ray.init(address=args.address, namespace="shardserve", log_to_driver=False)
     started = [(prefix, *start(cfg.replace(prefix=prefix))) for prefix in replica_prefixes(cfg)]

@@ -20,6 +20,8 @@ import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from shards.errors import ShardServeError
+
 
 @dataclass(frozen=True)
 class Ingress:
@@ -75,6 +77,18 @@ def starts_ray(address: str | None) -> bool:
         return ray_bootstrap_address(address) is None
     except CompatError:
         return False
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port another server listens on, before anything starts. Serve's replica would
+    retry it and fail only after its health wait; a connection closed a moment ago (TIME_WAIT)
+    does not count (SO_REUSEADDR, as the replica binds)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ShardServeError(f"port {port} on {host} is in use ({e.strerror}); pick another with --port") from None
 
 
 def free_port(host: str) -> int:

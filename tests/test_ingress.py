@@ -76,3 +76,15 @@ def test_a_replica_port_binds_again_right_after_it_served():
         _serve_once_and_stop(port)
     finally:
         replica.start_asgi_http_server = serves
+
+
+def test_a_port_someone_listens_on_is_refused_by_number():
+    import socket
+
+    from serving.ingress import check_port
+    from shards.errors import ShardServeError
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+        with pytest.raises(ShardServeError, match=f"port {port} on 127.0.0.1 is in use"):
+            check_port("127.0.0.1", port)
+    check_port("127.0.0.1", port)    # closed: free again
