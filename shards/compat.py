@@ -146,8 +146,9 @@ def reusable_direct_ingress() -> None:
     holds the port in TIME_WAIT for 60 s, and neither a restarted replica nor the next server on
     that port can bind it meanwhile. Call in the replica before Serve starts that server (the
     deployment's constructor runs first)."""
+    private("ray", "ray.serve._private.replica.start_asgi_http_server", "direct ingress on a reusable port")
     replica = private("ray", "ray.serve._private.replica", "direct ingress on a reusable port")
-    start = private("ray", "ray.serve._private.replica.start_asgi_http_server", "direct ingress on a reusable port")
+    start = replica.start_asgi_http_server   # the current one: a second call finds its own wrapper
     if getattr(start, "reusable", False):
         return
 
