@@ -1,7 +1,6 @@
 """Tier 2: the Serve app over real HTTP on loopback (openai SDK, httpx client, handle)."""
 import json
 import re
-import socket
 import time
 
 import httpx
@@ -17,12 +16,6 @@ pytestmark = pytest.mark.ray
 CONFIG = {"prefix": "srv-", "shards": 2, "kv_tokens": 4096, "compile": True, "compression": "fp32"}   # the compiled decode path, end to end
 PREFIX = replica_prefixes(load(CONFIG))[0]      # srv-<fingerprint>-: the app's actor names
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deploy(config: dict, url: str) -> None:
@@ -41,10 +34,10 @@ def url():
     import ray
     from ray import serve
 
-    from serving.ingress import choose, env, environment
+    from serving.ingress import choose, env, environment, free_port
     from serving.launch import start
     # as `shardserve serve` starts it: HTTP straight into the one replica, Serve's proxy aside
-    ingress = choose(free_port(), replicas=1, starts_ray=True)
+    ingress = choose(free_port("127.0.0.1"), replicas=1, starts_ray=True)
     with environment(env(ingress)):
         ray.init(namespace="shardserve", include_dashboard=False, log_to_driver=False)
     # shards owned by this process (as the CLI does), so redeploying the app keeps them
