@@ -9,9 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from serving.api.client import Client
+from serving.ingress import free_port
 from shards.model.step import SamplingParams
 from tests.conftest import chat_ids, prompts
-from tests.test_serve import QUESTION, free_port
+from tests.test_serve import QUESTION
 
 pytestmark = pytest.mark.ray
 GiB = 1 << 30
@@ -67,7 +68,7 @@ def served(cluster):
     from ray import serve
 
     from serving.api.app import ShardServe
-    port = free_port()
+    port = free_port("127.0.0.1")
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     app = ShardServe.options(ray_actor_options={"num_cpus": 0, "resources": {"head": 0.01}})
     serve.run(app.bind(CONFIG), name="shardserve", route_prefix="/", blocking=False)

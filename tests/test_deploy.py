@@ -13,8 +13,9 @@ import yaml
 
 from serving.api.client import Client
 from serving.config import load
+from serving.ingress import free_port
 from serving.launch import replica_prefixes
-from tests.test_serve import QUESTION, free_port
+from tests.test_serve import QUESTION
 
 pytestmark = pytest.mark.model
 
@@ -47,7 +48,7 @@ def test_serve_run_yaml_with_two_replicas_both_serve(tmp_path):
     """`serve run` on a copy of deploy/serve.yaml (replicas: 2, a free port, less KV): both
     pipelines load, and both take requests (every shard of each reports steps)."""
     conf = yaml.safe_load(SERVE_YAML.read_text())
-    port = free_port()
+    port = free_port("127.0.0.1")
     conf["http_options"]["port"] = port
     conf["applications"][0]["args"].update(replicas=2, kv_tokens=2048, prefix="dep-", compile=False)  # compiled: test_serve
     path = tmp_path / "serve.yaml"
