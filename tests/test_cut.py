@@ -76,10 +76,11 @@ def test_cut_heads_respects_kv_groups():
     assert b.qkv_proj.weight.shape == (32 + 2 * 32, 64) and b.o_proj.weight.shape == (64, 32)
     assert (b.n_heads, b.n_kv) == (2, 2)
     from shards.model.kv_cache import PagedKV
+    from shards.model.rope import Rope
     from shards.model.step import StepBatch
-    from shards.model.step_context import StepContext, rope_params
+    from shards.model.step_context import StepContext
     kv = PagedKV([0], 4, 16, 2, 16)
-    ctx = StepContext(StepBatch([0], [0], [5]), kv, *rope_params(CFG, "cpu"))
+    ctx = StepContext(StepBatch([0], [0], [5]), kv, Rope.of(CFG, kv.dtype, "cpu"))
     assert b(torch.randn(1, 5, 64), ctx.rope, kv, ctx).shape == (1, 5, 64)
     with pytest.raises(CompressionError, match="per KV group"):
         cut_heads(block(), 0.1)

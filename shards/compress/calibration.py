@@ -27,8 +27,9 @@ from shards.compress.spec import Compression
 from shards.compress.structure import Stats, compress_structure
 from shards.data import PROMPTS, read_prompts, wikitext_ids
 from shards.model.kv_cache import PagedKV
+from shards.model.rope import Rope
 from shards.model.step import StepBatch
-from shards.model.step_context import StepContext, rope_params
+from shards.model.step_context import StepContext
 from shards.plan.layer_range import LayerRange
 from shards.plan.memory import head_dim
 
@@ -116,7 +117,7 @@ class Calibrator:
         n_seqs, seqlen = self.ids.shape
         self.kv = PagedKV([], n_seqs * math.ceil(seqlen / 16), 16, cfg.num_key_value_heads, head_dim(cfg))
         batch = StepBatch(list(range(n_seqs)), [0] * n_seqs, [seqlen] * n_seqs)
-        self.ctx = StepContext(batch, self.kv, *rope_params(cfg, "cpu"))
+        self.ctx = StepContext(batch, self.kv, Rope.of(cfg, self.kv.dtype, "cpu"))
 
     @torch.inference_mode()
     def run(self, block, x: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,10 @@ from shards.errors import RangeError
 from shards.model import attention
 from shards.model.block import Block, RMSNorm, fp32_block
 from shards.model.kv_cache import PagedKV
+from shards.model.rope import Rope
 from shards.model.source import ModelSource
 from shards.model.step import StepBatch, from_wire
-from shards.model.step_context import StepContext, rope_params
+from shards.model.step_context import StepContext
 from shards.plan.layer_range import LayerRange
 from shards.plan.memory import head_dim, module_bytes
 
@@ -60,7 +61,7 @@ class Stage(nn.Module):
         self.todo = todo
         self.dropped = {i for i in getattr(source, "dropped_layers", ()) if i in layers}
         self._add_layers(source, layers, todo)
-        self.inv_freq, self.rope_scale = rope_params(cfg, self.device)
+        self.rope = Rope.of(cfg, dtype, self.device)
         self.compiled = None
         if compile:
             from shards.model.compiled import CompiledDecode
@@ -246,7 +247,7 @@ class Stage(nn.Module):
         [B, vocab] at each sequence's last new token, then those of the (row, position) pairs in
         `extra` ([B + len(extra), vocab]); with all_logits, [B, Q, vocab]."""
         self.check_step(batch)
-        ctx = StepContext(batch, self.kv, self.inv_freq, self.rope_scale)
+        ctx = StepContext(batch, self.kv, self.rope)
         if self.is_first:
             x = self.embed(from_wire(batch.tokens).to(self.device)).to(self.dtype)
         else:
