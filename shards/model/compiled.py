@@ -42,6 +42,7 @@ w8a8, batch 16, 300 tokens of KV, 1 thread: 2.23 -> 1.13 ms a layer); the kernel
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -158,17 +159,17 @@ class CompiledDecode:
         self.graphs = 0         # graphs dynamo built for this stage (others may already exist)
         self.steps = 0          # decode steps run through the graphs
 
-    def __call__(self, blocks, pools, *inputs) -> torch.Tensor:
+    def __call__(self, run: Layers, *inputs) -> torch.Tensor:
         """inputs: x, slots, block_ids, bias, lens, cos, sin of layer_decode; returns x after
-        every block."""
+        every block of run."""
         self.steps += 1
         if not DIRECT_GRAPH:
-            return self._run(blocks, pools, *inputs)
-        return self._layers(blocks, pools, *inputs, call=self._step_call)
+            return self._run(run, *inputs)
+        return self._layers(run, *inputs, call=self._step_call)
 
-    def _run(self, blocks, pools, *inputs) -> torch.Tensor:
+    def _run(self, run: Layers, *inputs) -> torch.Tensor:
         with _SET_STANCE("fail_on_recompile", skip_guard_eval_unsafe=SKIP_GUARDS):
-            return self._layers(blocks, pools, *inputs)
+            return self._layers(run, *inputs)
 
     def _step_call(self, key: tuple, fn, code, args: tuple) -> torch.Tensor:
         """fn(*args) for a step: through the bytecode bound for key (at the key's first step,
@@ -183,32 +184,29 @@ class CompiledDecode:
         with _SET_STANCE("fail_on_recompile", skip_guard_eval_unsafe=SKIP_GUARDS):
             return fn(*args)
 
-    def _layers(self, blocks, pools, x, *rest, call=None) -> torch.Tensor:
+    def _layers(self, run: Layers, x, *rest, call=None) -> torch.Tensor:
         """The whole stage in one call where its graph was warmed for these layers; else whole
         chunks through the chunk graph and the remaining layers one at a time. call(key, fn,
         code, args) makes each graph call (default: fn(*args)); key names the call's place in
         the stage and whether the batch is 1."""
         call, one = call or _plain, x.shape[0] == 1
-        if len(blocks) == self.whole:
-            return call(("whole", 0, one), self.stage_fn, stage_decode.__code__, _run_args(blocks, pools, x, *rest))
-        x = self._chunks(blocks, pools, x, *rest, call=call)
-        chunked = self._chunked(len(blocks))
-        for j in range(chunked, len(blocks)):
-            (kp, vp), block = pools[j], blocks[j]
-            x = call(("layer", j, one), self.fn, layer_decode.__code__,
-                     (block, x, kp, vp, *rest, kernel_for(block, kp)))
+        if len(run.blocks) == self.whole:
+            return call(("whole", 0, one), self.stage_fn, stage_decode.__code__, run.args(x, *rest))
+        x = self._chunks(run, x, *rest, call=call)
+        for j in range(self._chunked(len(run.blocks)), len(run.blocks)):
+            (kp, vp), block = run.pools[j], run.blocks[j]
+            x = call(("layer", j, one), self.fn, layer_decode.__code__, (block, x, kp, vp, *rest, run.kernels[j]))
         return x
 
     def _chunked(self, n: int) -> int:
         """Layers of n that run in whole chunks; the rest run one at a time."""
         return n - n % self.chunk
 
-    def _chunks(self, blocks, pools, x, *rest, call=None) -> torch.Tensor:
+    def _chunks(self, run: Layers, x, *rest, call=None) -> torch.Tensor:
         """x after the stage's whole chunks of layers, through the chunk graph."""
         call, one = call or _plain, x.shape[0] == 1
-        for i in range(0, self._chunked(len(blocks)), self.chunk):
-            bs, ps = tuple(blocks[i:i + self.chunk]), tuple(pools[i:i + self.chunk])
-            x = call(("chunk", i, one), self.chunk_fn, chunk_decode.__code__, _run_args(bs, ps, x, *rest))
+        for i in range(0, self._chunked(len(run.blocks)), self.chunk):
+            x = call(("chunk", i, one), self.chunk_fn, chunk_decode.__code__, run[i:i + self.chunk].args(x, *rest))
         return x
 
     def drop_whole(self) -> None:
@@ -216,7 +214,7 @@ class CompiledDecode:
         self.whole = None
         self.direct = {}
 
-    def warm(self, blocks, pools, hidden: int, scratch_block: int, block_size: int,
+    def warm(self, run: Layers, hidden: int, scratch_block: int, block_size: int,
              dtype: torch.dtype, device, whole: bool = False, lead: bool = True) -> None:
         """Compile (or load) every graph the stage's layers need, on the pool's scratch block
         (no sequence's KV is touched), then prove a third shape runs without compiling. whole:
@@ -225,23 +223,22 @@ class CompiledDecode:
         counters = compat.dynamo_counters()
         self.drop_whole()
         t0, before = time.time(), counters["stats"]["unique_graphs"]
-        head_dim = pools[0][0].shape[-1] if pools else 1
+        head_dim = run.pools[0][0].shape[-1] if run.pools else 1
         dummy = lambda b, nb: _dummy(b, nb, hidden, head_dim, scratch_block, block_size, dtype, device)  # noqa: E731
         try:
-            self._trace(blocks, pools, dummy, device.type == "cpu", whole and len(blocks) not in (1, self.chunk),
-                        lead)
+            self._trace(run, dummy, device.type == "cpu", whole and len(run.blocks) not in (1, self.chunk), lead)
         except Exception as e:
             # e.g. no C++ compiler on the node (inductor builds its CPU kernels with g++)
             first = str(e).strip().splitlines()[0][:300]
-            raise CompileError(f"compiling the decode step for {len(blocks)} layer(s) failed: "
+            raise CompileError(f"compiling the decode step for {len(run.blocks)} layer(s) failed: "
                                f"{type(e).__name__}: {first}. Serve with --no-compile (compile: false) "
                                "to decode eagerly") from e
         new = counters["stats"]["unique_graphs"] - before
         self.graphs += new
         self.warm_s += time.time() - t0
-        log.info("compiled decode: %d new graph(s) for %d layer(s) in %.1f s", new, len(blocks), time.time() - t0)
+        log.info("compiled decode: %d new graph(s) for %d layer(s) in %.1f s", new, len(run.blocks), time.time() - t0)
 
-    def _trace(self, blocks, pools, dummy, cpu: bool, whole: bool, lead: bool) -> None:
+    def _trace(self, run: Layers, dummy, cpu: bool, whole: bool, lead: bool) -> None:
         """Every layer alone and the stage's chunks at every warm shape (and, `whole`, all layers
         in one call), for each thread count (CPU), then the check shape under fail_on_recompile
         (through the whole-stage graph where there is one). Every layer alone and the chunks: a
@@ -259,26 +256,26 @@ class CompiledDecode:
                 torch.set_num_threads(n)
                 with torch.inference_mode():
                     if whole and lead:
-                        self._warm_whole(blocks, pools, dummy)
+                        self._warm_whole(run, dummy)
                     for kind in (self._warm_layers, self._chunks):
                         for b, nb in WARM_SHAPES:
-                            kind(blocks, pools, *dummy(b, nb))
+                            kind(run, *dummy(b, nb))
                     if whole and not lead:
-                        self._warm_whole(blocks, pools, dummy)
-                    self._run(blocks, pools, *dummy(*CHECK_SHAPE))
+                        self._warm_whole(run, dummy)
+                    self._run(run, *dummy(*CHECK_SHAPE))
         finally:
             torch.set_num_threads(was)
 
-    def _warm_whole(self, blocks, pools, dummy) -> None:
+    def _warm_whole(self, run: Layers, dummy) -> None:
         """The whole-stage graph at every warm shape; steps take it from now on."""
-        self.whole = len(blocks)
+        self.whole = len(run.blocks)
         for b, nb in WARM_SHAPES:
-            self._layers(blocks, pools, *dummy(b, nb))
+            self._layers(run, *dummy(b, nb))
 
-    def _warm_layers(self, blocks, pools, x, *rest) -> None:
+    def _warm_layers(self, run: Layers, x, *rest) -> None:
         """Every layer alone through the layer graph (not chained: only its graphs matter)."""
-        for block, (kp, vp) in zip(blocks, pools):
-            self.fn(block, x, kp, vp, *rest, kernel_for(block, kp))
+        for block, (kp, vp), kernel in zip(run.blocks, run.pools, run.kernels):
+            self.fn(block, x, kp, vp, *rest, kernel)
 
 
 def _plain(key: tuple, fn, code, args: tuple) -> torch.Tensor:
@@ -296,15 +293,28 @@ def _bind(code, args: tuple) -> types.FunctionType | None:
     return None
 
 
-def _run_args(blocks, pools, x, *rest) -> tuple:
-    """chunk_decode's (and stage_decode's) arguments for a run of blocks, their pools and a
-    step's inputs."""
-    return (tuple(blocks), tuple(pools), x, *rest, tuple(kernel_for(b, kp) for b, (kp, _) in zip(blocks, pools)))
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    """A run of consecutive layers as the graphs take them: their blocks, (k_pool, v_pool) and
+    whether each one's attention takes shards/model/attention.py's kernel (a constant of its
+    graph). The stage keeps its own until its layers change: built per step, this took ~2% of
+    a step (the layer order sorted, every layer's kernel flag asked)."""
 
+    blocks: tuple
+    pools: tuple
+    kernels: tuple[bool, ...]
 
-def kernel_for(block, k_pool) -> bool:
-    """Whether this layer's attention takes shards/model/attention.py's kernel (a constant of its graph)."""
-    return attention.supports(k_pool, block.n_heads, block.n_kv)
+    @classmethod
+    def of(cls, blocks, pools) -> "Layers":
+        return cls(tuple(blocks), tuple(pools),
+                   tuple(attention.supports(kp, b.n_heads, b.n_kv) for b, (kp, _) in zip(blocks, pools)))
+
+    def __getitem__(self, part: slice) -> "Layers":
+        return Layers(self.blocks[part], self.pools[part], self.kernels[part])
+
+    def args(self, x, *rest) -> tuple:
+        """chunk_decode's (and stage_decode's) arguments for these layers and a step's inputs."""
+        return (self.blocks, self.pools, x, *rest, self.kernels)
 
 
 def _dummy(b: int, nb: int, hidden: int, head_dim: int, scratch_block: int, block_size: int, dtype, device):

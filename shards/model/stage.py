@@ -56,6 +56,7 @@ class Stage(nn.Module):
         self.is_first, self.is_last = layers.is_first(), layers.is_last(cfg.num_hidden_layers)
         self.dtype = dtype
         self.blocks = nn.ModuleDict()
+        self._layers_run = None   # _ordered()'s, until the layers change
         self._add_ends(source, self.compression.quant if quantize else "fp32")
         self.kv = PagedKV([], kv_blocks, block_size, cfg.num_key_value_heads, head_dim(cfg), dtype, self.device)
         self.todo = todo
@@ -131,6 +132,7 @@ class Stage(nn.Module):
 
     def _commit_layers(self, blocks: dict[int, Block], dropped: set[int]) -> None:
         self.dropped |= dropped
+        self._layers_run = None
         for layer, block in blocks.items():
             self.blocks[str(layer)] = block
             if layer not in self.kv.pools:
@@ -196,6 +198,7 @@ class Stage(nn.Module):
                              "only an end of the range that borders another stage, and not all of it")
         kept = [i for i in layers if i not in self.dropped]
         out = {sid: {layer: self.kv.export(sid, layer) for layer in kept} for sid in self.kv.table.lengths}
+        self._layers_run = None
         for layer in kept:
             del self.blocks[str(layer)]
             self.kv.drop_layer(layer)
@@ -205,10 +208,14 @@ class Stage(nn.Module):
             self.compiled.drop_whole()    # its whole-stage graph was of the old layers: chunks now
         return {"kv": out, "dropped": gone}
 
-    def _ordered(self) -> tuple[list[Block], list]:
-        """This stage's blocks in layer order, and their KV pools."""
-        layers = sorted(int(k) for k in self.blocks)
-        return [self.blocks[str(i)] for i in layers], [self.kv.pools[i] for i in layers]
+    def _ordered(self):
+        """This stage's layers as the compiled graphs take them (compiled.Layers: blocks, KV
+        pools, attention kernel flags, in layer order), kept until the layers change."""
+        if self._layers_run is None:
+            from shards.model.compiled import Layers
+            layers = sorted(int(k) for k in self.blocks)
+            self._layers_run = Layers.of([self.blocks[str(i)] for i in layers], [self.kv.pools[i] for i in layers])
+        return self._layers_run
 
     @property
     def runs_compiled(self) -> bool:
@@ -231,10 +238,9 @@ class Stage(nn.Module):
             log.warning("layers %s at %s run eager: only %s compile", self.layers, self.compression.quant,
                         ", ".join(m.name for m in registry.METHODS if m.compiles))
             return
-        blocks, pools = self._ordered()
         # the first stage compiles its whole-stage graphs while later ones compile the layer
         # and chunk graphs all stages share (CompiledDecode._trace)
-        self.compiled.warm(blocks, pools, self.config.hidden_size, self.kv.table.n_blocks,
+        self.compiled.warm(self._ordered(), self.config.hidden_size, self.kv.table.n_blocks,
                            self.kv.table.block_size, self.dtype, self.device, whole, lead=self.is_first)
 
     def _load(self, source: ModelSource, name: str) -> torch.Tensor:
@@ -255,7 +261,7 @@ class Stage(nn.Module):
         if self.runs_compiled and batch.width == 1:
             # x: [B, 1, hidden] -> the graph's [B, hidden]; cos, sin: [B, 1, 1, hd] -> [B, 1, hd].
             # The copy makes a received hidden state an inference tensor, as the graphs were traced
-            x = self.compiled(*self._ordered(), x[:, 0].clone(), ctx.slots, ctx.block_ids, ctx.decode_bias, ctx.decode_lens,
+            x = self.compiled(self._ordered(), x[:, 0].clone(), ctx.slots, ctx.block_ids, ctx.decode_bias, ctx.decode_lens,
                               ctx.rope[0][:, 0], ctx.rope[1][:, 0]).unsqueeze(1)
         else:
             for layer in sorted(int(k) for k in self.blocks):
