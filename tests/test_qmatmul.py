@@ -120,6 +120,12 @@ def test_8bit_table_computes_its_formula_and_reads_rows(levels):
     assert torch.equal(t.dequantized(), deq)
     ids = torch.tensor([[3, 17, 63], [0, 16, 3]])
     assert torch.equal(t.rows(ids), deq[ids])
+    with pytest.raises(IndexError, match=r"in \[0, 64\), got 3 .. 64"):
+        t.rows(torch.tensor([3, 64]))
+    # groups that store their minimum beside the scale ([panels, groups, 2, 16]) read the same way
+    m = (torch.rand(t.scales.shape) - 0.5).half()
+    asym = Q8Linear(t.packed, torch.stack([t.scales, m], 2), 96)
+    assert not asym.symmetric and torch.equal(asym.rows(ids), asym.dequantized()[ids])
     x = torch.randn(9, 96)
     got = t(x)
     assert (got - formula(x, q + 128, d, -128 * d, levels)).abs().max() <= 1e-5 * got.abs().max()

@@ -671,3 +671,29 @@ int qmatmul(const float *x, const uint8_t *packed, const uint16_t *scales, float
     return 0;
 }
 }
+
+// Rows `ids` [R] of an 8-bit packed table [N, K] (scales as qmatmul's) -> out [R, K] fp32,
+// w = d u + m as GroupQuantLinear.dequantized computes it: the embedding lookup. u d is exact
+// in fp32 (8 + 11 bits at most), so the bits are those of torch's product then sum. Returns -1
+// for a shape qmatmul refuses, -2 for an id outside [0, N).
+extern "C" int qmatmul_rows(const uint8_t *packed, const uint16_t *scales, const int64_t *ids, float *out,
+                            int64_t R, int64_t N, int64_t K, int minimum) {
+    if (N % PANEL || K % GROUP) return -1;
+    const int64_t ng = K / GROUP, chunks = K / 4, per_group = minimum ? 2 * PANEL : PANEL;
+    for (int64_t r = 0; r < R; r++) {
+        if (ids[r] < 0 || ids[r] >= N) return -2;
+        const int64_t p = ids[r] / PANEL, lane = ids[r] % PANEL;
+        float *o = out + r * K;
+        for (int64_t c = 0; c < chunks; c++) {       // a chunk: 4 bytes (inputs) of each of a panel's rows
+            const uint8_t *b = packed + ((p * chunks + c) * PANEL + lane) * 4;
+            for (int j = 0; j < 4; j++) o[4 * c + j] = b[j];
+        }
+        for (int64_t g = 0; g < ng; g++) {
+            const uint16_t *sc = scales + (p * ng + g) * per_group + lane;
+            const float d = half_to_float(sc[0]);
+            const float m = minimum ? half_to_float(sc[PANEL]) : d * -128.f;
+            for (int64_t i = g * GROUP; i < (g + 1) * GROUP; i++) o[i] = o[i] * d + m;
+        }
+    }
+    return 0;
+}

@@ -56,6 +56,7 @@ def _kernel() -> ctypes.CDLL:
     lib.qmatmul_stepping.argtypes = [i32]
     lib.qmatmul_node_join.argtypes = [p]
     lib.qmatmul_lent.restype = i64
+    lib.qmatmul_rows.argtypes = [p, p, p, p, i64, i64, i64, i32]
     from shards.runtime import ops
     ops.register(_LIB, "qmatmul", lib.qmatmul, qmatmul)
     return lib
@@ -275,8 +276,15 @@ class Q8Linear(GroupQuantLinear):
         return pack((q + 128).reshape(w.shape), d, None, 8)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Embedding rows of token ids [...] -> [..., K] fp32."""
-        return self.dequantized(ids.reshape(-1)).reshape(*ids.shape, self.in_features)
+        """Embedding rows of token ids [...] -> [..., K] fp32: dequantized(ids) in one kernel
+        call, where its ~15 torch ops took 65-100 us of a 19-layer stage's decode step."""
+        flat = ids.reshape(-1).to(torch.long).contiguous()
+        out = torch.empty(flat.numel(), self.in_features)
+        rc = _kernel().qmatmul_rows(self.packed.data_ptr(), self.scales.data_ptr(), flat.data_ptr(), out.data_ptr(),
+                                    flat.numel(), self.out_features, self.in_features, int(not self.symmetric))
+        if rc:
+            raise IndexError(f"token ids must be in [0, {self.out_features}), got {flat.min()} .. {flat.max()}")
+        return out.reshape(*ids.shape, self.in_features)
 
 
 _LIB = torch.library.Library("shardserve", "FRAGMENT")
