@@ -41,7 +41,7 @@ class Rope:
     def __init__(self, inv_freq: torch.Tensor, scale: float, dtype, device):
         self.inv_freq, self.scale, self.dtype, self.device = inv_freq.to(device), scale, dtype, device
         self.cos = self.sin = torch.empty(0, 2 * inv_freq.numel(), dtype=dtype, device=device)
-        self._host: tuple[np.ndarray, np.ndarray] | tuple = ()   # CPU: numpy views of cos, sin
+        self._host: tuple[np.ndarray, ...] = ()   # CPU: numpy views of cos, sin (after the first growth)
 
     @classmethod
     def of(cls, cfg, dtype, device) -> "Rope":

@@ -41,11 +41,12 @@ class StepContext:
             bias = _tensor(np.where(sees, np.float32(0), np.float32(-np.inf)), dev)
             self.decode_bias = bias if bias.dtype == kv.dtype else bias.to(kv.dtype)
             self.decode_lens = _tensor(starts + 1, dev)                # [B] keys each query sees
+            self.mask = None                                           # decode reads the two above
         else:                                                          # padded queries see key 0 (never NaN)
             valid_q = np.arange(width) < q_lens[:, None]               # [B, Q]
             sees &= valid_q[:, :, None]
             sees[..., 0] |= ~valid_q
-        self.mask = _tensor(sees, dev).unsqueeze(1)                    # [B, 1, Q, T]
+            self.mask = _tensor(sees, dev).unsqueeze(1)                # [B, 1, Q, T]
         self.rope = rope.at(pos)                                       # [B, Q, 1, head_dim] each
         self.last = _tensor(q_lens - 1, dev)                           # [B] last real position
 
