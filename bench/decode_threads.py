@@ -1,5 +1,5 @@
 """Decode steps on every core when no other group overlaps, or on the shard's share: an A/B of
-`shards/runtime/actor.py::decodes_alone` over HTTP (docs/benchmarks.md, "decode-threads").
+`shards/runtime/cores.py::decodes_alone` over HTTP (docs/benchmarks.md, "decode-threads").
 
     .venv/bin/python bench/decode_threads.py --json bench/results/decode-threads-NAME.json [--model GGUF]
 

@@ -128,23 +128,23 @@ def test_load_peak_stays_within_the_planned_transient(folder, spec, layers):
 
 @pytest.mark.unit
 def test_alone_decode_steps_take_every_core_by_threads_or_the_kernel_team(monkeypatch):
-    """shards/runtime/actor.py::decodes_alone: 256 MiB of weights and up, CPU only, and not where
+    """shards/runtime/cores.py::decodes_alone: 256 MiB of weights and up, CPU only, and not where
     the 4-bit kernel's team takes the cores instead (kernel_team: any size, CPU only, unless
     turned off); the bench's override of the threshold is read each time."""
     from shards.plan.layer_range import LayerRange
     from shards.plan.plan import ShardSpec
-    from shards.runtime import actor
+    from shards.runtime import cores
     monkeypatch.delenv("SHARDSERVE_ALONE_DECODE_BYTES", raising=False)
-    big = actor.ALONE_DECODE_BYTES
+    big = cores.ALONE_DECODE_BYTES
     spec = lambda b, dev="cpu", c="fp32": ShardSpec(0, LayerRange(0, 4), weight_bytes=b, compression=c, device=dev)  # noqa: E731
-    assert actor.decodes_alone(spec(big)) and not actor.decodes_alone(spec(big - 1))
-    assert not actor.decodes_alone(spec(8 << 30, "cuda:0"))
-    assert actor.kernel_team(spec(big, c="fast")) and not actor.decodes_alone(spec(big, c="w4a8x2"))
-    assert actor.kernel_team(spec(1, c="fast")) and not actor.decodes_alone(spec(big - 1, c="fast"))
-    assert not actor.kernel_team(spec(big, c="w8a16")) and not actor.kernel_team(spec(1, "cuda:0", "w4a8x2"))
-    monkeypatch.setattr(actor, "KERNEL_TEAM", False)
-    assert not actor.kernel_team(spec(big, c="w4a8x2")) and actor.decodes_alone(spec(big, c="w4a8x2"))
+    assert cores.decodes_alone(spec(big)) and not cores.decodes_alone(spec(big - 1))
+    assert not cores.decodes_alone(spec(8 << 30, "cuda:0"))
+    assert cores.kernel_team(spec(big, c="fast")) and not cores.decodes_alone(spec(big, c="w4a8x2"))
+    assert cores.kernel_team(spec(1, c="fast")) and not cores.decodes_alone(spec(big - 1, c="fast"))
+    assert not cores.kernel_team(spec(big, c="w8a16")) and not cores.kernel_team(spec(1, "cuda:0", "w4a8x2"))
+    monkeypatch.setattr(cores, "KERNEL_TEAM", False)
+    assert not cores.kernel_team(spec(big, c="w4a8x2")) and cores.decodes_alone(spec(big, c="w4a8x2"))
     monkeypatch.setenv("SHARDSERVE_ALONE_DECODE_BYTES", "0")
-    assert actor.decodes_alone(spec(1))
-    monkeypatch.setattr(actor, "KERNEL_TEAM", True)
-    assert actor.kernel_team(spec(1, c="w4a8x2")) and not actor.decodes_alone(spec(1, c="w4a8x2"))
+    assert cores.decodes_alone(spec(1))
+    monkeypatch.setattr(cores, "KERNEL_TEAM", True)
+    assert cores.kernel_team(spec(1, c="w4a8x2")) and not cores.decodes_alone(spec(1, c="w4a8x2"))

@@ -44,7 +44,7 @@ class Method:
     dequantizes: str = ""
     load_layers: float = 1.0         # fp32 layers loading holds beside the finished ones (a bound, measured)
     # its projections and table run shards/compress/qmatmul.cpp, whose team splits a decode step
-    # that no other group overlaps over every core (shards/runtime/actor.py::kernel_team)
+    # that no other group overlaps over every core (shards/runtime/cores.py::kernel_team)
     kernel_team: bool = False
     act_levels: int = 0              # int8 levels per group of 32 activations that kernel multiplies
 

@@ -63,7 +63,7 @@ class StepBatch:
     pins: list = field(default_factory=list)
     copies: list = field(default_factory=list)
     # no other group is in flight: a CPU shard may use every core of its node for this step if
-    # it is a prefill (decode steps keep their share: shards/runtime/actor.py says why)
+    # it is a prefill (decode steps keep their share: shards/runtime/cores.py says why)
     # (at concurrency 1 the shards take turns; giving each all cores always would oversubscribe
     # them when groups overlap: measured 20 vs 50 tok/s at 32 concurrent requests)
     alone: bool = False

@@ -28,6 +28,7 @@ from shards.plan.layer_range import LayerRange
 from shards.plan.memory import module_bytes
 from shards.plan.plan import ShardSpec
 from shards.runtime.channel import ChannelServer, decode_step, encode_reply
+from shards.runtime.cores import CoreShare, StepCores, decodes_alone
 from shards.runtime.metrics import ShardMetrics
 from shards.runtime.stats import ShardStats
 
@@ -41,13 +42,10 @@ class ShardWorker:
     def __init__(self, model: str, spec: ShardSpec, kv_blocks: int, block_size: int = 16,
                  threads: int | None = None):
         # pipelined actors must not fight over the same cores: each gets its share, and all of
-        # them for a step no other group overlaps (StepBatch.alone): a prefill, and a decode step
-        # where the shard's weights are large enough (decodes_alone)
-        self.threads = threads or torch.get_num_threads()
-        self.all_cores = max(self.threads, os.cpu_count() or 1)
-        self.decode_alone = decodes_alone(spec) and self.all_cores > self.threads
-        self.team = self._team_size(spec)
-        torch.set_num_threads(self.threads)
+        # them for a step no other group overlaps (StepBatch.alone; shards/runtime/cores.py)
+        share = threads or torch.get_num_threads()
+        self.cores = CoreShare.of(spec, share, max(share, os.cpu_count() or 1))
+        torch.set_num_threads(share)
         _keep_step_heap()
         self.model, self.spec = model, spec
         self.device = spec.device
@@ -60,7 +58,7 @@ class ShardWorker:
         with _own_mmaps():
             self.stage = Stage(self.source, spec.layers, kv_blocks, block_size, device=self.device,
                                compression=spec.compression, compile=spec.compile,
-                               threads=(self.threads, self.all_cores) if self.decode_alone else (self.threads,))
+                               threads=(share, self.cores.all_cores) if self.cores.decode_alone else (share,))
         self.load_s = time.time() - t0   # reading, converting, quantizing and compiling its layers
         # steps run on a Compiled Graph's thread (serving/control/pipeline.py), stats on the main one:
         # readers copy these deques with list() (atomic) before iterating
@@ -106,15 +104,12 @@ class ShardWorker:
         self._copy(batch.copies, must=True)  # after: a re-prefilled id is freed first
         if self.faults:
             raise ShardFault(f"shard {self.spec.index}: {self.faults.pop(0)}")
-        team = lend = 1   # threads sharing the 4-bit kernel's panels (qmatmul.team, qmatmul.lend)
+        cores = StepCores(torch.get_num_threads(), 1, 1)   # a GPU step keeps what it has
         if self.device == "cpu":
-            want = self.all_cores if batch.alone and (batch.width > 1 or self.decode_alone) else self.threads
-            if torch.get_num_threads() != want:
-                torch.set_num_threads(want)
-            team = self.team if batch.alone and want == self.threads else 1
-            # a step other groups overlap takes the cores their shards leave idle, call by call
-            lend = self.team if not batch.alone and LEND else 1
-        with qmatmul.stepping(self.team > 1), qmatmul.team(team), qmatmul.lend(lend):
+            cores = self.cores.step(batch.alone, batch.width, sum(batch.q_lens))
+            if torch.get_num_threads() != cores.threads:
+                torch.set_num_threads(cores.threads)
+        with qmatmul.stepping(self.cores.team > 1), qmatmul.team(cores.team), qmatmul.lend(cores.lend):
             out = self._compute(batch)
         t1 = time.time()
         if self.metrics:
@@ -194,13 +189,11 @@ class ShardWorker:
         with self._lock, _own_mmaps():
             self.stage.recompress(self.source, compression)
         self.spec = dataclasses.replace(self.spec, compression=compression)
-        self.team = self._team_size(self.spec)
+        # the team follows the new spec; torch's threads for alone decode steps do not: the
+        # stage's graphs were compiled for the thread counts of the spec it was built with
+        self.cores = dataclasses.replace(self.cores, team=CoreShare.of(self.spec, self.cores.threads,
+                                                                       self.cores.all_cores).team)
         return self.stats()
-
-    def _team_size(self, spec: ShardSpec) -> int:
-        """Threads an alone decode step's kernel calls split over: every core where the shard's
-        share is less (on a node it has to itself its torch threads already take them all)."""
-        return self.all_cores if kernel_team(spec) and self.all_cores > self.threads else 1
 
     def set_budget(self, budget_bytes: int | None) -> ShardStats:
         """The bytes this shard may hold for its tensors (weights + KV + workspace); the
@@ -270,54 +263,6 @@ class ShardWorker:
 
 class ShardFault(RuntimeError):
     """A step failed inside a shard (injected, or a bug surfaced as an exception)."""
-
-
-# A decode step no other group overlaps takes every core of the node when the shard's weights
-# (what a decode step reads) are at least this large; its OpenMP threads then sleep as soon as a
-# region ends (GOMP_SPINCOUNT=0), so a shard that finished its step leaves the cores to the next.
-# Measured at concurrency 1, 2 shards on 2 cores, 4 interleaved server runs each: Llama-3.2-1B
-# shape (644 / 499 MiB a shard) 9.8 -> 11.3 tok/s (c=8 35.6 -> 38.8, c=32 64.7 -> 65.8); the
-# default model (71 / 54 MiB) 43.1 -> 33.9: a small step loses more to the threads' wake-ups
-# than it gains. Without the spin limit the other shard's spinning worker made a 2-thread step
-# ~2x slower.
-ALONE_DECODE_BYTES = 256 << 20
-# A shard whose projections run our 4-bit kernel (`Method.kernel_team`) takes the other cores for
-# a decode step no other group overlaps through the kernel's team (qmatmul.team): helpers that
-# wait between the step's kernel calls and sleep after it, so no wake-ups, and one set of graphs.
-# A helper yields its core to any other runnable thread and nothing waits for it, so it takes
-# only cores no one else wants: the first shard's step at c=1 overlaps the previous token's
-# delivery (the router, Serve's proxy, the client), which keeps the other core. Measured over
-# HTTP, 2 shards: Llama-3.2-1B shape, servers in the order T B B T, against every core through
-# torch's threads, c=1 10.4 -> 12.4 tok/s (ITL 92 -> 75 ms), c=8 35.7 -> 34.2, c=32 57.6 -> 60.7;
-# the default model (71 / 54 MiB) at c=1 on an EPYC, 6 alternating rounds in one server each:
-# without the team on the last shard ITL p50 6.20-7.11 ms, with it 5.63-6.05 (lower in every
-# round); the team on the first shard too, 6.37-6.78 against 6.16-6.79 (no difference).
-# SHARDSERVE_KERNEL_TEAM=0 turns it off (bench/decode_threads.py's A/B).
-KERNEL_TEAM = os.environ.get("SHARDSERVE_KERNEL_TEAM", "1") != "0"
-# Such a shard's steps that other groups overlap lend its helpers to a kernel call only while no
-# other shard process of the machine steps (qmatmul.lend): at c=8 and c=32 the two shards' steps
-# differ in length (the last one samples, the first prefills more layers), so each waits for the
-# other part of the time, its core idle. SHARDSERVE_LEND=0 turns it off (A/B runs).
-LEND = os.environ.get("SHARDSERVE_LEND", "1") != "0"
-
-
-def alone_decode_bytes() -> int:
-    """The weight bytes from which a shard's alone decode steps take every core
-    (SHARDSERVE_ALONE_DECODE_BYTES overrides ALONE_DECODE_BYTES: bench/decode_threads.py's A/B)."""
-    return int(os.environ.get("SHARDSERVE_ALONE_DECODE_BYTES", ALONE_DECODE_BYTES))
-
-
-def kernel_team(spec: ShardSpec) -> bool:
-    """Whether this CPU shard's decode steps with no other group overlapping split its kernel's
-    panels over every core (qmatmul.team): any shard whose projections run the 4-bit kernel."""
-    return (KERNEL_TEAM and not spec.device.startswith("cuda")
-            and parse_compression(spec.compression).method.kernel_team)
-
-
-def decodes_alone(spec: ShardSpec) -> bool:
-    """Whether this CPU shard's decode steps take every core (torch's threads) when no other
-    group overlaps: a shard of alone_decode_bytes or more, unless its kernel's team does it."""
-    return not spec.device.startswith("cuda") and spec.weight_bytes >= alone_decode_bytes() and not kernel_team(spec)
 
 
 def _metrics(spec: ShardSpec, kv_blocks) -> ShardMetrics | None:
