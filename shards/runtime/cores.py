@@ -51,6 +51,7 @@ TEAM_PREFILL_ROWS = 64
 
 
 def team_prefill_rows() -> int:
+    """The most new tokens an alone prefill on the team may have (read each step: A/B runs)."""
     return int(os.environ.get("SHARDSERVE_TEAM_PREFILL_ROWS", TEAM_PREFILL_ROWS))
 
 
