@@ -55,19 +55,23 @@ async def _http_error(request: Request, exc: HTTPException):
     return resp
 
 
-@api.middleware("http")
-async def _guard_docs(request: Request, call_next):
-    """With an API key set, the schema and docs pages need it too."""
-    if request.url.path in DOC_PATHS and not key_ok(request):
-        return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
-    return await call_next(request)
+class _DocsGuard:
+    """With an API key set, the schema and docs pages need it too. Plain ASGI: starlette's
+    BaseHTTPMiddleware (`@app.middleware("http")`) would pass every SSE chunk of every reply
+    through a memory stream and a task switch of its own, on the router's event loop."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] in DOC_PATHS and not key_ok(Request(scope)):
+            await error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                 "authentication_error")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
-
-
-
-
-
+api.add_middleware(_DocsGuard)
 
 
 def _check_bind(cfg: app_config.Config) -> None:
