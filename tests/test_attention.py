@@ -78,6 +78,41 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 @needs_kernel
+def test_long_sequences_in_segments_equal_the_gather_path():
+    """Past 512 keys a sequence is attended in segments whose partial softmaxes are combined."""
+    lens = [512, 513, 1100, 2000, 40]
+    q, kp, vp, ids, lens, bias = case(3, 3, 64, lens, n_blocks=sum(-(-n // BS) for n in lens) + 4, seed=3)
+    got = torch.ops.shardserve.paged_decode_attention(q, kp, vp, ids, lens, 0.125)
+    assert (got - reference(q, kp, vp, ids, bias)).abs().max().item() < 2e-6
+
+
+@needs_kernel
+def test_a_step_on_the_kernels_team_splits_its_segments_and_keeps_the_bits():
+    """On one torch thread with the 4-bit kernel's team lending (no other shard steps here), the
+    helpers take some of a long sequence's segments; the bits are those of the thread alone."""
+    from shards.compress import qmatmul
+    qmatmul._kernel()
+    lens = [8000, 300]
+    q, kp, vp, ids, lens, _ = case(3, 3, 64, lens, n_blocks=sum(-(-n // BS) for n in lens) + 4, seed=4)
+    op, was = torch.ops.shardserve.paged_decode_attention, torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = op(q, kp, vp, ids, lens, 0.125)
+        attention.use_team(qmatmul.team_hooks())
+        before, outs = qmatmul.lent(), []
+        with qmatmul.lend(2):
+            for _ in range(5):
+                outs.append(op(q, kp, vp, ids, lens, 0.125))
+                if qmatmul.lent() > before:
+                    break
+        assert qmatmul.lent() > before, "no segment ran on a helper"
+        assert all(torch.equal(alone, o) for o in outs)
+    finally:
+        attention.use_team(None)
+        torch.set_num_threads(was)
+
+
+@needs_kernel
 def test_lengths_or_blocks_out_of_bounds_raise_instead_of_reading():
     q, kp, vp, ids, lens, _ = case(3, 3, 64, [20, 40])
     op = torch.ops.shardserve.paged_decode_attention
@@ -105,7 +140,7 @@ def test_8_and_16_lane_paths_give_the_same_bits(g, hd):
     import ctypes
 
     from shards.runtime import kernels
-    q, kp, vp, ids, lens, _ = case(g, 2, hd, [1, 15, 16, 17, 100, 311], seed=5)
+    q, kp, vp, ids, lens, _ = case(g, 2, hd, [1, 15, 16, 17, 100, 311, 700], n_blocks=128, seed=5)
     outs = []
     for flag, lanes in (("-DSHARDSERVE_ATTN8", 8), ("-DSHARDSERVE_ATTN16", 16)):
         lib = kernels.load(attention.SOURCE, (flag,))

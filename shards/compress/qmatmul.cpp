@@ -561,6 +561,18 @@ void qmatmul_team(int n) {
     }
 }
 
+// Other kernels' work on the same team (decode attention, shards/model/attention.cpp):
+// run(ctx, begin, end) over [0, count), split as a qmatmul call is while the team is on (or
+// lending), else on the caller alone. Callers split their work so its bits do not depend on who
+// runs which part.
+void qmatmul_team_run(void (*run)(const void *, int64_t, int64_t), const void *ctx, int64_t count) {
+    if (count > 1 && team_on()) team_run(run, ctx, count);
+    else run(ctx, 0, count);
+}
+
+// threads a team_run call is split over now (1: the caller alone)
+int qmatmul_team_threads() { return team_on() ? team.size : 1; }
+
 // n > 1: from now on, calls are split over n threads only while no other shard of the machine
 // steps (the helpers sleep between calls); n <= 1: no lending. Not while the team is on.
 void qmatmul_lend(int n) {

@@ -57,6 +57,7 @@ def _kernel() -> ctypes.CDLL:
     lib.qmatmul_node_join.argtypes = [p]
     lib.qmatmul_lent.restype = i64
     lib.qmatmul_rows.argtypes = [p, p, p, p, i64, i64, i64, i32]
+    lib.qmatmul_team_threads.restype = i32
     from shards.runtime import ops
     ops.register(_LIB, "qmatmul", lib.qmatmul, qmatmul)
     return lib
@@ -136,6 +137,16 @@ def team(n: int):
     step no other group overlaps; one calling thread at a time. A no-op where n <= 1 or no stage
     of this process loaded the kernel."""
     return _switched(_loaded() if n > 1 else None, "qmatmul_team", n, 1)
+
+
+def team_hooks() -> tuple[int, int] | None:
+    """The addresses of the C functions qmatmul_team_run and qmatmul_team_threads, through which
+    other kernels split their work over this process's team (decode attention,
+    shards/model/attention.py::use_team); None where no stage of this process loaded the kernel."""
+    lib = _loaded()
+    if lib is None:
+        return None
+    return tuple(ctypes.cast(getattr(lib, f), ctypes.c_void_p).value for f in ("qmatmul_team_run", "qmatmul_team_threads"))
 
 
 def amx(on: bool | None = None) -> bool:

@@ -1,18 +1,23 @@
 // Decode attention over the paged KV pool, read in place (shards/model/attention.py builds and loads it).
 //
 // One query token per sequence. Pools are [n_kv, blocks, 16, head_dim] fp32 (shards/model/kv_cache.py);
-// each (sequence, KV head) walks its blocks once, scores its G = heads / n_kv queries against a
-// block's 16 keys, updates an online softmax and accumulates the block's values, so K and V are
-// read once from memory (the next block is prefetched while this one computes) and the
-// accumulators stay in registers (G and head_dim are template constants).
+// each (sequence, KV head) walks its blocks once (a long one in segments of 512 keys, see SEG),
+// scores its G = heads / n_kv queries against a block's 16 keys, updates an online softmax and
+// accumulates the block's values, so K and V are read once from memory (the next block is
+// prefetched while this one computes) and the accumulators stay in registers (G and head_dim
+// are template constants). A step on one torch thread shares its jobs with the 4-bit kernel's
+// team where that is on (paged_decode_attention_team).
 // Written with GCC vector extensions: with -march=native, AVX-512 where the CPU has it; elsewhere
 // (AVX2, SSE; or SHARDSERVE_ATTN8; SHARDSERVE_ATTN16 keeps attend) attend8 below, the same arithmetic in 8-lane vectors whose
 // loops fit 16 registers (the 16-lane source split into AVX2 halves spilled: us a layer, 1
 // thread, 3 KV heads x 3 queries x 64 dims, 280 keys, 15 layers' pools cycled, on an AMD EPYC
 // (Zen 3) at batch 1 / 16 / 32: 177 / 2430 / 4710 against attend8's 82 / 1140 / 2187); the
 // two give the same bits.
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include <vector>
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t i16 __attribute__((vector_size(64)));
@@ -83,12 +88,14 @@ static inline void prefetch(const float *p, int64_t floats) {
     for (int64_t o = 0; o < floats; o += 16) __builtin_prefetch(p + o);
 }
 
-// One (sequence, KV head): G queries (q, [G, 16 * C]) over the first T keys of the blocks `ids`
-// of pools kp, vp (already offset to the head); writes o [G, 16 * C].
+// One (sequence, KV head): G queries (q, [G, 16 * C]) over blocks [i0, i1) of the blocks `ids`
+// of pools kp, vp (already offset to the head), of which the first T keys are the sequence's.
+// ml null: writes the attention o [G, 16 * C]; else a segment's partials for combine(): o the
+// unnormalized sums, ml [G, 2] each query's running maximum and sum of weights.
 template <int G, int C>
 static void attend(const float *q_in, const float *kp, const float *vp, const int64_t *ids,
-                   int64_t T, float *o, float scale) {
-    const int64_t hd = 16 * C, be = BS * hd, nbl = (T + BS - 1) / BS;
+                   int64_t T, int64_t i0, int64_t i1, float *o, float *ml, float scale) {
+    const int64_t hd = 16 * C, be = BS * hd;
     v16 q[G][C], acc[G][C];
     float m[G], l[G];
     for (int j = 0; j < G; j++) {
@@ -100,9 +107,9 @@ static void attend(const float *q_in, const float *kp, const float *vp, const in
         m[j] = -3.0e38f;
         l[j] = 0.f;
     }
-    for (int64_t i = 0; i < nbl; i++) {
+    for (int64_t i = i0; i < i1; i++) {
         const float *kb = kp + ids[i] * be, *vb = vp + ids[i] * be;
-        if (i + 1 < nbl) {
+        if (i + 1 < i1) {
             prefetch(kp + ids[i + 1] * be, be);
             prefetch(vp + ids[i + 1] * be, be);
         }
@@ -137,11 +144,13 @@ static void attend(const float *q_in, const float *kp, const float *vp, const in
                 for (int c = 0; c < C; c++) acc[j][c] += p[j][u] * v[c];
         }
     }
-    for (int j = 0; j < G; j++)
+    for (int j = 0; j < G; j++) {
+        if (ml) ml[2 * j] = m[j], ml[2 * j + 1] = l[j];
         for (int c = 0; c < C; c++) {
-            const v16 r = acc[j][c] / l[j];
+            const v16 r = ml ? acc[j][c] : acc[j][c] / l[j];
             memcpy(o + j * hd + 16 * c, &r, 64);
         }
+    }
 }
 
 #if defined(SHARDSERVE_ATTN8) || (!defined(__AVX512F__) && !defined(SHARDSERVE_ATTN16))
@@ -215,8 +224,8 @@ constexpr int row_chunks(int G, int C2) {
 // row (G x CC accumulators in registers); rows and probabilities live in memory between
 template <int G, int C>
 static void attend8(const float *q_in, const float *kp, const float *vp, const int64_t *ids,
-                    int64_t T, float *o, float scale) {
-    const int64_t hd = 16 * C, be = BS * hd, nbl = (T + BS - 1) / BS;
+                    int64_t T, int64_t i0, int64_t i1, float *o, float *ml, float scale) {
+    const int64_t hd = 16 * C, be = BS * hd;
     constexpr int CC = row_chunks(G, 2 * C);
     float q[G][16 * C], acc[G][16 * C], m[G], l[G];
     for (int j = 0; j < G; j++) {
@@ -224,9 +233,9 @@ static void attend8(const float *q_in, const float *kp, const float *vp, const i
         m[j] = -3.0e38f;
         l[j] = 0.f;
     }
-    for (int64_t i = 0; i < nbl; i++) {
+    for (int64_t i = i0; i < i1; i++) {
         const float *kb = kp + ids[i] * be, *vb = vp + ids[i] * be;
-        if (i + 1 < nbl) {
+        if (i + 1 < i1) {
             prefetch(kp + ids[i + 1] * be, be);
             prefetch(vp + ids[i + 1] * be, be);
         }
@@ -273,8 +282,10 @@ static void attend8(const float *q_in, const float *kp, const float *vp, const i
                 for (int c = 0; c < CC; c++) memcpy(acc[j] + 8 * (c0 + c), &a[j][c], 32);
         }
     }
-    for (int j = 0; j < G; j++)
-        for (int d = 0; d < hd; d++) o[j * hd + d] = acc[j][d] / l[j];
+    for (int j = 0; j < G; j++) {
+        if (ml) ml[2 * j] = m[j], ml[2 * j + 1] = l[j];
+        for (int d = 0; d < hd; d++) o[j * hd + d] = ml ? acc[j][d] : acc[j][d] / l[j];
+    }
 }
 #define ATTEND attend8
 #define LANES 8
@@ -284,7 +295,7 @@ static void attend8(const float *q_in, const float *kp, const float *vp, const i
 #endif
 
 typedef void (*attend_fn)(const float *, const float *, const float *, const int64_t *, int64_t,
-                          float *, float);
+                          int64_t, int64_t, float *, float *, float);
 
 template <int C>
 static attend_fn pick_g(int64_t g) {
@@ -311,7 +322,56 @@ static attend_fn pick(int64_t g, int64_t hd) {
     }
 }
 
+// A sequence longer than SEG blocks is cut into segments of SEG blocks, each a job of its own
+// whose softmax partials combine() joins, so one long sequence's keys are read by every thread of
+// the step (at batch 1 there are only as many (sequence, KV head) jobs as KV heads). SEG is fixed,
+// not per thread count: a sequence's bits depend on its length alone, and one of at most SEG
+// blocks is computed in one pass, as without segments.
+static const int64_t SEG = 32;
+
+// One (sequence, KV head)'s segments -> its g rows of out [g][hd]. Segment s's partials start at
+// part + s * g * (hd + 2): the unnormalized sums [g][hd], then (maximum, sum of weights) [g][2].
+static void combine(const float *part, int64_t nseg, int64_t g, int64_t hd, float *out, float *w) {
+    const int64_t stride = g * (hd + 2);
+    for (int64_t j = 0; j < g; j++) {
+        float mx = -3.0e38f, l = 0.f;
+        for (int64_t s = 0; s < nseg; s++) {
+            const float m = part[s * stride + g * hd + 2 * j];
+            mx = m > mx ? m : mx;
+        }
+        for (int64_t s = 0; s < nseg; s++) {
+            const float *ml = part + s * stride + g * hd + 2 * j;
+            w[s] = expf(ml[0] - mx);
+            l += w[s] * ml[1];
+        }
+        for (int64_t d = 0; d < hd; d++) {
+            float a = 0.f;
+            for (int64_t s = 0; s < nseg; s++) a += w[s] * part[s * stride + j * hd + d];
+            out[j * hd + d] = a / l;
+        }
+    }
+}
+
+// The kernel team of the 4-bit matmul (shards/compress/qmatmul.cpp), set by
+// paged_decode_attention_team: a step on one torch thread splits its jobs over the team's threads.
+typedef void (*team_run_fn)(void (*)(const void *, int64_t, int64_t), const void *, int64_t);
+static team_run_fn team_run = nullptr;
+static int (*team_threads)() = nullptr;
+
+template <class F>
+static void run_range(const void *f, int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; j++) (*(const F *)f)(j);
+}
+
+struct Job { int64_t b, h, s, at; };   // sequence, KV head, segment; at: its partials' offset, -1: none
+
 extern "C" {
+
+// the team of qmatmul.cpp (qmatmul_team_run, qmatmul_team_threads), or nulls for none
+void paged_decode_attention_team(void *run, void *threads) {
+    team_run = (team_run_fn)run;
+    team_threads = (int (*)())threads;
+}
 
 // the vector width of the build's path: 16 (attend), 8 (attend8)
 int paged_decode_attention_lanes() { return LANES; }
@@ -334,17 +394,39 @@ int paged_decode_attention(const float *q, const float *kp, const float *vp,
         for (int64_t i = 0; i < (lens[b] + BS - 1) / BS; i++)
             if (block_ids[b * nb + i] < 0 || block_ids[b * nb + i] >= nblk) return -2;
     }
-    auto job = [&](int64_t j) {
-        const int64_t b = j / nkv, h = j % nkv, off = (b * nh + h * g) * hd;
-        f(q + off, kp + h * nblk * BS * hd, vp + h * nblk * BS * hd, block_ids + b * nb, lens[b],
-          out + off, scale);
-    };
-    if (threads <= 1) {       // no OpenMP region at all: entering one cost more than the jobs
-        for (int64_t j = 0; j < B * nkv; j++) job(j);
-        return 0;
+    std::vector<Job> jobs;
+    int64_t parts = 0;                      // partials' floats: g x (hd + 2) a segment
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t nseg = ((lens[b] + BS - 1) / BS + SEG - 1) / SEG;
+        for (int64_t h = 0; h < nkv; h++)
+            for (int64_t s = 0; s < nseg; s++, parts += nseg > 1 ? g * (hd + 2) : 0)
+                jobs.push_back({b, h, s, nseg > 1 ? parts : -1});
     }
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t j = 0; j < B * nkv; j++) job(j);
+    std::vector<float> part(parts);
+    auto job = [&](int64_t j) {
+        const Job &J = jobs[j];
+        const int64_t off = (J.b * nh + J.h * g) * hd, nbl = (lens[J.b] + BS - 1) / BS;
+        const int64_t i0 = J.s * SEG, i1 = i0 + SEG < nbl ? i0 + SEG : nbl;
+        f(q + off, kp + J.h * nblk * BS * hd, vp + J.h * nblk * BS * hd, block_ids + J.b * nb, lens[J.b], i0, i1,
+          J.at < 0 ? out + off : part.data() + J.at, J.at < 0 ? nullptr : part.data() + J.at + g * hd, scale);
+    };
+    const int64_t n = (int64_t)jobs.size();
+    if (threads > 1) {
+        #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+        for (int64_t j = 0; j < n; j++) job(j);
+    } else if (team_run != nullptr && n > 1 && team_threads() > 1) {
+        team_run(run_range<decltype(job)>, &job, n);
+    } else {                  // no OpenMP region at all: entering one cost more than the jobs
+        for (int64_t j = 0; j < n; j++) job(j);
+    }
+    std::vector<float> w;
+    for (int64_t j = 0; j < n; j++) {       // the segments of one (sequence, KV head) are adjacent
+        if (jobs[j].at < 0 || jobs[j].s > 0) continue;
+        int64_t nseg = 1;
+        while (j + nseg < n && jobs[j + nseg].s > 0) nseg++;
+        w.resize(nseg);
+        combine(part.data() + jobs[j].at, nseg, g, hd, out + (jobs[j].b * nh + jobs[j].h * g) * hd, w.data());
+    }
     return 0;
 }
 

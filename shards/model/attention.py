@@ -48,8 +48,19 @@ def _library() -> ctypes.CDLL | None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.paged_decode_attention.argtypes = [p] * 6 + [i64] * 6 + [ctypes.c_float, ctypes.c_int]
     lib.paged_decode_attention_supports.argtypes = [i64, i64]
+    lib.paged_decode_attention_team.argtypes = [p, p]
     ops.register(_LIB, "paged_decode_attention", lib.paged_decode_attention, paged_decode_attention)
     return lib
+
+
+def use_team(hooks: tuple[int, int] | None) -> None:
+    """Split the jobs of a decode step that runs on one torch thread over the 4-bit kernel's team
+    while it is on (hooks: shards/compress/qmatmul.py::team_hooks); None: never.
+    SHARDSERVE_ATTENTION_TEAM=0 keeps every such step on its thread (A/B runs)."""
+    lib = _library()
+    if lib is not None:
+        on = hooks is not None and os.environ.get("SHARDSERVE_ATTENTION_TEAM", "1") != "0"
+        lib.paged_decode_attention_team(*(hooks if on else (None, None)))
 
 
 def available() -> bool:

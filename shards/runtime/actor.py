@@ -19,6 +19,7 @@ import torch
 from shards.compress import qmatmul
 from shards.compress.spec import parse as parse_compression
 from shards.errors import KVCacheFull
+from shards.model import attention
 from shards.model.logprobs import prompt_rows, step_logprobs
 from shards.model.sampling import allow_only, sample
 from shards.model.source import open_source
@@ -60,6 +61,7 @@ class ShardWorker:
                                compression=spec.compression, compile=spec.compile,
                                threads=(share, self.cores.all_cores) if self.cores.decode_alone else (share,))
         self.load_s = time.time() - t0   # reading, converting, quantizing and compiling its layers
+        attention.use_team(qmatmul.team_hooks())   # decode attention on the kernel's team too
         # steps run on a Compiled Graph's thread (serving/control/pipeline.py), stats on the main one:
         # readers copy these deques with list() (atomic) before iterating
         self.busy: deque[tuple[float, float]] = deque(maxlen=512)  # (start, end) wall clock, s
@@ -189,6 +191,7 @@ class ShardWorker:
         with self._lock, _own_mmaps():
             self.stage.recompress(self.source, compression)
         self.spec = dataclasses.replace(self.spec, compression=compression)
+        attention.use_team(qmatmul.team_hooks())
         # the team follows the new spec; torch's threads for alone decode steps do not: the
         # stage's graphs were compiled for the thread counts of the spec it was built with
         self.cores = dataclasses.replace(self.cores, team=CoreShare.of(self.spec, self.cores.threads,
