@@ -395,6 +395,7 @@ int paged_decode_attention(const float *q, const float *kp, const float *vp,
             if (block_ids[b * nb + i] < 0 || block_ids[b * nb + i] >= nblk) return -2;
     }
     std::vector<Job> jobs;
+    jobs.reserve(B * nkv);                  // a segment more per 512 keys past the first
     int64_t parts = 0;                      // partials' floats: g x (hd + 2) a segment
     for (int64_t b = 0; b < B; b++) {
         const int64_t nseg = ((lens[b] + BS - 1) / BS + SEG - 1) / SEG;
@@ -420,7 +421,7 @@ int paged_decode_attention(const float *q, const float *kp, const float *vp,
         for (int64_t j = 0; j < n; j++) job(j);
     }
     std::vector<float> w;
-    for (int64_t j = 0; j < n; j++) {       // the segments of one (sequence, KV head) are adjacent
+    for (int64_t j = 0; parts && j < n; j++) {   // segments of one (sequence, KV head) are adjacent
         if (jobs[j].at < 0 || jobs[j].s > 0) continue;
         int64_t nseg = 1;
         while (j + nseg < n && jobs[j + nseg].s > 0) nseg++;
