@@ -100,7 +100,8 @@ def _wait_loaded(plan, handles, prefix: str) -> None:
                 st, spec = ray.get(ref), pending.pop(ref)
                 bar.write(f"  {prefix}shard {spec.index}: layers {spec.layers}, {st.weight_bytes / 2**20:.0f} MiB "
                           f"weights, RSS {st.rss_bytes / 2**20:.0f} MiB, {st.device}, node {st.node}"
-                          + (f", decode compiled ({st.graphs} graphs, {st.compile_s:.0f} s)" if st.compiled else "")
+                          + (", decode fused" if st.fused else
+                             f", decode compiled ({st.graphs} graphs, {st.compile_s:.0f} s)" if st.compiled else "")
                           + (", paged attention kernel" if st.attention_kernel else ""))
                 bar.update()
 

@@ -57,7 +57,9 @@ def overheads(cfg: Config, spec: str) -> Overheads:
     from shards.compress.spec import parse
     from shards.runtime.probe import measure_overheads
     method = parse(spec).method
-    ov = measure_overheads(cfg.model.compile and method.compiles, method.bitsandbytes,
+    # a fused decode compiles no graph (and loads no inductor) on the CPU; "auto" plans as the CPU
+    graph = method.compiles and not (method.fused_decode and not cfg.model.device.startswith("cuda"))
+    ov = measure_overheads(cfg.model.compile and graph, method.bitsandbytes,
                            cfg.scheduler.max_batch, cfg.scheduler.prefill_tokens)
     return dataclasses.replace(ov, dequantizes=method.dequantizes, load_layers=method.load_layers)
 

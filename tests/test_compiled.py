@@ -13,6 +13,13 @@ from shards.plan.layer_range import LayerRange
 
 pytestmark = pytest.mark.model
 
+
+@pytest.fixture(autouse=True)
+def graph_only(monkeypatch):
+    """These are the graph's tests: w4a8x2's stages decode through it, not fused
+    (tests/test_fused.py has those)."""
+    monkeypatch.setattr("shards.model.fused.ON", False)
+
 # lengths that cross block boundaries (16 tokens) at different steps, so batches mix KV lengths
 PROMPTS = [[3, 1, 4, 1, 5], list(range(1, 30)), [7] * 15, list(range(40, 57))]
 

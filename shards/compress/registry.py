@@ -46,6 +46,8 @@ class Method:
     # its projections and table run shards/compress/qmatmul.cpp, whose team splits a decode step
     # that no other group overlaps over every core (shards/runtime/cores.py::kernel_team)
     kernel_team: bool = False
+    # its decode steps run as one C++ call on the CPU (shards/model/fused.py): no graph compiled
+    fused_decode: bool = False
     act_levels: int = 0              # int8 levels per group of 32 activations that kernel multiplies
 
     @property
@@ -84,11 +86,11 @@ METHODS: tuple[Method, ...] = (
            bits=8.25, int8_table=True, act_maxima=True),
     Method("w4a8x2", "4-bit weights per group of 32; activations as two int8 levels per row (~15 bits), "
            "our VNNI/AVX2 kernel", "shards.compress.qmatmul:from_linear", "shards.compress.qmatmul:q8_table", aliases=("w4a8-cpu",),
-           bits=5.0, int8_table=True, keeps_q4_codes=True, kernel_team=True, act_levels=2),
+           bits=5.0, int8_table=True, keeps_q4_codes=True, kernel_team=True, fused_decode=True, act_levels=2),
     Method("w4a8x1", "4-bit weights per group of 32; activations as one int8 level per group (llama.cpp's "
            "Q8_0): half w4a8x2's integer work where a step is bound by it", "shards.compress.qmatmul:from_linear",
            "shards.compress.qmatmul:q8_table_x1", bits=5.0, int8_table=True, keeps_q4_codes=True, kernel_team=True,
-           act_levels=1),
+           fused_decode=True, act_levels=1),
     Method("llm-int8", "bitsandbytes LLM.int8 (int8 weights, fp16 outlier columns above 6.0)",
            f"{_Q}:bnb_linear", f"{_Q}:int8_table", aliases=("int8",), bits=8.25, int8_table=True, compiles=False, bitsandbytes=True,
            variant="8bit", dequantizes="whole", load_layers=LOAD_LAYERS_BNB),

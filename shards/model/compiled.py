@@ -1,5 +1,9 @@
 """The compiled decode step: one decoder layer's decode through torch.compile (inductor).
 
+A stage whose layers fit shards/model/fused.py (our group kernel's specs on the CPU, the default)
+decodes through that one C++ call instead and never builds these graphs; they serve every
+other spec that compiles, and CUDA.
+
 One graph serves every layer of a stage: dynamo takes a block's weights as graph inputs (it
 inlines nn modules), so the 15 layers of a shard, and layers a re-shard moves in later, all run
 the graph traced once. Measured here (15 w8a16 layers, batch 1, 2 threads): cold compile
@@ -54,7 +58,7 @@ from shards import compat
 from shards.errors import ShardServeError
 from shards.model import attention
 from shards.model.kv_cache import write_slots
-from shards.model.step_context import MIN_BLOCKS
+from shards.model.step_context import MIN_BLOCKS, dummy_decode
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +228,7 @@ class CompiledDecode:
         self.drop_whole()
         t0, before = time.time(), counters["stats"]["unique_graphs"]
         head_dim = run.pools[0][0].shape[-1] if run.pools else 1
-        dummy = lambda b, nb: _dummy(b, nb, hidden, head_dim, scratch_block, block_size, dtype, device)  # noqa: E731
+        dummy = lambda b, nb: dummy_decode(b, nb, hidden, head_dim, scratch_block, block_size, dtype, device)  # noqa: E731
         try:
             self._trace(run, dummy, device.type == "cpu", whole and len(run.blocks) not in (1, self.chunk), lead)
         except Exception as e:
@@ -315,15 +319,3 @@ class Layers:
     def args(self, x, *rest) -> tuple:
         """chunk_decode's (and stage_decode's) arguments for these layers and a step's inputs."""
         return (self.blocks, self.pools, x, *rest, self.kernels)
-
-
-def _dummy(b: int, nb: int, hidden: int, head_dim: int, scratch_block: int, block_size: int, dtype, device):
-    """(x, slots, block_ids, bias, lens, cos, sin) of a decode step of b sequences over nb
-    blocks, all pointing at the pool's scratch block."""
-    x = torch.zeros(b, hidden, dtype=dtype, device=device)
-    slots = torch.full((b,), scratch_block * block_size, dtype=torch.long, device=device)
-    block_ids = torch.full((b, nb), scratch_block, dtype=torch.long, device=device)
-    bias = torch.zeros(b, 1, nb * block_size, dtype=dtype, device=device)
-    lens = torch.full((b,), block_size, dtype=torch.long, device=device)
-    cos, sin = (torch.ones(b, 1, head_dim, dtype=dtype, device=device) for _ in range(2))  # distinct:
-    return x, slots, block_ids, bias, lens, cos, sin      # dynamo would guard on `cos is sin`

@@ -26,7 +26,7 @@ from shards.model.kv_cache import PagedKV
 from shards.model.rope import Rope
 from shards.model.source import ModelSource
 from shards.model.step import StepBatch, from_wire
-from shards.model.step_context import StepContext
+from shards.model.step_context import StepContext, dummy_decode
 from shards.plan.layer_range import LayerRange
 from shards.plan.memory import head_dim, module_bytes
 
@@ -63,10 +63,14 @@ class Stage(nn.Module):
         self.dropped = {i for i in getattr(source, "dropped_layers", ()) if i in layers}
         self._add_layers(source, layers, todo)
         self.rope = Rope.of(cfg, dtype, self.device)
+        # compile: decode steps run fused (shards/model/fused.py) where the layers fit it, else
+        # through the compiled graph, built only when first needed (at load, or when a
+        # recompress leaves the fused path)
+        self.compile, self.threads = compile, threads or (torch.get_num_threads(),)
         self.compiled = None
+        self._fused = None        # FusedDecode of _ordered()'s run, until the layers change
+        self.fused_steps = 0      # decode steps run fused, over every layer set
         if compile:
-            from shards.model.compiled import CompiledDecode
-            self.compiled = CompiledDecode(threads or (torch.get_num_threads(),))
             self._warm(whole=True)
 
     def _add_ends(self, source: ModelSource, quant: str) -> None:
@@ -219,9 +223,25 @@ class Stage(nn.Module):
 
     @property
     def runs_compiled(self) -> bool:
-        """Decode steps take the compiled graph: compile was asked for and the quantization's
-        kernels trace (bitsandbytes' modules do not: nf4, fp4 and int8 run eager)."""
-        return self.compiled is not None and self.compression.method.compiles
+        """Decode steps are compiled (fused, or through the graph): compile was asked for and the
+        quantization's kernels trace (bitsandbytes' modules do not: nf4, fp4 and int8 run eager)."""
+        return self.compile and self.compression.method.compiles
+
+    @property
+    def runs_fused(self) -> bool:
+        """Decode steps run as one C++ call (shards/model/fused.py)."""
+        return self._fused_decode() is not None
+
+    def _fused_decode(self):
+        """The FusedDecode of the current layers, or None where they do not fit it."""
+        if not self.compile:
+            return None
+        run = self._ordered()
+        if self._fused is None or self._fused[0] is not run:
+            from shards.model import fused
+            fits = fused.fits(run.blocks, run.pools, self.dtype)
+            self._fused = (run, fused.FusedDecode(run.blocks, run.pools, self.layers.start) if fits else None)
+        return self._fused[1]
 
     @property
     def attention_kernel(self) -> bool:
@@ -232,16 +252,31 @@ class Stage(nn.Module):
     def _warm(self, whole: bool = False) -> None:
         """Compile (or load from the cache) what the current layers need, before any request;
         whole (at load only): also the graph of the whole stage (shards/model/compiled.py)."""
-        if self.compiled is None:
+        if not self.compile:
+            return
+        if self.runs_fused:
+            self._check_fused()
             return
         if not self.runs_compiled:
             log.warning("layers %s at %s run eager: only %s compile", self.layers, self.compression.quant,
                         ", ".join(m.name for m in registry.METHODS if m.compiles))
             return
+        if self.compiled is None:
+            from shards.model.compiled import CompiledDecode
+            self.compiled = CompiledDecode(self.threads)
         # the first stage compiles its whole-stage graphs while later ones compile the layer
         # and chunk graphs all stages share (CompiledDecode._trace)
         self.compiled.warm(self._ordered(), self.config.hidden_size, self.kv.table.n_blocks,
                            self.kv.table.block_size, self.dtype, self.device, whole, lead=self.is_first)
+
+    def _check_fused(self) -> None:
+        """One fused step of two sequences on the pool's scratch block, before any request: the
+        library is built (or found) and runs these layers."""
+        x, slots, block_ids, _, lens, cos, sin = dummy_decode(2, 3, self.config.hidden_size, head_dim(self.config),
+                                                              self.kv.table.n_blocks, self.kv.table.block_size,
+                                                              self.dtype, self.device)
+        with torch.inference_mode():
+            self._fused_decode()(x, slots, block_ids, lens, cos[:, 0], sin[:, 0])
 
     def _load(self, source: ModelSource, name: str) -> torch.Tensor:
         """One tensor, straight to this stage's device and dtype (CPU peak: one tensor)."""
@@ -258,7 +293,12 @@ class Stage(nn.Module):
             x = self.embed(from_wire(batch.tokens).to(self.device)).to(self.dtype)
         else:
             x = from_wire(batch.hidden).to(device=self.device, dtype=self.dtype)
-        if self.runs_compiled and batch.width == 1:
+        fused = self._fused_decode() if batch.width == 1 else None
+        if fused is not None:       # x: [B, 1, hidden] -> [B, hidden], a copy the call updates
+            x = fused(x[:, 0].contiguous().clone(), ctx.slots, ctx.block_ids, ctx.decode_lens,
+                      ctx.rope[0][:, 0, 0].contiguous(), ctx.rope[1][:, 0, 0].contiguous()).unsqueeze(1)
+            self.fused_steps += 1
+        elif self.runs_compiled and batch.width == 1:
             # x: [B, 1, hidden] -> the graph's [B, hidden]; cos, sin: [B, 1, 1, hd] -> [B, 1, hd].
             # The copy makes a received hidden state an inference tensor, as the graphs were traced
             x = self.compiled(self._ordered(), x[:, 0].clone(), ctx.slots, ctx.block_ids, ctx.decode_bias, ctx.decode_lens,

@@ -54,3 +54,15 @@ class StepContext:
 def _tensor(a: np.ndarray, device) -> torch.Tensor:
     """A torch tensor of a numpy array on device (the CPU: the array's own memory)."""
     return torch.from_numpy(a).to(device)
+
+
+def dummy_decode(b: int, nb: int, hidden: int, head_dim: int, scratch_block: int, block_size: int, dtype, device):
+    """(x, slots, block_ids, bias, lens, cos, sin) of a decode step of b sequences over nb
+    blocks, all pointing at the pool's scratch block."""
+    x = torch.zeros(b, hidden, dtype=dtype, device=device)
+    slots = torch.full((b,), scratch_block * block_size, dtype=torch.long, device=device)
+    block_ids = torch.full((b, nb), scratch_block, dtype=torch.long, device=device)
+    bias = torch.zeros(b, 1, nb * block_size, dtype=dtype, device=device)
+    lens = torch.full((b,), block_size, dtype=torch.long, device=device)
+    cos, sin = (torch.ones(b, 1, head_dim, dtype=dtype, device=device) for _ in range(2))  # distinct:
+    return x, slots, block_ids, bias, lens, cos, sin      # dynamo would guard on `cos is sin`

@@ -234,7 +234,7 @@ class ShardWorker:
             kv_bytes_reserved=self.stage.kv.bytes_reserved(), budget_bytes=self.budget_bytes, steps=self.steps,
             layer_bytes=self._layer_bytes(), node_available_bytes=psutil.virtual_memory().available,
             step_ms_mean=1000 * sum(times) / len(times) if times else 0.0,
-            compiled=self.stage.runs_compiled, attention_kernel=self.stage.attention_kernel,
+            compiled=self.stage.runs_compiled, fused=self.stage.runs_fused, attention_kernel=self.stage.attention_kernel,
             **self._compile_stats(), load_s=round(self.load_s, 2), busy=tuple(busy))
 
     def _kv_use(self) -> dict:
@@ -249,10 +249,11 @@ class ShardWorker:
 
     def _compile_stats(self) -> dict:
         """Seconds this shard spent compiling or loading graphs (at load and after each change of
-        its layers), the graphs dynamo built for it, and the decode steps that ran them."""
-        c = self.stage.compiled
-        return {"compile_s": round(c.warm_s, 2), "graphs": c.graphs, "compiled_steps": c.steps} if c else \
-            {"compile_s": 0.0, "graphs": 0, "compiled_steps": 0}
+        its layers), the graphs dynamo built for it, and the decode steps that ran them and that
+        ran fused."""
+        c, f = self.stage.compiled, self.stage.fused_steps
+        return {"compile_s": round(c.warm_s, 2), "graphs": c.graphs, "compiled_steps": c.steps, "fused_steps": f} \
+            if c else {"compile_s": 0.0, "graphs": 0, "compiled_steps": 0, "fused_steps": f}
 
     def _layer_bytes(self) -> int:
         """Mean resident bytes one of this stage's decoder layers costs: weights + its KV pool

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("ops.cpp")
 
 
-def _flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
+def torch_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(compiler flags, linker arguments) for this torch."""
     base = Path(torch.__file__).parent
     return ((f"-I{base / 'include'}", f"-DSHARDSERVE_TORCH_VERSION={torch.__version__}"),
@@ -40,7 +40,7 @@ def _glue() -> ctypes.CDLL | None:
     if os.environ.get("SHARDSERVE_TORCH_OPS", "1") == "0":   # A/B runs: the Python kernels
         return None
     try:
-        lib = kernels.load(SOURCE, *_flags())
+        lib = kernels.load(SOURCE, *torch_flags())
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("torch op glue unavailable, our ops run through Python kernels: %s", e)
         return None

@@ -30,11 +30,13 @@ class ShardStats:
     layer_bytes: int                 # mean bytes of one decoder layer with its KV pool
     node_available_bytes: int
     step_ms_mean: float
-    compiled: bool                   # decode steps run the compiled graph
+    compiled: bool                   # decode steps are compiled (fused, or the graph)
+    fused: bool                      # decode steps run as one C++ call (shards/model/fused.py)
     attention_kernel: bool           # decode attention runs the paged C++ kernel
     compile_s: float                 # seconds spent compiling or loading graphs
     graphs: int
-    compiled_steps: int
+    compiled_steps: int              # decode steps through the graph
+    fused_steps: int                 # decode steps through the fused call
     load_s: float = 0.0              # seconds its first load took, compile_s of them compiling
     busy: tuple[tuple[float, float], ...] = field(default=(), repr=False)   # recent steps (start, end), epoch s
 
