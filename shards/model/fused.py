@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
+import subprocess
 from pathlib import Path
 
 import torch
@@ -28,6 +30,8 @@ from shards.compress import qmatmul
 from shards.compress.qmatmul import GroupQuantLinear
 from shards.errors import ShardServeError
 from shards.model import attention
+
+log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused.cpp")
 ON = os.environ.get("SHARDSERVE_FUSED_DECODE", "1") != "0"
@@ -54,11 +58,17 @@ class FusedError(ShardServeError):
 
 
 @functools.cache
-def _library() -> ctypes.CDLL:
+def _library() -> ctypes.CDLL | None:
+    """The built library, bound to our two kernels; None where it cannot be built (logged once:
+    such stages decode through the graph)."""
     from shards.runtime import kernels, ops
     flags, libs = ops.torch_flags()
-    # no fused multiply-adds: inductor builds its kernels with this flag too (the same bits)
-    lib = kernels.load(SOURCE, (*flags, "-ffp-contract=off"), libs)
+    try:
+        # no fused multiply-adds: inductor builds its kernels with this flag too (the same bits)
+        lib = kernels.load(SOURCE, (*flags, "-ffp-contract=off"), libs)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("fused decode unavailable, decode steps run the compiled graph: %s", e)
+        return None
     lib.fused_bind.argtypes = [_p, _p]
     lib.fused_decode.argtypes = [_p, _i64, _p, _i64, _i64, _p, _p, _i64, _p, _p, _p, ctypes.c_int]
     q, a = qmatmul._kernel(), attention._library()
@@ -80,7 +90,7 @@ def fits(blocks, pools, dtype: torch.dtype) -> bool:
                and b.attn_norm.weight.dtype == torch.float32 and b.mlp_norm.weight.dtype == torch.float32
                and b.head_dim <= MAX_HEAD_DIM and attention.supports(kp, b.n_heads, b.n_kv)
                and vp.is_contiguous() and vp.shape == kp.shape
-               for b, (kp, vp) in zip(blocks, pools))
+               for b, (kp, vp) in zip(blocks, pools)) and _library() is not None
 
 
 def _proj(lin: GroupQuantLinear) -> _Proj:
