@@ -75,3 +75,29 @@ def loop():
     yield lp
     lp.close()
     ray.shutdown()
+
+
+def chain(stages, batch):
+    """One step through stages in order, hidden states handed on: the last stage's output."""
+    x = None
+    for s in stages:
+        x = s(batch if x is None else batch.with_hidden(x, s.layers.start))
+    return x
+
+
+def tokens_after_move_and_recompress(src, a, b, prompt: list[int], spec: str = "w8a16", n: int = 6) -> list[int]:
+    """Stages a = [0, 2) and b = [2, 4): prefill `prompt`, move layer 2 from b to a, recompress b
+    at `spec`, then n greedy tokens through the changed pair."""
+    import torch
+
+    from shards.model.step import StepBatch
+    from shards.plan.layer_range import LayerRange
+    logits = chain((a, b), StepBatch([0], [0], [len(prompt)], tokens=torch.tensor([prompt])))
+    a.grow(src, LayerRange(2, 3), **b.shrink(LayerRange(2, 3)))
+    b.recompress(src, spec)
+    toks = []
+    for i in range(n):
+        toks.append(int(logits.argmax(-1)))
+        logits = chain((a, b), StepBatch([0], [len(prompt) + i], [1], tokens=torch.tensor([[toks[-1]]])))
+    return toks
+

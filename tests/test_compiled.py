@@ -10,6 +10,7 @@ from shards.model.source import HFFolderSource
 from shards.model.stage import Stage
 from shards.model.step import SamplingParams, StepBatch
 from shards.plan.layer_range import LayerRange
+from tests.conftest import tokens_after_move_and_recompress
 
 pytestmark = pytest.mark.model
 
@@ -93,22 +94,10 @@ def test_compiled_stages_follow_a_move_and_a_recompress(src):
     pipes = [[Stage(src, r, kv_blocks=16, compile=c) for r in (LayerRange(0, 2), LayerRange(2, 4))]
              for c in (False, True)]
 
-    def step(stages, batch):
-        x = None
-        for s in stages:
-            x = s(batch if x is None else batch.with_hidden(x, s.layers.start))
-        return x
     outs = []
     for a, b in pipes:
         steps = b.compiled.steps if b.compiled else 0
-        logits = step((a, b), StepBatch([0], [0], [5], tokens=torch.tensor([PROMPTS[0]])))
-        a.grow(src, LayerRange(2, 3), **b.shrink(LayerRange(2, 3)))
-        b.recompress(src, "w8a16")
-        toks = []
-        for i in range(6):
-            toks.append(int(logits.argmax(-1)))
-            logits = step((a, b), StepBatch([0], [5 + i], [1], tokens=torch.tensor([[toks[-1]]])))
-        outs.append(toks)
+        outs.append(tokens_after_move_and_recompress(src, a, b, PROMPTS[0]))
         assert a.layers == LayerRange(0, 3) and b.compression.quant == "w8a16"
     assert outs[0] == outs[1]
     a, b = pipes[1]

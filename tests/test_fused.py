@@ -14,6 +14,7 @@ from shards.model.stage import Stage
 from shards.model.step import SamplingParams, StepBatch
 from shards.model.step_context import dummy_decode
 from shards.plan.layer_range import LayerRange
+from tests.conftest import tokens_after_move_and_recompress
 
 pytestmark = pytest.mark.model
 
@@ -80,22 +81,7 @@ def test_fused_follows_a_move_and_leaves_for_the_graph_on_a_recompress(src):
     spec): the next tokens equal an eager pipeline's after the same changes."""
     pipes = [[Stage(src, r, kv_blocks=16, compression="w4a8x2", compile=c) for r in (LayerRange(0, 2), LayerRange(2, 4))]
              for c in (False, True)]
-
-    def step(stages, batch):
-        x = None
-        for s in stages:
-            x = s(batch if x is None else batch.with_hidden(x, s.layers.start))
-        return x
-    outs = []
-    for a, b in pipes:
-        logits = step((a, b), StepBatch([0], [0], [5], tokens=torch.tensor([PROMPTS[0]])))
-        a.grow(src, LayerRange(2, 3), **b.shrink(LayerRange(2, 3)))
-        b.recompress(src, "w8a16")
-        toks = []
-        for i in range(6):
-            toks.append(int(logits.argmax(-1)))
-            logits = step((a, b), StepBatch([0], [5 + i], [1], tokens=torch.tensor([[toks[-1]]])))
-        outs.append(toks)
+    outs = [tokens_after_move_and_recompress(src, a, b, PROMPTS[0]) for a, b in pipes]
     assert outs[0] == outs[1]
     a, b = pipes[1]
     assert a.runs_fused and len(a._fused_decode().blocks) == 3 and a.fused_steps == 6
