@@ -59,7 +59,7 @@ struct Work {
         grow(qkv, B * L.qkv.n);
         grow(q, B * L.n_heads * L.head_dim);
         grow(att, B * L.n_heads * L.head_dim);
-        grow(o, B * (hidden > L.down.n ? hidden : L.down.n));
+        grow(o, B * hidden);                      // o_proj's and down's outputs
         grow(gu, B * L.gate_up.n);
         grow(act, B * L.down.k);
     }

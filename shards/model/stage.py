@@ -295,7 +295,7 @@ class Stage(nn.Module):
             x = from_wire(batch.hidden).to(device=self.device, dtype=self.dtype)
         fused = self._fused_decode() if batch.width == 1 else None
         if fused is not None:       # x: [B, 1, hidden] -> [B, hidden], a copy the call updates
-            x = fused(x[:, 0].contiguous().clone(), ctx.slots, ctx.block_ids, ctx.decode_lens,
+            x = fused(x[:, 0].clone(memory_format=torch.contiguous_format), ctx.slots, ctx.block_ids, ctx.decode_lens,
                       ctx.rope[0][:, 0, 0].contiguous(), ctx.rope[1][:, 0, 0].contiguous()).unsqueeze(1)
             self.fused_steps += 1
         elif self.runs_compiled and batch.width == 1:

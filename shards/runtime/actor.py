@@ -251,9 +251,10 @@ class ShardWorker:
         """Seconds this shard spent compiling or loading graphs (at load and after each change of
         its layers), the graphs dynamo built for it, and the decode steps that ran them and that
         ran fused."""
-        c, f = self.stage.compiled, self.stage.fused_steps
-        return {"compile_s": round(c.warm_s, 2), "graphs": c.graphs, "compiled_steps": c.steps, "fused_steps": f} \
-            if c else {"compile_s": 0.0, "graphs": 0, "compiled_steps": 0, "fused_steps": f}
+        c = self.stage.compiled
+        graph = {"compile_s": round(c.warm_s, 2), "graphs": c.graphs, "compiled_steps": c.steps} if c else \
+            {"compile_s": 0.0, "graphs": 0, "compiled_steps": 0}
+        return {**graph, "fused_steps": self.stage.fused_steps}
 
     def _layer_bytes(self) -> int:
         """Mean resident bytes one of this stage's decoder layers costs: weights + its KV pool
